@@ -1,0 +1,341 @@
+//! The conntrack table as userspace sees it: listing in `/proc/net/nf_conntrack`'s line format
+//! (so people can compare it with the kernel's own table line by line), sweeping expired entries,
+//! flushing.
+
+use std::{fmt::Write as _, net::IpAddr};
+
+use aya::maps::MapError;
+use kubesg_common::{
+    conntrack::{
+        is_icmp, CtEntry, CtKey, TcpState, CT_F_ASSURED, CT_F_ORIG_INGRESS, CT_F_SEEN_REPLY,
+    },
+    proto, AF_INET6,
+};
+
+use crate::{maps::Maps, tables::ip_of};
+
+/// One tracked connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connection {
+    /// The map key (pod-relative).
+    pub key: CtKey,
+    /// The map value.
+    pub entry: CtEntry,
+}
+
+/// One direction of a connection, as nf_conntrack prints a tuple.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Source port (TCP/UDP/SCTP), or the ICMP identifier.
+    pub sport: u16,
+    /// Destination port (TCP/UDP/SCTP), or the ICMP type.
+    pub dport: u16,
+}
+
+impl Connection {
+    /// The tuple of the packet that opened the connection.
+    pub fn original(&self) -> Tuple {
+        let k = &self.key;
+        let pod = ip_of(k.family, &k.pod_addr);
+        let peer = ip_of(k.family, &k.peer_addr);
+        if is_icmp(k.family, k.proto) {
+            let (src, dst) = if self.entry.flags & CT_F_ORIG_INGRESS != 0 {
+                (peer, pod)
+            } else {
+                (pod, peer)
+            };
+            return Tuple {
+                src,
+                dst,
+                sport: k.pod_port,
+                dport: k.peer_port & 0xff,
+            };
+        }
+        if self.entry.flags & CT_F_ORIG_INGRESS != 0 {
+            Tuple {
+                src: peer,
+                dst: pod,
+                sport: k.peer_port,
+                dport: k.pod_port,
+            }
+        } else {
+            Tuple {
+                src: pod,
+                dst: peer,
+                sport: k.pod_port,
+                dport: k.peer_port,
+            }
+        }
+    }
+
+    /// The TCP state, `None` for other protocols.
+    pub fn tcp_state(&self) -> Option<TcpState> {
+        (self.key.proto == proto::TCP).then(|| TcpState::from_u8(self.entry.state))
+    }
+
+    /// Whether a reply was seen.
+    pub fn seen_reply(&self) -> bool {
+        self.entry.flags & CT_F_SEEN_REPLY != 0
+    }
+
+    /// Whether the connection is assured.
+    pub fn assured(&self) -> bool {
+        self.entry.flags & CT_F_ASSURED != 0
+    }
+
+    /// Seconds left before the entry expires at `now_ns`, rounded down as the kernel prints it.
+    pub fn remaining_secs(&self, now_ns: u64) -> u64 {
+        self.entry.expires_ns.saturating_sub(now_ns) / 1_000_000_000
+    }
+
+    /// The `/proc/net/nf_conntrack` line for this connection at time `now_ns` (without newline).
+    pub fn nf_conntrack_line(&self, now_ns: u64) -> String {
+        let k = &self.key;
+        let (l3, l3num) = if k.family == AF_INET6 {
+            ("ipv6", 10)
+        } else {
+            ("ipv4", 2)
+        };
+        let l4 = match k.proto {
+            proto::TCP => "tcp",
+            proto::UDP => "udp",
+            proto::ICMP => "icmp",
+            proto::ICMPV6 => "icmpv6",
+            proto::SCTP => "sctp",
+            _ => "unknown",
+        };
+        let mut s = format!(
+            "{l3:<8} {l3num} {l4:<8} {} {} ",
+            k.proto,
+            self.remaining_secs(now_ns)
+        );
+        if let Some(state) = self.tcp_state() {
+            let _ = write!(s, "{} ", state.name());
+        }
+        let orig = self.original();
+        let reply = self.reply();
+        self.write_tuple(&mut s, &orig);
+        if !self.seen_reply() {
+            s.push_str("[UNREPLIED] ");
+        }
+        self.write_tuple(&mut s, &reply);
+        if self.assured() {
+            s.push_str("[ASSURED] ");
+        }
+        s.push_str("mark=0 zone=0 use=1");
+        s
+    }
+
+    /// The tuple replies carry.
+    pub fn reply(&self) -> Tuple {
+        let o = self.original();
+        if is_icmp(self.key.family, self.key.proto) {
+            let request = o.dport as u8;
+            let reply_type = match kubesg_common::conntrack::icmp_kind(self.key.family, request) {
+                kubesg_common::conntrack::IcmpKind::Request(r) => r,
+                _ => request,
+            };
+            return Tuple {
+                src: o.dst,
+                dst: o.src,
+                sport: o.sport,
+                dport: reply_type as u16,
+            };
+        }
+        Tuple {
+            src: o.dst,
+            dst: o.src,
+            sport: o.dport,
+            dport: o.sport,
+        }
+    }
+
+    fn write_tuple(&self, s: &mut String, t: &Tuple) {
+        let _ = write!(s, "src={} dst={} ", fmt_addr(t.src), fmt_addr(t.dst));
+        match self.key.proto {
+            proto::TCP | proto::UDP | proto::SCTP => {
+                let _ = write!(s, "sport={} dport={} ", t.sport, t.dport);
+            }
+            p if is_icmp(self.key.family, p) => {
+                let _ = write!(s, "type={} code=0 id={} ", t.dport, t.sport);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Addresses as the kernel's `%pI4` / `%pI6` print them (IPv6 in full, zero-padded groups).
+fn fmt_addr(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let mut s = String::with_capacity(39);
+            for (i, g) in v6.segments().iter().enumerate() {
+                if i > 0 {
+                    s.push(':');
+                }
+                let _ = write!(s, "{g:04x}");
+            }
+            s
+        }
+    }
+}
+
+/// Every entry of the table (expired ones included: the sweep removes those), in a stable order.
+pub fn list(maps: &Maps) -> Result<Vec<Connection>, MapError> {
+    let mut v: Vec<Connection> = maps
+        .conntrack
+        .iter()
+        .map(|r| r.map(|(key, entry)| Connection { key, entry }))
+        .collect::<Result<_, _>>()?;
+    v.sort_by_key(|c| {
+        (
+            c.key.ifindex,
+            c.key.family,
+            c.key.proto,
+            c.key.pod_addr,
+            c.key.peer_addr,
+            c.key.pod_port,
+            c.key.peer_port,
+        )
+    });
+    Ok(v)
+}
+
+/// Removes every entry (and fragment record) that expired before `now_ns`; returns how many
+/// connections were removed. The datapath already treats them as absent: this frees the room.
+pub fn sweep(maps: &mut Maps, now_ns: u64) -> Result<usize, MapError> {
+    let dead: Vec<CtKey> = maps
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, e)| e.expired(now_ns))
+        .map(|(k, _)| k)
+        .collect();
+    let mut removed = 0;
+    for k in &dead {
+        match maps.conntrack.remove(k) {
+            Ok(()) => removed += 1,
+            // The datapath reopened or the LRU evicted it meanwhile.
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let stale: Vec<_> = maps
+        .fragments
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| v.expires_ns <= now_ns)
+        .map(|(k, _)| k)
+        .collect();
+    for k in &stale {
+        match maps.fragments.remove(k) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes every entry, or those of one endpoint; returns how many.
+pub fn flush(maps: &mut Maps, ifindex: Option<u32>) -> Result<usize, MapError> {
+    let keys: Vec<CtKey> = maps
+        .conntrack
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| ifindex.is_none_or(|i| k.ifindex == i))
+        .collect();
+    let mut removed = 0;
+    for k in &keys {
+        match maps.conntrack.remove(k) {
+            Ok(()) => removed += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kubesg_common::{conntrack::TcpState, AF_INET};
+
+    fn v4(a: [u8; 4]) -> [u32; 4] {
+        [u32::from_ne_bytes(a), 0, 0, 0]
+    }
+
+    #[test]
+    fn unreplied_tcp_connection_prints_like_nf_conntrack() {
+        let c = Connection {
+            key: CtKey {
+                ifindex: 7,
+                family: AF_INET,
+                proto: proto::TCP,
+                pod_port: 38822,
+                peer_port: 23,
+                _pad: 0,
+                pod_addr: v4([192, 168, 1, 5]),
+                peer_addr: v4([192, 168, 1, 7]),
+            },
+            entry: CtEntry {
+                expires_ns: 117_500_000_000,
+                created_ns: 0,
+                policy_id: 1,
+                state: TcpState::SynSent as u8,
+                flags: 0,
+                _pad: [0; 2],
+            },
+        };
+        assert_eq!(
+            c.nf_conntrack_line(0),
+            "ipv4     2 tcp      6 117 SYN_SENT src=192.168.1.5 dst=192.168.1.7 sport=38822 \
+             dport=23 [UNREPLIED] src=192.168.1.7 dst=192.168.1.5 sport=23 dport=38822 \
+             mark=0 zone=0 use=1"
+        );
+    }
+
+    #[test]
+    fn inbound_icmpv6_echo_prints_full_addresses_and_reply_type() {
+        let mut pod = [0u8; 16];
+        pod[0] = 0xfd;
+        pod[15] = 7;
+        let mut peer = pod;
+        peer[15] = 5;
+        let raw = |b: [u8; 16]| -> [u32; 4] {
+            [0, 4, 8, 12].map(|i| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]))
+        };
+        let c = Connection {
+            key: CtKey {
+                ifindex: 7,
+                family: AF_INET6,
+                proto: proto::ICMPV6,
+                pod_port: 3558,
+                peer_port: 128 | (1 << 8),
+                _pad: 0,
+                pod_addr: raw(pod),
+                peer_addr: raw(peer),
+            },
+            entry: CtEntry {
+                expires_ns: 29_000_000_000,
+                created_ns: 0,
+                policy_id: 0,
+                state: 0,
+                flags: CT_F_ORIG_INGRESS | CT_F_SEEN_REPLY,
+                _pad: [0; 2],
+            },
+        };
+        assert_eq!(
+            c.nf_conntrack_line(0),
+            "ipv6     10 icmpv6   58 29 src=fd00:0000:0000:0000:0000:0000:0000:0005 \
+             dst=fd00:0000:0000:0000:0000:0000:0000:0007 type=128 code=0 id=3558 \
+             src=fd00:0000:0000:0000:0000:0000:0000:0007 \
+             dst=fd00:0000:0000:0000:0000:0000:0000:0005 type=129 code=0 id=3558 \
+             mark=0 zone=0 use=1"
+        );
+    }
+}

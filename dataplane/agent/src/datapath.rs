@@ -1,0 +1,509 @@
+//! The loaded datapath: programs, maps and attachments, and the typed API that programs endpoints
+//! and compiled policies into it.
+//!
+//! Policies are replaced atomically: a new policy is written under a fresh policy id while the old
+//! one keeps judging, then each endpoint is switched with a single map update, then the old
+//! entries are deleted. No packet ever sees a half-written policy.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{MapData, MapError, PerCpuValues, RingBuf},
+    programs::{ProgramError, ProgramFd, SchedClassifier},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use kubesg_common::{
+    config::Config,
+    endpoint::{Endpoint, EP_F_STATELESS, POLICY_NONE},
+    event::Counters,
+    limits,
+};
+use tracing::{debug, info};
+
+use crate::{
+    attach::{self, AttachError, AttachMode, Hook},
+    bpffs,
+    maps::{map_pin_path, names, Maps, MapsError},
+    policy::CompiledPolicy,
+    tables::{self, TablesError},
+};
+
+/// The eBPF object built from `dataplane/ebpf` by this crate's build script.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kubesg"));
+
+/// The production pin directory (the brief fixes it).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kubesg";
+
+/// How to load the datapath.
+#[derive(Clone, Debug)]
+pub struct DatapathOptions {
+    /// Pin maps and attachments here so they outlive the agent (production:
+    /// [`DEFAULT_PIN_DIR`]); `None` keeps everything private to this process (tests, benchmark).
+    pub pin_dir: Option<PathBuf>,
+    /// tcx or clsact; `None` picks by kernel version.
+    pub attach_mode: Option<AttachMode>,
+    /// Conntrack table size; `None` keeps [`limits::CT_ENTRIES`]. Ignored when reusing pinned maps.
+    pub ct_entries: Option<u32>,
+    /// Settings written at load.
+    pub config: Config,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        DatapathOptions {
+            pin_dir: None,
+            attach_mode: None,
+            ct_entries: None,
+            config: Config::defaults(),
+        }
+    }
+}
+
+/// A compiled policy installed in the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyHandle {
+    /// Its id in the maps.
+    pub id: u32,
+    /// Whether endpoints using it are judged statelessly.
+    pub stateless: bool,
+}
+
+/// Errors of the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The eBPF object could not be loaded (verifier, missing privileges, bpffs).
+    #[error("loading the eBPF programs: {0}")]
+    Load(#[from] EbpfError),
+    /// A program could not be prepared.
+    #[error("program {name}: {source}")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// Why.
+        source: ProgramError,
+    },
+    /// The bpf filesystem is not available.
+    #[error("bpf filesystem: {0}")]
+    Bpffs(#[from] bpffs::BpffsError),
+    /// The maps do not match.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// A map operation failed.
+    #[error("{op}: {source}")]
+    Map {
+        /// What was being done.
+        op: String,
+        /// The kernel's answer.
+        source: MapError,
+    },
+    /// The policy cannot be expressed in the datapath.
+    #[error(transparent)]
+    Tables(#[from] TablesError),
+    /// Attaching or detaching failed.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// Every endpoint slot is taken.
+    #[error("the datapath is full: {0} endpoints")]
+    TooManyEndpoints(u32),
+    /// A policy that endpoints still use cannot be removed.
+    #[error("policy {0} is still used by endpoint(s) {1:?}")]
+    PolicyInUse(u32, Vec<u32>),
+}
+
+fn map_err(op: impl Into<String>) -> impl FnOnce(MapError) -> DatapathError {
+    let op = op.into();
+    move |source| DatapathError::Map { op, source }
+}
+
+/// The loaded datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+    maps: Maps,
+    events: Option<RingBuf<MapData>>,
+    pin_dir: Option<PathBuf>,
+    mode: AttachMode,
+    /// Attachments of an unpinned datapath (they detach when dropped).
+    links: HashMap<(u32, Hook), aya::programs::tc::SchedClassifierLink>,
+    next_policy_id: u32,
+}
+
+impl Datapath {
+    /// Loads the programs, creating the maps or, when pinned maps exist under the pin directory,
+    /// reusing them so that tracked connections survive an agent restart.
+    pub fn load(opts: &DatapathOptions) -> Result<Self, DatapathError> {
+        let mut loader = EbpfLoader::new();
+        let pin_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                bpffs::ensure_mounted(dir)?;
+                bpffs::create_dir(&dir.join("maps"))?;
+                names::ALL
+                    .iter()
+                    .map(|n| (*n, map_pin_path(dir, n)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(n) = opts.ct_entries {
+            loader.map_max_entries(names::CONNTRACK, n);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+        for name in ["from_pod", "to_pod", "parse_only"] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Program {
+                    name,
+                    source: ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+        }
+        let (maps, events) = Maps::take(&mut ebpf)?;
+        let mut dp = Datapath {
+            ebpf,
+            maps,
+            events: Some(events),
+            pin_dir: opts.pin_dir.clone(),
+            mode: opts.attach_mode.unwrap_or_else(AttachMode::detect),
+            links: HashMap::new(),
+            next_policy_id: 1,
+        };
+        dp.set_config(&opts.config)?;
+        dp.next_policy_id = dp.highest_policy_id()?.saturating_add(1).max(1);
+        info!(
+            pinned = ?dp.pin_dir,
+            mode = ?dp.mode,
+            next_policy_id = dp.next_policy_id,
+            "datapath loaded"
+        );
+        Ok(dp)
+    }
+
+    /// The typed maps, for reading state (conntrack, counters) and tests.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// The typed maps, mutable: for conntrack sweeps and flushes.
+    pub fn maps_mut(&mut self) -> &mut Maps {
+        &mut self.maps
+    }
+
+    /// Takes the deny-event ring buffer (it has one reader).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// How programs are attached.
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// The pin directory, if pinned.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// The descriptor of a program, for `BPF_PROG_TEST_RUN`.
+    pub fn program_fd(&self, name: &'static str) -> Result<&ProgramFd, DatapathError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Program {
+                name,
+                source: ProgramError::NotLoaded,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })?;
+        prog.fd()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// The descriptor of the program at `hook`.
+    pub fn hook_fd(&self, hook: Hook) -> Result<&ProgramFd, DatapathError> {
+        self.program_fd(hook.program_name())
+    }
+
+    /// The current settings.
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        self.maps.config.get(&0, 0).map_err(map_err("reading CONFIG"))
+    }
+
+    /// Changes the settings (timeouts, re-check, deny events) for every packet from now on.
+    pub fn set_config(&mut self, cfg: &Config) -> Result<(), DatapathError> {
+        self.maps
+            .config
+            .set(0, cfg, 0)
+            .map_err(map_err("writing CONFIG"))
+    }
+
+    /// Attaches both programs to the pod interface `ifindex`. Packets cross it unjudged until the
+    /// endpoint is registered with [`Datapath::set_endpoint`]; register it first to enforce from
+    /// the first packet.
+    pub fn attach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        for hook in Hook::ALL {
+            let mode = self.mode;
+            let pin_dir = self.pin_dir.clone();
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(hook.program_name())
+                .ok_or(DatapathError::Program {
+                    name: hook.program_name(),
+                    source: ProgramError::NotLoaded,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    name: hook.program_name(),
+                    source,
+                })?;
+            if let Some(link) = attach::attach(prog, ifindex, hook, mode, pin_dir.as_deref())? {
+                self.links.insert((ifindex, hook), link);
+            }
+        }
+        debug!(ifindex, mode = ?self.mode, "attached");
+        Ok(())
+    }
+
+    /// Detaches both programs from `ifindex`; succeeds when they are already gone.
+    pub fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        for hook in Hook::ALL {
+            if self.links.remove(&(ifindex, hook)).is_some() {
+                continue; // dropping the link detached it
+            }
+            if let Some(dir) = &self.pin_dir {
+                attach::detach_persistent(ifindex, hook, self.mode, dir)?;
+            }
+        }
+        debug!(ifindex, "detached");
+        Ok(())
+    }
+
+    /// Writes a compiled policy under a fresh id. Endpoints start using it when pointed at it.
+    /// On error nothing of it is left in the maps.
+    pub fn install_policy(
+        &mut self,
+        policy: &CompiledPolicy,
+    ) -> Result<PolicyHandle, DatapathError> {
+        let id = self.next_policy_id;
+        let tables = tables::compile(id, policy)?;
+        self.next_policy_id = id.checked_add(1).unwrap_or(1);
+        if let Err(e) = self.write_tables(&tables) {
+            let _ = self.delete_policy_entries(id);
+            return Err(e);
+        }
+        debug!(
+            policy_id = id,
+            peer_prefixes = tables.peers.len(),
+            port_prefixes = tables.ports.len(),
+            "policy installed"
+        );
+        Ok(PolicyHandle {
+            id,
+            stateless: policy.stateless,
+        })
+    }
+
+    fn write_tables(&mut self, t: &tables::PolicyTables) -> Result<(), DatapathError> {
+        for (len, key, classes) in &t.ports {
+            let k = aya::maps::lpm_trie::Key::new(*len, *key);
+            self.maps
+                .ports
+                .insert(&k, classes, 0)
+                .map_err(map_err("writing POLICY_PORTS"))?;
+        }
+        for (len, key, classes) in &t.peers {
+            let k = aya::maps::lpm_trie::Key::new(*len, *key);
+            self.maps
+                .peers
+                .insert(&k, classes, 0)
+                .map_err(map_err("writing POLICY_PEERS"))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the policy of every endpoint using `old` by `policy`, atomically per endpoint,
+    /// then deletes `old`. On error the old policy stays in force everywhere.
+    pub fn replace_policy(
+        &mut self,
+        old: PolicyHandle,
+        policy: &CompiledPolicy,
+    ) -> Result<PolicyHandle, DatapathError> {
+        let new = self.install_policy(policy)?;
+        for (ifindex, _) in self.endpoints_using(old.id)? {
+            self.set_endpoint(ifindex, Some(new))?;
+        }
+        self.remove_policy(old.id)?;
+        Ok(new)
+    }
+
+    /// Deletes a policy's entries. Refused while an endpoint uses it.
+    pub fn remove_policy(&mut self, id: u32) -> Result<(), DatapathError> {
+        let users: Vec<u32> = self
+            .endpoints_using(id)?
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        if !users.is_empty() {
+            return Err(DatapathError::PolicyInUse(id, users));
+        }
+        self.delete_policy_entries(id)
+    }
+
+    fn delete_policy_entries(&mut self, id: u32) -> Result<(), DatapathError> {
+        let peers: Vec<_> = self
+            .maps
+            .peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().policy_id == id)
+            .collect();
+        for k in peers {
+            self.maps
+                .peers
+                .remove(&k)
+                .map_err(map_err("deleting from POLICY_PEERS"))?;
+        }
+        let ports: Vec<_> = self
+            .maps
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().policy_id == id)
+            .collect();
+        for k in ports {
+            self.maps
+                .ports
+                .remove(&k)
+                .map_err(map_err("deleting from POLICY_PORTS"))?;
+        }
+        debug!(policy_id = id, "policy removed");
+        Ok(())
+    }
+
+    /// Registers (or updates) the endpoint on `ifindex`: `Some(policy)` makes it a member judged
+    /// by that policy, `None` a non-member whose connections are only tracked. The switch is one
+    /// map update.
+    pub fn set_endpoint(
+        &mut self,
+        ifindex: u32,
+        policy: Option<PolicyHandle>,
+    ) -> Result<(), DatapathError> {
+        let slot = match self.endpoint(ifindex)? {
+            Some(ep) => ep.counter_slot,
+            None => self.allocate_counter_slot()?,
+        };
+        let ep = Endpoint {
+            policy_id: policy.map_or(POLICY_NONE, |p| p.id),
+            counter_slot: slot,
+            flags: if policy.is_some_and(|p| p.stateless) {
+                EP_F_STATELESS
+            } else {
+                0
+            },
+            _pad: 0,
+        };
+        self.maps
+            .endpoints
+            .insert(ifindex, ep, 0)
+            .map_err(map_err(format!("writing endpoint {ifindex}")))?;
+        debug!(ifindex, policy_id = ep.policy_id, "endpoint set");
+        Ok(())
+    }
+
+    /// Forgets the endpoint on `ifindex` and its tracked connections.
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        match self.maps.endpoints.remove(&ifindex) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(format!("deleting endpoint {ifindex}"))(e)),
+        }
+        crate::conntrack::flush(&mut self.maps, Some(ifindex))
+            .map_err(map_err("flushing conntrack"))?;
+        Ok(())
+    }
+
+    /// The endpoint on `ifindex`, if registered.
+    pub fn endpoint(&self, ifindex: u32) -> Result<Option<Endpoint>, DatapathError> {
+        match self.maps.endpoints.get(&ifindex, 0) {
+            Ok(ep) => Ok(Some(ep)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(format!("reading endpoint {ifindex}"))(e)),
+        }
+    }
+
+    /// Every registered endpoint.
+    pub fn endpoints(&self) -> Result<Vec<(u32, Endpoint)>, DatapathError> {
+        self.maps
+            .endpoints
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("listing endpoints"))
+    }
+
+    fn endpoints_using(&self, policy_id: u32) -> Result<Vec<(u32, Endpoint)>, DatapathError> {
+        Ok(self
+            .endpoints()?
+            .into_iter()
+            .filter(|(_, ep)| ep.policy_id == policy_id)
+            .collect())
+    }
+
+    /// Counters of the endpoint on `ifindex`: `[egress, ingress]`, summed over CPUs.
+    pub fn counters(&self, ifindex: u32) -> Result<Option<[Counters; 2]>, DatapathError> {
+        match self.endpoint(ifindex)? {
+            Some(ep) => crate::counters::read(&self.maps, ep.counter_slot)
+                .map(Some)
+                .map_err(map_err("reading COUNTERS")),
+            None => Ok(None),
+        }
+    }
+
+    fn allocate_counter_slot(&mut self) -> Result<u32, DatapathError> {
+        let used: BTreeSet<u32> = self
+            .endpoints()?
+            .into_iter()
+            .map(|(_, ep)| ep.counter_slot)
+            .collect();
+        let slot = (0..limits::ENDPOINTS)
+            .find(|s| !used.contains(s))
+            .ok_or(DatapathError::TooManyEndpoints(limits::ENDPOINTS))?;
+        // A slot may carry counts of a departed endpoint: start from zero.
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
+            op: "counting CPUs".into(),
+            source: MapError::IoError(e),
+        })?;
+        for dir in 0..2 {
+            let zero = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| {
+                DatapathError::Map {
+                    op: "zeroing COUNTERS".into(),
+                    source: MapError::IoError(e),
+                }
+            })?;
+            self.maps
+                .counters
+                .set(slot * 2 + dir, zero, 0)
+                .map_err(map_err("zeroing COUNTERS"))?;
+        }
+        Ok(slot)
+    }
+
+    fn highest_policy_id(&self) -> Result<u32, DatapathError> {
+        let mut max = 0;
+        for ep in self.endpoints()? {
+            max = max.max(ep.1.policy_id);
+        }
+        for k in self.maps.peers.keys().filter_map(Result::ok) {
+            max = max.max(k.data().policy_id);
+        }
+        for k in self.maps.ports.keys().filter_map(Result::ok) {
+            max = max.max(k.data().policy_id);
+        }
+        Ok(max)
+    }
+}

@@ -1,0 +1,133 @@
+//! `kubesg-agent`: the node agent's command line. Argument parsing and wiring only; the work is in
+//! the library.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use kubesg_agent::{clock, conntrack, counters, datapath::DEFAULT_PIN_DIR, maps::Maps};
+
+/// kubesg node agent: stateful security groups for pods, enforced by eBPF.
+///
+/// Run on the node (or with `kubectl exec` into the agent pod) to inspect the datapath.
+#[derive(Parser)]
+#[command(name = "kubesg-agent", version, about, long_about = None)]
+struct Cli {
+    /// Where the datapath's maps and links are pinned.
+    #[arg(long, global = true, env = "KUBESG_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connection tracking table.
+    #[command(subcommand)]
+    Ct(CtCommand),
+    /// Packet counters per endpoint (pod interface) and direction.
+    Counters,
+}
+
+#[derive(Subcommand)]
+enum CtCommand {
+    /// Print tracked connections in /proc/net/nf_conntrack's format.
+    ///
+    /// Each pod interface has its own table (as each network namespace has its own conntrack),
+    /// so a connection between two pods of this node appears once per pod.
+    List {
+        /// Only connections of this endpoint (host-side interface index).
+        #[arg(long)]
+        ifindex: Option<u32>,
+        /// Append the endpoint's interface index and the policy id that admitted the connection.
+        #[arg(long, short = 'w')]
+        wide: bool,
+        /// Include entries that have expired but were not swept yet.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete tracked connections (of one endpoint, or all). Member pods' connections that were
+    /// open are then judged as new: TCP without a SYN is INVALID and dropped.
+    Flush {
+        /// Only connections of this endpoint (host-side interface index).
+        #[arg(long)]
+        ifindex: Option<u32>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kubesg-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open(pin_dir: &std::path::Path) -> Result<Maps> {
+    Maps::open_pinned(pin_dir).with_context(|| {
+        format!(
+            "the datapath is not loaded (no pinned maps under {}); is the agent running?",
+            pin_dir.display()
+        )
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Ct(CtCommand::List { ifindex, wide, all }) => {
+            let maps = open(&cli.pin_dir)?;
+            let now = clock::now_ns();
+            for c in conntrack::list(&maps)? {
+                if ifindex.is_some_and(|i| i != c.key.ifindex) || (!all && c.entry.expired(now)) {
+                    continue;
+                }
+                if wide {
+                    println!(
+                        "{} ifindex={} policy={}",
+                        c.nf_conntrack_line(now),
+                        c.key.ifindex,
+                        c.entry.policy_id
+                    );
+                } else {
+                    println!("{}", c.nf_conntrack_line(now));
+                }
+            }
+        }
+        Command::Ct(CtCommand::Flush { ifindex }) => {
+            let mut maps = open(&cli.pin_dir)?;
+            let n = conntrack::flush(&mut maps, ifindex)?;
+            println!("{n} connection(s) deleted");
+        }
+        Command::Counters => {
+            let maps = open(&cli.pin_dir)?;
+            println!(
+                "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12}",
+                "IFINDEX", "POLICY", "DIRECTION", "ACCEPTED", "NEW", "RELATED", "DROP-POLICY",
+                "DROP-INVALID"
+            );
+            let mut eps: Vec<_> = maps.endpoints.iter().collect::<Result<_, _>>()?;
+            eps.sort_by_key(|(i, _)| *i);
+            for (ifindex, ep) in eps {
+                let c = counters::read(&maps, ep.counter_slot)?;
+                for (dir, name) in [(0, "egress"), (1, "ingress")] {
+                    let c = &c[dir];
+                    println!(
+                        "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12}",
+                        ifindex,
+                        ep.policy_id,
+                        name,
+                        c.accepted,
+                        c.new_connections,
+                        c.related,
+                        c.dropped_policy,
+                        c.dropped_invalid
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! The one typed handle on the datapath's maps. Everything in the agent reaches a map through
+//! [`Maps`], never through `map("NAME")` strings, so the names live in one place.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
+    Ebpf,
+};
+use kubesg_common::{
+    config::Config,
+    conntrack::{CtEntry, CtKey},
+    endpoint::Endpoint,
+    event::Counters,
+    fragment::{FragKey, FragVerdict},
+    policy::{ClassSet, PeerKey, PortKey},
+};
+
+/// Map names, as defined in `dataplane/ebpf/src/maps.rs` and as pinned under `<pin dir>/maps/`.
+pub mod names {
+    /// Pod interfaces by ifindex.
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// Connection tracking.
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// Peer prefixes of every policy.
+    pub const POLICY_PEERS: &str = "POLICY_PEERS";
+    /// Port prefixes of every policy.
+    pub const POLICY_PORTS: &str = "POLICY_PORTS";
+    /// First-fragment verdicts.
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// Settings.
+    pub const CONFIG: &str = "CONFIG";
+    /// Per-endpoint counters.
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Deny events.
+    pub const DENY_EVENTS: &str = "DENY_EVENTS";
+    /// All of them, in pinning order.
+    pub const ALL: [&str; 8] = [
+        ENDPOINTS,
+        CONNTRACK,
+        POLICY_PEERS,
+        POLICY_PORTS,
+        FRAGMENTS,
+        CONFIG,
+        COUNTERS,
+        DENY_EVENTS,
+    ];
+}
+
+/// Errors opening the maps.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// The loaded object lacks a map the agent expects: the object and the agent disagree.
+    #[error("the eBPF object has no map named {0}")]
+    Missing(&'static str),
+    /// A pinned map could not be opened (the datapath is not loaded, or not by this agent).
+    #[error("cannot open pinned map {path}: {source}")]
+    Pinned {
+        /// Where the map should be pinned.
+        path: PathBuf,
+        /// Why it could not be opened.
+        source: MapError,
+    },
+    /// A map has another type or key/value size than this agent was built with.
+    #[error("map {name} does not match this agent's definition: {source}")]
+    Mismatch {
+        /// The map.
+        name: &'static str,
+        /// The mismatch.
+        source: MapError,
+    },
+}
+
+/// Typed handles on every map (the ring buffer is separate: it has one reader).
+pub struct Maps {
+    /// ifindex → endpoint.
+    pub endpoints: HashMap<MapData, u32, Endpoint>,
+    /// Connection tracking (an LRU hash; aya reads it as a hash map).
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Peer prefixes.
+    pub peers: LpmTrie<MapData, PeerKey, ClassSet>,
+    /// Port prefixes.
+    pub ports: LpmTrie<MapData, PortKey, ClassSet>,
+    /// First-fragment verdicts.
+    pub fragments: HashMap<MapData, FragKey, FragVerdict>,
+    /// Settings (index 0).
+    pub config: Array<MapData, Config>,
+    /// Counters, per CPU.
+    pub counters: PerCpuArray<MapData, Counters>,
+}
+
+impl Maps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<(Self, RingBuf<MapData>), MapsError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing(name));
+        let endpoints = take(names::ENDPOINTS)?;
+        let conntrack = take(names::CONNTRACK)?;
+        let peers = take(names::POLICY_PEERS)?;
+        let ports = take(names::POLICY_PORTS)?;
+        let fragments = take(names::FRAGMENTS)?;
+        let config = take(names::CONFIG)?;
+        let counters = take(names::COUNTERS)?;
+        let events = take(names::DENY_EVENTS)?;
+        Ok((
+            Self::from_maps([
+                endpoints, conntrack, peers, ports, fragments, config, counters,
+            ])?,
+            typed(names::DENY_EVENTS, RingBuf::try_from(events))?,
+        ))
+    }
+
+    /// Opens the maps a running datapath pinned under `pin_dir` (for the CLI, which must read
+    /// what the agent's programs see).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, MapsError> {
+        let open = |name: &'static str| -> Result<Map, MapsError> {
+            let path = map_pin_path(pin_dir, name);
+            let data = MapData::from_pin(&path).map_err(|source| MapsError::Pinned {
+                path: path.clone(),
+                source,
+            })?;
+            Map::from_map_data(data).map_err(|source| MapsError::Pinned { path, source })
+        };
+        Self::from_maps([
+            open(names::ENDPOINTS)?,
+            open(names::CONNTRACK)?,
+            open(names::POLICY_PEERS)?,
+            open(names::POLICY_PORTS)?,
+            open(names::FRAGMENTS)?,
+            open(names::CONFIG)?,
+            open(names::COUNTERS)?,
+        ])
+    }
+
+    /// Opens the pinned deny-event ring buffer.
+    pub fn open_pinned_events(pin_dir: &Path) -> Result<RingBuf<MapData>, MapsError> {
+        let path = map_pin_path(pin_dir, names::DENY_EVENTS);
+        let data = MapData::from_pin(&path).map_err(|source| MapsError::Pinned {
+            path: path.clone(),
+            source,
+        })?;
+        let map = Map::from_map_data(data).map_err(|source| MapsError::Pinned { path, source })?;
+        typed(names::DENY_EVENTS, RingBuf::try_from(map))
+    }
+
+    fn from_maps(maps: [Map; 7]) -> Result<Self, MapsError> {
+        let [endpoints, conntrack, peers, ports, fragments, config, counters] = maps;
+        Ok(Maps {
+            endpoints: typed(names::ENDPOINTS, HashMap::try_from(endpoints))?,
+            conntrack: typed(names::CONNTRACK, HashMap::try_from(conntrack))?,
+            peers: typed(names::POLICY_PEERS, LpmTrie::try_from(peers))?,
+            ports: typed(names::POLICY_PORTS, LpmTrie::try_from(ports))?,
+            fragments: typed(names::FRAGMENTS, HashMap::try_from(fragments))?,
+            config: typed(names::CONFIG, Array::try_from(config))?,
+            counters: typed(names::COUNTERS, PerCpuArray::try_from(counters))?,
+        })
+    }
+}
+
+fn typed<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, MapsError> {
+    r.map_err(|source| MapsError::Mismatch { name, source })
+}
+
+/// Where map `name` is pinned under the datapath's pin directory.
+pub fn map_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join("maps").join(name)
+}

@@ -1,0 +1,94 @@
+//! Run-time settings of the datapath, held in a one-element array map so the agent can change
+//! them (conntrack timeouts above all) without reloading the programs.
+
+use crate::conntrack::TcpState;
+
+/// Index into [`Config::timeouts_ns`] for each kind of conntrack timeout.
+///
+/// The TCP states use their own numeric value as index, as nf_conntrack's `timeouts[state]`.
+pub mod timeout {
+    /// UDP before any reply (`nf_conntrack_udp_timeout`).
+    pub const UDP_UNREPLIED: usize = 10;
+    /// UDP stream, after a reply and 2 s of traffic (`nf_conntrack_udp_timeout_stream`).
+    pub const UDP_REPLIED: usize = 11;
+    /// ICMP and ICMPv6 request/reply (`nf_conntrack_icmp_timeout`).
+    pub const ICMP: usize = 12;
+    /// Any other protocol, SCTP included (`nf_conntrack_generic_timeout`).
+    pub const GENERIC: usize = 13;
+    /// Later fragments wait this long for the verdict of their first fragment (`ipfrag_time`).
+    pub const FRAGMENT: usize = 14;
+    /// Number of timeout slots.
+    pub const COUNT: usize = 15;
+}
+
+/// Bit in [`Config::flags`]: when an endpoint's policy changes, re-check its tracked connections
+/// against the new rules and cut the ones they no longer allow (Neutron's behaviour). Without it,
+/// tracked connections live on until they close or time out (AWS security groups' behaviour).
+pub const CFG_RECHECK_ON_POLICY_CHANGE: u64 = 1 << 0;
+/// Bit in [`Config::flags`]: emit a deny event on the ring buffer for every dropped packet.
+pub const CFG_DENY_EVENTS: u64 = 1 << 1;
+
+const SEC: u64 = 1_000_000_000;
+
+/// The datapath's settings. One element of the `CONFIG` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Timeouts in nanoseconds, indexed by [`TcpState`] value for TCP and by [`timeout`] otherwise.
+    pub timeouts_ns: [u64; timeout::COUNT],
+    /// A replied UDP flow becomes a stream (`[ASSURED]`, long timeout) only when it still carries
+    /// traffic this long after its first packet (2 s in nf_conntrack_proto_udp.c).
+    pub udp_stream_after_ns: u64,
+    /// `CFG_*` bits.
+    pub flags: u64,
+}
+
+impl Config {
+    /// nf_conntrack's defaults (kernel 6.x), re-check on policy change, deny events on.
+    pub const fn defaults() -> Self {
+        let mut t = [0u64; timeout::COUNT];
+        t[TcpState::SynSent as usize] = 120 * SEC;
+        t[TcpState::SynRecv as usize] = 60 * SEC;
+        t[TcpState::Established as usize] = 432_000 * SEC;
+        t[TcpState::FinWait as usize] = 120 * SEC;
+        t[TcpState::CloseWait as usize] = 60 * SEC;
+        t[TcpState::LastAck as usize] = 30 * SEC;
+        t[TcpState::TimeWait as usize] = 120 * SEC;
+        t[TcpState::Close as usize] = 10 * SEC;
+        t[TcpState::SynSent2 as usize] = 120 * SEC;
+        t[timeout::UDP_UNREPLIED] = 30 * SEC;
+        t[timeout::UDP_REPLIED] = 120 * SEC;
+        t[timeout::ICMP] = 30 * SEC;
+        t[timeout::GENERIC] = 600 * SEC;
+        t[timeout::FRAGMENT] = 30 * SEC;
+        Config {
+            timeouts_ns: t,
+            udp_stream_after_ns: 2 * SEC,
+            flags: CFG_RECHECK_ON_POLICY_CHANGE | CFG_DENY_EVENTS,
+        }
+    }
+
+    /// The timeout in slot `i`; an out-of-range slot reads as the generic timeout.
+    #[inline(always)]
+    pub fn timeout(&self, i: usize) -> u64 {
+        match self.timeouts_ns.get(i) {
+            Some(t) => *t,
+            None => self.timeouts_ns[timeout::GENERIC],
+        }
+    }
+
+    /// Whether a `CFG_*` bit is set.
+    #[inline(always)]
+    pub fn has(&self, flag: u64) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::defaults()
+    }
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Config {}

@@ -1,0 +1,43 @@
+//! The `ENDPOINTS` map: which interfaces carry a pod and how that pod is judged.
+
+/// Policy id of an endpoint that belongs to no security group: its connections are tracked (so
+/// that it keeps them when it joins a group) but nothing is filtered.
+pub const POLICY_NONE: u32 = 0;
+
+/// Endpoint flag: the policy is stateless (UNTRACKED): rules are evaluated on every packet in both
+/// directions and no conntrack entry is created, like a network ACL.
+pub const EP_F_STATELESS: u32 = 1 << 0;
+
+/// Value of the `ENDPOINTS` map, keyed by the host-side interface index (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Endpoint {
+    /// The compiled policy that judges this pod's NEW connections, or [`POLICY_NONE`].
+    /// Switching an endpoint to another policy is one map update, so no packet ever sees half of
+    /// a policy.
+    pub policy_id: u32,
+    /// Index of this endpoint's counters in the `COUNTERS` per-CPU array (times two: one slot per
+    /// direction).
+    pub counter_slot: u32,
+    /// `EP_F_*` bits.
+    pub flags: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+}
+
+impl Endpoint {
+    /// Whether the pod is filtered at all.
+    #[inline(always)]
+    pub fn is_member(&self) -> bool {
+        self.policy_id != POLICY_NONE
+    }
+
+    /// Whether the pod's policy is stateless.
+    #[inline(always)]
+    pub fn is_stateless(&self) -> bool {
+        self.flags & EP_F_STATELESS != 0
+    }
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Endpoint {}

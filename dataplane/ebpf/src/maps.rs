@@ -1,0 +1,54 @@
+//! Every map of the datapath. The agent reaches them through one typed wrapper
+//! (`kubesg_agent::maps`); the names here are the names it uses and the names they are pinned under.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use kubesg_common::{
+    config::Config,
+    conntrack::{CtEntry, CtKey},
+    endpoint::Endpoint,
+    event::Counters,
+    fragment::{FragKey, FragVerdict},
+    limits,
+    policy::{ClassSet, PeerKey, PortKey},
+};
+
+/// Pod interfaces by ifindex. An interface without an entry is not judged (its packets pass).
+#[map]
+pub static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::with_max_entries(limits::ENDPOINTS, 0);
+
+/// Connection tracking, IPv4 and IPv6 (the key carries the family).
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
+    LruHashMap::with_max_entries(limits::CT_ENTRIES, 0);
+
+/// (policy, direction, family, remote address) → classes whose peers contain the address.
+#[map]
+pub static POLICY_PEERS: LpmTrie<PeerKey, ClassSet> =
+    LpmTrie::with_max_entries(limits::PEER_PREFIXES, 0);
+
+/// (policy, direction, protocol, port) → classes that allow the port.
+#[map]
+pub static POLICY_PORTS: LpmTrie<PortKey, ClassSet> =
+    LpmTrie::with_max_entries(limits::PORT_PREFIXES, 0);
+
+/// Verdicts of first fragments, for the later fragments of the same datagram.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, FragVerdict> =
+    LruHashMap::with_max_entries(limits::FRAGMENTS, 0);
+
+/// Settings (one element).
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Counters: slot `2 * counter_slot + direction`; the last two slots count interfaces that carry
+/// the programs but have no endpoint record.
+#[map]
+pub static COUNTERS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries((limits::ENDPOINTS + 1) * 2, 0);
+
+/// Deny events for flow logs.
+#[map]
+pub static DENY_EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENT_RING_BYTES, 0);

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command (README): installs prerequisites, checks formatting and lints, then runs every
+# test, including the privileged ones (root, network namespaces, BPF_PROG_TEST_RUN, real
+# traffic). Privileged tests fail when they cannot run; only KUBESG_SKIP_PRIVILEGED=1 skips them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "bootstrap"
+scripts/bootstrap.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "clippy (host crates)"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "clippy (eBPF crate, bpf target)"
+cargo +nightly clippy -p kubesg-ebpf --bins --release --locked \
+  --target bpfel-unknown-none -Z build-std=core -- -D warnings
+
+step "tests"
+cargo test --workspace --exclude kubesg-ebpf --locked -- --test-threads="${KUBESG_TEST_THREADS:-4}"
+
+step "all tests passed"
