@@ -260,6 +260,47 @@ pub fn flush(maps: &mut Maps, ifindex: Option<u32>) -> Result<usize, MapError> {
     Ok(removed)
 }
 
+/// A background thread that sweeps expired entries every `interval` until dropped (give it its
+/// own handles: [`Maps::try_clone`]). The datapath
+/// treats expired entries as absent already; sweeping frees their room before the LRU must evict
+/// live ones, and keeps `ct list` short.
+pub struct Sweeper {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// Starts sweeping `maps` every `interval`.
+    pub fn start(mut maps: Maps, interval: std::time::Duration) -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || loop {
+            match stopped.recv_timeout(interval) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let now = crate::clock::now_ns();
+            match sweep(&mut maps, now) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(removed = n, "conntrack sweep"),
+                Err(e) => tracing::warn!(error = %e, "conntrack sweep failed"),
+            }
+        });
+        Sweeper {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

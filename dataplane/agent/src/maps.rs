@@ -1,10 +1,13 @@
 //! The one typed handle on the datapath's maps. Everything in the agent reaches a map through
 //! [`Maps`], never through `map("NAME")` strings, so the names live in one place.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
     Ebpf,
 };
 use kubesg_common::{
@@ -140,6 +143,32 @@ impl Maps {
         })?;
         let map = Map::from_map_data(data).map_err(|source| MapsError::Pinned { path, source })?;
         typed(names::DENY_EVENTS, RingBuf::try_from(map))
+    }
+
+    /// Second handles on the same kernel maps (duplicated descriptors), for a thread of its own
+    /// such as the conntrack sweeper.
+    pub fn try_clone(&self) -> Result<Self, MapsError> {
+        fn dup(name: &'static str, data: &MapData) -> Result<Map, MapsError> {
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| MapsError::Mismatch {
+                    name,
+                    source: MapError::IoError(e),
+                })?;
+            let data = MapData::from_fd(fd).map_err(|source| MapsError::Mismatch { name, source })?;
+            Map::from_map_data(data).map_err(|source| MapsError::Mismatch { name, source })
+        }
+        Self::from_maps([
+            dup(names::ENDPOINTS, self.endpoints.map())?,
+            dup(names::CONNTRACK, self.conntrack.map())?,
+            dup(names::POLICY_PEERS, self.peers.map())?,
+            dup(names::POLICY_PORTS, self.ports.map())?,
+            dup(names::FRAGMENTS, self.fragments.map())?,
+            dup(names::CONFIG, self.config.map())?,
+            dup(names::COUNTERS, self.counters.map())?,
+        ])
     }
 
     fn from_maps(maps: [Map; 7]) -> Result<Self, MapsError> {
