@@ -153,7 +153,7 @@ impl Datapath {
             loader.map_max_entries(names::CONNTRACK, n);
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for name in ["from_pod", "to_pod", "parse_only"] {
+        for name in ["from_pod", "to_pod", "parse_only", "parse_lookup"] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Program {

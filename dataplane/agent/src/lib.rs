@@ -8,6 +8,7 @@ pub mod clock;
 pub mod conntrack;
 pub mod counters;
 pub mod datapath;
+pub mod events;
 pub mod maps;
 pub mod policy;
 pub mod tables;

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use kubesg_agent::{clock, conntrack, counters, datapath::DEFAULT_PIN_DIR, maps::Maps};
+use kubesg_agent::{clock, conntrack, counters, datapath::DEFAULT_PIN_DIR, events, maps::Maps};
 
 /// kubesg node agent: stateful security groups for pods, enforced by eBPF.
 ///
@@ -27,6 +27,15 @@ enum Command {
     Ct(CtCommand),
     /// Packet counters per endpoint (pod interface) and direction.
     Counters,
+    /// Print dropped packets (deny events) as flow-log lines.
+    ///
+    /// The ring buffer has a single read position: events printed here are not seen by another
+    /// reader (such as the agent's own flow log) at the same time.
+    Events {
+        /// Keep waiting for new events until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -100,6 +109,20 @@ fn run(cli: Cli) -> Result<()> {
             let mut maps = open(&cli.pin_dir)?;
             let n = conntrack::flush(&mut maps, ifindex)?;
             println!("{n} connection(s) deleted");
+        }
+        Command::Events { follow } => {
+            let mut ring = Maps::open_pinned_events(&cli.pin_dir).with_context(|| {
+                format!("no pinned deny-event ring under {}", cli.pin_dir.display())
+            })?;
+            loop {
+                for d in events::drain(&mut ring) {
+                    println!("{}", d.flow_log_line());
+                }
+                if !follow {
+                    break;
+                }
+                events::wait(&ring, std::time::Duration::from_secs(1));
+            }
         }
         Command::Counters => {
             let maps = open(&cli.pin_dir)?;

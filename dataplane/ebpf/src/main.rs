@@ -1,8 +1,8 @@
 //! kubesg's tc programs, attached to the host-side interface of each pod.
 //!
 //! `from_pod` runs at tc ingress of that interface (what the pod sends: its egress rules),
-//! `to_pod` at tc egress (what the pod receives: its ingress rules). `parse_only` is never
-//! attached: it is the benchmark's baseline.
+//! `to_pod` at tc egress (what the pod receives: its ingress rules). `parse_only` and
+//! `parse_lookup` are never attached: they are the benchmark's baselines.
 #![no_std]
 #![no_main]
 
@@ -28,6 +28,12 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn parse_only(ctx: TcContext) -> i32 {
     datapath::parse_only(&ctx)
+}
+
+/// Parse and one conntrack lookup: with `parse_only`, the benchmark's measure of one map lookup.
+#[classifier]
+pub fn parse_lookup(ctx: TcContext) -> i32 {
+    datapath::parse_lookup(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,197 @@
+//! Pinned datapath: maps and attachments outlive the agent, a restarted agent reuses them, and the
+//! CLI reads the pinned maps. tcx (this kernel's default) and clsact (older kernels) both.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use kubesg_agent::{
+    attach::{link_pin_path, AttachMode, Hook},
+    conntrack,
+    datapath::{Datapath, DatapathOptions},
+    policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule},
+};
+use kubesg_testkit::{netns::unique_name, node::TestNode, require_privileged};
+
+/// A pin directory of its own under /sys/fs/bpf, removed (with every pin in it) on drop.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new() -> Self {
+        PinDir(PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            unique_name("kubesg-test-")
+        )))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn opts(dir: &Path, mode: AttachMode) -> DatapathOptions {
+    DatapathOptions {
+        pin_dir: Some(dir.to_path_buf()),
+        attach_mode: Some(mode),
+        ..DatapathOptions::default()
+    }
+}
+
+/// Client 192.168.1.5 may open TCP to 192.168.1.7:23; the server accepts it from the client.
+fn seed_policies() -> (CompiledPolicy, CompiledPolicy) {
+    let rule = |peer: &str| Rule {
+        protocol: Protocol::Tcp,
+        ports: vec![PortMatch::Range {
+            first: 23,
+            last: 23,
+        }],
+        peers: vec![PeerBlock::cidr(peer.parse().expect("cidr"))],
+    };
+    let client = CompiledPolicy {
+        egress: vec![rule("192.168.1.7/32")],
+        ..CompiledPolicy::default()
+    };
+    let server = CompiledPolicy {
+        ingress: vec![rule("192.168.1.5/32")],
+        ..CompiledPolicy::default()
+    };
+    (client, server)
+}
+
+fn echo(stream: &mut TcpStream, peer: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    stream.write_all(msg)?;
+    let mut buf = vec![0u8; msg.len()];
+    peer.read_exact(&mut buf)?;
+    assert_eq!(buf, msg);
+    Ok(())
+}
+
+fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
+    let pins = PinDir::new();
+    let mut node = TestNode::new().expect("node");
+    let c = node
+        .add_pod("192.168.1.5".parse().expect("ip"), "fd00::5".parse().expect("ip"))
+        .expect("client");
+    let s = node
+        .add_pod("192.168.1.7".parse().expect("ip"), "fd00::7".parse().expect("ip"))
+        .expect("server");
+    let (ci, si) = (node.pods[c].host_ifindex, node.pods[s].host_ifindex);
+    let (client_policy, server_policy) = seed_policies();
+
+    let mut dp = Datapath::load(&opts(&pins.0, mode)).expect("load");
+    let ch = dp.install_policy(&client_policy).expect("client policy");
+    let sh = dp.install_policy(&server_policy).expect("server policy");
+    dp.set_endpoint(ci, Some(ch)).expect("client endpoint");
+    dp.set_endpoint(si, Some(sh)).expect("server endpoint");
+    node.ns
+        .enter(|| dp.attach(ci).and_then(|()| dp.attach(si)))
+        .expect("attach");
+
+    let listener = node.pods[s]
+        .ns
+        .enter(|| TcpListener::bind("0.0.0.0:23"))
+        .expect("listen");
+    // The client listens too, so a refused connection back is kubesg's doing, not a closed port.
+    let back_listener = node.pods[c]
+        .ns
+        .enter(|| TcpListener::bind("0.0.0.0:22"))
+        .expect("listen on the client");
+    let mut client = node.pods[c]
+        .ns
+        .enter(|| TcpStream::connect_timeout(&"192.168.1.7:23".parse().expect("addr"), Duration::from_secs(2)))
+        .expect("the seed's connection opens");
+    let (mut server, _) = listener.accept().expect("accept");
+    echo(&mut client, &mut server, b"before").expect("data before restart");
+
+    // The agent goes away: programs, links and maps stay.
+    drop(dp);
+    echo(&mut client, &mut server, b"agent down").expect("data while the agent is down");
+    let back = node.pods[s].ns.enter(|| {
+        TcpStream::connect_timeout(&"192.168.1.5:22".parse().expect("addr"), Duration::from_millis(500))
+    });
+    assert!(
+        back.is_err(),
+        "the server's connection back to the client must stay refused while the agent is down"
+    );
+
+    // The agent comes back: it reuses the pinned maps and takes the links over.
+    let mut dp = Datapath::load(&opts(&pins.0, mode)).expect("reload");
+    let before = conntrack::list(dp.maps()).expect("list");
+    assert!(
+        before
+            .iter()
+            .any(|x| x.key.ifindex == ci && x.key.peer_port == 23),
+        "the client's connection survived the restart in the pinned table"
+    );
+    node.ns
+        .enter(|| dp.attach(ci).and_then(|()| dp.attach(si)))
+        .expect("re-attach");
+    echo(&mut client, &mut server, b"after").expect("data after restart");
+    echo(&mut server, &mut client, b"reply").expect("reply after restart");
+    if mode == AttachMode::Tcx {
+        for hook in Hook::ALL {
+            assert!(link_pin_path(&pins.0, ci, hook).exists());
+        }
+    }
+    let back = node.pods[s].ns.enter(|| {
+        TcpStream::connect_timeout(&"192.168.1.5:22".parse().expect("addr"), Duration::from_millis(500))
+    });
+    assert!(back.is_err(), "still refused after the restart");
+
+    // The CLI reads the same pinned table.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubesg-agent"))
+        .args(["--pin-dir", &pins.0.to_string_lossy(), "ct", "list", "--ifindex"])
+        .arg(ci.to_string())
+        .output()
+        .expect("run kubesg-agent");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ct list failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.lines().any(|l| l.starts_with("ipv4     2 tcp      6 ")
+            && l.contains(" ESTABLISHED src=192.168.1.5 dst=192.168.1.7 ")
+            && l.contains(" dport=23 ")
+            && l.contains("[ASSURED]")),
+        "ct list shows the connection: {text}"
+    );
+
+    node.ns
+        .enter(|| dp.detach(ci).and_then(|()| dp.detach(si)))
+        .expect("detach");
+    for hook in Hook::ALL {
+        assert!(!link_pin_path(&pins.0, ci, hook).exists());
+    }
+    // Detached: nothing judges the server's connection back any more.
+    let back = node.pods[s].ns.enter(|| {
+        TcpStream::connect_timeout(&"192.168.1.5:22".parse().expect("addr"), Duration::from_secs(2))
+    });
+    assert!(back.is_ok(), "after detach the connection back opens");
+    drop(back_listener);
+}
+
+#[test]
+fn restarted_agent_reuses_pinned_tcx_links_and_maps() {
+    require_privileged!();
+    restart_keeps_connections_and_enforcement(AttachMode::Tcx);
+}
+
+#[test]
+fn restarted_agent_replaces_its_clsact_filters_and_reuses_maps() {
+    require_privileged!();
+    restart_keeps_connections_and_enforcement(AttachMode::Clsact);
+}
+
+#[test]
+fn cli_reports_a_missing_datapath_clearly() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubesg-agent"))
+        .args(["--pin-dir", "/nonexistent/kubesg", "ct", "list"])
+        .output()
+        .expect("run kubesg-agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the datapath is not loaded"), "{err}");
+}
