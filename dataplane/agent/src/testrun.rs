@@ -60,9 +60,9 @@ pub struct TestRun {
     pub duration_ns: u32,
 }
 
-/// Runs the program behind `fd` on `frame` (an Ethernet frame) `repeat` times. With `ifindex`
-/// > 1 the skb appears to cross that interface (it must exist in the caller's network namespace);
-/// otherwise the namespace's loopback (ifindex 1).
+/// Runs the program behind `fd` on `frame` (an Ethernet frame) `repeat` times. With an `ifindex`
+/// above 1 the skb appears to cross that interface (it must exist in the caller's network
+/// namespace); otherwise the namespace's loopback (ifindex 1).
 pub fn test_run(fd: &ProgramFd, frame: &[u8], ifindex: u32, repeat: u32) -> io::Result<TestRun> {
     let ctx = SkbContext {
         ifindex,
