@@ -17,9 +17,11 @@ use aya::{
 };
 use kubesg_common::{
     config::Config,
-    endpoint::{Endpoint, EP_F_STATELESS, POLICY_NONE},
+    endpoint::{cache_slot, CachedEndpoint, Endpoint, EP_F_STATELESS, POLICY_NONE},
     event::Counters,
     limits,
+    policy::{PeerKey, PEER_KEY_FIXED_BITS},
+    AF_INET6,
 };
 use tracing::{debug, info};
 
@@ -111,6 +113,12 @@ pub enum DatapathError {
     /// A policy that endpoints still use cannot be removed.
     #[error("policy {0} is still used by endpoint(s) {1:?}")]
     PolicyInUse(u32, Vec<u32>),
+}
+
+/// Whether a peer entry is a single address, which lives in `POLICY_HOSTS` rather than the trie.
+fn is_host(prefix_len: u32, key: &PeerKey) -> bool {
+    let addr_bits = if key.family == AF_INET6 { 128 } else { 32 };
+    prefix_len == PEER_KEY_FIXED_BITS + addr_bits
 }
 
 fn map_err(op: impl Into<String>) -> impl FnOnce(MapError) -> DatapathError {
@@ -319,11 +327,18 @@ impl Datapath {
                 .map_err(map_err("writing POLICY_PORTS"))?;
         }
         for (len, key, classes) in &t.peers {
-            let k = aya::maps::lpm_trie::Key::new(*len, *key);
-            self.maps
-                .peers
-                .insert(&k, classes, 0)
-                .map_err(map_err("writing POLICY_PEERS"))?;
+            if is_host(*len, key) {
+                self.maps
+                    .hosts
+                    .insert(key, classes, 0)
+                    .map_err(map_err("writing POLICY_HOSTS"))?;
+            } else {
+                let k = aya::maps::lpm_trie::Key::new(*len, *key);
+                self.maps
+                    .peers
+                    .insert(&k, classes, 0)
+                    .map_err(map_err("writing POLICY_PEERS"))?;
+            }
         }
         Ok(())
     }
@@ -370,6 +385,19 @@ impl Datapath {
                 .remove(&k)
                 .map_err(map_err("deleting from POLICY_PEERS"))?;
         }
+        let hosts: Vec<_> = self
+            .maps
+            .hosts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.policy_id == id)
+            .collect();
+        for k in hosts {
+            self.maps
+                .hosts
+                .remove(&k)
+                .map_err(map_err("deleting from POLICY_HOSTS"))?;
+        }
         let ports: Vec<_> = self
             .maps
             .ports
@@ -413,12 +441,40 @@ impl Datapath {
             .endpoints
             .insert(ifindex, ep, 0)
             .map_err(map_err(format!("writing endpoint {ifindex}")))?;
+        self.cache_endpoint(ifindex, Some(ep))?;
         debug!(ifindex, policy_id = ep.policy_id, "endpoint set");
         Ok(())
     }
 
+    /// Updates the endpoint's cache slot if it owns it or it is free (`None` frees it). The hash
+    /// map was written first: a packet that misses the slot finds the endpoint there.
+    fn cache_endpoint(&mut self, ifindex: u32, ep: Option<Endpoint>) -> Result<(), DatapathError> {
+        let slot = cache_slot(ifindex);
+        let current = self
+            .maps
+            .endpoint_cache
+            .get(&slot, 0)
+            .map_err(map_err("reading ENDPOINT_CACHE"))?;
+        if current.ifindex != 0 && current.ifindex != ifindex {
+            return Ok(()); // another endpoint owns the slot; this one is served from ENDPOINTS
+        }
+        let value = match ep {
+            Some(endpoint) => CachedEndpoint {
+                endpoint,
+                ifindex,
+                _pad: 0,
+            },
+            None => CachedEndpoint::default(),
+        };
+        self.maps
+            .endpoint_cache
+            .set(slot, value, 0)
+            .map_err(map_err("writing ENDPOINT_CACHE"))
+    }
+
     /// Forgets the endpoint on `ifindex` and its tracked connections.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        self.cache_endpoint(ifindex, None)?;
         match self.maps.endpoints.remove(&ifindex) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(format!("deleting endpoint {ifindex}"))(e)),
@@ -503,6 +559,9 @@ impl Datapath {
         }
         for k in self.maps.ports.keys().filter_map(Result::ok) {
             max = max.max(k.data().policy_id);
+        }
+        for k in self.maps.hosts.keys().filter_map(Result::ok) {
+            max = max.max(k.policy_id);
         }
         Ok(max)
     }

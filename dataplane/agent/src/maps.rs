@@ -13,7 +13,7 @@ use aya::{
 use kubesg_common::{
     config::Config,
     conntrack::{CtEntry, CtKey},
-    endpoint::Endpoint,
+    endpoint::{CachedEndpoint, Endpoint},
     event::Counters,
     fragment::{FragKey, FragVerdict},
     policy::{ClassSet, PeerKey, PortKey},
@@ -23,10 +23,14 @@ use kubesg_common::{
 pub mod names {
     /// Pod interfaces by ifindex.
     pub const ENDPOINTS: &str = "ENDPOINTS";
+    /// Direct-mapped copy of ENDPOINTS for the fast path.
+    pub const ENDPOINT_CACHE: &str = "ENDPOINT_CACHE";
     /// Connection tracking.
     pub const CONNTRACK: &str = "CONNTRACK";
     /// Peer prefixes of every policy.
     pub const POLICY_PEERS: &str = "POLICY_PEERS";
+    /// Single-address peers of every policy.
+    pub const POLICY_HOSTS: &str = "POLICY_HOSTS";
     /// Port prefixes of every policy.
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
     /// First-fragment verdicts.
@@ -38,10 +42,12 @@ pub mod names {
     /// Deny events.
     pub const DENY_EVENTS: &str = "DENY_EVENTS";
     /// All of them, in pinning order.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         ENDPOINTS,
+        ENDPOINT_CACHE,
         CONNTRACK,
         POLICY_PEERS,
+        POLICY_HOSTS,
         POLICY_PORTS,
         FRAGMENTS,
         CONFIG,
@@ -76,12 +82,16 @@ pub enum MapsError {
 
 /// Typed handles on every map (the ring buffer is separate: it has one reader).
 pub struct Maps {
-    /// ifindex → endpoint.
+    /// ifindex → endpoint (the source of truth).
     pub endpoints: HashMap<MapData, u32, Endpoint>,
+    /// ifindex % slots → endpoint (the datapath's fast lookup).
+    pub endpoint_cache: Array<MapData, CachedEndpoint>,
     /// Connection tracking (an LRU hash; aya reads it as a hash map).
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
-    /// Peer prefixes.
+    /// Peer prefixes shorter than a host.
     pub peers: LpmTrie<MapData, PeerKey, ClassSet>,
+    /// Single-address peers.
+    pub hosts: HashMap<MapData, PeerKey, ClassSet>,
     /// Port prefixes.
     pub ports: LpmTrie<MapData, PortKey, ClassSet>,
     /// First-fragment verdicts.
@@ -97,8 +107,10 @@ impl Maps {
     pub fn take(ebpf: &mut Ebpf) -> Result<(Self, RingBuf<MapData>), MapsError> {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing(name));
         let endpoints = take(names::ENDPOINTS)?;
+        let endpoint_cache = take(names::ENDPOINT_CACHE)?;
         let conntrack = take(names::CONNTRACK)?;
         let peers = take(names::POLICY_PEERS)?;
+        let hosts = take(names::POLICY_HOSTS)?;
         let ports = take(names::POLICY_PORTS)?;
         let fragments = take(names::FRAGMENTS)?;
         let config = take(names::CONFIG)?;
@@ -106,7 +118,15 @@ impl Maps {
         let events = take(names::DENY_EVENTS)?;
         Ok((
             Self::from_maps([
-                endpoints, conntrack, peers, ports, fragments, config, counters,
+                endpoints,
+                endpoint_cache,
+                conntrack,
+                peers,
+                hosts,
+                ports,
+                fragments,
+                config,
+                counters,
             ])?,
             typed(names::DENY_EVENTS, RingBuf::try_from(events))?,
         ))
@@ -125,8 +145,10 @@ impl Maps {
         };
         Self::from_maps([
             open(names::ENDPOINTS)?,
+            open(names::ENDPOINT_CACHE)?,
             open(names::CONNTRACK)?,
             open(names::POLICY_PEERS)?,
+            open(names::POLICY_HOSTS)?,
             open(names::POLICY_PORTS)?,
             open(names::FRAGMENTS)?,
             open(names::CONFIG)?,
@@ -162,8 +184,10 @@ impl Maps {
         }
         Self::from_maps([
             dup(names::ENDPOINTS, self.endpoints.map())?,
+            dup(names::ENDPOINT_CACHE, self.endpoint_cache.map())?,
             dup(names::CONNTRACK, self.conntrack.map())?,
             dup(names::POLICY_PEERS, self.peers.map())?,
+            dup(names::POLICY_HOSTS, self.hosts.map())?,
             dup(names::POLICY_PORTS, self.ports.map())?,
             dup(names::FRAGMENTS, self.fragments.map())?,
             dup(names::CONFIG, self.config.map())?,
@@ -171,12 +195,15 @@ impl Maps {
         ])
     }
 
-    fn from_maps(maps: [Map; 7]) -> Result<Self, MapsError> {
-        let [endpoints, conntrack, peers, ports, fragments, config, counters] = maps;
+    fn from_maps(maps: [Map; 9]) -> Result<Self, MapsError> {
+        let [endpoints, endpoint_cache, conntrack, peers, hosts, ports, fragments, config, counters] =
+            maps;
         Ok(Maps {
             endpoints: typed(names::ENDPOINTS, HashMap::try_from(endpoints))?,
+            endpoint_cache: typed(names::ENDPOINT_CACHE, Array::try_from(endpoint_cache))?,
             conntrack: typed(names::CONNTRACK, HashMap::try_from(conntrack))?,
             peers: typed(names::POLICY_PEERS, LpmTrie::try_from(peers))?,
+            hosts: typed(names::POLICY_HOSTS, HashMap::try_from(hosts))?,
             ports: typed(names::POLICY_PORTS, LpmTrie::try_from(ports))?,
             fragments: typed(names::FRAGMENTS, HashMap::try_from(fragments))?,
             config: typed(names::CONFIG, Array::try_from(config))?,

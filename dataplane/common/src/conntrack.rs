@@ -152,7 +152,7 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns()` after which the entry is dead (treated as absent, then swept).
+    /// `bpf_ktime_get_coarse_ns()` after which the entry is dead (treated as absent, then swept).
     pub expires_ns: u64,
     /// When the first packet was seen (the UDP 2-second stream rule counts from it).
     pub created_ns: u64,
@@ -306,21 +306,37 @@ pub fn is_icmp(family: u8, p: u8) -> bool {
 }
 
 /// The flag combinations nf_conntrack accepts (`tcp_valid_flags`, PSH ignored); anything else is
-/// INVALID before any lookup.
+/// INVALID before any lookup. Bit `f` of [`TCP_VALID_FLAGS`] says whether combination `f` of
+/// FIN, SYN, RST, ACK and URG is valid: one shift on the per-packet path.
 #[inline(always)]
 pub fn tcp_flags_valid(flags: u8) -> bool {
     use tcp_flags::*;
     let f = flags & (FIN | SYN | RST | ACK | URG);
-    f == SYN
-        || f == SYN | URG
-        || f == SYN | ACK
-        || f == RST
-        || f == RST | ACK
-        || f == FIN | ACK
-        || f == FIN | ACK | URG
-        || f == ACK
-        || f == ACK | URG
+    (TCP_VALID_FLAGS >> f) & 1 != 0
 }
+
+/// `tcp_valid_flags` of nf_conntrack_proto_tcp.c as a bit set over the flags byte (PSH masked).
+pub const TCP_VALID_FLAGS: u64 = {
+    use tcp_flags::*;
+    let valid = [
+        SYN,
+        SYN | URG,
+        SYN | ACK,
+        RST,
+        RST | ACK,
+        FIN | ACK,
+        FIN | ACK | URG,
+        ACK,
+        ACK | URG,
+    ];
+    let mut set = 0u64;
+    let mut i = 0;
+    while i < valid.len() {
+        set |= 1 << valid[i];
+        i += 1;
+    }
+    set
+};
 
 /// Row of the transition table for a flags byte (`get_conntrack_index`).
 #[inline(always)]

@@ -39,5 +39,29 @@ impl Endpoint {
     }
 }
 
+/// A slot of the `ENDPOINT_CACHE` array: a direct-mapped copy of `ENDPOINTS`, so the per-packet
+/// path finds its endpoint with an array access the verifier inlines instead of a hash lookup.
+/// Slot `ifindex % ENDPOINT_CACHE_SLOTS` holds the endpoint of `ifindex` unless another endpoint
+/// with the same slot came first; those are found in `ENDPOINTS`, which is the source of truth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CachedEndpoint {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// Its interface; 0 marks a free slot. Last in the struct: a slot is written front to back,
+    /// so the index that makes the slot match is stored after the endpoint it describes.
+    pub ifindex: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+}
+
+/// The cache slot of interface `ifindex`.
+#[inline(always)]
+pub fn cache_slot(ifindex: u32) -> u32 {
+    ifindex & (crate::limits::ENDPOINT_CACHE_SLOTS - 1)
+}
+
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Endpoint {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CachedEndpoint {}

@@ -13,7 +13,8 @@ pub struct FragKey {
     pub id: u32,
     /// `AF_INET` or `AF_INET6`.
     pub family: u8,
-    /// The datagram's protocol.
+    /// The datagram's protocol (IPv4); 0 for IPv6, whose datagrams are identified by addresses
+    /// and identification alone.
     pub proto: u8,
     /// Explicit padding, always zero.
     pub _pad: [u8; 2],
@@ -27,7 +28,7 @@ pub struct FragKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FragVerdict {
-    /// After this `bpf_ktime_get_ns()` the record is stale.
+    /// After this `bpf_ktime_get_coarse_ns()` the record is stale.
     pub expires_ns: u64,
     /// 1 when the first fragment was let through.
     pub accepted: u64,

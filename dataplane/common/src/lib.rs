@@ -80,8 +80,12 @@ pub mod limits {
     pub const CT_ENTRIES: u32 = 262_144;
     /// Endpoints (pod interfaces) on one node.
     pub const ENDPOINTS: u32 = 4_096;
-    /// Peer prefixes over all policies.
+    /// Slots of the endpoint cache (a power of two: the slot is `ifindex % ENDPOINT_CACHE_SLOTS`).
+    pub const ENDPOINT_CACHE_SLOTS: u32 = 4_096;
+    /// Peer prefixes shorter than a host over all policies.
     pub const PEER_PREFIXES: u32 = 1_048_576;
+    /// Single-address peers (/32, /128) over all policies.
+    pub const PEER_HOSTS: u32 = 1_048_576;
     /// Port prefixes over all policies.
     pub const PORT_PREFIXES: u32 = 1_048_576;
     /// Tracked first fragments whose later fragments are still expected.

@@ -183,10 +183,16 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
     let mut next: u8 = rd(f, off + 6)?;
     let mut cur = off + 40;
     let mut done = false;
-    for i in 0..MAX_IPV6_EXTENSIONS {
+    // One more round than there are extension headers to follow: the last one only looks at what
+    // follows the last extension header followed.
+    for i in 0..MAX_IPV6_EXTENSIONS + 1 {
         let len = match next {
             // Hop-by-hop options must come first (RFC 8200 §4.1).
             0 if i != 0 => return Err(Malformed::BadExtensionChain),
+            // Longer than the parser follows.
+            0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254 if i == MAX_IPV6_EXTENSIONS => {
+                return Err(Malformed::BadExtensionChain)
+            }
             // Hop-by-hop, routing, destination options, mobility, HIP, shim6, experimental.
             0 | 43 | 60 | 135 | 139 | 140 | 253 | 254 => {
                 let hl: u8 = rd(f, cur + 1)?;
@@ -198,6 +204,9 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
                 (hl as usize + 2) * 4
             }
             44 => {
+                if cur + 8 > end {
+                    return Err(Malformed::Truncated);
+                }
                 let field = be16(f, cur + 2)?;
                 pkt.frag_id = u32::from_be(rd::<F, u32>(f, cur + 4)?);
                 if field & 0xfff8 != 0 {
@@ -315,6 +324,9 @@ pub fn parse_icmp_error_inner<F: Frame + ?Sized>(f: &F, outer: &Packet) -> Optio
             return None;
         }
         inner.proto = f.read(off + 6)?;
+        if matches!(inner.proto, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254) {
+            return None;
+        }
         inner.src = f.read(off + 8)?;
         inner.dst = f.read(off + 24)?;
         off + 40
@@ -333,4 +345,527 @@ pub fn parse_icmp_error_inner<F: Frame + ?Sized>(f: &F, outer: &Packet) -> Optio
     }
     inner.l4_off = l4 as u32;
     Some(inner)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The parser on frames built by etherparse (through the test kit's builders), on the host:
+    //! the same code the eBPF programs run on skbs.
+
+    extern crate std;
+
+    use std::{
+        net::{IpAddr, Ipv6Addr},
+        vec,
+        vec::Vec,
+    };
+
+    use etherparse::{
+        IpAuthHeader, IpHeaders, IpNumber, Ipv6Extensions, Ipv6Header, PacketBuilder,
+    };
+    use kubesg_testkit::packet::{self, IcmpError, Ipv6Ext, TcpFlags, ETH_LEN, IPV6_LEN};
+
+    use super::*;
+
+    const POD4: &str = "10.0.0.5";
+    const PEER4: &str = "10.0.1.7";
+    const POD6: &str = "fd00::5";
+    const PEER6: &str = "fd00:1::7";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    /// The address as the parser stores it (wire bytes in the words' memory).
+    fn raw(a: IpAddr) -> RawAddr {
+        let mut w = [0u32; 4];
+        match a {
+            IpAddr::V4(v4) => w[0] = u32::from_ne_bytes(v4.octets()),
+            IpAddr::V6(v6) => {
+                for (word, c) in w.iter_mut().zip(v6.octets().chunks_exact(4)) {
+                    *word = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+        w
+    }
+
+    fn parsed(frame: &[u8]) -> Packet {
+        match parse(frame) {
+            Ok(Some(p)) => p,
+            other => panic!("expected a packet, got {other:?}"),
+        }
+    }
+
+    fn err(frame: &[u8]) -> Malformed {
+        match parse(frame) {
+            Err(e) => e,
+            other => panic!("expected malformed, got {other:?}"),
+        }
+    }
+
+    /// (pod, peer) of each family.
+    fn families() -> [(IpAddr, IpAddr); 2] {
+        [(ip(POD4), ip(PEER4)), (ip(POD6), ip(PEER6))]
+    }
+
+    fn l3_len(a: IpAddr) -> usize {
+        if a.is_ipv4() {
+            20
+        } else {
+            IPV6_LEN
+        }
+    }
+
+    fn family(a: IpAddr) -> u8 {
+        if a.is_ipv4() {
+            AF_INET
+        } else {
+            AF_INET6
+        }
+    }
+
+    fn icmp_proto(a: IpAddr) -> u8 {
+        if a.is_ipv4() {
+            proto::ICMP
+        } else {
+            proto::ICMPV6
+        }
+    }
+
+    // --- Well-formed packets ---------------------------------------------------------------
+
+    #[test]
+    fn tcp_segment_yields_addresses_ports_flags_and_offset() {
+        for (pod, peer) in families() {
+            let p = parsed(&packet::tcp(pod, peer, 40000, 443, TcpFlags::SYN_ACK));
+            assert_eq!(p.family, family(pod));
+            assert_eq!(p.proto, proto::TCP);
+            assert_eq!((p.src, p.dst), (raw(pod), raw(peer)));
+            assert_eq!((p.sport, p.dport), (40000, 443));
+            assert_eq!(p.tcp_flags, 0x12);
+            assert_eq!(p.frag, FRAG_NONE);
+            assert_eq!(p.l4_off as usize, ETH_LEN + l3_len(pod));
+        }
+    }
+
+    #[test]
+    fn udp_datagram_yields_its_ports() {
+        for (pod, peer) in families() {
+            let p = parsed(&packet::udp(pod, peer, 5353, 53, b"query"));
+            assert_eq!(p.proto, proto::UDP);
+            assert_eq!((p.sport, p.dport), (5353, 53));
+            assert_eq!(p.tcp_flags, 0);
+        }
+    }
+
+    #[test]
+    fn icmp_echo_yields_identifier_as_source_and_type_code_as_destination() {
+        for (pod, peer) in families() {
+            let p = parsed(&packet::icmp_echo_request(pod, peer, 0xbeef, 3));
+            let t = if pod.is_ipv4() { 8 } else { 128 };
+            assert_eq!(p.proto, icmp_proto(pod));
+            assert_eq!((p.icmp_type, p.icmp_code), (t, 0));
+            assert_eq!(p.sport, 0xbeef);
+            assert_eq!(p.dport, u16::from(t) << 8);
+            let p = parsed(&packet::icmp_raw(pod, peer, t, 9, [0, 1, 0, 1], b""));
+            assert_eq!(p.dport, (u16::from(t) << 8) | 9);
+        }
+    }
+
+    #[test]
+    fn icmp_inside_ipv6_is_not_icmpv6() {
+        // Protocol 1 in IPv6 is a generic protocol: no type, no identifier.
+        let p = parsed(&packet::ip_raw(ip(POD6), ip(PEER6), proto::ICMP, &[8, 0, 0, 0, 0, 7, 0, 1]));
+        assert_eq!(p.proto, proto::ICMP);
+        assert_eq!((p.icmp_type, p.sport, p.dport), (0, 0, 0));
+    }
+
+    #[test]
+    fn sctp_yields_its_ports_and_other_protocols_none() {
+        for (pod, peer) in families() {
+            let sctp = packet::ip_raw(pod, peer, proto::SCTP, &[0x9c, 0x40, 0, 80, 0, 0, 0, 0, 0, 0, 0, 0]);
+            let p = parsed(&sctp);
+            assert_eq!((p.proto, p.sport, p.dport), (proto::SCTP, 40000, 80));
+            let gre = parsed(&packet::ip_raw(pod, peer, 47, &[0xff; 8]));
+            assert_eq!((gre.proto, gre.sport, gre.dport), (47, 0, 0));
+        }
+    }
+
+    #[test]
+    fn frames_that_are_not_ip_are_not_packets() {
+        let arp = packet::arp_request("10.0.0.5".parse().expect("a"), "10.0.0.1".parse().expect("a"));
+        assert_eq!(parse(&arp[..]), Ok(None));
+        let lldp = packet::with_byte(packet::with_byte(arp, 12, 0x88), 13, 0xcc);
+        assert_eq!(parse(&lldp[..]), Ok(None));
+    }
+
+    #[test]
+    fn ipv4_options_move_the_layer_4_header() {
+        let syn = packet::tcp(ip(POD4), ip(PEER4), 40000, 80, TcpFlags::SYN);
+        let with = packet::with_ipv4_options(&syn, &[1, 1, 1, 0, 1, 1, 1, 0]);
+        let p = parsed(&with);
+        assert_eq!(p.l4_off as usize, ETH_LEN + 28);
+        assert_eq!(p.dport, 80);
+    }
+
+    #[test]
+    fn ethernet_padding_after_the_ip_packet_is_ignored() {
+        for (pod, peer) in families() {
+            let mut f = packet::udp(pod, peer, 1, 2, b"");
+            f.extend_from_slice(&[0xee; 20]);
+            assert_eq!(parsed(&f).dport, 2);
+        }
+    }
+
+    #[test]
+    fn udp_length_shorter_than_the_datagram_is_accepted() {
+        for (pod, peer) in families() {
+            let f = packet::with_udp_len(packet::udp(pod, peer, 1, 2, b"payload"), 8);
+            assert_eq!(parsed(&f).dport, 2);
+        }
+    }
+
+    // --- Malformed ---------------------------------------------------------------------------
+
+    #[test]
+    fn frames_shorter_than_ethernet_are_truncated() {
+        for len in [0, 1, 12, 13] {
+            assert_eq!(err(&[0x08; 14][..len]), Malformed::Truncated, "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn vlan_tags_are_refused() {
+        let syn = packet::tcp(ip(POD4), ip(PEER4), 1, 2, TcpFlags::SYN);
+        let tagged = packet::with_vlan(&syn, 100);
+        assert_eq!(err(&tagged), Malformed::Vlan);
+        let qinq = packet::with_byte(packet::with_byte(tagged, 12, 0x88), 13, 0xa8);
+        assert_eq!(err(&qinq), Malformed::Vlan);
+    }
+
+    #[test]
+    fn every_proper_prefix_of_an_ip_frame_is_malformed() {
+        for (pod, peer) in families() {
+            let frames = [
+                packet::tcp(pod, peer, 1, 2, TcpFlags::SYN),
+                packet::udp(pod, peer, 1, 2, b"abc"),
+                packet::icmp_echo_request(pod, peer, 1, 1),
+                packet::with_ipv6_extensions(&packet::udp(ip(POD6), ip(PEER6), 1, 2, b""), &[
+                    Ipv6Ext::HopByHop,
+                    Ipv6Ext::Routing,
+                ]),
+            ];
+            for f in &frames {
+                assert!(parse(&f[..]).is_ok_and(|p| p.is_some()));
+                for len in 0..f.len() {
+                    assert!(parse(&f[..len]).is_err(), "{len} of {} bytes parsed", f.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ip_version_must_match_the_ethertype() {
+        let v4 = packet::tcp(ip(POD4), ip(PEER4), 1, 2, TcpFlags::SYN);
+        assert_eq!(err(&packet::with_byte(v4, ETH_LEN, 0x65)), Malformed::BadVersion);
+        let v6 = packet::tcp(ip(POD6), ip(PEER6), 1, 2, TcpFlags::SYN);
+        assert_eq!(err(&packet::with_byte(v6, ETH_LEN, 0x45)), Malformed::BadVersion);
+    }
+
+    #[test]
+    fn ipv4_header_length_below_five_words_is_refused() {
+        for ihl in 0..5 {
+            let f = packet::with_ipv4_ihl(packet::udp(ip(POD4), ip(PEER4), 1, 2, b""), ihl);
+            assert_eq!(err(&f), Malformed::BadHeaderLength, "IHL {ihl}");
+        }
+    }
+
+    #[test]
+    fn ipv4_total_length_below_the_header_is_refused() {
+        let udp = packet::udp(ip(POD4), ip(PEER4), 1, 2, b"");
+        assert_eq!(err(&packet::with_ipv4_total_len(udp.clone(), 19)), Malformed::BadLength);
+        // IHL 15 (60 bytes) in a 28-byte packet.
+        assert_eq!(err(&packet::with_ipv4_ihl(udp, 15)), Malformed::BadLength);
+    }
+
+    #[test]
+    fn ip_length_beyond_the_frame_is_truncated() {
+        let v4 = packet::udp(ip(POD4), ip(PEER4), 1, 2, b"x");
+        let len = (v4.len() - ETH_LEN + 1) as u16;
+        assert_eq!(err(&packet::with_ipv4_total_len(v4, len)), Malformed::Truncated);
+        let v6 = packet::udp(ip(POD6), ip(PEER6), 1, 2, b"x");
+        let len = (v6.len() - ETH_LEN - IPV6_LEN + 1) as u16;
+        assert_eq!(err(&packet::with_ipv6_payload_len(v6, len)), Malformed::Truncated);
+    }
+
+    /// `frame` with its IP length cut to end `keep` bytes into the layer 4 header.
+    fn l4_cut(frame: &[u8], keep: usize) -> Vec<u8> {
+        let l4 = packet::l4_offset(frame);
+        let f = packet::truncated(frame, l4 + keep);
+        if frame[ETH_LEN] >> 4 == 4 {
+            packet::with_ipv4_total_len(f, (l4 + keep - ETH_LEN) as u16)
+        } else {
+            packet::with_ipv6_payload_len(f, (l4 + keep - ETH_LEN - IPV6_LEN) as u16)
+        }
+    }
+
+    #[test]
+    fn layer_4_headers_cut_by_the_ip_length_are_truncated() {
+        for (pod, peer) in families() {
+            let tcp = packet::tcp(pod, peer, 1, 2, TcpFlags::SYN);
+            let udp = packet::udp(pod, peer, 1, 2, b"");
+            let icmp = packet::icmp_echo_request(pod, peer, 1, 1);
+            for (frame, need) in [(&tcp, 20), (&udp, 8), (&icmp, 8)] {
+                for keep in 0..need {
+                    assert_eq!(err(&l4_cut(frame, keep)), Malformed::Truncated, "{keep}");
+                }
+                assert!(parse(&l4_cut(frame, need)[..]).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn tcp_data_offset_must_hold_the_header_and_fit_the_segment() {
+        for (pod, peer) in families() {
+            let syn = packet::tcp(pod, peer, 1, 2, TcpFlags::SYN);
+            for words in 0..5 {
+                let f = packet::with_tcp_data_offset(syn.clone(), words);
+                assert_eq!(err(&f), Malformed::BadHeaderLength, "{words} words");
+            }
+            let f = packet::with_tcp_data_offset(syn, 6);
+            assert_eq!(err(&f), Malformed::Truncated);
+        }
+    }
+
+    #[test]
+    fn udp_length_must_hold_the_header_and_fit_the_datagram() {
+        for (pod, peer) in families() {
+            let udp = packet::udp(pod, peer, 1, 2, b"abcd");
+            for len in [0, 7, 13] {
+                let f = packet::with_udp_len(udp.clone(), len);
+                assert_eq!(err(&f), Malformed::BadLength, "length {len}");
+            }
+            assert!(parse(&packet::with_udp_len(udp, 12)[..]).is_ok());
+        }
+    }
+
+    // --- IPv6 extension headers --------------------------------------------------------------
+
+    fn udp6() -> Vec<u8> {
+        packet::udp(ip(POD6), ip(PEER6), 40000, 53, b"query")
+    }
+
+    #[test]
+    fn extension_chain_is_followed_to_the_layer_4_header() {
+        let chain = [
+            Ipv6Ext::HopByHop,
+            Ipv6Ext::DestinationOptions,
+            Ipv6Ext::Routing,
+            Ipv6Ext::LongDestinationOptions { units: 4 },
+        ];
+        let p = parsed(&packet::with_ipv6_extensions(&udp6(), &chain));
+        assert_eq!(p.proto, proto::UDP);
+        assert_eq!((p.sport, p.dport), (40000, 53));
+        assert_eq!(p.l4_off as usize, ETH_LEN + IPV6_LEN + 8 + 8 + 8 + 40);
+    }
+
+    #[test]
+    fn authentication_header_length_counts_four_octet_units() {
+        // AH with a 12-byte ICV: 24 bytes, length field 4.
+        let ah = IpAuthHeader::new(IpNumber::UDP, 0x1234, 1, &[0; 12]).expect("AH");
+        let ipv6 = Ipv6Header {
+            source: POD6.parse::<Ipv6Addr>().expect("address").octets(),
+            destination: PEER6.parse::<Ipv6Addr>().expect("address").octets(),
+            hop_limit: 64,
+            ..Ipv6Header::default()
+        };
+        let exts = Ipv6Extensions {
+            auth: Some(ah),
+            ..Ipv6Extensions::default()
+        };
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(packet::SRC_MAC, packet::DST_MAC)
+            .ip(IpHeaders::Ipv6(ipv6, exts))
+            .udp(40000, 53)
+            .write(&mut f, b"q")
+            .expect("frame");
+        let p = parsed(&f);
+        assert_eq!(p.l4_off as usize, ETH_LEN + IPV6_LEN + 24);
+        assert_eq!((p.proto, p.dport), (proto::UDP, 53));
+    }
+
+    #[test]
+    fn hop_by_hop_options_after_another_header_are_refused() {
+        let f = packet::with_ipv6_extensions(&udp6(), &[Ipv6Ext::DestinationOptions, Ipv6Ext::HopByHop]);
+        assert_eq!(err(&f), Malformed::BadExtensionChain);
+    }
+
+    #[test]
+    fn extension_chain_is_followed_up_to_its_limit_and_refused_beyond() {
+        let max = vec![Ipv6Ext::DestinationOptions; MAX_IPV6_EXTENSIONS];
+        let p = parsed(&packet::with_ipv6_extensions(&udp6(), &max));
+        assert_eq!((p.proto, p.dport), (proto::UDP, 53));
+        let over = vec![Ipv6Ext::DestinationOptions; MAX_IPV6_EXTENSIONS + 1];
+        assert_eq!(err(&packet::with_ipv6_extensions(&udp6(), &over)), Malformed::BadExtensionChain);
+    }
+
+    #[test]
+    fn extension_header_running_past_the_payload_is_truncated() {
+        let f = packet::with_ipv6_extensions(&udp6(), &[Ipv6Ext::DestinationOptions]);
+        let f = packet::with_byte(f, ETH_LEN + IPV6_LEN + 1, 200);
+        assert_eq!(err(&f), Malformed::Truncated);
+        // The bytes are in the frame, but beyond the payload length.
+        let f = packet::with_ipv6_extensions(&udp6(), &[Ipv6Ext::LongDestinationOptions { units: 2 }]);
+        assert_eq!(err(&packet::with_ipv6_payload_len(f, 16)), Malformed::Truncated);
+    }
+
+    #[test]
+    fn no_next_header_ends_the_chain_without_layer_4() {
+        let f = packet::ip_raw(ip(POD6), ip(PEER6), 59, &[]);
+        let p = parsed(&f);
+        assert_eq!((p.proto, p.sport, p.dport), (59, 0, 0));
+    }
+
+    // --- Fragments ---------------------------------------------------------------------------
+
+    #[test]
+    fn first_fragment_carries_ports_and_later_fragment_only_the_datagram() {
+        for (pod, peer) in families() {
+            let dgram = packet::udp(pod, peer, 40000, 53, &[7; 100]);
+            let [first, later] = packet::fragment(&dgram, 48, 0x4321);
+            let p = parsed(&first);
+            assert_eq!(p.frag, FRAG_FIRST);
+            assert_eq!(p.frag_id, 0x4321);
+            assert_eq!((p.proto, p.sport, p.dport), (proto::UDP, 40000, 53));
+            let p = parsed(&later);
+            assert_eq!(p.frag, FRAG_LATER);
+            assert_eq!(p.frag_id, 0x4321);
+            assert_eq!(p.proto, proto::UDP);
+            assert_eq!((p.sport, p.dport), (0, 0), "a later fragment has no ports");
+            assert_eq!((p.src, p.dst), (raw(pod), raw(peer)));
+        }
+    }
+
+    #[test]
+    fn ipv6_fragment_identification_is_32_bits() {
+        let [first, later] = packet::fragment(&packet::udp(ip(POD6), ip(PEER6), 1, 2, &[0; 64]), 32, 0xdead_beef);
+        assert_eq!(parsed(&first).frag_id, 0xdead_beef);
+        assert_eq!(parsed(&later).frag_id, 0xdead_beef);
+    }
+
+    #[test]
+    fn ipv6_later_fragment_reports_the_header_after_its_fragment_header() {
+        let dgram = packet::with_ipv6_extensions(&packet::udp(ip(POD6), ip(PEER6), 1, 2, &[0; 64]), &[
+            Ipv6Ext::DestinationOptions,
+        ]);
+        let [first, later] = packet::fragment(&dgram, 32, 9);
+        assert_eq!(parsed(&first).proto, proto::UDP);
+        assert_eq!(parsed(&later).proto, 60);
+    }
+
+    #[test]
+    fn ipv6_atomic_fragment_is_not_a_fragment() {
+        let f = packet::ipv6_atomic_fragment(&udp6(), 3);
+        let p = parsed(&f);
+        assert_eq!(p.frag, FRAG_NONE);
+        assert_eq!((p.proto, p.dport), (proto::UDP, 53));
+    }
+
+    #[test]
+    fn first_fragment_may_carry_part_of_the_udp_length() {
+        // The UDP length covers the whole datagram; only 16 bytes of it are here.
+        for (pod, peer) in families() {
+            let [first, _] = packet::fragment(&packet::udp(pod, peer, 1, 2, &[0; 200]), 16, 1);
+            assert_eq!(parsed(&first).dport, 2);
+        }
+    }
+
+    #[test]
+    fn first_fragment_without_a_whole_tcp_header_is_truncated() {
+        for (pod, peer) in families() {
+            let [first, _] = packet::fragment(&packet::tcp(pod, peer, 1, 2, TcpFlags::SYN), 8, 1);
+            assert_eq!(err(&first), Malformed::Truncated);
+        }
+    }
+
+    #[test]
+    fn ipv6_fragment_header_beyond_the_payload_length_is_truncated() {
+        let [_, later] = packet::fragment(&packet::udp(ip(POD6), ip(PEER6), 1, 2, &[0; 64]), 32, 1);
+        // Payload length 4: the fragment header itself is cut.
+        assert_eq!(err(&packet::with_ipv6_payload_len(later, 4)), Malformed::Truncated);
+    }
+
+    // --- The packet inside an ICMP error -----------------------------------------------------
+
+    fn inner_of(error: &[u8]) -> Option<Packet> {
+        let outer = parsed(error);
+        parse_icmp_error_inner(error, &outer)
+    }
+
+    #[test]
+    fn icmp_error_quotes_the_original_addresses_and_ports() {
+        for (pod, peer) in families() {
+            let q = packet::udp(pod, peer, 40000, 53, b"query");
+            let e = packet::icmp_error(peer, &q, IcmpError::PortUnreachable);
+            let outer = parsed(&e);
+            assert_eq!(outer.icmp_type, if pod.is_ipv4() { 3 } else { 1 });
+            let inner = parse_icmp_error_inner(&e[..], &outer).expect("the quoted packet");
+            assert_eq!(inner.family, family(pod));
+            assert_eq!(inner.proto, proto::UDP);
+            assert_eq!((inner.src, inner.dst), (raw(pod), raw(peer)));
+            assert_eq!((inner.sport, inner.dport), (40000, 53));
+        }
+    }
+
+    #[test]
+    fn icmp_error_about_an_echo_quotes_its_identifier() {
+        for (pod, peer) in families() {
+            let ping = packet::icmp_echo_request(pod, peer, 0x77, 1);
+            let e = packet::icmp_error(ip(if pod.is_ipv4() { "10.9.9.9" } else { "fd09::9" }), &ping, IcmpError::TimeExceeded);
+            let inner = inner_of(&e).expect("the quoted echo");
+            assert_eq!(inner.proto, icmp_proto(pod));
+            assert_eq!(inner.sport, 0x77);
+            assert_eq!(inner.icmp_type, if pod.is_ipv4() { 8 } else { 128 });
+        }
+    }
+
+    #[test]
+    fn icmp_error_about_a_later_fragment_matches_nothing() {
+        for (pod, peer) in families() {
+            let [_, later] = packet::fragment(&packet::udp(pod, peer, 1, 2, &[0; 64]), 32, 1);
+            let e = packet::icmp_error(peer, &later, IcmpError::HostUnreachable);
+            // IPv4: a non-zero offset; IPv6: the quoted packet starts with a Fragment header.
+            assert_eq!(inner_of(&e), None);
+        }
+    }
+
+    #[test]
+    fn icmpv6_error_about_a_packet_with_extension_headers_matches_nothing() {
+        let q = packet::with_ipv6_extensions(&udp6(), &[Ipv6Ext::DestinationOptions]);
+        let e = packet::icmp_error(ip(PEER6), &q, IcmpError::PortUnreachable);
+        assert_eq!(inner_of(&e), None);
+    }
+
+    #[test]
+    fn icmp_error_quoting_too_little_matches_nothing() {
+        for (pod, peer) in families() {
+            let q = packet::tcp(pod, peer, 1, 2, TcpFlags::SYN);
+            let e = packet::icmp_error(peer, &q, IcmpError::PortUnreachable);
+            // Keep the quoted IP header and 2 bytes of TCP: no destination port.
+            let outer = parsed(&e);
+            let cut = outer.l4_off as usize + 8 + l3_len(pod) + 2;
+            let short = packet::truncated(&e, cut);
+            assert_eq!(parse_icmp_error_inner(&short[..], &outer), None);
+        }
+    }
+
+    #[test]
+    fn icmp_error_quoting_another_ip_version_matches_nothing() {
+        let q = packet::udp(ip(POD4), ip(PEER4), 1, 2, b"x");
+        let e = packet::icmp_error(ip(PEER4), &q, IcmpError::PortUnreachable);
+        let outer = parsed(&e);
+        let bad = packet::with_byte(e, outer.l4_off as usize + 8, 0x65);
+        assert_eq!(parse_icmp_error_inner(&bad[..], &outer), None);
+    }
 }

@@ -2,24 +2,25 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use kubesg_common::{
     config::{timeout, Config, CFG_DENY_EVENTS, CFG_RECHECK_ON_POLICY_CHANGE},
     conntrack::{icmp_kind, is_icmp, track_new, track_packet, CtKey, CtState, IcmpKind, Segment, Step},
-    endpoint::Endpoint,
+    endpoint::{cache_slot, Endpoint},
     event::{Counters, DenyEvent, DenyReason},
     fragment::{FragKey, FragVerdict},
     limits,
     parse::{parse, parse_icmp_error_inner, Frame, Packet, FRAG_FIRST, FRAG_LATER},
     policy::PolicyQuery,
-    Direction,
+    Direction, AF_INET6,
 };
 
 use crate::maps::{
-    CONFIG, CONNTRACK, COUNTERS, DENY_EVENTS, ENDPOINTS, FRAGMENTS, POLICY_PEERS, POLICY_PORTS,
+    CONFIG, CONNTRACK, COUNTERS, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE, FRAGMENTS, POLICY_HOSTS, POLICY_PEERS,
+    POLICY_PORTS,
 };
 
 /// Accept, and let any later program on the hook have its say (tcx: TCX_NEXT; clsact: continue).
@@ -59,9 +60,8 @@ enum Verdict {
 pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
     // SAFETY: the context pointer is the skb the kernel handed the program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the endpoint value is plain data, copied out at once.
-    let ep = match unsafe { ENDPOINTS.get(&ifindex) } {
-        Some(ep) => *ep,
+    let ep = match endpoint(ifindex) {
+        Some(ep) => ep,
         None => {
             count(limits::ENDPOINTS, dir, Verdict::Accept);
             return ACCEPT;
@@ -97,6 +97,19 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
         v
     };
     finish(v, &ep, ifindex, dir, Some(&pkt), cfg)
+}
+
+/// The endpoint on `ifindex`: from its cache slot when it owns it (an inlined array access),
+/// otherwise from `ENDPOINTS`.
+#[inline(always)]
+fn endpoint(ifindex: u32) -> Option<Endpoint> {
+    if let Some(c) = ENDPOINT_CACHE.get(cache_slot(ifindex)) {
+        if c.ifindex == ifindex {
+            return Some(c.endpoint);
+        }
+    }
+    // SAFETY: the endpoint value is plain data, copied out at once.
+    unsafe { ENDPOINTS.get(&ifindex) }.copied()
 }
 
 /// Parses only, for the benchmark's baseline: the same parse work, no lookups. The fields are
@@ -180,6 +193,10 @@ fn allowed(policy_id: u32, q: &PolicyQuery) -> bool {
         None => return false,
     };
     let (len, data) = q.peer_key(policy_id);
+    // SAFETY: the value is plain data, copied out at once.
+    if let Some(peers) = unsafe { POLICY_HOSTS.get(&data) } {
+        return peers.intersects(&ports);
+    }
     match POLICY_PEERS.get(Key::new(len, data)) {
         Some(peers) => peers.intersects(&ports),
         None => false,
@@ -221,8 +238,8 @@ fn stateful<F: Frame>(
     }
     let key = CtKey::for_packet(ifindex, dir, pkt);
     let seg = Segment::of(pkt);
-    // SAFETY: reading the monotonic clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(slot) = CONNTRACK.get_ptr_mut(&key) {
         // SAFETY: the pointer is to a live map value; a concurrent update on another CPU can at
         // worst make us work on a torn copy, as with any conntrack in eBPF.
@@ -303,8 +320,8 @@ fn related<F: Frame>(
         None => return invalid(ep, DenyReason::UnrelatedIcmp),
     };
     let key = CtKey::for_packet(ifindex, dir.reverse(), &inner);
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: the value is plain data, read once.
     match unsafe { CONNTRACK.get(&key) } {
         Some(e) if !e.expired(now) => Verdict::AcceptRelated,
@@ -318,7 +335,10 @@ fn frag_key(ifindex: u32, pkt: &Packet) -> FragKey {
         ifindex,
         id: pkt.frag_id,
         family: pkt.family,
-        proto: pkt.proto,
+        // IPv6 identifies a datagram by its addresses and identification alone (RFC 8200 §4.5):
+        // a later fragment's Fragment header names the header after it (destination options,
+        // say), not the layer 4 protocol its first fragment found.
+        proto: if pkt.family == AF_INET6 { 0 } else { pkt.proto },
         _pad: [0; 2],
         src: pkt.src,
         dst: pkt.dst,
@@ -327,8 +347,8 @@ fn frag_key(ifindex: u32, pkt: &Packet) -> FragKey {
 
 #[inline(always)]
 fn remember_fragment(ifindex: u32, pkt: &Packet, v: Verdict, cfg: &Config) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let accepted = !matches!(v, Verdict::Drop(_));
     let verdict = FragVerdict {
         expires_ns: now.saturating_add(cfg.timeout(timeout::FRAGMENT)),
@@ -339,8 +359,8 @@ fn remember_fragment(ifindex: u32, pkt: &Packet, v: Verdict, cfg: &Config) {
 
 #[inline(always)]
 fn later_fragment(ep: &Endpoint, ifindex: u32, pkt: &Packet) -> Verdict {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: reading the clock has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: the value is plain data, read once.
     match unsafe { FRAGMENTS.get(&frag_key(ifindex, pkt)) } {
         Some(v) if v.expires_ns > now => {
@@ -392,8 +412,8 @@ fn report(ep: &Endpoint, ifindex: u32, dir: Direction, pkt: Option<&Packet>, rea
         None => return,
     };
     let mut ev = DenyEvent {
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        // SAFETY: reading the clock has no preconditions.
+        ts_ns: unsafe { bpf_ktime_get_coarse_ns() },
         ifindex,
         policy_id: ep.policy_id,
         direction: dir as u8,

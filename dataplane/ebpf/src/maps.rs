@@ -2,13 +2,14 @@
 //! (`kubesg_agent::maps`); the names here are the names it uses and the names they are pinned under.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use kubesg_common::{
     config::Config,
     conntrack::{CtEntry, CtKey},
-    endpoint::Endpoint,
+    endpoint::{CachedEndpoint, Endpoint},
     event::Counters,
     fragment::{FragKey, FragVerdict},
     limits,
@@ -19,6 +20,11 @@ use kubesg_common::{
 #[map]
 pub static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::with_max_entries(limits::ENDPOINTS, 0);
 
+/// Direct-mapped copy of `ENDPOINTS` (see `CachedEndpoint`): the fast path's endpoint lookup.
+#[map]
+pub static ENDPOINT_CACHE: Array<CachedEndpoint> =
+    Array::with_max_entries(limits::ENDPOINT_CACHE_SLOTS, 0);
+
 /// Connection tracking, IPv4 and IPv6 (the key carries the family).
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
@@ -28,6 +34,12 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
 #[map]
 pub static POLICY_PEERS: LpmTrie<PeerKey, ClassSet> =
     LpmTrie::with_max_entries(limits::PEER_PREFIXES, 0);
+
+/// (policy, direction, family, address) → classes, for single-address peers (looked up before the
+/// trie; allocated on insert, so an idle node pays no memory for it).
+#[map]
+pub static POLICY_HOSTS: HashMap<PeerKey, ClassSet> =
+    HashMap::with_max_entries(limits::PEER_HOSTS, BPF_F_NO_PREALLOC);
 
 /// (policy, direction, protocol, port) → classes that allow the port.
 #[map]
