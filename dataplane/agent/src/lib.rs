@@ -13,3 +13,4 @@ pub mod maps;
 pub mod policy;
 pub mod tables;
 pub mod testrun;
+pub mod timeouts;

@@ -5,7 +5,9 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use kubesg_agent::{clock, conntrack, counters, datapath::DEFAULT_PIN_DIR, events, maps::Maps};
+use kubesg_agent::{
+    clock, conntrack, counters, datapath::DEFAULT_PIN_DIR, events, maps::Maps, timeouts,
+};
 
 /// kubesg node agent: stateful security groups for pods, enforced by eBPF.
 ///
@@ -62,6 +64,16 @@ enum CtCommand {
         #[arg(long)]
         ifindex: Option<u32>,
     },
+    /// Show the conntrack timeouts, or change them for every packet from now on.
+    ///
+    /// Names follow the kernel's sysctls (net.netfilter.nf_conntrack_<name>), e.g.
+    /// `--set tcp_timeout_established=3600 --set udp_timeout=10`. The agent re-applies its own
+    /// settings when it restarts.
+    Timeouts {
+        /// NAME=SECONDS (repeatable).
+        #[arg(long = "set", value_name = "NAME=SECONDS")]
+        set: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -103,6 +115,19 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     println!("{}", c.nf_conntrack_line(now));
                 }
+            }
+        }
+        Command::Ct(CtCommand::Timeouts { set }) => {
+            let mut maps = open(&cli.pin_dir)?;
+            let mut cfg = maps.config.get(&0, 0)?;
+            if !set.is_empty() {
+                for s in &set {
+                    timeouts::apply(&mut cfg, s)?;
+                }
+                maps.config.set(0, cfg, 0)?;
+            }
+            for (name, d) in timeouts::list(&cfg) {
+                println!("{name:<24} {}", d.as_secs_f64());
             }
         }
         Command::Ct(CtCommand::Flush { ifindex }) => {

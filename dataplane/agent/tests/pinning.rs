@@ -159,6 +159,22 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
         "ct list shows the connection: {text}"
     );
 
+    // The CLI changes a timeout in the running datapath.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubesg-agent"))
+        .args(["--pin-dir", &pins.0.to_string_lossy(), "ct", "timeouts"])
+        .args(["--set", "tcp_timeout_established=3600"])
+        .output()
+        .expect("run kubesg-agent");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["tcp_timeout_established", "3600"]));
+    assert_eq!(
+        dp.config().expect("config").timeouts_ns[3],
+        3_600_000_000_000,
+        "the datapath sees the new ESTABLISHED timeout"
+    );
+
     node.ns
         .enter(|| dp.detach(ci).and_then(|()| dp.detach(si)))
         .expect("detach");
