@@ -324,7 +324,10 @@ pub fn parse_icmp_error_inner<F: Frame + ?Sized>(f: &F, outer: &Packet) -> Optio
             return None;
         }
         inner.proto = f.read(off + 6)?;
-        if matches!(inner.proto, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254) {
+        if matches!(
+            inner.proto,
+            0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+        ) {
             return None;
         }
         inner.src = f.read(off + 8)?;
@@ -476,7 +479,12 @@ mod tests {
     #[test]
     fn icmp_inside_ipv6_is_not_icmpv6() {
         // Protocol 1 in IPv6 is a generic protocol: no type, no identifier.
-        let p = parsed(&packet::ip_raw(ip(POD6), ip(PEER6), proto::ICMP, &[8, 0, 0, 0, 0, 7, 0, 1]));
+        let p = parsed(&packet::ip_raw(
+            ip(POD6),
+            ip(PEER6),
+            proto::ICMP,
+            &[8, 0, 0, 0, 0, 7, 0, 1],
+        ));
         assert_eq!(p.proto, proto::ICMP);
         assert_eq!((p.icmp_type, p.sport, p.dport), (0, 0, 0));
     }
@@ -484,7 +492,12 @@ mod tests {
     #[test]
     fn sctp_yields_its_ports_and_other_protocols_none() {
         for (pod, peer) in families() {
-            let sctp = packet::ip_raw(pod, peer, proto::SCTP, &[0x9c, 0x40, 0, 80, 0, 0, 0, 0, 0, 0, 0, 0]);
+            let sctp = packet::ip_raw(
+                pod,
+                peer,
+                proto::SCTP,
+                &[0x9c, 0x40, 0, 80, 0, 0, 0, 0, 0, 0, 0, 0],
+            );
             let p = parsed(&sctp);
             assert_eq!((p.proto, p.sport, p.dport), (proto::SCTP, 40000, 80));
             let gre = parsed(&packet::ip_raw(pod, peer, 47, &[0xff; 8]));
@@ -494,7 +507,10 @@ mod tests {
 
     #[test]
     fn frames_that_are_not_ip_are_not_packets() {
-        let arp = packet::arp_request("10.0.0.5".parse().expect("a"), "10.0.0.1".parse().expect("a"));
+        let arp = packet::arp_request(
+            "10.0.0.5".parse().expect("a"),
+            "10.0.0.1".parse().expect("a"),
+        );
         assert_eq!(parse(&arp[..]), Ok(None));
         let lldp = packet::with_byte(packet::with_byte(arp, 12, 0x88), 13, 0xcc);
         assert_eq!(parse(&lldp[..]), Ok(None));
@@ -551,15 +567,19 @@ mod tests {
                 packet::tcp(pod, peer, 1, 2, TcpFlags::SYN),
                 packet::udp(pod, peer, 1, 2, b"abc"),
                 packet::icmp_echo_request(pod, peer, 1, 1),
-                packet::with_ipv6_extensions(&packet::udp(ip(POD6), ip(PEER6), 1, 2, b""), &[
-                    Ipv6Ext::HopByHop,
-                    Ipv6Ext::Routing,
-                ]),
+                packet::with_ipv6_extensions(
+                    &packet::udp(ip(POD6), ip(PEER6), 1, 2, b""),
+                    &[Ipv6Ext::HopByHop, Ipv6Ext::Routing],
+                ),
             ];
             for f in &frames {
                 assert!(parse(&f[..]).is_ok_and(|p| p.is_some()));
                 for len in 0..f.len() {
-                    assert!(parse(&f[..len]).is_err(), "{len} of {} bytes parsed", f.len());
+                    assert!(
+                        parse(&f[..len]).is_err(),
+                        "{len} of {} bytes parsed",
+                        f.len()
+                    );
                 }
             }
         }
@@ -568,9 +588,15 @@ mod tests {
     #[test]
     fn ip_version_must_match_the_ethertype() {
         let v4 = packet::tcp(ip(POD4), ip(PEER4), 1, 2, TcpFlags::SYN);
-        assert_eq!(err(&packet::with_byte(v4, ETH_LEN, 0x65)), Malformed::BadVersion);
+        assert_eq!(
+            err(&packet::with_byte(v4, ETH_LEN, 0x65)),
+            Malformed::BadVersion
+        );
         let v6 = packet::tcp(ip(POD6), ip(PEER6), 1, 2, TcpFlags::SYN);
-        assert_eq!(err(&packet::with_byte(v6, ETH_LEN, 0x45)), Malformed::BadVersion);
+        assert_eq!(
+            err(&packet::with_byte(v6, ETH_LEN, 0x45)),
+            Malformed::BadVersion
+        );
     }
 
     #[test]
@@ -584,7 +610,10 @@ mod tests {
     #[test]
     fn ipv4_total_length_below_the_header_is_refused() {
         let udp = packet::udp(ip(POD4), ip(PEER4), 1, 2, b"");
-        assert_eq!(err(&packet::with_ipv4_total_len(udp.clone(), 19)), Malformed::BadLength);
+        assert_eq!(
+            err(&packet::with_ipv4_total_len(udp.clone(), 19)),
+            Malformed::BadLength
+        );
         // IHL 15 (60 bytes) in a 28-byte packet.
         assert_eq!(err(&packet::with_ipv4_ihl(udp, 15)), Malformed::BadLength);
     }
@@ -593,10 +622,16 @@ mod tests {
     fn ip_length_beyond_the_frame_is_truncated() {
         let v4 = packet::udp(ip(POD4), ip(PEER4), 1, 2, b"x");
         let len = (v4.len() - ETH_LEN + 1) as u16;
-        assert_eq!(err(&packet::with_ipv4_total_len(v4, len)), Malformed::Truncated);
+        assert_eq!(
+            err(&packet::with_ipv4_total_len(v4, len)),
+            Malformed::Truncated
+        );
         let v6 = packet::udp(ip(POD6), ip(PEER6), 1, 2, b"x");
         let len = (v6.len() - ETH_LEN - IPV6_LEN + 1) as u16;
-        assert_eq!(err(&packet::with_ipv6_payload_len(v6, len)), Malformed::Truncated);
+        assert_eq!(
+            err(&packet::with_ipv6_payload_len(v6, len)),
+            Malformed::Truncated
+        );
     }
 
     /// `frame` with its IP length cut to end `keep` bytes into the layer 4 header.
@@ -697,7 +732,10 @@ mod tests {
 
     #[test]
     fn hop_by_hop_options_after_another_header_are_refused() {
-        let f = packet::with_ipv6_extensions(&udp6(), &[Ipv6Ext::DestinationOptions, Ipv6Ext::HopByHop]);
+        let f = packet::with_ipv6_extensions(
+            &udp6(),
+            &[Ipv6Ext::DestinationOptions, Ipv6Ext::HopByHop],
+        );
         assert_eq!(err(&f), Malformed::BadExtensionChain);
     }
 
@@ -707,7 +745,10 @@ mod tests {
         let p = parsed(&packet::with_ipv6_extensions(&udp6(), &max));
         assert_eq!((p.proto, p.dport), (proto::UDP, 53));
         let over = vec![Ipv6Ext::DestinationOptions; MAX_IPV6_EXTENSIONS + 1];
-        assert_eq!(err(&packet::with_ipv6_extensions(&udp6(), &over)), Malformed::BadExtensionChain);
+        assert_eq!(
+            err(&packet::with_ipv6_extensions(&udp6(), &over)),
+            Malformed::BadExtensionChain
+        );
     }
 
     #[test]
@@ -716,8 +757,12 @@ mod tests {
         let f = packet::with_byte(f, ETH_LEN + IPV6_LEN + 1, 200);
         assert_eq!(err(&f), Malformed::Truncated);
         // The bytes are in the frame, but beyond the payload length.
-        let f = packet::with_ipv6_extensions(&udp6(), &[Ipv6Ext::LongDestinationOptions { units: 2 }]);
-        assert_eq!(err(&packet::with_ipv6_payload_len(f, 16)), Malformed::Truncated);
+        let f =
+            packet::with_ipv6_extensions(&udp6(), &[Ipv6Ext::LongDestinationOptions { units: 2 }]);
+        assert_eq!(
+            err(&packet::with_ipv6_payload_len(f, 16)),
+            Malformed::Truncated
+        );
     }
 
     #[test]
@@ -749,16 +794,21 @@ mod tests {
 
     #[test]
     fn ipv6_fragment_identification_is_32_bits() {
-        let [first, later] = packet::fragment(&packet::udp(ip(POD6), ip(PEER6), 1, 2, &[0; 64]), 32, 0xdead_beef);
+        let [first, later] = packet::fragment(
+            &packet::udp(ip(POD6), ip(PEER6), 1, 2, &[0; 64]),
+            32,
+            0xdead_beef,
+        );
         assert_eq!(parsed(&first).frag_id, 0xdead_beef);
         assert_eq!(parsed(&later).frag_id, 0xdead_beef);
     }
 
     #[test]
     fn ipv6_later_fragment_reports_the_header_after_its_fragment_header() {
-        let dgram = packet::with_ipv6_extensions(&packet::udp(ip(POD6), ip(PEER6), 1, 2, &[0; 64]), &[
-            Ipv6Ext::DestinationOptions,
-        ]);
+        let dgram = packet::with_ipv6_extensions(
+            &packet::udp(ip(POD6), ip(PEER6), 1, 2, &[0; 64]),
+            &[Ipv6Ext::DestinationOptions],
+        );
         let [first, later] = packet::fragment(&dgram, 32, 9);
         assert_eq!(parsed(&first).proto, proto::UDP);
         assert_eq!(parsed(&later).proto, 60);
@@ -793,7 +843,10 @@ mod tests {
     fn ipv6_fragment_header_beyond_the_payload_length_is_truncated() {
         let [_, later] = packet::fragment(&packet::udp(ip(POD6), ip(PEER6), 1, 2, &[0; 64]), 32, 1);
         // Payload length 4: the fragment header itself is cut.
-        assert_eq!(err(&packet::with_ipv6_payload_len(later, 4)), Malformed::Truncated);
+        assert_eq!(
+            err(&packet::with_ipv6_payload_len(later, 4)),
+            Malformed::Truncated
+        );
     }
 
     // --- The packet inside an ICMP error -----------------------------------------------------
@@ -822,7 +875,11 @@ mod tests {
     fn icmp_error_about_an_echo_quotes_its_identifier() {
         for (pod, peer) in families() {
             let ping = packet::icmp_echo_request(pod, peer, 0x77, 1);
-            let e = packet::icmp_error(ip(if pod.is_ipv4() { "10.9.9.9" } else { "fd09::9" }), &ping, IcmpError::TimeExceeded);
+            let e = packet::icmp_error(
+                ip(if pod.is_ipv4() { "10.9.9.9" } else { "fd09::9" }),
+                &ping,
+                IcmpError::TimeExceeded,
+            );
             let inner = inner_of(&e).expect("the quoted echo");
             assert_eq!(inner.proto, icmp_proto(pod));
             assert_eq!(inner.sport, 0x77);

@@ -248,7 +248,11 @@ fn stateful<F: Frame>(
             let step = track_packet(&mut entry, &seg, dir, now, cfg);
             let state = match step {
                 Step::Invalid => return invalid(ep, DenyReason::Invalid),
-                Step::Reopen => return open(ep, &key, &seg, dir, pkt, now, cfg),
+                Step::Reopen => {
+                    // The closed connection goes whether or not the rules admit the new one.
+                    let _ = CONNTRACK.remove(&key);
+                    return open(ep, &key, &seg, dir, pkt, now, cfg);
+                }
                 Step::Update(s) | Step::Delete(s) => s,
             };
             if ep.is_member() {
@@ -256,6 +260,9 @@ fn stateful<F: Frame>(
                     // Until a reply is seen, packets in the original direction are NEW and the
                     // rules judge each of them (as iptables' `--ctstate NEW` rules would).
                     if !allowed(ep.policy_id, &PolicyQuery::for_packet(dir, pkt)) {
+                        // Admitted under earlier rules, refused now: a refused connection leaves
+                        // no state behind.
+                        let _ = CONNTRACK.remove(&key);
                         return Verdict::Drop(DenyReason::Policy);
                     }
                 } else if entry.policy_id != ep.policy_id
@@ -319,6 +326,11 @@ fn related<F: Frame>(
         Some(i) => i,
         None => return invalid(ep, DenyReason::UnrelatedIcmp),
     };
+    if inner.src != pkt.dst {
+        // An error goes back to the sender of the packet it quotes (nf_conntrack_inet_error):
+        // otherwise "errors" about a tracked flow could reach any address.
+        return invalid(ep, DenyReason::UnrelatedIcmp);
+    }
     let key = CtKey::for_packet(ifindex, dir.reverse(), &inner);
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };

@@ -1,0 +1,723 @@
+//! Malformed and unusual frames through the real eBPF programs (BPF_PROG_TEST_RUN on ifindex 1):
+//! every header length that does not add up is INVALID (dropped on members with a `Malformed`
+//! event, passed and counted on non-members); well-formed oddities (IPv4 options, IPv6 extension
+//! chains, large frames, ARP) pass. What the kernel's test run refuses to carry (frames ending
+//! inside the IP header, jumbo frames) is sent through attached programs on real veths instead.
+use std::{
+    io::ErrorKind,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use kubesg_agent::{
+    conntrack::{self, Connection},
+    datapath::{Datapath, DatapathOptions},
+    events::{self, Denial},
+    policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule},
+    testrun::test_run,
+};
+use kubesg_common::{
+    event::{Counters, DenyReason},
+    parse::MAX_IPV6_EXTENSIONS,
+    proto, Direction,
+};
+use kubesg_testkit::{
+    node::TestNode,
+    packet::{self, Ipv6Ext, TcpFlags, ETH_LEN, IPV6_LEN},
+};
+
+// --- Per-file harness -------------------------------------------------------------------------
+
+const ACCEPT: i32 = -1;
+const DROP: i32 = 2;
+/// Loopback: BPF_PROG_TEST_RUN needs no device for it.
+const IF: u32 = 1;
+const EGRESS: usize = 0;
+
+/// One private datapath with the endpoint on ifindex 1.
+struct Dp {
+    dp: Datapath,
+    events: RingBuf<MapData>,
+}
+
+impl Dp {
+    /// A member of `policy`, or a non-member with `None`.
+    fn load(policy: Option<&CompiledPolicy>) -> Self {
+        let mut dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
+        let handle = policy.map(|p| dp.install_policy(p).expect("installing the policy"));
+        dp.set_endpoint(IF, handle)
+            .expect("registering the endpoint");
+        let events = dp.take_events().expect("the deny-event ring");
+        Dp { dp, events }
+    }
+
+    fn run(&self, prog: &'static str, frame: &[u8]) -> i32 {
+        let fd = self.dp.program_fd(prog).expect("program fd");
+        test_run(fd, frame, IF, 1)
+            .expect("BPF_PROG_TEST_RUN")
+            .retval
+    }
+
+    /// Runs `frame` as sent by the pod.
+    fn pod_sends(&self, frame: &[u8]) -> i32 {
+        self.run("from_pod", frame)
+    }
+
+    /// Runs `frame` as received by the pod.
+    fn pod_receives(&self, frame: &[u8]) -> i32 {
+        self.run("to_pod", frame)
+    }
+
+    fn conns(&self) -> Vec<Connection> {
+        conntrack::list(self.dp.maps()).expect("listing conntrack")
+    }
+
+    /// The one tracked connection.
+    fn conn(&self) -> Connection {
+        let c = self.conns();
+        assert_eq!(c.len(), 1, "expected exactly one entry: {c:#?}");
+        c[0]
+    }
+
+    fn counters(&self) -> [Counters; 2] {
+        self.dp
+            .counters(IF)
+            .expect("reading counters")
+            .expect("endpoint registered")
+    }
+
+    fn denials(&mut self) -> Vec<Denial> {
+        events::drain(&mut self.events)
+    }
+
+    /// The single deny event since the last call has `reason`.
+    fn assert_denied(&mut self, reason: DenyReason) -> Denial {
+        let d = self.denials();
+        assert_eq!(d.len(), 1, "expected one deny event: {d:#?}");
+        assert_eq!(d[0].reason, Some(reason), "{d:#?}");
+        d[0].clone()
+    }
+}
+
+fn anywhere() -> Vec<PeerBlock> {
+    vec![
+        PeerBlock::cidr("0.0.0.0/0".parse().expect("cidr")),
+        PeerBlock::cidr("::/0".parse().expect("cidr")),
+    ]
+}
+
+/// Allows every connection both ways: whatever such a member drops, it drops for being INVALID.
+fn allow_all() -> CompiledPolicy {
+    let any = Rule {
+        protocol: Protocol::Any,
+        ports: vec![],
+        peers: anywhere(),
+    };
+    CompiledPolicy {
+        ingress: vec![any.clone()],
+        egress: vec![any],
+        stateless: false,
+    }
+}
+
+/// May open TCP to port 80 only.
+fn tcp_80() -> CompiledPolicy {
+    CompiledPolicy {
+        egress: vec![Rule {
+            protocol: Protocol::Tcp,
+            ports: vec![PortMatch::Range {
+                first: 80,
+                last: 80,
+            }],
+            peers: anywhere(),
+        }],
+        ..CompiledPolicy::default()
+    }
+}
+
+/// `frame` (sent by the pod) is malformed: a member allowing everything drops it with a
+/// `Malformed` event that carries no addresses, in both directions; a non-member passes it,
+/// counted as INVALID; neither tracks it.
+fn assert_malformed(frame: &[u8]) {
+    let mut dp = Dp::load(Some(&allow_all()));
+    assert_eq!(dp.pod_sends(frame), DROP, "member, from the pod");
+    assert_eq!(dp.pod_receives(frame), DROP, "member, to the pod");
+    let [eg, ing] = dp.counters();
+    assert_eq!((eg.dropped_invalid, eg.accepted), (1, 0));
+    assert_eq!((ing.dropped_invalid, ing.accepted), (1, 0));
+    let d = dp.denials();
+    assert_eq!(d.len(), 2, "{d:#?}");
+    assert!(
+        d.iter()
+            .all(|d| d.reason == Some(DenyReason::Malformed) && d.src.is_none()),
+        "{d:#?}"
+    );
+    assert_eq!(d[0].direction, Direction::Egress);
+    assert!(dp.conns().is_empty());
+
+    let mut dp = Dp::load(None);
+    assert_eq!(dp.pod_sends(frame), ACCEPT, "non-member");
+    let eg = dp.counters()[EGRESS];
+    assert_eq!((eg.invalid_passed, eg.accepted), (1, 1));
+    assert!(dp.denials().is_empty());
+    assert!(dp.conns().is_empty());
+}
+
+/// `frame` (sent by the pod) passes a member allowing everything as a NEW connection.
+fn assert_well_formed(frame: &[u8]) -> Connection {
+    let mut dp = Dp::load(Some(&allow_all()));
+    assert_eq!(dp.pod_sends(frame), ACCEPT);
+    let eg = dp.counters()[EGRESS];
+    assert_eq!((eg.new_connections, eg.dropped_invalid), (1, 0));
+    assert!(dp.denials().is_empty());
+    dp.conn()
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Fam {
+    pod: IpAddr,
+    peer: IpAddr,
+}
+
+const V4: Fam = Fam {
+    pod: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
+    peer: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 7)),
+};
+const V6: Fam = Fam {
+    pod: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5)),
+    peer: IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 7)),
+};
+
+impl Fam {
+    fn syn(self) -> Vec<u8> {
+        packet::tcp(self.pod, self.peer, 40000, 80, TcpFlags::SYN)
+    }
+    fn udp(self, payload: &[u8]) -> Vec<u8> {
+        packet::udp(self.pod, self.peer, 40000, 53, payload)
+    }
+    fn echo(self) -> Vec<u8> {
+        packet::icmp_echo_request(self.pod, self.peer, 7, 1)
+    }
+    fn v6(self) -> bool {
+        self.pod.is_ipv6()
+    }
+}
+
+/// `frame` cut `keep` bytes into its layer 4 header, the IP length fixed to match: only the
+/// layer 4 header is short.
+fn l4_cut(frame: &[u8], keep: usize) -> Vec<u8> {
+    let l4 = packet::l4_offset(frame);
+    let cut = packet::truncated(frame, l4 + keep);
+    if frame[ETH_LEN] >> 4 == 4 {
+        packet::with_ipv4_total_len(cut, (l4 + keep - ETH_LEN) as u16)
+    } else {
+        packet::with_ipv6_payload_len(cut, (l4 + keep - ETH_LEN - IPV6_LEN) as u16)
+    }
+}
+
+/// The IP length field of `frame` set to `len` bytes of IP payload.
+fn with_ip_payload_len(frame: Vec<u8>, len: u16) -> Vec<u8> {
+    if frame[ETH_LEN] >> 4 == 4 {
+        let ihl = u16::from(frame[ETH_LEN] & 0x0f) * 4;
+        packet::with_ipv4_total_len(frame, ihl + len)
+    } else {
+        packet::with_ipv6_payload_len(frame, len)
+    }
+}
+
+/// The IP payload length of a well-formed `frame`.
+fn ip_payload_len(frame: &[u8]) -> usize {
+    frame.len() - packet::l4_offset(frame)
+}
+
+/// Runs every test body once over IPv4 and once over IPv6.
+macro_rules! ipv4_and_ipv6 {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn ipv4() {
+                kubesg_testkit::require_privileged!();
+                super::$name(super::V4);
+            }
+            #[test]
+            fn ipv6() {
+                kubesg_testkit::require_privileged!();
+                super::$name(super::V6);
+            }
+        }
+    )*};
+}
+
+// --- Truncated headers ----------------------------------------------------------------------------
+
+ipv4_and_ipv6!(
+    frames_ending_inside_the_ip_header_are_refused_by_the_test_run,
+    ip_length_beyond_the_frame_is_malformed,
+    ip_length_of_a_jumbo_datagram_in_a_short_frame_is_malformed,
+    truncated_tcp_header_is_malformed,
+    truncated_udp_header_is_malformed,
+    truncated_icmp_header_is_malformed,
+    ip_version_other_than_the_ethertype_says_is_malformed,
+    tcp_data_offset_below_five_words_is_malformed,
+    tcp_data_offset_beyond_the_segment_is_malformed,
+    udp_length_below_the_header_is_malformed,
+    udp_length_beyond_the_datagram_is_malformed,
+    udp_length_shorter_than_the_datagram_is_well_formed,
+    ethernet_padding_after_the_ip_packet_is_well_formed,
+    vlan_tagged_frame_is_refused,
+    double_tagged_frame_is_refused,
+    frame_of_several_kilobytes_passes_when_well_formed,
+);
+
+/// Frames of `f`'s family that end inside the IP header: the Ethernet header alone, and a
+/// partial IP header.
+fn cut_in_ip_header(f: Fam) -> [Vec<u8>; 2] {
+    let keep = if f.v6() { 30 } else { 10 };
+    [
+        packet::truncated(&f.syn(), ETH_LEN),
+        packet::truncated(&f.syn(), ETH_LEN + keep),
+    ]
+}
+
+fn frames_ending_inside_the_ip_header_are_refused_by_the_test_run(f: Fam) {
+    // The kernel's test run needs the whole IP header the EtherType announces; the real
+    // interface test below covers these frames.
+    let dp = Dp::load(Some(&allow_all()));
+    let fd = dp.dp.program_fd("from_pod").expect("program fd");
+    for frame in cut_in_ip_header(f) {
+        let err = test_run(fd, &frame, IF, 1).expect_err("the kernel refuses it");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{} bytes", frame.len());
+    }
+}
+
+fn ip_length_beyond_the_frame_is_malformed(f: Fam) {
+    let syn = f.syn();
+    assert_malformed(&packet::truncated(&syn, syn.len() - 1));
+    let udp = f.udp(b"payload");
+    let longer = ip_payload_len(&udp) as u16 + 1;
+    assert_malformed(&with_ip_payload_len(udp, longer));
+}
+
+fn ip_length_of_a_jumbo_datagram_in_a_short_frame_is_malformed(f: Fam) {
+    let udp = f.udp(&[0; 1400]);
+    assert_malformed(&with_ip_payload_len(udp, 8960));
+}
+
+fn truncated_tcp_header_is_malformed(f: Fam) {
+    for keep in [0, 12, 19] {
+        assert_malformed(&l4_cut(&f.syn(), keep));
+    }
+}
+
+fn truncated_udp_header_is_malformed(f: Fam) {
+    for keep in [0, 4, 7] {
+        assert_malformed(&l4_cut(&f.udp(b""), keep));
+    }
+}
+
+fn truncated_icmp_header_is_malformed(f: Fam) {
+    for keep in [0, 4, 7] {
+        assert_malformed(&l4_cut(&f.echo(), keep));
+    }
+}
+
+fn ip_version_other_than_the_ethertype_says_is_malformed(f: Fam) {
+    let syn = f.syn();
+    let version = if f.v6() { 0x40 } else { 0x65 };
+    assert_malformed(&packet::with_byte(syn, ETH_LEN, version));
+}
+
+fn tcp_data_offset_below_five_words_is_malformed(f: Fam) {
+    for words in [0, 4] {
+        assert_malformed(&packet::with_tcp_data_offset(f.syn(), words));
+    }
+}
+
+fn tcp_data_offset_beyond_the_segment_is_malformed(f: Fam) {
+    assert_malformed(&packet::with_tcp_data_offset(f.syn(), 6));
+    assert_malformed(&packet::with_tcp_data_offset(f.syn(), 15));
+}
+
+fn udp_length_below_the_header_is_malformed(f: Fam) {
+    for len in [0, 7] {
+        assert_malformed(&packet::with_udp_len(f.udp(b"payload"), len));
+    }
+}
+
+fn udp_length_beyond_the_datagram_is_malformed(f: Fam) {
+    let udp = f.udp(b"payload");
+    let len = ip_payload_len(&udp) as u16 + 1;
+    assert_malformed(&packet::with_udp_len(udp, len));
+}
+
+fn udp_length_shorter_than_the_datagram_is_well_formed(f: Fam) {
+    // nf_conntrack_proto_udp.c only refuses a length beyond the datagram or below 8.
+    let c = assert_well_formed(&packet::with_udp_len(f.udp(b"payload"), 8));
+    assert_eq!((c.key.proto, c.key.peer_port), (proto::UDP, 53));
+}
+
+fn ethernet_padding_after_the_ip_packet_is_well_formed(f: Fam) {
+    // A minimum-size Ethernet frame carries a short IP packet followed by padding.
+    let mut syn = f.syn();
+    syn.extend_from_slice(&[0; 18]);
+    let c = assert_well_formed(&syn);
+    assert_eq!(c.key.peer_port, 80);
+}
+
+fn vlan_tagged_frame_is_refused(f: Fam) {
+    assert_malformed(&packet::with_vlan(&f.syn(), 10));
+}
+
+fn double_tagged_frame_is_refused(f: Fam) {
+    // 802.1ad outer tag.
+    let tagged = packet::with_vlan(&f.syn(), 10);
+    let qinq = packet::with_byte(packet::with_byte(tagged, 12, 0x88), 13, 0xa8);
+    assert_malformed(&qinq);
+}
+
+/// A frame size well within what BPF_PROG_TEST_RUN takes for a tc program (one page less the
+/// skb's headroom and shared info, about 3.7 KB on x86-64; above that the run fails with EINVAL).
+const BIG_FRAME: usize = 3500;
+
+fn frame_of_several_kilobytes_passes_when_well_formed(f: Fam) {
+    let header = packet::l4_offset(&f.udp(b"")) + 8;
+    let big = f.udp(&vec![0xab; BIG_FRAME - header]);
+    assert_eq!(big.len(), BIG_FRAME);
+    let c = assert_well_formed(&big);
+    assert_eq!(c.key.peer_port, 53);
+}
+
+// --- IPv4 header fields ------------------------------------------------------------------------
+
+#[test]
+fn ipv4_header_length_below_five_words_is_malformed() {
+    kubesg_testkit::require_privileged!();
+    for ihl in [0, 1, 4] {
+        assert_malformed(&packet::with_ipv4_ihl(V4.syn(), ihl));
+    }
+}
+
+#[test]
+fn ipv4_total_length_below_the_header_is_malformed() {
+    kubesg_testkit::require_privileged!();
+    for len in [0, 19] {
+        assert_malformed(&packet::with_ipv4_total_len(V4.syn(), len));
+    }
+}
+
+#[test]
+fn ipv4_header_length_beyond_the_total_length_is_malformed() {
+    kubesg_testkit::require_privileged!();
+    // IHL 15 = 60 bytes of header in a 40-byte packet.
+    assert_malformed(&packet::with_ipv4_ihl(V4.syn(), 15));
+}
+
+#[test]
+fn ipv4_options_are_skipped_to_find_the_ports() {
+    kubesg_testkit::require_privileged!();
+    // Router alert, then NOPs and end of options: 8 bytes, IHL 7.
+    let opts = [0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00];
+    let syn = packet::with_ipv4_options(&V4.syn(), &opts);
+    assert_eq!(syn[ETH_LEN] & 0x0f, 7);
+    let mut dp = Dp::load(Some(&tcp_80()));
+    assert_eq!(dp.pod_sends(&syn), ACCEPT);
+    assert_eq!(dp.conn().key.peer_port, 80);
+    let to_81 = packet::tcp(V4.pod, V4.peer, 40000, 81, TcpFlags::SYN);
+    assert_eq!(
+        dp.pod_sends(&packet::with_ipv4_options(&to_81, &opts)),
+        DROP
+    );
+    assert_eq!(dp.assert_denied(DenyReason::Policy).dport, 81);
+}
+
+// --- IPv6 extension headers ---------------------------------------------------------------------
+
+fn with_exts(frame: &[u8], exts: &[Ipv6Ext]) -> Vec<u8> {
+    packet::with_ipv6_extensions(frame, exts)
+}
+
+#[test]
+fn ipv6_extension_chain_is_followed_to_the_ports() {
+    kubesg_testkit::require_privileged!();
+    let chain = [
+        Ipv6Ext::HopByHop,
+        Ipv6Ext::DestinationOptions,
+        Ipv6Ext::Routing,
+        Ipv6Ext::LongDestinationOptions { units: 3 },
+    ];
+    let mut dp = Dp::load(Some(&tcp_80()));
+    assert_eq!(dp.pod_sends(&with_exts(&V6.syn(), &chain)), ACCEPT);
+    let c = dp.conn();
+    assert_eq!(
+        (c.key.proto, c.key.pod_port, c.key.peer_port),
+        (proto::TCP, 40000, 80)
+    );
+    let to_81 = packet::tcp(V6.pod, V6.peer, 40000, 81, TcpFlags::SYN);
+    assert_eq!(dp.pod_sends(&with_exts(&to_81, &chain)), DROP);
+    assert_eq!(dp.assert_denied(DenyReason::Policy).dport, 81);
+}
+
+#[test]
+fn ipv6_hop_by_hop_not_first_is_malformed() {
+    kubesg_testkit::require_privileged!();
+    let chain = [Ipv6Ext::DestinationOptions, Ipv6Ext::HopByHop];
+    assert_malformed(&with_exts(&V6.syn(), &chain));
+}
+
+#[test]
+fn ipv6_extension_chain_as_long_as_the_parser_follows_is_well_formed() {
+    kubesg_testkit::require_privileged!();
+    let chain = vec![Ipv6Ext::DestinationOptions; MAX_IPV6_EXTENSIONS];
+    let c = assert_well_formed(&with_exts(&V6.udp(b"x"), &chain));
+    assert_eq!((c.key.proto, c.key.peer_port), (proto::UDP, 53));
+}
+
+#[test]
+fn ipv6_extension_chain_longer_than_the_parser_follows_is_malformed() {
+    kubesg_testkit::require_privileged!();
+    let chain = vec![Ipv6Ext::DestinationOptions; MAX_IPV6_EXTENSIONS + 1];
+    assert_malformed(&with_exts(&V6.udp(b"x"), &chain));
+}
+
+#[test]
+fn ipv6_extension_header_running_past_the_end_is_malformed() {
+    kubesg_testkit::require_privileged!();
+    let frame = with_exts(&V6.udp(b"x"), &[Ipv6Ext::DestinationOptions]);
+    // Header length 200: 1608 bytes of options in a 17-byte payload.
+    assert_malformed(&packet::with_byte(frame, ETH_LEN + IPV6_LEN + 1, 200));
+}
+
+#[test]
+fn ipv6_extension_header_running_past_the_payload_length_is_malformed() {
+    kubesg_testkit::require_privileged!();
+    // The frame holds the whole header, but the IPv6 payload length ends inside it.
+    let frame = with_exts(
+        &V6.udp(b"x"),
+        &[Ipv6Ext::LongDestinationOptions { units: 2 }],
+    );
+    assert_malformed(&packet::with_ipv6_payload_len(frame, 16));
+}
+
+#[test]
+fn ipv6_payload_length_beyond_the_frame_is_malformed() {
+    kubesg_testkit::require_privileged!();
+    let syn = V6.syn();
+    let len = ip_payload_len(&syn) as u16;
+    assert_malformed(&packet::with_ipv6_payload_len(syn, len + 1));
+}
+
+// --- Frames that are not IP, and frame sizes -----------------------------------------------------
+
+#[test]
+fn arp_passes_a_member_allowing_nothing() {
+    kubesg_testkit::require_privileged!();
+    let mut dp = Dp::load(Some(&CompiledPolicy::default()));
+    let arp = packet::arp_request(Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 0, 0, 1));
+    assert_eq!(dp.pod_sends(&arp), ACCEPT);
+    assert_eq!(dp.pod_receives(&arp), ACCEPT);
+    let [eg, ing] = dp.counters();
+    assert_eq!((eg.accepted, ing.accepted), (1, 1));
+    assert_eq!(
+        eg.invalid_passed + eg.dropped_invalid + eg.new_connections,
+        0
+    );
+    assert!(dp.denials().is_empty());
+    assert!(dp.conns().is_empty());
+}
+
+#[test]
+fn other_ethertypes_pass_a_member_allowing_nothing() {
+    kubesg_testkit::require_privileged!();
+    let dp = Dp::load(Some(&CompiledPolicy::default()));
+    // LLDP (0x88cc) on an otherwise IPv4-looking frame.
+    let lldp = packet::with_byte(packet::with_byte(V4.syn(), 12, 0x88), 13, 0xcc);
+    assert_eq!(dp.pod_sends(&lldp), ACCEPT);
+    assert!(dp.conns().is_empty());
+}
+
+#[test]
+fn frames_shorter_than_ethernet_are_refused_by_the_test_run() {
+    kubesg_testkit::require_privileged!();
+    let dp = Dp::load(Some(&allow_all()));
+    let fd = dp.dp.program_fd("from_pod").expect("program fd");
+    for len in [0, 1, 13] {
+        let err = test_run(fd, &vec![0; len], IF, 1).expect_err("the kernel refuses it");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{len} bytes: {err}");
+    }
+    assert_eq!(
+        dp.counters()[EGRESS],
+        Counters::default(),
+        "the program never ran"
+    );
+}
+
+#[test]
+fn frames_larger_than_a_page_are_refused_by_the_test_run() {
+    kubesg_testkit::require_privileged!();
+    // Hence the jumbo frame test below runs on real interfaces.
+    let dp = Dp::load(Some(&allow_all()));
+    let fd = dp.dp.program_fd("from_pod").expect("program fd");
+    let jumbo = V4.udp(&vec![0; 9000 - 42]);
+    assert_eq!(jumbo.len(), 9000);
+    let err = test_run(fd, &jumbo, IF, 1).expect_err("the kernel refuses it");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+}
+
+/// Sends `frames` as they are out of the pod's `eth0` through an `AF_PACKET` socket (inside the
+/// pod's namespace): the host side of the veth receives them byte for byte.
+fn send_frames(pod: &kubesg_testkit::node::TestPod, frames: &[Vec<u8>]) {
+    let ifindex = pod.ns.ifindex("eth0").expect("eth0 index");
+    pod.ns.enter(|| {
+        // SAFETY: plain socket creation; the descriptor is owned (and closed) below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd was just created and is owned by nothing else.
+        let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; zero is a valid value for every field.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&packet::DST_MAC);
+        for frame in frames {
+            // SAFETY: the buffer and address are valid for the duration of the call and their
+            // lengths are passed with them.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(
+                n,
+                frame.len() as isize,
+                "sending {} bytes: {}",
+                frame.len(),
+                std::io::Error::last_os_error()
+            );
+        }
+    });
+}
+
+#[test]
+fn frames_ending_inside_the_ip_header_are_malformed_on_a_real_interface() {
+    kubesg_testkit::require_privileged!();
+    let mut node = TestNode::new().expect("node");
+    let a = node
+        .add_pod(
+            Ipv4Addr::new(10, 78, 0, 2),
+            "fd78::2".parse().expect("addr"),
+        )
+        .expect("pod");
+    let mut dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
+    let handle = dp.install_policy(&allow_all()).expect("policy");
+    let ifindex = node.pods[a].host_ifindex;
+    dp.set_endpoint(ifindex, Some(handle)).expect("endpoint");
+    node.ns.enter(|| dp.attach(ifindex)).expect("attach");
+    let mut ring = dp.take_events().expect("events");
+    let frames: Vec<Vec<u8>> = cut_in_ip_header(V4)
+        .into_iter()
+        .chain(cut_in_ip_header(V6))
+        .collect();
+    send_frames(&node.pods[a], &frames);
+    let mut denials = Vec::new();
+    for _ in 0..200 {
+        denials.extend(events::drain(&mut ring));
+        if denials.len() >= frames.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(denials.len(), frames.len(), "{denials:#?}");
+    assert!(denials
+        .iter()
+        .all(|d| d.reason == Some(DenyReason::Malformed) && d.ifindex == ifindex));
+    let eg = dp.counters(ifindex).expect("counters").expect("endpoint")[EGRESS];
+    assert_eq!(eg.dropped_invalid, frames.len() as u64);
+}
+
+/// Sends one UDP datagram of `payload` bytes from pod `a` to pod `b` through the attached
+/// datapath with MTU 9000 everywhere; returns what `b` received.
+fn jumbo_exchange(v6: bool, payload: usize) -> (Option<usize>, Vec<Connection>, [Counters; 2]) {
+    let mut node = TestNode::new().expect("node");
+    let a = node
+        .add_pod(
+            Ipv4Addr::new(10, 77, 0, 2),
+            "fd77::2".parse().expect("addr"),
+        )
+        .expect("pod a");
+    let b = node
+        .add_pod(
+            Ipv4Addr::new(10, 77, 0, 3),
+            "fd77::3".parse().expect("addr"),
+        )
+        .expect("pod b");
+    for pod in &node.pods {
+        pod.ns
+            .ip(&["link", "set", "eth0", "mtu", "9000"])
+            .expect("pod mtu");
+        node.ns
+            .ip(&["link", "set", &pod.host_ifname, "mtu", "9000"])
+            .expect("host mtu");
+    }
+    node.ns
+        .ip(&["link", "set", "br0", "mtu", "9000"])
+        .expect("bridge mtu");
+    let mut dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
+    let handle = dp.install_policy(&allow_all()).expect("policy");
+    let (ia, ib) = (node.pods[a].host_ifindex, node.pods[b].host_ifindex);
+    dp.set_endpoint(ia, Some(handle)).expect("endpoint a");
+    dp.set_endpoint(ib, Some(handle)).expect("endpoint b");
+    node.ns
+        .enter(|| dp.attach(ia).and_then(|()| dp.attach(ib)))
+        .expect("attach");
+    let rx = node.pods[b]
+        .udp_bind(v6, 9000, Duration::from_secs(3))
+        .expect("bind b");
+    let tx = node.pods[a]
+        .udp_bind(v6, 0, Duration::from_secs(3))
+        .expect("bind a");
+    let to: SocketAddr = node.pods[b].sockaddr(v6, 9000);
+    // IPv6 needs neighbour discovery first; a small datagram settles it (and opens the flow).
+    tx.send_to(b"hello", to).expect("send");
+    let mut buf = vec![0u8; 65536];
+    rx.recv_from(&mut buf).expect("the small datagram");
+    tx.send_to(&vec![0x5a; payload], to)
+        .expect("send the jumbo");
+    let got = rx.recv_from(&mut buf).ok().map(|(n, _)| n);
+    let conns = conntrack::list(dp.maps())
+        .expect("conntrack")
+        .into_iter()
+        .filter(|c| c.key.ifindex == ia)
+        .collect();
+    let counters = dp.counters(ia).expect("counters").expect("endpoint");
+    (got, conns, counters)
+}
+
+#[test]
+fn jumbo_ipv4_datagram_passes_the_attached_datapath() {
+    kubesg_testkit::require_privileged!();
+    // 9000-byte IP packet: 20 bytes IPv4, 8 UDP.
+    let (got, conns, [eg, _]) = jumbo_exchange(false, 9000 - 28);
+    assert_eq!(got, Some(9000 - 28), "the jumbo datagram arrived whole");
+    assert!(conns.iter().any(|c| c.key.peer_port == 9000), "{conns:#?}");
+    assert_eq!(eg.dropped_invalid + eg.dropped_policy, 0);
+}
+
+#[test]
+fn jumbo_ipv6_datagram_passes_the_attached_datapath() {
+    kubesg_testkit::require_privileged!();
+    let (got, conns, [eg, _]) = jumbo_exchange(true, 9000 - 48);
+    assert_eq!(got, Some(9000 - 48), "the jumbo datagram arrived whole");
+    assert!(conns.iter().any(|c| c.key.peer_port == 9000), "{conns:#?}");
+    assert_eq!(eg.dropped_invalid + eg.dropped_policy, 0);
+}
