@@ -4,8 +4,11 @@
 use std::{
     fs::File,
     io,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
 };
 
 use nix::sched::{setns, CloneFlags};
@@ -76,8 +79,7 @@ impl Netns {
         let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {
             s.spawn(|| {
-                let file = File::open(&path)
-                    .unwrap_or_else(|e| panic!("opening {path}: {e}"));
+                let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
                 setns(&file, CloneFlags::CLONE_NEWNET)
                     .unwrap_or_else(|e| panic!("entering {path}: {e}"));
                 f()
@@ -99,4 +101,470 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+/// Traffic from inside the namespace: sockets are created on a thread that entered it, so they
+/// send and receive there wherever they are used afterwards.
+impl Netns {
+    /// A TCP listener bound to `addr` inside the namespace (bind before connecting: the bound
+    /// listener is the server's readiness).
+    pub fn tcp_listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        self.enter(|| TcpListener::bind(addr))
+    }
+
+    /// Connects to `remote` from inside the namespace, from `local` when given (a fixed source
+    /// port makes conntrack lines comparable between runs), waiting at most `timeout`: a dropped
+    /// SYN gives `ErrorKind::TimedOut`, a RST `ErrorKind::ConnectionRefused`. The stream reads and
+    /// writes with `timeout` too.
+    pub fn tcp_connect(
+        &self,
+        local: Option<SocketAddr>,
+        remote: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<TcpStream> {
+        let stream = self.enter(|| match local {
+            None => TcpStream::connect_timeout(&remote, timeout),
+            Some(local) => connect_from(local, remote, timeout),
+        })?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(stream)
+    }
+
+    /// A UDP socket bound to `addr` inside the namespace, whose receives give up after
+    /// `read_timeout` (`ErrorKind::WouldBlock` or `TimedOut`).
+    pub fn udp_bind(&self, addr: SocketAddr, read_timeout: Duration) -> io::Result<UdpSocket> {
+        let sock = self.enter(|| UdpSocket::bind(addr))?;
+        sock.set_read_timeout(Some(read_timeout))?;
+        Ok(sock)
+    }
+
+    /// Sends one ICMP echo request to `dst` with `ping` (identifier `id` when given, so the
+    /// conntrack entry is predictable) and reports whether the reply came within `timeout`
+    /// (rounded up to whole seconds, as `ping -W` takes them). Any other failure of `ping` (exit
+    /// status other than 0 or 1) is an error, never a "no reply".
+    pub fn ping(&self, dst: IpAddr, id: Option<u16>, timeout: Duration) -> io::Result<bool> {
+        let wait = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+        let wait = wait.max(1).to_string();
+        let dst = dst.to_string();
+        let id = id.map(|i| i.to_string());
+        let mut args = vec!["-n", "-c", "1", "-W", wait.as_str()];
+        if let Some(id) = &id {
+            args.extend_from_slice(&["-e", id.as_str()]);
+        }
+        args.push(dst.as_str());
+        let out = self.exec("ping", &args)?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(io::Error::other(format!(
+                "ping {} in {}: {}{}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))),
+        }
+    }
+
+    /// A raw socket of the namespace: `protocol` `libc::IPPROTO_RAW` sends whole IP packets
+    /// (crafted segments the pod's own stack would never send); `libc::IPPROTO_TCP` (or another
+    /// protocol) receives a copy of every such packet addressed to the namespace.
+    pub fn raw_socket(&self, v6: bool, protocol: i32) -> io::Result<RawSocket> {
+        let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        self.enter(|| {
+            // SAFETY: plain socket(2) call; the descriptor is owned at once.
+            let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            Ok(RawSocket { fd, v6 })
+        })
+    }
+
+    /// Reads the kernel's own conntrack table of the namespace (`/proc/net/nf_conntrack`), one
+    /// entry a line.
+    pub fn nf_conntrack(&self) -> io::Result<Vec<String>> {
+        let out = self.exec("cat", &["/proc/net/nf_conntrack"])?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "reading /proc/net/nf_conntrack in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Turns on the kernel's connection tracking for what the namespace sends, IPv4 and IPv6
+    /// (`-m conntrack --ctstate NEW,ESTABLISHED,RELATED -j ACCEPT` in OUTPUT), with
+    /// `nf_conntrack_tcp_loose=0` (only a SYN opens a TCP connection, as in kubesg): the
+    /// reference kubesg's table is compared with.
+    pub fn track_with_kernel_conntrack(&self) -> io::Result<()> {
+        for tool in ["iptables", "ip6tables"] {
+            self.exec_ok(
+                tool,
+                &[
+                    "-A",
+                    "OUTPUT",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW,ESTABLISHED,RELATED",
+                    "-j",
+                    "ACCEPT",
+                ],
+            )?;
+        }
+        self.exec_ok("sysctl", &["-qw", "net.netfilter.nf_conntrack_tcp_loose=0"])?;
+        Ok(())
+    }
+
+    /// Runs a command inside the namespace, failing with its stderr when it exits non-zero.
+    pub fn exec_ok(&self, cmd: &str, args: &[&str]) -> io::Result<Output> {
+        let out = self.exec(cmd, args)?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "{cmd} {} in {}: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// Accepts one connection on `listener`, giving up with `ErrorKind::TimedOut` after `timeout`
+/// (std's `accept` blocks for ever, which would hang a failing test).
+pub fn accept_within(listener: &TcpListener, timeout: Duration) -> io::Result<TcpStream> {
+    if !wait_readable(listener.as_fd(), timeout)? {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no connection within {timeout:?}"),
+        ));
+    }
+    let (stream, _) = listener.accept()?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// Whether an error is a receive or connect timeout (`WouldBlock` and `TimedOut` both mean it).
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// A raw IP socket living in a namespace (see [`Netns::raw_socket`]).
+#[derive(Debug)]
+pub struct RawSocket {
+    fd: OwnedFd,
+    v6: bool,
+}
+
+impl RawSocket {
+    /// Sends `packet` to `dst`. On an `IPPROTO_RAW` socket `packet` is the whole IP packet,
+    /// header included.
+    pub fn send_to(&self, packet: &[u8], dst: IpAddr) -> io::Result<()> {
+        let (addr, len) = sockaddr_of(SocketAddr::new(dst, 0));
+        // SAFETY: the buffer and the address are valid for the lengths passed.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&addr as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The next packet received within `timeout` as `(source, transport segment)` (the IPv4
+    /// header, which IPv4 raw sockets deliver, is stripped), or `None` when none came.
+    pub fn recv_within(&self, timeout: Duration) -> io::Result<Option<(IpAddr, Vec<u8>)>> {
+        if !wait_readable(self.fd.as_fd(), timeout)? {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: zeroed sockaddr_storage is a valid value.
+        let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut from_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: the buffer and the address are valid for the lengths passed.
+        let n = unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                (&mut from as *mut libc::sockaddr_storage).cast(),
+                &mut from_len,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        buf.truncate(n as usize);
+        let src = ip_of_sockaddr(&from)?;
+        if !self.v6 {
+            let ihl = usize::from(buf.first().copied().unwrap_or(0) & 0x0f) * 4;
+            if ihl < 20 || ihl > buf.len() {
+                return Err(io::Error::other("short IPv4 packet on a raw socket"));
+            }
+            buf.drain(..ihl);
+        }
+        Ok(Some((src, buf)))
+    }
+
+    /// Waits up to `timeout` for a packet for which `want(source, segment)` holds, skipping the
+    /// others; returns it, or `None` when none came in time.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        mut want: impl FnMut(IpAddr, &[u8]) -> bool,
+    ) -> io::Result<Option<(IpAddr, Vec<u8>)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv_within(left)? {
+                Some((src, seg)) if want(src, &seg) => return Ok(Some((src, seg))),
+                Some(_) => {}
+                None => return Ok(None),
+            }
+            if left.is_zero() {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Whether `fd` becomes readable within `timeout`.
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(n > 0);
+    }
+}
+
+/// `addr` as a C socket address and its length.
+fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// The address in a C socket address.
+fn ip_of_sockaddr(ss: &libc::sockaddr_storage) -> io::Result<IpAddr> {
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            Ok(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            Ok(IpAddr::from(sin6.sin6_addr.s6_addr))
+        }
+        f => Err(io::Error::other(format!("unexpected address family {f}"))),
+    }
+}
+
+/// `connect(2)` from a fixed local address with a timeout (std cannot bind before connecting).
+fn connect_from(local: SocketAddr, remote: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let domain = if remote.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: plain socket(2) call; the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: the option value is a valid c_int.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (addr, len) = sockaddr_of(local);
+    // SAFETY: the address is valid for `len`.
+    if unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let (addr, len) = sockaddr_of(remote);
+    // SAFETY: the address is valid for `len`.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {remote}: no answer within {timeout:?}"),
+                ));
+            }
+            break;
+        }
+        let mut err: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the option buffer is a valid c_int.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut err as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(err));
+        }
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Closes `stream` with a RST instead of a FIN (`SO_LINGER` with a zero timeout), as an
+/// application aborting a connection does.
+pub fn abort(stream: TcpStream) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: the option value is a valid linger struct for its length.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(stream);
+    Ok(())
 }

@@ -308,14 +308,9 @@ fn main() -> Result<()> {
             samples.entry(*case).or_default().push(t);
         }
     }
-    let med: BTreeMap<Case, u32> = samples
-        .iter_mut()
-        .map(|(c, v)| (*c, median(v)))
-        .collect();
+    let med: BTreeMap<Case, u32> = samples.iter_mut().map(|(c, v)| (*c, median(v))).collect();
 
-    println!(
-        "\nns/packet, median of {ROUNDS} runs of {REPEAT} repetitions (BPF_PROG_TEST_RUN)\n"
-    );
+    println!("\nns/packet, median of {ROUNDS} runs of {REPEAT} repetitions (BPF_PROG_TEST_RUN)\n");
     println!("{:<48} {:>6} {:>10}", "case", "family", "ns/packet");
     for (case, ns) in &med {
         println!("{:<48} {:>6} {:>10}", case.label(), case.family.name(), ns);

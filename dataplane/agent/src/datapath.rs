@@ -170,8 +170,22 @@ impl Datapath {
                 })?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load()
-                .map_err(|source| DatapathError::Program { name, source })?;
+            // The verifier gives up with EAGAIN when a signal is pending on the loading thread
+            // (e.g. a SIGCHLD queued while another thread spawns a process); like libbpf, retry.
+            let mut attempts = 0;
+            loop {
+                match prog.load() {
+                    Err(ProgramError::LoadError { io_error, .. })
+                        if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts < 5 =>
+                    {
+                        attempts += 1;
+                    }
+                    r => {
+                        r.map_err(|source| DatapathError::Program { name, source })?;
+                        break;
+                    }
+                }
+            }
         }
         let (maps, events) = Maps::take(&mut ebpf)?;
         let mut dp = Datapath {
@@ -241,7 +255,10 @@ impl Datapath {
 
     /// The current settings.
     pub fn config(&self) -> Result<Config, DatapathError> {
-        self.maps.config.get(&0, 0).map_err(map_err("reading CONFIG"))
+        self.maps
+            .config
+            .get(&0, 0)
+            .map_err(map_err("reading CONFIG"))
     }
 
     /// Changes the settings (timeouts, re-check, deny events) for every packet from now on.

@@ -153,7 +153,13 @@ fn run(cli: Cli) -> Result<()> {
             let maps = open(&cli.pin_dir)?;
             println!(
                 "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12}",
-                "IFINDEX", "POLICY", "DIRECTION", "ACCEPTED", "NEW", "RELATED", "DROP-POLICY",
+                "IFINDEX",
+                "POLICY",
+                "DIRECTION",
+                "ACCEPTED",
+                "NEW",
+                "RELATED",
+                "DROP-POLICY",
                 "DROP-INVALID"
             );
             let mut eps: Vec<_> = maps.endpoints.iter().collect::<Result<_, _>>()?;

@@ -7,7 +7,9 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
+    },
     Ebpf,
 };
 use kubesg_common::{
@@ -179,7 +181,8 @@ impl Maps {
                     name,
                     source: MapError::IoError(e),
                 })?;
-            let data = MapData::from_fd(fd).map_err(|source| MapsError::Mismatch { name, source })?;
+            let data =
+                MapData::from_fd(fd).map_err(|source| MapsError::Mismatch { name, source })?;
             Map::from_map_data(data).map_err(|source| MapsError::Mismatch { name, source })
         }
         Self::from_maps([

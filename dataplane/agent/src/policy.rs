@@ -162,7 +162,13 @@ impl CompiledPolicy {
     /// The reference evaluation, rule by rule: the index of the first rule of `dir` that allows
     /// the connection. The datapath must agree with this on every packet (tests compare them),
     /// and `explain` uses it to name the rule.
-    pub fn first_match(&self, dir: Direction, proto: u8, port: u16, remote: IpAddr) -> Option<usize> {
+    pub fn first_match(
+        &self,
+        dir: Direction,
+        proto: u8,
+        port: u16,
+        remote: IpAddr,
+    ) -> Option<usize> {
         self.rules(dir)
             .iter()
             .position(|r| r.allows(proto, port, remote))

@@ -103,7 +103,10 @@ mod tests {
     fn setting_by_sysctl_name_changes_one_slot() {
         let mut cfg = Config::defaults();
         apply(&mut cfg, "nf_conntrack_tcp_timeout_established=3600").unwrap();
-        assert_eq!(cfg.timeout(TcpState::Established as usize), 3_600_000_000_000);
+        assert_eq!(
+            cfg.timeout(TcpState::Established as usize),
+            3_600_000_000_000
+        );
         apply(&mut cfg, "udp_timeout=0.25").unwrap();
         assert_eq!(cfg.timeout(timeout::UDP_UNREPLIED), 250_000_000);
         assert_eq!(cfg.timeout(timeout::ICMP), 30_000_000_000);

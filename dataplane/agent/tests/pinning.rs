@@ -75,10 +75,16 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
     let pins = PinDir::new();
     let mut node = TestNode::new().expect("node");
     let c = node
-        .add_pod("192.168.1.5".parse().expect("ip"), "fd00::5".parse().expect("ip"))
+        .add_pod(
+            "192.168.1.5".parse().expect("ip"),
+            "fd00::5".parse().expect("ip"),
+        )
         .expect("client");
     let s = node
-        .add_pod("192.168.1.7".parse().expect("ip"), "fd00::7".parse().expect("ip"))
+        .add_pod(
+            "192.168.1.7".parse().expect("ip"),
+            "fd00::7".parse().expect("ip"),
+        )
         .expect("server");
     let (ci, si) = (node.pods[c].host_ifindex, node.pods[s].host_ifindex);
     let (client_policy, server_policy) = seed_policies();
@@ -103,7 +109,12 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
         .expect("listen on the client");
     let mut client = node.pods[c]
         .ns
-        .enter(|| TcpStream::connect_timeout(&"192.168.1.7:23".parse().expect("addr"), Duration::from_secs(2)))
+        .enter(|| {
+            TcpStream::connect_timeout(
+                &"192.168.1.7:23".parse().expect("addr"),
+                Duration::from_secs(2),
+            )
+        })
         .expect("the seed's connection opens");
     let (mut server, _) = listener.accept().expect("accept");
     echo(&mut client, &mut server, b"before").expect("data before restart");
@@ -112,7 +123,10 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
     drop(dp);
     echo(&mut client, &mut server, b"agent down").expect("data while the agent is down");
     let back = node.pods[s].ns.enter(|| {
-        TcpStream::connect_timeout(&"192.168.1.5:22".parse().expect("addr"), Duration::from_millis(500))
+        TcpStream::connect_timeout(
+            &"192.168.1.5:22".parse().expect("addr"),
+            Duration::from_millis(500),
+        )
     });
     assert!(
         back.is_err(),
@@ -139,18 +153,31 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
         }
     }
     let back = node.pods[s].ns.enter(|| {
-        TcpStream::connect_timeout(&"192.168.1.5:22".parse().expect("addr"), Duration::from_millis(500))
+        TcpStream::connect_timeout(
+            &"192.168.1.5:22".parse().expect("addr"),
+            Duration::from_millis(500),
+        )
     });
     assert!(back.is_err(), "still refused after the restart");
 
     // The CLI reads the same pinned table.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubesg-agent"))
-        .args(["--pin-dir", &pins.0.to_string_lossy(), "ct", "list", "--ifindex"])
+        .args([
+            "--pin-dir",
+            &pins.0.to_string_lossy(),
+            "ct",
+            "list",
+            "--ifindex",
+        ])
         .arg(ci.to_string())
         .output()
         .expect("run kubesg-agent");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "ct list failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ct list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         text.lines().any(|l| l.starts_with("ipv4     2 tcp      6 ")
             && l.contains(" ESTABLISHED src=192.168.1.5 dst=192.168.1.7 ")
@@ -165,7 +192,11 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
         .args(["--set", "tcp_timeout_established=3600"])
         .output()
         .expect("run kubesg-agent");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout)
         .lines()
         .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["tcp_timeout_established", "3600"]));
@@ -183,7 +214,10 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
     }
     // Detached: nothing judges the server's connection back any more.
     let back = node.pods[s].ns.enter(|| {
-        TcpStream::connect_timeout(&"192.168.1.5:22".parse().expect("addr"), Duration::from_secs(2))
+        TcpStream::connect_timeout(
+            &"192.168.1.5:22".parse().expect("addr"),
+            Duration::from_secs(2),
+        )
     });
     assert!(back.is_ok(), "after detach the connection back opens");
     drop(back_listener);

@@ -651,7 +651,10 @@ fn recheck_cuts_an_established_connection_the_new_policy_refuses(f: Fam) {
 }
 
 fn unreplied_connection_refused_by_the_new_policy_is_dropped_and_forgotten(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(Protocol::Udp, vec![range(53, 53)])])));
+    let mut dp = Dp::load(Some(&egress(vec![rule(
+        Protocol::Udp,
+        vec![range(53, 53)],
+    )])));
     assert_eq!(dp.pod_sends(&f.udp(53)), ACCEPT);
     assert_eq!(dp.conns().len(), 1);
     dp.replace(&egress(vec![rule(Protocol::Udp, vec![range(123, 123)])]));

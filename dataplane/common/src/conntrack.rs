@@ -635,7 +635,10 @@ mod tests {
         let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &c).unwrap();
         assert_eq!(e.state, TcpState::SynSent as u8);
         assert_eq!(e.expires_ns, NOW + 120_000_000_000);
-        assert_eq!(step(&mut e, SYN | ACK, false), Step::Update(CtState::Established));
+        assert_eq!(
+            step(&mut e, SYN | ACK, false),
+            Step::Update(CtState::Established)
+        );
         assert_eq!(e.state, TcpState::SynRecv as u8);
         assert_ne!(e.flags & CT_F_SEEN_REPLY, 0);
         assert_eq!(e.flags & CT_F_ASSURED, 0);
@@ -643,11 +646,17 @@ mod tests {
         assert_eq!(e.state, TcpState::Established as u8);
         assert_ne!(e.flags & CT_F_ASSURED, 0);
         assert_eq!(e.expires_ns, NOW + 432_000_000_000_000);
-        assert_eq!(step(&mut e, FIN | ACK, true), Step::Update(CtState::Established));
+        assert_eq!(
+            step(&mut e, FIN | ACK, true),
+            Step::Update(CtState::Established)
+        );
         assert_eq!(e.state, TcpState::FinWait as u8);
         assert_eq!(step(&mut e, ACK, false), Step::Update(CtState::Established));
         assert_eq!(e.state, TcpState::CloseWait as u8);
-        assert_eq!(step(&mut e, FIN | ACK, false), Step::Update(CtState::Established));
+        assert_eq!(
+            step(&mut e, FIN | ACK, false),
+            Step::Update(CtState::Established)
+        );
         assert_eq!(e.state, TcpState::LastAck as u8);
         assert_eq!(step(&mut e, ACK, true), Step::Update(CtState::Established));
         assert_eq!(e.state, TcpState::TimeWait as u8);
@@ -695,7 +704,10 @@ mod tests {
         let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &cfg()).unwrap();
         assert_eq!(step(&mut e, SYN, false), Step::Update(CtState::Established));
         assert_eq!(e.state, TcpState::SynSent2 as u8);
-        assert_eq!(step(&mut e, SYN | ACK, true), Step::Update(CtState::Established));
+        assert_eq!(
+            step(&mut e, SYN | ACK, true),
+            Step::Update(CtState::Established)
+        );
         assert_eq!(e.state, TcpState::SynRecv as u8);
         assert_eq!(step(&mut e, ACK, false), Step::Update(CtState::Established));
         assert_eq!(e.state, TcpState::Established as u8);
@@ -715,7 +727,10 @@ mod tests {
         step(&mut e, SYN | ACK, false);
         step(&mut e, ACK, true);
         let before = e;
-        assert_eq!(step(&mut e, SYN | ACK, false), Step::Update(CtState::Established));
+        assert_eq!(
+            step(&mut e, SYN | ACK, false),
+            Step::Update(CtState::Established)
+        );
         assert_eq!(e, before);
     }
 

@@ -42,7 +42,9 @@ impl ClassSet {
 
     /// Whether class `i` is in the set.
     pub fn contains(&self, i: usize) -> bool {
-        self.bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+        self.bits
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
 
     /// Whether the set is empty.

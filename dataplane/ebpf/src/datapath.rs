@@ -8,7 +8,9 @@ use aya_ebpf::{
 };
 use kubesg_common::{
     config::{timeout, Config, CFG_DENY_EVENTS, CFG_RECHECK_ON_POLICY_CHANGE},
-    conntrack::{icmp_kind, is_icmp, track_new, track_packet, CtKey, CtState, IcmpKind, Segment, Step},
+    conntrack::{
+        icmp_kind, is_icmp, track_new, track_packet, CtKey, CtState, IcmpKind, Segment, Step,
+    },
     endpoint::{cache_slot, Endpoint},
     event::{Counters, DenyEvent, DenyReason},
     fragment::{FragKey, FragVerdict},
@@ -19,8 +21,8 @@ use kubesg_common::{
 };
 
 use crate::maps::{
-    CONFIG, CONNTRACK, COUNTERS, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE, FRAGMENTS, POLICY_HOSTS, POLICY_PEERS,
-    POLICY_PORTS,
+    CONFIG, CONNTRACK, COUNTERS, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE, FRAGMENTS, POLICY_HOSTS,
+    POLICY_PEERS, POLICY_PORTS,
 };
 
 /// Accept, and let any later program on the hook have its say (tcx: TCX_NEXT; clsact: continue).

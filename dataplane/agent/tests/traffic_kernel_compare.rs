@@ -1,0 +1,509 @@
+//! kubesg's conntrack table against the kernel's own, on the same traffic.
+//!
+//! The same client (192.168.1.5 / fd00::5) and server (192.168.1.7 / fd00::7) exchange the same
+//! traffic twice, from the same fixed client ports: once on a node where kubesg's programs sit on
+//! the pods' interfaces, once on a node without them where the client namespace runs the kernel's
+//! conntrack (`iptables -m conntrack` in OUTPUT, `nf_conntrack_tcp_loose=0`). kubesg's entries of
+//! the client endpoint, printed in `/proc/net/nf_conntrack`'s format, must then read as the
+//! client namespace's `/proc/net/nf_conntrack`: the same states, tuples, `[UNREPLIED]` and
+//! `[ASSURED]`; only the remaining timeout may differ by a second or two and the `use=` count
+//! (a kernel reference count) is ignored.
+
+mod traffic_fixture;
+
+use std::{
+    io::{ErrorKind, Read},
+    net::{Shutdown, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use kubesg_agent::{
+    conntrack,
+    policy::{CompiledPolicy, PeerBlock, Protocol, Rule},
+};
+use kubesg_testkit::{
+    netns::{abort, accept_within},
+    node::{TestNode, TestPod},
+    require_privileged,
+};
+use traffic_fixture::*;
+
+/// The server's TCP ports: one listening, one nothing listens on, one whose SYNs the server's
+/// firewall drops.
+const TCP_OPEN: u16 = 8080;
+const TCP_CLOSED: u16 = 8081;
+const TCP_DROPPED: u16 = 8082;
+/// The client's listening port, for connections opened towards it.
+const CLIENT_PORT: u16 = 7070;
+/// The server's UDP ports: one that answers, one that stays silent, one nothing listens on.
+const UDP_ECHO: u16 = 5353;
+const UDP_SILENT: u16 = 5354;
+const UDP_CLOSED: u16 = 5355;
+/// The ICMP echo identifier.
+const ECHO_ID: u16 = 0x4b53;
+/// How far the remaining-timeout columns of the two tables may differ, in seconds: the two
+/// snapshots are taken a moment apart and each side rounds down.
+const TIMEOUT_TOLERANCE: i64 = 2;
+
+/// What must stay open until the tables are read (connections that are not closed).
+#[derive(Default)]
+struct Open {
+    _listeners: Vec<TcpListener>,
+    _conns: Vec<TcpStream>,
+    _udp: Vec<UdpSocket>,
+}
+
+/// Traffic run identically on both nodes.
+type Driver = fn(&TestPod, &TestPod, bool) -> Open;
+
+/// The traffic, from fixed client ports so that both tables carry the same tuples.
+fn drive(client: &TestPod, server: &TestPod, v6: bool) -> Open {
+    let listener = server.tcp_listen(v6, TCP_OPEN).expect("listening");
+    let to = server.sockaddr(v6, TCP_OPEN);
+
+    // A complete short exchange, closed by the client first: TIME_WAIT.
+    let mut c = client
+        .tcp_connect_from(41001, to, ARRIVES)
+        .expect("connecting");
+    let mut s = accept_within(&listener, ARRIVES).expect("accepting");
+    exchange(&mut c, &mut s).expect("exchanging");
+    c.shutdown(Shutdown::Write)
+        .expect("closing the client's side");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).expect("the server sees the FIN");
+    drop(s);
+    c.read_to_end(&mut rest).expect("the client sees the FIN");
+    drop(c);
+
+    // A connection that stays ESTABLISHED.
+    let mut est_c = client
+        .tcp_connect_from(41002, to, ARRIVES)
+        .expect("connecting");
+    let mut est_s = accept_within(&listener, ARRIVES).expect("accepting");
+    exchange(&mut est_c, &mut est_s).expect("exchanging");
+
+    // A short exchange closed by the server first: TIME_WAIT too, through CLOSE_WAIT and
+    // LAST_ACK.
+    let mut c = client
+        .tcp_connect_from(41007, to, ARRIVES)
+        .expect("connecting");
+    let mut s = accept_within(&listener, ARRIVES).expect("accepting");
+    exchange(&mut c, &mut s).expect("exchanging");
+    s.shutdown(Shutdown::Write)
+        .expect("closing the server's side");
+    c.read_to_end(&mut rest).expect("the client sees the FIN");
+    drop(c);
+    s.read_to_end(&mut rest).expect("the server sees the FIN");
+    drop(s);
+
+    // A connection reopened by a SYN from the same port while its flow is in TIME_WAIT
+    // (the server closed first, so the client's socket is gone).
+    let mut c = client
+        .tcp_connect_from(41013, to, ARRIVES)
+        .expect("connecting");
+    let mut s = accept_within(&listener, ARRIVES).expect("accepting");
+    exchange(&mut c, &mut s).expect("exchanging");
+    s.shutdown(Shutdown::Write)
+        .expect("closing the server's side");
+    c.read_to_end(&mut rest).expect("the client sees the FIN");
+    drop(c);
+    s.read_to_end(&mut rest).expect("the server sees the FIN");
+    drop(s);
+    // Let the server's last ACK reach the client's side before the new SYN leaves.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut re_c = client
+        .tcp_connect_from(41013, to, ARRIVES)
+        .expect("reopening");
+    let mut re_s = accept_within(&listener, ARRIVES).expect("accepting");
+    exchange(&mut re_c, &mut re_s).expect("exchanging");
+
+    // A connection half-closed by the client, the server's side still open.
+    let mut half_c = client
+        .tcp_connect_from(41008, to, ARRIVES)
+        .expect("connecting");
+    let mut half_s = accept_within(&listener, ARRIVES).expect("accepting");
+    exchange(&mut half_c, &mut half_s).expect("exchanging");
+    half_c
+        .shutdown(Shutdown::Write)
+        .expect("closing the client's side");
+    half_s
+        .read_to_end(&mut rest)
+        .expect("the server sees the FIN");
+
+    // A connection aborted by the client's RST: CLOSE.
+    let mut c = client
+        .tcp_connect_from(41009, to, ARRIVES)
+        .expect("connecting");
+    let mut s = accept_within(&listener, ARRIVES).expect("accepting");
+    exchange(&mut c, &mut s).expect("exchanging");
+    abort(c).expect("aborting");
+    match s.read(&mut [0u8; 4]) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("the server must see the RST, got {other:?}"),
+    }
+    drop(s);
+
+    // A connection refused by RST.
+    match client.tcp_connect_from(41003, server.sockaddr(v6, TCP_CLOSED), ARRIVES) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => panic!("the closed port must answer RST, got {other:?}"),
+    }
+
+    let mut buf = [0u8; 16];
+    // A replied UDP exchange.
+    let echo = server.udp_bind(v6, UDP_ECHO, ARRIVES).expect("UDP echo");
+    let u = client.udp_bind(v6, 41004, ARRIVES).expect("UDP client");
+    u.send_to(b"query", server.sockaddr(v6, UDP_ECHO))
+        .expect("sending");
+    let (_, from) = echo.recv_from(&mut buf).expect("the query arrives");
+    echo.send_to(b"answer", from).expect("answering");
+    u.recv(&mut buf).expect("the answer arrives");
+
+    // An unreplied UDP datagram to a silent socket.
+    let silent = server.udp_bind(v6, UDP_SILENT, ARRIVES).expect("UDP sink");
+    let u2 = client.udp_bind(v6, 41005, ARRIVES).expect("UDP client");
+    u2.send_to(b"hello?", server.sockaddr(v6, UDP_SILENT))
+        .expect("sending");
+    silent.recv(&mut buf).expect("the datagram arrives");
+
+    // An unreplied UDP datagram to a closed port: the port unreachable is RELATED, no reply.
+    let u3 = client.udp_bind(v6, 41006, ARRIVES).expect("UDP client");
+    u3.connect(server.sockaddr(v6, UDP_CLOSED))
+        .expect("connecting");
+    u3.send(b"anyone?").expect("sending");
+    match u3.recv(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => panic!("expected the port unreachable, got {other:?}"),
+    }
+
+    // A SYN nobody answers (the server's own firewall drops it): SYN_SENT, [UNREPLIED].
+    for tool in ["iptables", "ip6tables"] {
+        server
+            .ns
+            .exec_ok(
+                tool,
+                &[
+                    "-A",
+                    "INPUT",
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    &TCP_DROPPED.to_string(),
+                    "-j",
+                    "DROP",
+                ],
+            )
+            .expect("dropping SYNs on the server");
+    }
+    let short = Duration::from_millis(300);
+    match client.tcp_connect_from(41010, server.sockaddr(v6, TCP_DROPPED), short) {
+        Err(e) if e.kind() == ErrorKind::TimedOut => {}
+        other => panic!("the SYN must go unanswered, got {other:?}"),
+    }
+
+    // An ICMP echo.
+    assert!(
+        client
+            .ping_id(server.addr(v6), ECHO_ID, ARRIVES)
+            .expect("running ping"),
+        "the echo is answered"
+    );
+
+    // Connections opened towards the client: their original tuple starts at the server.
+    let inbound = client
+        .tcp_listen(v6, CLIENT_PORT)
+        .expect("client listening");
+    let mut in_s = server
+        .tcp_connect_from(42001, client.sockaddr(v6, CLIENT_PORT), ARRIVES)
+        .expect("the server connecting to the client");
+    let mut in_c = accept_within(&inbound, ARRIVES).expect("the client accepting");
+    exchange(&mut in_s, &mut in_c).expect("exchanging");
+    assert!(
+        server
+            .ping_id(client.addr(v6), ECHO_ID + 1, ARRIVES)
+            .expect("running ping"),
+        "the inbound echo is answered"
+    );
+
+    settle();
+    Open {
+        _listeners: vec![listener, inbound],
+        _conns: vec![est_c, est_s, re_c, re_s, half_c, half_s, in_s, in_c],
+        _udp: vec![echo, u, silent, u2, u3],
+    }
+}
+
+/// A replied UDP flow that still carries traffic more than 2 s after its first packet: a
+/// stream, `[ASSURED]`, with the long timeout.
+fn drive_udp_stream(client: &TestPod, server: &TestPod, v6: bool) -> Open {
+    let echo = server.udp_bind(v6, UDP_ECHO, ARRIVES).expect("UDP echo");
+    let u = client.udp_bind(v6, 41011, ARRIVES).expect("UDP client");
+    let mut buf = [0u8; 16];
+    let round = || {
+        let mut buf = [0u8; 16];
+        u.send_to(b"query", server.sockaddr(v6, UDP_ECHO))
+            .expect("sending");
+        let (_, from) = echo.recv_from(&mut buf).expect("the query arrives");
+        echo.send_to(b"answer", from).expect("answering");
+        u.recv(&mut buf).expect("the answer arrives");
+    };
+    round();
+    std::thread::sleep(Duration::from_millis(2200));
+    round();
+    // A replied flow that stopped before 2 s, beside it: not assured.
+    let short = client.udp_bind(v6, 41012, ARRIVES).expect("UDP client");
+    short
+        .send_to(b"query", server.sockaddr(v6, UDP_ECHO))
+        .expect("sending");
+    let (_, from) = echo.recv_from(&mut buf).expect("the query arrives");
+    echo.send_to(b"answer", from).expect("answering");
+    short.recv(&mut buf).expect("the answer arrives");
+    settle();
+    Open {
+        _udp: vec![echo, u, short],
+        ..Open::default()
+    }
+}
+
+/// Lets delayed ACKs go out: the tables must describe a quiet network.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// The kernel's table of the client namespace after `drive`.
+fn kernel_table(drive: Driver, v6: bool) -> Vec<String> {
+    let mut node = TestNode::new().expect("creating the node");
+    node.add_pod(CLIENT_V4, CLIENT_V6)
+        .expect("adding the client");
+    node.add_pod(SERVER_V4, SERVER_V6)
+        .expect("adding the server");
+    let (client, server) = (&node.pods[0], &node.pods[1]);
+    client
+        .ns
+        .track_with_kernel_conntrack()
+        .expect("turning on the kernel's conntrack");
+    let _open = drive(client, server, v6);
+    client
+        .ns
+        .nf_conntrack()
+        .expect("reading the kernel's table")
+}
+
+/// kubesg's table of the client endpoint after `drive`, with these policies.
+fn kubesg_table(
+    drive: Driver,
+    client: Option<&CompiledPolicy>,
+    server: Option<&CompiledPolicy>,
+    v6: bool,
+) -> Vec<String> {
+    let pods = Pods::new(client, server);
+    let _open = drive(pods.client(), pods.server(), v6);
+    let now = kubesg_agent::clock::now_ns();
+    let ifindex = pods.ifindex(Who::Client);
+    conntrack::list(pods.dp.maps())
+        .expect("listing conntrack")
+        .into_iter()
+        .filter(|c| c.key.ifindex == ifindex)
+        .map(|c| c.nf_conntrack_line(now))
+        .collect()
+}
+
+/// A line split into what must be identical (every field but the timeout and `use=`) and the
+/// remaining timeout.
+fn normalize(line: &str) -> (Vec<String>, i64) {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert!(fields.len() > 5, "not a conntrack line: {line:?}");
+    let timeout: i64 = fields[4]
+        .parse()
+        .unwrap_or_else(|e| panic!("timeout column of {line:?}: {e}"));
+    let rest = fields
+        .iter()
+        .enumerate()
+        .filter(|(i, f)| *i != 4 && !f.starts_with("use="))
+        .map(|(_, f)| f.to_string())
+        .collect();
+    (rest, timeout)
+}
+
+/// Asserts that the two tables describe the same connections.
+fn assert_same_tables(kubesg: &[String], kernel: &[String]) {
+    if let Some(diff) = table_difference(kubesg, kernel) {
+        panic!(
+            "{diff}\nkubesg (client endpoint):\n  {}\nkernel (client netns \
+             /proc/net/nf_conntrack):\n  {}",
+            kubesg.join("\n  "),
+            kernel.join("\n  ")
+        );
+    }
+}
+
+/// The first difference between two tables that is not timeout jitter or `use=`, if any.
+fn table_difference(kubesg: &[String], kernel: &[String]) -> Option<String> {
+    let mut a: Vec<_> = kubesg.iter().map(|l| normalize(l)).collect();
+    let mut b: Vec<_> = kernel.iter().map(|l| normalize(l)).collect();
+    a.sort();
+    b.sort();
+    if a.len() != b.len() {
+        return Some(format!("{} entries against {}", a.len(), b.len()));
+    }
+    for ((fa, ta), (fb, tb)) in a.iter().zip(&b) {
+        if fa != fb {
+            return Some(format!(
+                "entries differ:\n  {}\n  {}",
+                fa.join(" "),
+                fb.join(" ")
+            ));
+        }
+        if (ta - tb).abs() > TIMEOUT_TOLERANCE {
+            return Some(format!(
+                "remaining timeouts differ: {ta} vs {tb} for {}",
+                fa.join(" ")
+            ));
+        }
+    }
+    None
+}
+
+/// Runs `drive` on both sides at once (each on its own node) and returns (kubesg, kernel).
+fn tables(
+    drive: Driver,
+    client: Option<&CompiledPolicy>,
+    server: Option<&CompiledPolicy>,
+    v6: bool,
+) -> (Vec<String>, Vec<String>) {
+    std::thread::scope(|s| {
+        let k = s.spawn(|| kernel_table(drive, v6));
+        let ours = kubesg_table(drive, client, server, v6);
+        (
+            ours,
+            k.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        )
+    })
+}
+
+/// Asserts that `table` has a line containing all of `parts`: the traffic did leave the entry
+/// the comparison relies on (so an empty comparison cannot pass by accident).
+fn assert_has(table: &[String], parts: &[&str]) {
+    assert!(
+        table.iter().any(|l| parts.iter().all(|p| l.contains(p))),
+        "no line with {parts:?} in:\n{}",
+        table.join("\n")
+    );
+}
+
+fn compare(client: Option<&CompiledPolicy>, server: Option<&CompiledPolicy>, v6: bool) {
+    let (kubesg, kernel) = tables(drive, client, server, v6);
+    for parts in [
+        &["TIME_WAIT", "sport=41001"][..],
+        &["ESTABLISHED", "sport=41002"],
+        &["TIME_WAIT", "sport=41007"],
+        &["CLOSE_WAIT", "sport=41008"],
+        &["CLOSE ", "sport=41009"],
+        &["SYN_SENT", "sport=41010", "[UNREPLIED]"],
+        &["ESTABLISHED", "sport=41013"],
+        &["ESTABLISHED", "sport=42001"],
+        &["udp", "sport=41004"],
+        &["udp", "sport=41005", "[UNREPLIED]"],
+        &["udp", "sport=41006", "[UNREPLIED]"],
+        &[
+            if v6 { "type=128" } else { "type=8" },
+            &format!("id={ECHO_ID} "),
+        ],
+        &[
+            if v6 { "type=128" } else { "type=8" },
+            &format!("id={} ", ECHO_ID + 1),
+        ],
+    ] {
+        assert_has(&kernel, parts);
+    }
+    assert!(
+        !kernel.iter().any(|l| l.contains("sport=41003")),
+        "the kernel forgets a connection refused by RST"
+    );
+    assert_same_tables(&kubesg, &kernel);
+}
+
+/// Members whose rules allow everything, so that filtering is on but refuses nothing.
+fn permissive() -> CompiledPolicy {
+    let all = |s: &str| -> PeerBlock {
+        let net: IpNet = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
+        PeerBlock::cidr(net)
+    };
+    let any = Rule {
+        protocol: Protocol::Any,
+        ports: Vec::new(),
+        peers: vec![all("0.0.0.0/0"), all("::/0")],
+    };
+    CompiledPolicy {
+        ingress: vec![any.clone()],
+        egress: vec![any],
+        stateless: false,
+    }
+}
+
+#[test]
+fn non_member_table_reads_as_kernel_conntrack_v4() {
+    require_privileged!();
+    compare(None, None, false);
+}
+
+#[test]
+fn non_member_table_reads_as_kernel_conntrack_v6() {
+    require_privileged!();
+    compare(None, None, true);
+}
+
+#[test]
+fn permissive_member_table_reads_as_kernel_conntrack_v4() {
+    require_privileged!();
+    let p = permissive();
+    compare(Some(&p), Some(&p), false);
+}
+
+#[test]
+fn permissive_member_table_reads_as_kernel_conntrack_v6() {
+    require_privileged!();
+    let p = permissive();
+    compare(Some(&p), Some(&p), true);
+}
+
+#[test]
+fn comparison_ignores_only_timeout_jitter_and_use_count() {
+    // The normalisation itself: a line equals itself with another `use=` and a timeout one
+    // second off, and differs as soon as a state, a flag or a port differs.
+    let base = "ipv4     2 udp      17 29 src=192.168.1.5 dst=192.168.1.7 sport=41005 dport=5354 \
+                [UNREPLIED] src=192.168.1.7 dst=192.168.1.5 sport=5354 dport=41005 mark=0 zone=0 \
+                use=2";
+    let jitter = base.replace(" 29 ", " 28 ").replace("use=2", "use=1");
+    assert_same_tables(&[jitter], &[base.to_string()]);
+    for changed in [
+        base.replace("[UNREPLIED] ", ""),
+        base.replace("dport=5354 ", "dport=5355 "),
+        base.replace(" 29 ", " 25 "),
+    ] {
+        assert!(
+            table_difference(std::slice::from_ref(&changed), &[base.to_string()]).is_some(),
+            "{changed:?} must not compare equal to {base:?}"
+        );
+    }
+}
+
+fn udp_stream_compare(v6: bool) {
+    let (kubesg, kernel) = tables(drive_udp_stream, None, None, v6);
+    assert_has(&kernel, &["udp", "sport=41011", "[ASSURED]"]);
+    assert_has(&kernel, &["udp", "sport=41012"]);
+    assert_same_tables(&kubesg, &kernel);
+}
+
+#[test]
+fn udp_stream_is_assured_after_two_seconds_as_in_kernel_conntrack_v4() {
+    require_privileged!();
+    udp_stream_compare(false);
+}
+
+#[test]
+fn udp_stream_is_assured_after_two_seconds_as_in_kernel_conntrack_v6() {
+    require_privileged!();
+    udp_stream_compare(true);
+}
