@@ -28,7 +28,7 @@ use crate::maps::{
 /// Accept, and let any later program on the hook have its say (tcx: TCX_NEXT; clsact: continue).
 pub const ACCEPT: i32 = TC_ACT_UNSPEC;
 /// Drop.
-pub const DROP: i32 = TC_ACT_SHOT as i32;
+pub const DROP: i32 = TC_ACT_SHOT;
 
 /// An skb read through `bpf_skb_load_bytes`: every read is bounds-checked by the kernel, whatever
 /// the offset, which keeps variable-length headers simple for the verifier.
@@ -111,7 +111,7 @@ fn endpoint(ifindex: u32) -> Option<Endpoint> {
         }
     }
     // SAFETY: the endpoint value is plain data, copied out at once.
-    unsafe { ENDPOINTS.get(&ifindex) }.copied()
+    unsafe { ENDPOINTS.get(ifindex) }.copied()
 }
 
 /// Parses only, for the benchmark's baseline: the same parse work, no lookups. The fields are
@@ -145,7 +145,7 @@ pub fn parse_lookup(ctx: &TcContext) -> i32 {
         Ok(Some(p)) => {
             let key = CtKey::for_packet(1, Direction::Egress, &p);
             // SAFETY: the value is plain data, only tested for presence.
-            match unsafe { CONNTRACK.get(&key) } {
+            match unsafe { CONNTRACK.get(key) } {
                 Some(e) if e.expires_ns == 0x5eed_5eed => DROP,
                 _ => ACCEPT,
             }
@@ -196,7 +196,7 @@ fn allowed(policy_id: u32, q: &PolicyQuery) -> bool {
     };
     let (len, data) = q.peer_key(policy_id);
     // SAFETY: the value is plain data, copied out at once.
-    if let Some(peers) = unsafe { POLICY_HOSTS.get(&data) } {
+    if let Some(peers) = unsafe { POLICY_HOSTS.get(data) } {
         return peers.intersects(&ports);
     }
     match POLICY_PEERS.get(Key::new(len, data)) {
@@ -242,7 +242,7 @@ fn stateful<F: Frame>(
     let seg = Segment::of(pkt);
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(slot) = CONNTRACK.get_ptr_mut(&key) {
+    if let Some(slot) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: the pointer is to a live map value; a concurrent update on another CPU can at
         // worst make us work on a torn copy, as with any conntrack in eBPF.
         let mut entry = unsafe { *slot };
@@ -252,7 +252,7 @@ fn stateful<F: Frame>(
                 Step::Invalid => return invalid(ep, DenyReason::Invalid),
                 Step::Reopen => {
                     // The closed connection goes whether or not the rules admit the new one.
-                    let _ = CONNTRACK.remove(&key);
+                    let _ = CONNTRACK.remove(key);
                     return open(ep, &key, &seg, dir, pkt, now, cfg);
                 }
                 Step::Update(s) | Step::Delete(s) => s,
@@ -264,7 +264,7 @@ fn stateful<F: Frame>(
                     if !allowed(ep.policy_id, &PolicyQuery::for_packet(dir, pkt)) {
                         // Admitted under earlier rules, refused now: a refused connection leaves
                         // no state behind.
-                        let _ = CONNTRACK.remove(&key);
+                        let _ = CONNTRACK.remove(key);
                         return Verdict::Drop(DenyReason::Policy);
                     }
                 } else if entry.policy_id != ep.policy_id
@@ -273,13 +273,13 @@ fn stateful<F: Frame>(
                 {
                     // The rules changed since this connection was admitted and no longer allow
                     // it: cut it, as Neutron deletes the conntrack entries of removed rules.
-                    let _ = CONNTRACK.remove(&key);
+                    let _ = CONNTRACK.remove(key);
                     return Verdict::Drop(DenyReason::PolicyChanged);
                 }
             }
             entry.policy_id = ep.policy_id;
             if let Step::Delete(_) = step {
-                let _ = CONNTRACK.remove(&key);
+                let _ = CONNTRACK.remove(key);
             } else {
                 // SAFETY: as above; the value is plain data.
                 unsafe { *slot = entry };
@@ -310,7 +310,7 @@ fn open(
         return Verdict::Drop(DenyReason::Policy);
     }
     entry.policy_id = ep.policy_id;
-    let _ = CONNTRACK.insert(key, &entry, BPF_ANY as u64);
+    let _ = CONNTRACK.insert(key, entry, BPF_ANY as u64);
     Verdict::AcceptNew
 }
 
@@ -337,7 +337,7 @@ fn related<F: Frame>(
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: the value is plain data, read once.
-    match unsafe { CONNTRACK.get(&key) } {
+    match unsafe { CONNTRACK.get(key) } {
         Some(e) if !e.expired(now) => Verdict::AcceptRelated,
         _ => invalid(ep, DenyReason::UnrelatedIcmp),
     }
@@ -368,7 +368,7 @@ fn remember_fragment(ifindex: u32, pkt: &Packet, v: Verdict, cfg: &Config) {
         expires_ns: now.saturating_add(cfg.timeout(timeout::FRAGMENT)),
         accepted: accepted as u64,
     };
-    let _ = FRAGMENTS.insert(&frag_key(ifindex, pkt), &verdict, BPF_ANY as u64);
+    let _ = FRAGMENTS.insert(frag_key(ifindex, pkt), verdict, BPF_ANY as u64);
 }
 
 #[inline(always)]
@@ -376,7 +376,7 @@ fn later_fragment(ep: &Endpoint, ifindex: u32, pkt: &Packet) -> Verdict {
     // SAFETY: reading the clock has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: the value is plain data, read once.
-    match unsafe { FRAGMENTS.get(&frag_key(ifindex, pkt)) } {
+    match unsafe { FRAGMENTS.get(frag_key(ifindex, pkt)) } {
         Some(v) if v.expires_ns > now => {
             if v.accepted != 0 {
                 Verdict::Accept
