@@ -21,6 +21,9 @@ step "clippy (eBPF crate, bpf target)"
 cargo +nightly clippy -p kubesg-ebpf --bins --release --locked \
   --target bpfel-unknown-none -Z build-std=core -- -D warnings
 
+step "generated files are current"
+scripts/check-generated.sh
+
 step "tests"
 cargo test --workspace --exclude kubesg-ebpf --locked -- --test-threads="${KUBESG_TEST_THREADS:-4}"
 

@@ -1,0 +1,13 @@
+//! kubesg's gRPC contracts: `PolicyDistribution` (operator → agent: versioned policy snapshots
+//! and deltas, acked) and `CniBackend` (CNI plugin → agent over a unix socket). The code in
+//! `generated/` comes from `kubesg/v1alpha1/*.proto` (`cargo run -p kubesg-proto --features
+//! codegen --bin protogen`); never edit it by hand.
+//!
+//! These types stay at the edges: the agent and the operator convert them into their own domain
+//! types as they arrive.
+
+/// Version v1alpha1 of the contracts.
+#[allow(clippy::all, missing_docs)]
+pub mod v1alpha1 {
+    include!("generated/kubesg.v1alpha1.rs");
+}
