@@ -1,7 +1,15 @@
 //! What kubesg's tests share, so each thing is done one way: network namespaces standing in for
-//! nodes and pods, the packet builder for crafted frames, and the gate for privileged tests.
+//! nodes and pods, the packet builder for crafted frames, policies, the two IP families, the
+//! loopback harness of the program tests, the client/server pods of the real-traffic tests, and
+//! the gate for privileged tests.
 
+pub mod certs;
+pub mod family;
+pub mod loopback;
 pub mod netns;
 pub mod node;
+pub mod operator;
 pub mod packet;
+pub mod pods;
 pub mod privileged;
+pub mod rules;

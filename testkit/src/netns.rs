@@ -358,12 +358,17 @@ impl RawSocket {
 
 /// Whether `fd` becomes readable within `timeout`.
 fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    poll_within(fd, libc::POLLIN, timeout)
+}
+
+/// Whether one of `events` happens on `fd` within `timeout` (`poll`, retried when interrupted).
+fn poll_within(fd: BorrowedFd<'_>, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut pfd = libc::pollfd {
             fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
+            events,
             revents: 0,
         };
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
@@ -495,31 +500,11 @@ fn connect_from(local: SocketAddr, remote: SocketAddr, timeout: Duration) -> io:
         if e.raw_os_error() != Some(libc::EINPROGRESS) {
             return Err(e);
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            };
-            let ms = left.as_millis().min(i32::MAX as u128) as i32;
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connecting to {remote}: no answer within {timeout:?}"),
-                ));
-            }
-            break;
+        if !poll_within(fd.as_fd(), libc::POLLOUT, timeout)? {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {remote}: no answer within {timeout:?}"),
+            ));
         }
         let mut err: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;

@@ -162,6 +162,14 @@ impl TestPod {
             .send_to(packet, to)
     }
 
+    /// Appends `rule` to the pod's own INPUT chain (`iptables`, or `ip6tables` for IPv6): the
+    /// pod's firewall, which kubesg does not see, rejecting or dropping what reaches the pod.
+    pub fn firewall_input(&self, v6: bool, rule: &[&str]) -> io::Result<()> {
+        let tool = if v6 { "ip6tables" } else { "iptables" };
+        let args: Vec<&str> = ["-A", "INPUT"].iter().chain(rule).copied().collect();
+        self.ns.exec_ok(tool, &args).map(drop)
+    }
+
     /// A raw socket that receives a copy of every TCP segment of the family addressed to the
     /// pod (RSTs included, which no TCP socket would report for a segment it did not send).
     /// Open it before sending what should provoke the segment.

@@ -603,6 +603,18 @@ pub fn truncated(frame: &[u8], len: usize) -> Vec<u8> {
     frame[..len.min(frame.len())].to_vec()
 }
 
+/// `frame` cut `keep` bytes into its layer 4 header, the IP length fixed to match: only the
+/// layer 4 header is short, which the parser must refuse as truncated.
+pub fn truncated_in_l4(frame: &[u8], keep: usize) -> Vec<u8> {
+    let l4 = l4_offset(frame);
+    let cut = truncated(frame, l4 + keep);
+    if frame[ETH_LEN] >> 4 == 4 {
+        with_ipv4_total_len(cut, (l4 + keep - ETH_LEN) as u16)
+    } else {
+        with_ipv6_payload_len(cut, (l4 + keep - ETH_LEN - IPV6_LEN) as u16)
+    }
+}
+
 /// An IPv4 `frame` with its header length field (in 32-bit words) set to `ihl`.
 pub fn with_ipv4_ihl(mut frame: Vec<u8>, ihl: u8) -> Vec<u8> {
     assert_eq!(frame[ETH_LEN] >> 4, 4, "not IPv4");

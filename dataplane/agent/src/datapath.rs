@@ -310,6 +310,51 @@ impl Datapath {
         Ok(())
     }
 
+    /// Whether both programs are attached to `ifindex` (as far as this datapath can tell: its own
+    /// links, or the pinned tcx links; clsact filters are taken on trust).
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        Hook::ALL.iter().all(|hook| {
+            if self.links.contains_key(&(ifindex, *hook)) {
+                return true;
+            }
+            match (&self.pin_dir, self.mode) {
+                (Some(dir), AttachMode::Tcx) => attach::link_pin_path(dir, ifindex, *hook).exists(),
+                (Some(_), AttachMode::Clsact) => true,
+                (None, _) => false,
+            }
+        })
+    }
+
+    /// Deletes the entries of every policy whose id is not in `keep` (what an earlier run left).
+    pub fn retain_policies(&mut self, keep: &BTreeSet<u32>) -> Result<(), DatapathError> {
+        let mut ids: BTreeSet<u32> = BTreeSet::new();
+        ids.extend(
+            self.maps
+                .peers
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| k.data().policy_id),
+        );
+        ids.extend(
+            self.maps
+                .ports
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| k.data().policy_id),
+        );
+        ids.extend(
+            self.maps
+                .hosts
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| k.policy_id),
+        );
+        for id in ids.difference(keep) {
+            self.delete_policy_entries(*id)?;
+        }
+        Ok(())
+    }
+
     /// Writes a compiled policy under a fresh id. Endpoints start using it when pointed at it.
     /// On error nothing of it is left in the maps.
     pub fn install_policy(

@@ -1,12 +1,21 @@
 //! `kubesg-agent`: the node agent's command line. Argument parsing and wiring only; the work is in
 //! the library.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
 use kubesg_agent::{
-    clock, conntrack, counters, datapath::DEFAULT_PIN_DIR, events, maps::Maps, timeouts,
+    attach::AttachMode,
+    clock, cni_server, conntrack, counters,
+    daemon::{self, RunSettings},
+    datapath::{DatapathOptions, DEFAULT_PIN_DIR},
+    enforcer::{StartupPolicy, DEFAULT_STATE_DIR},
+    events, explain, inspect,
+    maps::Maps,
+    operator_link::LinkSettings,
+    timeouts,
+    tls::{ClientTlsFiles, DEFAULT_OPERATOR_SERVER_NAME},
 };
 
 /// kubesg node agent: stateful security groups for pods, enforced by eBPF.
@@ -18,12 +27,24 @@ struct Cli {
     /// Where the datapath's maps and links are pinned.
     #[arg(long, global = true, env = "KUBESG_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+    /// Where the agent keeps its endpoint records and the last rules it applied.
+    #[arg(long, global = true, env = "KUBESG_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: serve the CNI socket, follow the operator, enforce.
+    Run(Box<RunArgs>),
+    /// The pods this agent enforces: interfaces, addresses, policies, counters.
+    Endpoints,
+    /// Would a NEW connection be allowed, by which rule, or why not?
+    ///
+    /// Judges each end that is a pod on this node (the sender's egress rules, the receiver's
+    /// ingress rules) by the rules the operator sent and by the datapath's own maps.
+    Explain(ExplainArgs),
     /// Connection tracking table.
     #[command(subcommand)]
     Ct(CtCommand),
@@ -76,6 +97,104 @@ enum CtCommand {
     },
 }
 
+/// Options of `kubesg-agent run`.
+#[derive(Args)]
+struct RunArgs {
+    /// This node's name (the operator sends it its pods and rules).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// The operator's gRPC address; without it the agent runs alone (pods get the startup policy
+    /// or the last rules applied before a restart).
+    #[arg(
+        long,
+        env = "KUBESG_OPERATOR_ADDRESS",
+        value_name = "https://HOST:PORT"
+    )]
+    operator_address: Option<String>,
+    /// The name the operator's certificate must carry.
+    #[arg(long, default_value = DEFAULT_OPERATOR_SERVER_NAME)]
+    operator_server_name: String,
+    /// CA bundle the operator's certificate must chain to.
+    #[arg(long, env = "KUBESG_TLS_CA", default_value = "/etc/kubesg/tls/ca.crt")]
+    tls_ca: PathBuf,
+    /// The agent's client certificate (chain).
+    #[arg(
+        long,
+        env = "KUBESG_TLS_CERT",
+        default_value = "/etc/kubesg/tls/tls.crt"
+    )]
+    tls_cert: PathBuf,
+    /// The agent's private key.
+    #[arg(
+        long,
+        env = "KUBESG_TLS_KEY",
+        default_value = "/etc/kubesg/tls/tls.key"
+    )]
+    tls_key: PathBuf,
+    /// The CNI socket (created 0600, root only).
+    #[arg(long, default_value = cni_server::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// What a pod gets between its CNI ADD and the arrival of its rules.
+    #[arg(long, value_enum, default_value = "deny")]
+    startup_policy: StartupPolicy,
+    /// How long a CNI ADD waits for the pod's rules under `--startup-policy wait`.
+    #[arg(long, default_value = "30", value_name = "SECONDS")]
+    wait_timeout: u64,
+    /// A conntrack timeout, NAME=SECONDS with the kernel's sysctl names (repeatable), e.g.
+    /// tcp_timeout_established=86400.
+    #[arg(long = "conntrack-timeout", value_name = "NAME=SECONDS")]
+    conntrack_timeouts: Vec<String>,
+    /// Conntrack table size (entries); only used when the table is created.
+    #[arg(long)]
+    conntrack_entries: Option<u32>,
+    /// How often expired conntrack entries are swept.
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    sweep_interval: u64,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:9965")]
+    metrics_address: SocketAddr,
+    /// How to attach: tcx (kernel ≥ 6.6) or clsact; default by kernel version.
+    #[arg(long, value_parser = parse_attach_mode)]
+    attach_mode: Option<AttachMode>,
+    /// Log every dropped packet at info level (flow logs).
+    #[arg(long)]
+    flow_logs: bool,
+    /// Log filter (tracing's EnvFilter syntax), e.g. info or kubesg_agent=debug.
+    #[arg(long, env = "KUBESG_LOG", default_value = "info")]
+    log: String,
+}
+
+fn parse_attach_mode(s: &str) -> Result<AttachMode, String> {
+    match s {
+        "tcx" => Ok(AttachMode::Tcx),
+        "clsact" => Ok(AttachMode::Clsact),
+        _ => Err(format!("{s:?}: expected tcx or clsact")),
+    }
+}
+
+/// Options of `kubesg-agent explain`.
+#[derive(Args)]
+struct ExplainArgs {
+    /// The address that opens the connection.
+    #[arg(long)]
+    from: std::net::IpAddr,
+    /// The address that accepts it.
+    #[arg(long)]
+    to: std::net::IpAddr,
+    /// tcp, udp, sctp, icmp, icmpv6, or a protocol number.
+    #[arg(long, default_value = "tcp")]
+    proto: String,
+    /// Destination port (tcp, udp, sctp).
+    #[arg(long)]
+    dport: Option<u16>,
+    /// ICMP type (icmp, icmpv6; default: echo request).
+    #[arg(long = "type")]
+    icmp_type: Option<u8>,
+    /// ICMP code.
+    #[arg(long, default_value = "0")]
+    code: u8,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -96,8 +215,97 @@ fn open(pin_dir: &std::path::Path) -> Result<Maps> {
     })
 }
 
+fn run_agent(args: RunArgs, pin_dir: PathBuf, state_dir: PathBuf) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("--log {}", args.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let operator = args.operator_address.map(|address| {
+        LinkSettings::new(
+            args.node_name.clone(),
+            address,
+            ClientTlsFiles {
+                ca: args.tls_ca,
+                cert: args.tls_cert,
+                key: args.tls_key,
+                server_name: args.operator_server_name,
+            },
+        )
+    });
+    let settings = RunSettings {
+        datapath: DatapathOptions {
+            pin_dir: Some(pin_dir),
+            attach_mode: args.attach_mode,
+            ct_entries: args.conntrack_entries,
+            ..DatapathOptions::default()
+        },
+        state_dir,
+        socket: args.socket,
+        startup: args.startup_policy,
+        wait_timeout: Duration::from_secs(args.wait_timeout),
+        timeouts: args.conntrack_timeouts,
+        sweep_interval: Duration::from_secs(args.sweep_interval.max(1)),
+        metrics_address: args.metrics_address,
+        operator,
+        flow_logs: args.flow_logs,
+    };
+    tokio::runtime::Runtime::new()?.block_on(daemon::run(settings))
+}
+
+fn explain_question(a: &ExplainArgs) -> Result<explain::Question> {
+    use kubesg_common::proto;
+    let v6 = a.from.is_ipv6();
+    if v6 != a.to.is_ipv6() {
+        bail!("--from and --to must be of the same family");
+    }
+    let p = match a.proto.as_str() {
+        "tcp" => proto::TCP,
+        "udp" => proto::UDP,
+        "sctp" => proto::SCTP,
+        "icmp" => proto::ICMP,
+        "icmpv6" => proto::ICMPV6,
+        n => n
+            .parse()
+            .with_context(|| format!("--proto {n}: not a protocol name or number"))?,
+    };
+    let port = if p == proto::ICMP || p == proto::ICMPV6 {
+        let t = a.icmp_type.unwrap_or(if v6 { 128 } else { 8 });
+        (t as u16) << 8 | a.code as u16
+    } else if p == proto::TCP || p == proto::UDP || p == proto::SCTP {
+        a.dport
+            .context("--dport is required for tcp, udp and sctp")?
+    } else {
+        0
+    };
+    Ok(explain::Question {
+        from: a.from,
+        to: a.to,
+        proto: p,
+        port,
+    })
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(args) => run_agent(*args, cli.pin_dir, cli.state_dir)?,
+        Command::Endpoints => {
+            let (records, desired) = inspect::load_state(&cli.state_dir)?;
+            let maps = Maps::open_pinned(&cli.pin_dir).ok();
+            print!(
+                "{}",
+                inspect::endpoints_table(&records, &desired, maps.as_ref())
+            );
+        }
+        Command::Explain(args) => {
+            let q = explain_question(&args)?;
+            let (records, desired) = inspect::load_state(&cli.state_dir)?;
+            let maps = Maps::open_pinned(&cli.pin_dir).ok();
+            let ends = explain::explain(&q, &records, &desired, maps.as_ref());
+            print!("{}", explain::render(&q, &ends));
+        }
         Command::Ct(CtCommand::List { ifindex, wide, all }) => {
             let maps = open(&cli.pin_dir)?;
             let now = clock::now_ns();

@@ -11,9 +11,10 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use kubesg_common::{proto, Direction};
+use serde::{Deserialize, Serialize};
 
 /// The protocol a rule applies to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Protocol {
     /// Every IP protocol, every port.
     Any,
@@ -57,7 +58,7 @@ impl Protocol {
 }
 
 /// Which ports (or ICMP messages) of its protocol a rule allows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum PortMatch {
     /// Destination ports `first..=last` (TCP, UDP, SCTP).
     Range {
@@ -76,7 +77,7 @@ pub enum PortMatch {
 }
 
 /// A block of remote addresses: `cidr` minus the `except` blocks inside it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PeerBlock {
     /// The block.
     pub cidr: IpNet,
@@ -100,7 +101,7 @@ impl PeerBlock {
 }
 
 /// One allow rule.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Rule {
     /// The protocol.
     pub protocol: Protocol,
@@ -139,7 +140,7 @@ impl PortMatch {
 }
 
 /// The compiled rules of one policy: every endpoint with the same set of groups shares it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompiledPolicy {
     /// Rules for connections the pod accepts.
     pub ingress: Vec<Rule>,

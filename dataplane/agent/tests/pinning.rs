@@ -12,9 +12,14 @@ use kubesg_agent::{
     attach::{link_pin_path, AttachMode, Hook},
     conntrack,
     datapath::{Datapath, DatapathOptions},
-    policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule},
+    policy::{CompiledPolicy, Protocol},
 };
-use kubesg_testkit::{netns::unique_name, node::TestNode, require_privileged};
+use kubesg_testkit::{
+    netns::unique_name,
+    pods::client_and_server,
+    require_privileged,
+    rules::{cidr, egress, ingress, port, rule_with},
+};
 
 /// A pin directory of its own under /sys/fs/bpf, removed (with every pin in it) on drop.
 struct PinDir(PathBuf);
@@ -44,22 +49,9 @@ fn opts(dir: &Path, mode: AttachMode) -> DatapathOptions {
 
 /// Client 192.168.1.5 may open TCP to 192.168.1.7:23; the server accepts it from the client.
 fn seed_policies() -> (CompiledPolicy, CompiledPolicy) {
-    let rule = |peer: &str| Rule {
-        protocol: Protocol::Tcp,
-        ports: vec![PortMatch::Range {
-            first: 23,
-            last: 23,
-        }],
-        peers: vec![PeerBlock::cidr(peer.parse().expect("cidr"))],
-    };
-    let client = CompiledPolicy {
-        egress: vec![rule("192.168.1.7/32")],
-        ..CompiledPolicy::default()
-    };
-    let server = CompiledPolicy {
-        ingress: vec![rule("192.168.1.5/32")],
-        ..CompiledPolicy::default()
-    };
+    let tcp_23 = |peer: &str| rule_with(Protocol::Tcp, vec![port(23)], vec![cidr(peer)]);
+    let client = egress(vec![tcp_23("192.168.1.7/32")]);
+    let server = ingress(vec![tcp_23("192.168.1.5/32")]);
     (client, server)
 }
 
@@ -73,19 +65,9 @@ fn echo(stream: &mut TcpStream, peer: &mut TcpStream, msg: &[u8]) -> std::io::Re
 
 fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
     let pins = PinDir::new();
-    let mut node = TestNode::new().expect("node");
-    let c = node
-        .add_pod(
-            "192.168.1.5".parse().expect("ip"),
-            "fd00::5".parse().expect("ip"),
-        )
-        .expect("client");
-    let s = node
-        .add_pod(
-            "192.168.1.7".parse().expect("ip"),
-            "fd00::7".parse().expect("ip"),
-        )
-        .expect("server");
+    // The seed's client (192.168.1.5, pods[0]) and server (192.168.1.7, pods[1]).
+    let node = client_and_server();
+    let (c, s) = (0, 1);
     let (ci, si) = (node.pods[c].host_ifindex, node.pods[s].host_ifindex);
     let (client_policy, server_policy) = seed_policies();
 

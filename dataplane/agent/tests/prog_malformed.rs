@@ -4,18 +4,15 @@
 //! chains, large frames, ARP) pass. What the kernel's test run refuses to carry (frames ending
 //! inside the IP header, jumbo frames) is sent through attached programs on real veths instead.
 use std::{
-    io::ErrorKind,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
 use kubesg_agent::{
     conntrack::{self, Connection},
     datapath::{Datapath, DatapathOptions},
-    events::{self, Denial},
-    policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule},
-    testrun::test_run,
+    events,
+    policy::{CompiledPolicy, Protocol},
 };
 use kubesg_common::{
     event::{Counters, DenyReason},
@@ -23,124 +20,24 @@ use kubesg_common::{
     proto, Direction,
 };
 use kubesg_testkit::{
+    family::{Family, V4, V6},
+    ipv4_and_ipv6,
+    loopback::{LoopbackDatapath, ACCEPT, DROP, EGRESS},
     node::TestNode,
     packet::{self, Ipv6Ext, TcpFlags, ETH_LEN, IPV6_LEN},
+    rules::{allow_all, egress, port, rule},
 };
-
-// --- Per-file harness -------------------------------------------------------------------------
-
-const ACCEPT: i32 = -1;
-const DROP: i32 = 2;
-/// Loopback: BPF_PROG_TEST_RUN needs no device for it.
-const IF: u32 = 1;
-const EGRESS: usize = 0;
-
-/// One private datapath with the endpoint on ifindex 1.
-struct Dp {
-    dp: Datapath,
-    events: RingBuf<MapData>,
-}
-
-impl Dp {
-    /// A member of `policy`, or a non-member with `None`.
-    fn load(policy: Option<&CompiledPolicy>) -> Self {
-        let mut dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
-        let handle = policy.map(|p| dp.install_policy(p).expect("installing the policy"));
-        dp.set_endpoint(IF, handle)
-            .expect("registering the endpoint");
-        let events = dp.take_events().expect("the deny-event ring");
-        Dp { dp, events }
-    }
-
-    fn run(&self, prog: &'static str, frame: &[u8]) -> i32 {
-        let fd = self.dp.program_fd(prog).expect("program fd");
-        test_run(fd, frame, IF, 1)
-            .expect("BPF_PROG_TEST_RUN")
-            .retval
-    }
-
-    /// Runs `frame` as sent by the pod.
-    fn pod_sends(&self, frame: &[u8]) -> i32 {
-        self.run("from_pod", frame)
-    }
-
-    /// Runs `frame` as received by the pod.
-    fn pod_receives(&self, frame: &[u8]) -> i32 {
-        self.run("to_pod", frame)
-    }
-
-    fn conns(&self) -> Vec<Connection> {
-        conntrack::list(self.dp.maps()).expect("listing conntrack")
-    }
-
-    /// The one tracked connection.
-    fn conn(&self) -> Connection {
-        let c = self.conns();
-        assert_eq!(c.len(), 1, "expected exactly one entry: {c:#?}");
-        c[0]
-    }
-
-    fn counters(&self) -> [Counters; 2] {
-        self.dp
-            .counters(IF)
-            .expect("reading counters")
-            .expect("endpoint registered")
-    }
-
-    fn denials(&mut self) -> Vec<Denial> {
-        events::drain(&mut self.events)
-    }
-
-    /// The single deny event since the last call has `reason`.
-    fn assert_denied(&mut self, reason: DenyReason) -> Denial {
-        let d = self.denials();
-        assert_eq!(d.len(), 1, "expected one deny event: {d:#?}");
-        assert_eq!(d[0].reason, Some(reason), "{d:#?}");
-        d[0].clone()
-    }
-}
-
-fn anywhere() -> Vec<PeerBlock> {
-    vec![
-        PeerBlock::cidr("0.0.0.0/0".parse().expect("cidr")),
-        PeerBlock::cidr("::/0".parse().expect("cidr")),
-    ]
-}
-
-/// Allows every connection both ways: whatever such a member drops, it drops for being INVALID.
-fn allow_all() -> CompiledPolicy {
-    let any = Rule {
-        protocol: Protocol::Any,
-        ports: vec![],
-        peers: anywhere(),
-    };
-    CompiledPolicy {
-        ingress: vec![any.clone()],
-        egress: vec![any],
-        stateless: false,
-    }
-}
 
 /// May open TCP to port 80 only.
 fn tcp_80() -> CompiledPolicy {
-    CompiledPolicy {
-        egress: vec![Rule {
-            protocol: Protocol::Tcp,
-            ports: vec![PortMatch::Range {
-                first: 80,
-                last: 80,
-            }],
-            peers: anywhere(),
-        }],
-        ..CompiledPolicy::default()
-    }
+    egress(vec![rule(Protocol::Tcp, vec![port(80)])])
 }
 
 /// `frame` (sent by the pod) is malformed: a member allowing everything drops it with a
 /// `Malformed` event that carries no addresses, in both directions; a non-member passes it,
 /// counted as INVALID; neither tracks it.
 fn assert_malformed(frame: &[u8]) {
-    let mut dp = Dp::load(Some(&allow_all()));
+    let mut dp = LoopbackDatapath::load(Some(&allow_all()));
     assert_eq!(dp.pod_sends(frame), DROP, "member, from the pod");
     assert_eq!(dp.pod_receives(frame), DROP, "member, to the pod");
     let [eg, ing] = dp.counters();
@@ -156,7 +53,7 @@ fn assert_malformed(frame: &[u8]) {
     assert_eq!(d[0].direction, Direction::Egress);
     assert!(dp.conns().is_empty());
 
-    let mut dp = Dp::load(None);
+    let mut dp = LoopbackDatapath::load(None);
     assert_eq!(dp.pod_sends(frame), ACCEPT, "non-member");
     let eg = dp.counters()[EGRESS];
     assert_eq!((eg.invalid_passed, eg.accepted), (1, 1));
@@ -166,54 +63,12 @@ fn assert_malformed(frame: &[u8]) {
 
 /// `frame` (sent by the pod) passes a member allowing everything as a NEW connection.
 fn assert_well_formed(frame: &[u8]) -> Connection {
-    let mut dp = Dp::load(Some(&allow_all()));
+    let mut dp = LoopbackDatapath::load(Some(&allow_all()));
     assert_eq!(dp.pod_sends(frame), ACCEPT);
     let eg = dp.counters()[EGRESS];
     assert_eq!((eg.new_connections, eg.dropped_invalid), (1, 0));
     assert!(dp.denials().is_empty());
     dp.conn()
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Fam {
-    pod: IpAddr,
-    peer: IpAddr,
-}
-
-const V4: Fam = Fam {
-    pod: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
-    peer: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 7)),
-};
-const V6: Fam = Fam {
-    pod: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5)),
-    peer: IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 7)),
-};
-
-impl Fam {
-    fn syn(self) -> Vec<u8> {
-        packet::tcp(self.pod, self.peer, 40000, 80, TcpFlags::SYN)
-    }
-    fn udp(self, payload: &[u8]) -> Vec<u8> {
-        packet::udp(self.pod, self.peer, 40000, 53, payload)
-    }
-    fn echo(self) -> Vec<u8> {
-        packet::icmp_echo_request(self.pod, self.peer, 7, 1)
-    }
-    fn v6(self) -> bool {
-        self.pod.is_ipv6()
-    }
-}
-
-/// `frame` cut `keep` bytes into its layer 4 header, the IP length fixed to match: only the
-/// layer 4 header is short.
-fn l4_cut(frame: &[u8], keep: usize) -> Vec<u8> {
-    let l4 = packet::l4_offset(frame);
-    let cut = packet::truncated(frame, l4 + keep);
-    if frame[ETH_LEN] >> 4 == 4 {
-        packet::with_ipv4_total_len(cut, (l4 + keep - ETH_LEN) as u16)
-    } else {
-        packet::with_ipv6_payload_len(cut, (l4 + keep - ETH_LEN - IPV6_LEN) as u16)
-    }
 }
 
 /// The IP length field of `frame` set to `len` bytes of IP payload.
@@ -231,28 +86,9 @@ fn ip_payload_len(frame: &[u8]) -> usize {
     frame.len() - packet::l4_offset(frame)
 }
 
-/// Runs every test body once over IPv4 and once over IPv6.
-macro_rules! ipv4_and_ipv6 {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn ipv4() {
-                kubesg_testkit::require_privileged!();
-                super::$name(super::V4);
-            }
-            #[test]
-            fn ipv6() {
-                kubesg_testkit::require_privileged!();
-                super::$name(super::V6);
-            }
-        }
-    )*};
-}
-
 // --- Truncated headers ----------------------------------------------------------------------------
 
 ipv4_and_ipv6!(
-    frames_ending_inside_the_ip_header_are_refused_by_the_test_run,
     ip_length_beyond_the_frame_is_malformed,
     ip_length_of_a_jumbo_datagram_in_a_short_frame_is_malformed,
     truncated_tcp_header_is_malformed,
@@ -272,106 +108,107 @@ ipv4_and_ipv6!(
 
 /// Frames of `f`'s family that end inside the IP header: the Ethernet header alone, and a
 /// partial IP header.
-fn cut_in_ip_header(f: Fam) -> [Vec<u8>; 2] {
-    let keep = if f.v6() { 30 } else { 10 };
+fn cut_in_ip_header(f: Family) -> [Vec<u8>; 2] {
+    let keep = if f.is_v6() { 30 } else { 10 };
     [
-        packet::truncated(&f.syn(), ETH_LEN),
-        packet::truncated(&f.syn(), ETH_LEN + keep),
+        packet::truncated(&f.tcp_out(80, TcpFlags::SYN), ETH_LEN),
+        packet::truncated(&f.tcp_out(80, TcpFlags::SYN), ETH_LEN + keep),
     ]
 }
 
-fn frames_ending_inside_the_ip_header_are_refused_by_the_test_run(f: Fam) {
-    // The kernel's test run needs the whole IP header the EtherType announces; the real
-    // interface test below covers these frames.
-    let dp = Dp::load(Some(&allow_all()));
-    let fd = dp.dp.program_fd("from_pod").expect("program fd");
-    for frame in cut_in_ip_header(f) {
-        let err = test_run(fd, &frame, IF, 1).expect_err("the kernel refuses it");
-        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{} bytes", frame.len());
-    }
-}
-
-fn ip_length_beyond_the_frame_is_malformed(f: Fam) {
-    let syn = f.syn();
+fn ip_length_beyond_the_frame_is_malformed(f: Family) {
+    let syn = f.tcp_out(80, TcpFlags::SYN);
     assert_malformed(&packet::truncated(&syn, syn.len() - 1));
-    let udp = f.udp(b"payload");
+    let udp = f.udp_out(53, b"payload");
     let longer = ip_payload_len(&udp) as u16 + 1;
     assert_malformed(&with_ip_payload_len(udp, longer));
 }
 
-fn ip_length_of_a_jumbo_datagram_in_a_short_frame_is_malformed(f: Fam) {
-    let udp = f.udp(&[0; 1400]);
+fn ip_length_of_a_jumbo_datagram_in_a_short_frame_is_malformed(f: Family) {
+    let udp = f.udp_out(53, &[0; 1400]);
     assert_malformed(&with_ip_payload_len(udp, 8960));
 }
 
-fn truncated_tcp_header_is_malformed(f: Fam) {
+fn truncated_tcp_header_is_malformed(f: Family) {
     for keep in [0, 12, 19] {
-        assert_malformed(&l4_cut(&f.syn(), keep));
+        assert_malformed(&packet::truncated_in_l4(
+            &f.tcp_out(80, TcpFlags::SYN),
+            keep,
+        ));
     }
 }
 
-fn truncated_udp_header_is_malformed(f: Fam) {
+fn truncated_udp_header_is_malformed(f: Family) {
     for keep in [0, 4, 7] {
-        assert_malformed(&l4_cut(&f.udp(b""), keep));
+        assert_malformed(&packet::truncated_in_l4(&f.udp_out(53, b""), keep));
     }
 }
 
-fn truncated_icmp_header_is_malformed(f: Fam) {
+fn truncated_icmp_header_is_malformed(f: Family) {
     for keep in [0, 4, 7] {
-        assert_malformed(&l4_cut(&f.echo(), keep));
+        assert_malformed(&packet::truncated_in_l4(&f.echo_out(7), keep));
     }
 }
 
-fn ip_version_other_than_the_ethertype_says_is_malformed(f: Fam) {
-    let syn = f.syn();
-    let version = if f.v6() { 0x40 } else { 0x65 };
+fn ip_version_other_than_the_ethertype_says_is_malformed(f: Family) {
+    let syn = f.tcp_out(80, TcpFlags::SYN);
+    let version = if f.is_v6() { 0x40 } else { 0x65 };
     assert_malformed(&packet::with_byte(syn, ETH_LEN, version));
 }
 
-fn tcp_data_offset_below_five_words_is_malformed(f: Fam) {
+fn tcp_data_offset_below_five_words_is_malformed(f: Family) {
     for words in [0, 4] {
-        assert_malformed(&packet::with_tcp_data_offset(f.syn(), words));
+        assert_malformed(&packet::with_tcp_data_offset(
+            f.tcp_out(80, TcpFlags::SYN),
+            words,
+        ));
     }
 }
 
-fn tcp_data_offset_beyond_the_segment_is_malformed(f: Fam) {
-    assert_malformed(&packet::with_tcp_data_offset(f.syn(), 6));
-    assert_malformed(&packet::with_tcp_data_offset(f.syn(), 15));
+fn tcp_data_offset_beyond_the_segment_is_malformed(f: Family) {
+    assert_malformed(&packet::with_tcp_data_offset(
+        f.tcp_out(80, TcpFlags::SYN),
+        6,
+    ));
+    assert_malformed(&packet::with_tcp_data_offset(
+        f.tcp_out(80, TcpFlags::SYN),
+        15,
+    ));
 }
 
-fn udp_length_below_the_header_is_malformed(f: Fam) {
+fn udp_length_below_the_header_is_malformed(f: Family) {
     for len in [0, 7] {
-        assert_malformed(&packet::with_udp_len(f.udp(b"payload"), len));
+        assert_malformed(&packet::with_udp_len(f.udp_out(53, b"payload"), len));
     }
 }
 
-fn udp_length_beyond_the_datagram_is_malformed(f: Fam) {
-    let udp = f.udp(b"payload");
+fn udp_length_beyond_the_datagram_is_malformed(f: Family) {
+    let udp = f.udp_out(53, b"payload");
     let len = ip_payload_len(&udp) as u16 + 1;
     assert_malformed(&packet::with_udp_len(udp, len));
 }
 
-fn udp_length_shorter_than_the_datagram_is_well_formed(f: Fam) {
+fn udp_length_shorter_than_the_datagram_is_well_formed(f: Family) {
     // nf_conntrack_proto_udp.c only refuses a length beyond the datagram or below 8.
-    let c = assert_well_formed(&packet::with_udp_len(f.udp(b"payload"), 8));
+    let c = assert_well_formed(&packet::with_udp_len(f.udp_out(53, b"payload"), 8));
     assert_eq!((c.key.proto, c.key.peer_port), (proto::UDP, 53));
 }
 
-fn ethernet_padding_after_the_ip_packet_is_well_formed(f: Fam) {
+fn ethernet_padding_after_the_ip_packet_is_well_formed(f: Family) {
     // A minimum-size Ethernet frame carries a short IP packet followed by padding.
-    let mut syn = f.syn();
+    let mut syn = f.tcp_out(80, TcpFlags::SYN);
     syn.extend_from_slice(&[0; 18]);
     let c = assert_well_formed(&syn);
     assert_eq!(c.key.peer_port, 80);
 }
 
-fn vlan_tagged_frame_is_refused(f: Fam) {
-    assert_malformed(&packet::with_vlan(&f.syn(), 10));
+fn vlan_tagged_frame_is_refused(f: Family) {
+    assert_malformed(&packet::with_vlan(&f.tcp_out(80, TcpFlags::SYN), 10));
 }
 
-fn double_tagged_frame_is_refused(f: Fam) {
+fn double_tagged_frame_is_refused(f: Family) {
     // 802.1ad outer tag.
-    let tagged = packet::with_vlan(&f.syn(), 10);
+    let tagged = packet::with_vlan(&f.tcp_out(80, TcpFlags::SYN), 10);
     let qinq = packet::with_byte(packet::with_byte(tagged, 12, 0x88), 13, 0xa8);
     assert_malformed(&qinq);
 }
@@ -380,9 +217,9 @@ fn double_tagged_frame_is_refused(f: Fam) {
 /// skb's headroom and shared info, about 3.7 KB on x86-64; above that the run fails with EINVAL).
 const BIG_FRAME: usize = 3500;
 
-fn frame_of_several_kilobytes_passes_when_well_formed(f: Fam) {
-    let header = packet::l4_offset(&f.udp(b"")) + 8;
-    let big = f.udp(&vec![0xab; BIG_FRAME - header]);
+fn frame_of_several_kilobytes_passes_when_well_formed(f: Family) {
+    let header = packet::l4_offset(&f.udp_out(53, b"")) + 8;
+    let big = f.udp_out(53, &vec![0xab; BIG_FRAME - header]);
     assert_eq!(big.len(), BIG_FRAME);
     let c = assert_well_formed(&big);
     assert_eq!(c.key.peer_port, 53);
@@ -394,7 +231,7 @@ fn frame_of_several_kilobytes_passes_when_well_formed(f: Fam) {
 fn ipv4_header_length_below_five_words_is_malformed() {
     kubesg_testkit::require_privileged!();
     for ihl in [0, 1, 4] {
-        assert_malformed(&packet::with_ipv4_ihl(V4.syn(), ihl));
+        assert_malformed(&packet::with_ipv4_ihl(V4.tcp_out(80, TcpFlags::SYN), ihl));
     }
 }
 
@@ -402,7 +239,10 @@ fn ipv4_header_length_below_five_words_is_malformed() {
 fn ipv4_total_length_below_the_header_is_malformed() {
     kubesg_testkit::require_privileged!();
     for len in [0, 19] {
-        assert_malformed(&packet::with_ipv4_total_len(V4.syn(), len));
+        assert_malformed(&packet::with_ipv4_total_len(
+            V4.tcp_out(80, TcpFlags::SYN),
+            len,
+        ));
     }
 }
 
@@ -410,7 +250,7 @@ fn ipv4_total_length_below_the_header_is_malformed() {
 fn ipv4_header_length_beyond_the_total_length_is_malformed() {
     kubesg_testkit::require_privileged!();
     // IHL 15 = 60 bytes of header in a 40-byte packet.
-    assert_malformed(&packet::with_ipv4_ihl(V4.syn(), 15));
+    assert_malformed(&packet::with_ipv4_ihl(V4.tcp_out(80, TcpFlags::SYN), 15));
 }
 
 #[test]
@@ -418,12 +258,12 @@ fn ipv4_options_are_skipped_to_find_the_ports() {
     kubesg_testkit::require_privileged!();
     // Router alert, then NOPs and end of options: 8 bytes, IHL 7.
     let opts = [0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x00];
-    let syn = packet::with_ipv4_options(&V4.syn(), &opts);
+    let syn = packet::with_ipv4_options(&V4.tcp_out(80, TcpFlags::SYN), &opts);
     assert_eq!(syn[ETH_LEN] & 0x0f, 7);
-    let mut dp = Dp::load(Some(&tcp_80()));
+    let mut dp = LoopbackDatapath::load(Some(&tcp_80()));
     assert_eq!(dp.pod_sends(&syn), ACCEPT);
     assert_eq!(dp.conn().key.peer_port, 80);
-    let to_81 = packet::tcp(V4.pod, V4.peer, 40000, 81, TcpFlags::SYN);
+    let to_81 = V4.tcp_out(81, TcpFlags::SYN);
     assert_eq!(
         dp.pod_sends(&packet::with_ipv4_options(&to_81, &opts)),
         DROP
@@ -446,14 +286,17 @@ fn ipv6_extension_chain_is_followed_to_the_ports() {
         Ipv6Ext::Routing,
         Ipv6Ext::LongDestinationOptions { units: 3 },
     ];
-    let mut dp = Dp::load(Some(&tcp_80()));
-    assert_eq!(dp.pod_sends(&with_exts(&V6.syn(), &chain)), ACCEPT);
+    let mut dp = LoopbackDatapath::load(Some(&tcp_80()));
+    assert_eq!(
+        dp.pod_sends(&with_exts(&V6.tcp_out(80, TcpFlags::SYN), &chain)),
+        ACCEPT
+    );
     let c = dp.conn();
     assert_eq!(
         (c.key.proto, c.key.pod_port, c.key.peer_port),
         (proto::TCP, 40000, 80)
     );
-    let to_81 = packet::tcp(V6.pod, V6.peer, 40000, 81, TcpFlags::SYN);
+    let to_81 = V6.tcp_out(81, TcpFlags::SYN);
     assert_eq!(dp.pod_sends(&with_exts(&to_81, &chain)), DROP);
     assert_eq!(dp.assert_denied(DenyReason::Policy).dport, 81);
 }
@@ -462,14 +305,14 @@ fn ipv6_extension_chain_is_followed_to_the_ports() {
 fn ipv6_hop_by_hop_not_first_is_malformed() {
     kubesg_testkit::require_privileged!();
     let chain = [Ipv6Ext::DestinationOptions, Ipv6Ext::HopByHop];
-    assert_malformed(&with_exts(&V6.syn(), &chain));
+    assert_malformed(&with_exts(&V6.tcp_out(80, TcpFlags::SYN), &chain));
 }
 
 #[test]
 fn ipv6_extension_chain_as_long_as_the_parser_follows_is_well_formed() {
     kubesg_testkit::require_privileged!();
     let chain = vec![Ipv6Ext::DestinationOptions; MAX_IPV6_EXTENSIONS];
-    let c = assert_well_formed(&with_exts(&V6.udp(b"x"), &chain));
+    let c = assert_well_formed(&with_exts(&V6.udp_out(53, b"x"), &chain));
     assert_eq!((c.key.proto, c.key.peer_port), (proto::UDP, 53));
 }
 
@@ -477,13 +320,13 @@ fn ipv6_extension_chain_as_long_as_the_parser_follows_is_well_formed() {
 fn ipv6_extension_chain_longer_than_the_parser_follows_is_malformed() {
     kubesg_testkit::require_privileged!();
     let chain = vec![Ipv6Ext::DestinationOptions; MAX_IPV6_EXTENSIONS + 1];
-    assert_malformed(&with_exts(&V6.udp(b"x"), &chain));
+    assert_malformed(&with_exts(&V6.udp_out(53, b"x"), &chain));
 }
 
 #[test]
 fn ipv6_extension_header_running_past_the_end_is_malformed() {
     kubesg_testkit::require_privileged!();
-    let frame = with_exts(&V6.udp(b"x"), &[Ipv6Ext::DestinationOptions]);
+    let frame = with_exts(&V6.udp_out(53, b"x"), &[Ipv6Ext::DestinationOptions]);
     // Header length 200: 1608 bytes of options in a 17-byte payload.
     assert_malformed(&packet::with_byte(frame, ETH_LEN + IPV6_LEN + 1, 200));
 }
@@ -493,7 +336,7 @@ fn ipv6_extension_header_running_past_the_payload_length_is_malformed() {
     kubesg_testkit::require_privileged!();
     // The frame holds the whole header, but the IPv6 payload length ends inside it.
     let frame = with_exts(
-        &V6.udp(b"x"),
+        &V6.udp_out(53, b"x"),
         &[Ipv6Ext::LongDestinationOptions { units: 2 }],
     );
     assert_malformed(&packet::with_ipv6_payload_len(frame, 16));
@@ -502,7 +345,7 @@ fn ipv6_extension_header_running_past_the_payload_length_is_malformed() {
 #[test]
 fn ipv6_payload_length_beyond_the_frame_is_malformed() {
     kubesg_testkit::require_privileged!();
-    let syn = V6.syn();
+    let syn = V6.tcp_out(80, TcpFlags::SYN);
     let len = ip_payload_len(&syn) as u16;
     assert_malformed(&packet::with_ipv6_payload_len(syn, len + 1));
 }
@@ -512,7 +355,7 @@ fn ipv6_payload_length_beyond_the_frame_is_malformed() {
 #[test]
 fn arp_passes_a_member_allowing_nothing() {
     kubesg_testkit::require_privileged!();
-    let mut dp = Dp::load(Some(&CompiledPolicy::default()));
+    let mut dp = LoopbackDatapath::load(Some(&CompiledPolicy::default()));
     let arp = packet::arp_request(Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 0, 0, 1));
     assert_eq!(dp.pod_sends(&arp), ACCEPT);
     assert_eq!(dp.pod_receives(&arp), ACCEPT);
@@ -529,39 +372,15 @@ fn arp_passes_a_member_allowing_nothing() {
 #[test]
 fn other_ethertypes_pass_a_member_allowing_nothing() {
     kubesg_testkit::require_privileged!();
-    let dp = Dp::load(Some(&CompiledPolicy::default()));
+    let dp = LoopbackDatapath::load(Some(&CompiledPolicy::default()));
     // LLDP (0x88cc) on an otherwise IPv4-looking frame.
-    let lldp = packet::with_byte(packet::with_byte(V4.syn(), 12, 0x88), 13, 0xcc);
+    let lldp = packet::with_byte(
+        packet::with_byte(V4.tcp_out(80, TcpFlags::SYN), 12, 0x88),
+        13,
+        0xcc,
+    );
     assert_eq!(dp.pod_sends(&lldp), ACCEPT);
     assert!(dp.conns().is_empty());
-}
-
-#[test]
-fn frames_shorter_than_ethernet_are_refused_by_the_test_run() {
-    kubesg_testkit::require_privileged!();
-    let dp = Dp::load(Some(&allow_all()));
-    let fd = dp.dp.program_fd("from_pod").expect("program fd");
-    for len in [0, 1, 13] {
-        let err = test_run(fd, &vec![0; len], IF, 1).expect_err("the kernel refuses it");
-        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{len} bytes: {err}");
-    }
-    assert_eq!(
-        dp.counters()[EGRESS],
-        Counters::default(),
-        "the program never ran"
-    );
-}
-
-#[test]
-fn frames_larger_than_a_page_are_refused_by_the_test_run() {
-    kubesg_testkit::require_privileged!();
-    // Hence the jumbo frame test below runs on real interfaces.
-    let dp = Dp::load(Some(&allow_all()));
-    let fd = dp.dp.program_fd("from_pod").expect("program fd");
-    let jumbo = V4.udp(&vec![0; 9000 - 42]);
-    assert_eq!(jumbo.len(), 9000);
-    let err = test_run(fd, &jumbo, IF, 1).expect_err("the kernel refuses it");
-    assert_eq!(err.kind(), ErrorKind::InvalidInput);
 }
 
 /// Sends `frames` as they are out of the pod's `eth0` through an `AF_PACKET` socket (inside the

@@ -3,271 +3,56 @@
 //! except, Any, address family), stateless policies, non-members, and what happens to tracked
 //! connections when the policy changes (re-check on, as Neutron; off, as AWS).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
-use aya::maps::{MapData, RingBuf};
-use ipnet::IpNet;
 use kubesg_agent::{
-    conntrack::{self, Connection},
-    datapath::{Datapath, DatapathOptions, PolicyHandle},
-    events::{self, Denial},
-    policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule},
+    conntrack,
+    datapath::{Datapath, DatapathOptions},
+    policy::{CompiledPolicy, PeerBlock, Protocol},
     testrun::test_run,
 };
 use kubesg_common::{
-    config::{CFG_DENY_EVENTS, CFG_RECHECK_ON_POLICY_CHANGE},
-    conntrack::TcpState,
-    event::{Counters, DenyReason},
-    limits, proto, Direction,
+    config::CFG_DENY_EVENTS, conntrack::TcpState, event::DenyReason, limits, proto, Direction,
 };
-use kubesg_testkit::packet::{self, TcpFlags};
-
-// --- Per-file harness -------------------------------------------------------------------------
-
-const ACCEPT: i32 = -1;
-const DROP: i32 = 2;
-/// Loopback: BPF_PROG_TEST_RUN needs no device for it.
-const IF: u32 = 1;
-const EGRESS: usize = 0;
-const INGRESS: usize = 1;
-
-/// One private datapath with the endpoint on ifindex 1.
-struct Dp {
-    dp: Datapath,
-    /// The endpoint's policy, `None` for a non-member.
-    policy: Option<PolicyHandle>,
-    events: RingBuf<MapData>,
-}
-
-impl Dp {
-    /// A member of `policy`, or a non-member with `None`.
-    fn load(policy: Option<&CompiledPolicy>) -> Self {
-        let mut dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
-        let handle = policy.map(|p| dp.install_policy(p).expect("installing the policy"));
-        dp.set_endpoint(IF, handle)
-            .expect("registering the endpoint");
-        let events = dp.take_events().expect("the deny-event ring");
-        Dp {
-            dp,
-            policy: handle,
-            events,
-        }
-    }
-
-    /// Replaces the member's policy with `policy`.
-    fn replace(&mut self, policy: &CompiledPolicy) {
-        let old = self.policy.expect("a member");
-        self.policy = Some(
-            self.dp
-                .replace_policy(old, policy)
-                .expect("replacing the policy"),
-        );
-    }
-
-    /// Turns re-checking established connections on policy change on or off.
-    fn set_recheck(&mut self, on: bool) {
-        let mut cfg = self.dp.config().expect("reading the config");
-        if on {
-            cfg.flags |= CFG_RECHECK_ON_POLICY_CHANGE;
-        } else {
-            cfg.flags &= !CFG_RECHECK_ON_POLICY_CHANGE;
-        }
-        self.dp.set_config(&cfg).expect("writing the config");
-    }
-
-    /// Makes the endpoint a member of `policy` (a non-member joins, a member moves).
-    fn join(&mut self, policy: &CompiledPolicy) {
-        let handle = self
-            .dp
-            .install_policy(policy)
-            .expect("installing the policy");
-        self.dp
-            .set_endpoint(IF, Some(handle))
-            .expect("moving the endpoint");
-        self.policy = Some(handle);
-    }
-
-    fn run(&self, prog: &'static str, frame: &[u8]) -> i32 {
-        let fd = self.dp.program_fd(prog).expect("program fd");
-        test_run(fd, frame, IF, 1)
-            .expect("BPF_PROG_TEST_RUN")
-            .retval
-    }
-
-    /// Runs `frame` as sent by the pod.
-    fn pod_sends(&self, frame: &[u8]) -> i32 {
-        self.run("from_pod", frame)
-    }
-
-    /// Runs `frame` as received by the pod.
-    fn pod_receives(&self, frame: &[u8]) -> i32 {
-        self.run("to_pod", frame)
-    }
-
-    fn conns(&self) -> Vec<Connection> {
-        conntrack::list(self.dp.maps()).expect("listing conntrack")
-    }
-
-    /// The one tracked connection.
-    fn conn(&self) -> Connection {
-        let c = self.conns();
-        assert_eq!(c.len(), 1, "expected exactly one entry: {c:#?}");
-        c[0]
-    }
-
-    fn counters(&self) -> [Counters; 2] {
-        self.dp
-            .counters(IF)
-            .expect("reading counters")
-            .expect("endpoint registered")
-    }
-
-    fn denials(&mut self) -> Vec<Denial> {
-        events::drain(&mut self.events)
-    }
-
-    /// The single deny event since the last call has `reason`.
-    fn assert_denied(&mut self, reason: DenyReason) -> Denial {
-        let d = self.denials();
-        assert_eq!(d.len(), 1, "expected one deny event: {d:#?}");
-        assert_eq!(d[0].reason, Some(reason), "{d:#?}");
-        d[0].clone()
-    }
-}
-
-fn anywhere() -> Vec<PeerBlock> {
-    vec![
-        PeerBlock::cidr("0.0.0.0/0".parse().expect("cidr")),
-        PeerBlock::cidr("::/0".parse().expect("cidr")),
-    ]
-}
-
-fn net(s: &str) -> PeerBlock {
-    PeerBlock::cidr(s.parse().expect("cidr"))
-}
-
-/// A rule of `protocol` on `ports` (empty: all) with any peer.
-fn rule(protocol: Protocol, ports: Vec<PortMatch>) -> Rule {
-    Rule {
-        protocol,
-        ports,
-        peers: anywhere(),
-    }
-}
-
-fn range(first: u16, last: u16) -> PortMatch {
-    PortMatch::Range { first, last }
-}
-
-fn egress(rules: Vec<Rule>) -> CompiledPolicy {
-    CompiledPolicy {
-        egress: rules,
-        ..CompiledPolicy::default()
-    }
-}
-
-fn ingress(rules: Vec<Rule>) -> CompiledPolicy {
-    CompiledPolicy {
-        ingress: rules,
-        ..CompiledPolicy::default()
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Fam {
-    pod: IpAddr,
-    peer: IpAddr,
-}
-
-const V4: Fam = Fam {
-    pod: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
-    peer: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 7)),
-};
-const V6: Fam = Fam {
-    pod: IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5)),
-    peer: IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 7)),
+use kubesg_testkit::{
+    family::{Family, PEER_PORT, POD_PORT, V4, V6},
+    ipv4_and_ipv6,
+    loopback::{LoopbackDatapath, ACCEPT, DROP, EGRESS, IFINDEX, INGRESS},
+    packet::{self, TcpFlags},
+    rules::{cidr, egress, icmp, ingress, range, rule, rule_with},
 };
 
-impl Fam {
-    /// A SYN from pod:40000 to `to`:`port`.
-    fn syn_to(self, to: IpAddr, port: u16) -> Vec<u8> {
-        packet::tcp(self.pod, to, 40000, port, TcpFlags::SYN)
-    }
-    /// A SYN from pod:40000 to peer:`port`.
-    fn syn(self, port: u16) -> Vec<u8> {
-        self.syn_to(self.peer, port)
-    }
-    /// A SYN from `from`:50000 to pod:`port`.
-    fn syn_in_from(self, from: IpAddr, port: u16) -> Vec<u8> {
-        packet::tcp(from, self.pod, 50000, port, TcpFlags::SYN)
-    }
-    fn syn_in(self, port: u16) -> Vec<u8> {
-        self.syn_in_from(self.peer, port)
-    }
-    /// Pod:40000 → peer:`port` with `f`.
-    fn out(self, port: u16, f: TcpFlags) -> Vec<u8> {
-        packet::tcp(self.pod, self.peer, 40000, port, f)
-    }
-    /// Peer:`port` → pod:40000 with `f`.
-    fn back(self, port: u16, f: TcpFlags) -> Vec<u8> {
-        packet::tcp(self.peer, self.pod, port, 40000, f)
-    }
-    fn udp(self, port: u16) -> Vec<u8> {
-        packet::udp(self.pod, self.peer, 40000, port, b"x")
-    }
-    fn icmp_rule(self) -> Protocol {
-        match self.pod {
-            IpAddr::V4(_) => Protocol::Icmp,
-            IpAddr::V6(_) => Protocol::Icmpv6,
-        }
-    }
-    fn echo_type(self) -> u8 {
-        match self.pod {
-            IpAddr::V4(_) => 8,
-            IpAddr::V6(_) => 128,
-        }
-    }
-    /// An echo request from the pod with `code` (0 for a real one).
-    fn echo(self, code: u8) -> Vec<u8> {
-        packet::icmp_raw(
-            self.pod,
-            self.peer,
-            self.echo_type(),
-            code,
-            [0, 7, 0, 1],
-            b"ping",
-        )
-    }
-    /// A network by its IPv4 or IPv6 spelling, whichever is this family's.
-    fn cidr(self, v4: &str, v6: &str) -> IpNet {
-        match self.pod {
-            IpAddr::V4(_) => v4.parse().expect("cidr"),
-            IpAddr::V6(_) => v6.parse().expect("cidr"),
-        }
-    }
-    /// An address by its IPv4 or IPv6 spelling, whichever is this family's.
-    fn addr(self, v4: &str, v6: &str) -> IpAddr {
-        match self.pod {
-            IpAddr::V4(_) => v4.parse().expect("address"),
-            IpAddr::V6(_) => v6.parse().expect("address"),
-        }
-    }
+/// A SYN from pod:40000 to `to`:`port`.
+fn syn_to(f: Family, to: IpAddr, port: u16) -> Vec<u8> {
+    packet::tcp(f.pod, to, POD_PORT, port, TcpFlags::SYN)
+}
+
+/// An echo request from the pod with `code` (0 for a real one).
+fn echo(f: Family, code: u8) -> Vec<u8> {
+    packet::icmp_raw(
+        f.pod,
+        f.peer,
+        f.echo_request_type(),
+        code,
+        [0, 7, 0, 1],
+        b"ping",
+    )
 }
 
 /// The handshake of pod:40000 → peer:`port`, each packet accepted.
-fn handshake(dp: &Dp, f: Fam, port: u16) {
-    assert_eq!(dp.pod_sends(&f.out(port, TcpFlags::SYN)), ACCEPT, "SYN");
+fn handshake(dp: &LoopbackDatapath, f: Family, port: u16) {
+    assert_eq!(dp.pod_sends(&f.tcp_out(port, TcpFlags::SYN)), ACCEPT, "SYN");
     assert_eq!(
-        dp.pod_receives(&f.back(port, TcpFlags::SYN_ACK)),
+        dp.pod_receives(&f.tcp_out_reply(port, TcpFlags::SYN_ACK)),
         ACCEPT,
         "SYN/ACK"
     );
-    assert_eq!(dp.pod_sends(&f.out(port, TcpFlags::ACK)), ACCEPT, "ACK");
+    assert_eq!(dp.pod_sends(&f.tcp_out(port, TcpFlags::ACK)), ACCEPT, "ACK");
 }
 
 /// `frame`, sent by the pod, is refused as a NEW connection: dropped, counted, reported, and
 /// leaves no entry.
-fn assert_refused_out(dp: &mut Dp, frame: &[u8], what: &str) {
+fn assert_refused_out(dp: &mut LoopbackDatapath, frame: &[u8], what: &str) {
     let was = dp.counters()[EGRESS].dropped_policy;
     let entries = dp.conns().len();
     assert_eq!(dp.pod_sends(frame), DROP, "{what}");
@@ -282,28 +67,10 @@ fn assert_refused_out(dp: &mut Dp, frame: &[u8], what: &str) {
 }
 
 /// `frame`, sent by the pod, opens a connection.
-fn assert_allowed_out(dp: &Dp, frame: &[u8], what: &str) {
+fn assert_allowed_out(dp: &LoopbackDatapath, frame: &[u8], what: &str) {
     let was = dp.counters()[EGRESS].new_connections;
     assert_eq!(dp.pod_sends(frame), ACCEPT, "{what}");
     assert_eq!(dp.counters()[EGRESS].new_connections, was + 1, "{what}");
-}
-
-/// Runs every test body once over IPv4 and once over IPv6.
-macro_rules! ipv4_and_ipv6 {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn ipv4() {
-                kubesg_testkit::require_privileged!();
-                super::$name(super::V4);
-            }
-            #[test]
-            fn ipv6() {
-                kubesg_testkit::require_privileged!();
-                super::$name(super::V6);
-            }
-        }
-    )*};
 }
 
 // --- NEW connections of members ---------------------------------------------------------------
@@ -323,37 +90,37 @@ ipv4_and_ipv6!(
     denial_event_names_the_endpoint_policy_and_flow,
 );
 
-fn tcp_port_rule_allows_its_port_and_refuses_others(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(
+fn tcp_port_rule_allows_its_port_and_refuses_others(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
         Protocol::Tcp,
         vec![range(443, 443)],
     )])));
-    assert_allowed_out(&dp, &f.syn(443), "443");
-    assert_refused_out(&mut dp, &f.syn(444), "444");
-    assert_refused_out(&mut dp, &f.syn(442), "442");
+    assert_allowed_out(&dp, &f.tcp_out(443, TcpFlags::SYN), "443");
+    assert_refused_out(&mut dp, &f.tcp_out(444, TcpFlags::SYN), "444");
+    assert_refused_out(&mut dp, &f.tcp_out(442, TcpFlags::SYN), "442");
     assert_eq!(dp.conns().len(), 1);
 }
 
-fn port_range_allows_both_ends_and_nothing_outside(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(
+fn port_range_allows_both_ends_and_nothing_outside(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
         Protocol::Tcp,
         vec![range(8000, 8100)],
     )])));
     for p in [8000, 8001, 8050, 8099, 8100] {
-        assert_allowed_out(&dp, &f.syn(p), &format!("port {p}"));
+        assert_allowed_out(&dp, &f.tcp_out(p, TcpFlags::SYN), &format!("port {p}"));
     }
     for p in [7999, 8101, 80, 65535] {
-        assert_refused_out(&mut dp, &f.syn(p), &format!("port {p}"));
+        assert_refused_out(&mut dp, &f.tcp_out(p, TcpFlags::SYN), &format!("port {p}"));
     }
 }
 
-fn rule_of_another_protocol_does_not_match(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(
+fn rule_of_another_protocol_does_not_match(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
         Protocol::Udp,
         vec![range(53, 53)],
     )])));
-    assert_allowed_out(&dp, &f.udp(53), "UDP 53");
-    assert_refused_out(&mut dp, &f.syn(53), "TCP 53");
+    assert_allowed_out(&dp, &f.udp_out(53, b"x"), "UDP 53");
+    assert_refused_out(&mut dp, &f.tcp_out(53, TcpFlags::SYN), "TCP 53");
     let sctp = packet::ip_raw(
         f.pod,
         f.peer,
@@ -363,61 +130,72 @@ fn rule_of_another_protocol_does_not_match(f: Fam) {
     assert_refused_out(&mut dp, &sctp, "SCTP 53");
 }
 
-fn icmp_rule_with_type_and_code_matches_only_that_code(f: Fam) {
-    let echo_code_0 = PortMatch::Icmp {
-        icmp_type: f.echo_type(),
-        code: Some(0),
-    };
-    let mut dp = Dp::load(Some(&egress(vec![rule(f.icmp_rule(), vec![echo_code_0])])));
-    assert_allowed_out(&dp, &f.echo(0), "echo code 0");
-    let other_id = packet::icmp_raw(f.pod, f.peer, f.echo_type(), 1, [0, 8, 0, 1], b"ping");
+fn icmp_rule_with_type_and_code_matches_only_that_code(f: Family) {
+    let echo_code_0 = icmp(f.echo_request_type(), Some(0));
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
+        f.icmp_protocol(),
+        vec![echo_code_0],
+    )])));
+    assert_allowed_out(&dp, &echo(f, 0), "echo code 0");
+    let other_id = packet::icmp_raw(
+        f.pod,
+        f.peer,
+        f.echo_request_type(),
+        1,
+        [0, 8, 0, 1],
+        b"ping",
+    );
     assert_refused_out(&mut dp, &other_id, "echo code 1");
 }
 
-fn icmp_rule_with_type_only_matches_every_code(f: Fam) {
-    let echo_any = PortMatch::Icmp {
-        icmp_type: f.echo_type(),
-        code: None,
-    };
-    let dp = Dp::load(Some(&egress(vec![rule(f.icmp_rule(), vec![echo_any])])));
+fn icmp_rule_with_type_only_matches_every_code(f: Family) {
+    let echo_any = icmp(f.echo_request_type(), None);
+    let dp = LoopbackDatapath::load(Some(&egress(vec![rule(f.icmp_protocol(), vec![echo_any])])));
     for (id, code) in [(7u8, 0u8), (8, 1), (9, 255)] {
-        let echo = packet::icmp_raw(f.pod, f.peer, f.echo_type(), code, [0, id, 0, 1], b"p");
+        let echo = packet::icmp_raw(
+            f.pod,
+            f.peer,
+            f.echo_request_type(),
+            code,
+            [0, id, 0, 1],
+            b"p",
+        );
         assert_allowed_out(&dp, &echo, &format!("code {code}"));
     }
 }
 
-fn cidr_with_except_allows_the_block_minus_the_exception(f: Fam) {
+fn cidr_with_except_allows_the_block_minus_the_exception(f: Family) {
     let block = PeerBlock {
         cidr: f.cidr("10.0.0.0/8", "fd00::/16"),
         except: vec![f.cidr("10.1.0.0/16", "fd00:1::/32")],
     };
-    let mut dp = Dp::load(Some(&egress(vec![Rule {
-        protocol: Protocol::Tcp,
-        ports: vec![],
-        peers: vec![block],
-    }])));
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule_with(
+        Protocol::Tcp,
+        vec![],
+        vec![block],
+    )])));
     let inside = f.addr("10.2.3.4", "fd00:2::4");
     let excepted = f.addr("10.1.2.3", "fd00:1::3");
     let excepted_edge = f.addr("10.1.255.255", "fd00:1:ffff::1");
     let outside = f.addr("11.0.0.1", "fd01::1");
     let just_after = f.addr("10.2.0.0", "fd00:2::");
-    assert_allowed_out(&dp, &f.syn_to(inside, 80), "inside");
-    assert_allowed_out(&dp, &f.syn_to(just_after, 80), "just after the exception");
-    assert_refused_out(&mut dp, &f.syn_to(excepted, 80), "in the exception");
+    assert_allowed_out(&dp, &syn_to(f, inside, 80), "inside");
+    assert_allowed_out(&dp, &syn_to(f, just_after, 80), "just after the exception");
+    assert_refused_out(&mut dp, &syn_to(f, excepted, 80), "in the exception");
     assert_refused_out(
         &mut dp,
-        &f.syn_to(excepted_edge, 80),
+        &syn_to(f, excepted_edge, 80),
         "last of the exception",
     );
-    assert_refused_out(&mut dp, &f.syn_to(outside, 80), "outside");
+    assert_refused_out(&mut dp, &syn_to(f, outside, 80), "outside");
 }
 
-fn any_protocol_rule_allows_every_protocol(f: Fam) {
-    let dp = Dp::load(Some(&egress(vec![rule(Protocol::Any, vec![])])));
-    assert_allowed_out(&dp, &f.syn(1), "TCP 1");
-    assert_allowed_out(&dp, &f.syn(65535), "TCP 65535");
-    assert_allowed_out(&dp, &f.udp(9999), "UDP");
-    assert_allowed_out(&dp, &f.echo(0), "echo");
+fn any_protocol_rule_allows_every_protocol(f: Family) {
+    let dp = LoopbackDatapath::load(Some(&egress(vec![rule(Protocol::Any, vec![])])));
+    assert_allowed_out(&dp, &f.tcp_out(1, TcpFlags::SYN), "TCP 1");
+    assert_allowed_out(&dp, &f.tcp_out(65535, TcpFlags::SYN), "TCP 65535");
+    assert_allowed_out(&dp, &f.udp_out(9999, b"x"), "UDP");
+    assert_allowed_out(&dp, &echo(f, 0), "echo");
     let gre = packet::ip_raw(f.pod, f.peer, 47, &[0; 8]);
     assert_allowed_out(&dp, &gre, "GRE");
     let gre_entry = dp
@@ -428,16 +206,16 @@ fn any_protocol_rule_allows_every_protocol(f: Fam) {
     assert_eq!((gre_entry.key.pod_port, gre_entry.key.peer_port), (0, 0));
 }
 
-fn policy_with_no_rules_denies_everything(f: Fam) {
-    let mut dp = Dp::load(Some(&CompiledPolicy::default()));
-    assert_refused_out(&mut dp, &f.syn(80), "TCP");
-    assert_refused_out(&mut dp, &f.udp(53), "UDP");
-    assert_refused_out(&mut dp, &f.echo(0), "echo");
+fn policy_with_no_rules_denies_everything(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&CompiledPolicy::default()));
+    assert_refused_out(&mut dp, &f.tcp_out(80, TcpFlags::SYN), "TCP");
+    assert_refused_out(&mut dp, &f.udp_out(53, b"x"), "UDP");
+    assert_refused_out(&mut dp, &echo(f, 0), "echo");
     assert_refused_out(&mut dp, &packet::ip_raw(f.pod, f.peer, 47, &[0; 8]), "GRE");
     for frame in [
-        f.syn_in(80),
+        f.tcp_in(80, TcpFlags::SYN),
         packet::udp(f.peer, f.pod, 5000, 53, b"x"),
-        packet::icmp_echo_request(f.peer, f.pod, 1, 1),
+        f.echo_in(1),
     ] {
         assert_eq!(dp.pod_receives(&frame), DROP);
         dp.assert_denied(DenyReason::Policy);
@@ -446,55 +224,67 @@ fn policy_with_no_rules_denies_everything(f: Fam) {
     assert!(dp.conns().is_empty());
 }
 
-fn refused_syn_stays_refused_and_leaves_no_entry(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(
+fn refused_syn_stays_refused_and_leaves_no_entry(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
         Protocol::Tcp,
         vec![range(443, 443)],
     )])));
     for _ in 0..3 {
-        assert_refused_out(&mut dp, &f.syn(80), "80");
+        assert_refused_out(&mut dp, &f.tcp_out(80, TcpFlags::SYN), "80");
     }
     // Nothing was tracked, so the peer's answer has nothing to belong to.
-    assert_eq!(dp.pod_receives(&f.back(80, TcpFlags::SYN_ACK)), DROP);
+    assert_eq!(
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::SYN_ACK)),
+        DROP
+    );
     dp.assert_denied(DenyReason::Invalid);
     assert!(dp.conns().is_empty());
 }
 
-fn ingress_rules_judge_inbound_connections_by_port_and_peer(f: Fam) {
+fn ingress_rules_judge_inbound_connections_by_port_and_peer(f: Family) {
     let peers = PeerBlock::cidr(f.cidr("10.0.1.0/24", "fd00:1::/64"));
-    let mut dp = Dp::load(Some(&ingress(vec![Rule {
-        protocol: Protocol::Tcp,
-        ports: vec![range(8080, 8080)],
-        peers: vec![peers],
-    }])));
-    assert_eq!(dp.pod_receives(&f.syn_in(8080)), ACCEPT);
+    let mut dp = LoopbackDatapath::load(Some(&ingress(vec![rule_with(
+        Protocol::Tcp,
+        vec![range(8080, 8080)],
+        vec![peers],
+    )])));
+    assert_eq!(dp.pod_receives(&f.tcp_in(8080, TcpFlags::SYN)), ACCEPT);
     assert_eq!(dp.conn().entry.orig_direction(), Direction::Ingress);
-    assert_eq!(dp.pod_receives(&f.syn_in(8081)), DROP);
+    assert_eq!(dp.pod_receives(&f.tcp_in(8081, TcpFlags::SYN)), DROP);
     dp.assert_denied(DenyReason::Policy);
     let stranger = f.addr("10.0.2.7", "fd00:2::7");
-    assert_eq!(dp.pod_receives(&f.syn_in_from(stranger, 8080)), DROP);
+    assert_eq!(
+        dp.pod_receives(&packet::tcp(
+            stranger,
+            f.pod,
+            PEER_PORT,
+            8080,
+            TcpFlags::SYN
+        )),
+        DROP
+    );
     let d = dp.assert_denied(DenyReason::Policy);
     assert_eq!(d.src, Some(stranger));
     assert_eq!(dp.counters()[INGRESS].dropped_policy, 2);
     assert_eq!(dp.conns().len(), 1);
 }
 
-fn egress_rules_do_not_allow_inbound_connections(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(
+fn egress_rules_do_not_allow_inbound_connections(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
         Protocol::Tcp,
         vec![range(8080, 8080)],
     )])));
-    assert_eq!(dp.pod_receives(&f.syn_in(8080)), DROP);
+    assert_eq!(dp.pod_receives(&f.tcp_in(8080, TcpFlags::SYN)), DROP);
     dp.assert_denied(DenyReason::Policy);
     assert!(dp.conns().is_empty());
 }
 
-fn denial_event_names_the_endpoint_policy_and_flow(f: Fam) {
-    let mut dp = Dp::load(Some(&CompiledPolicy::default()));
-    let policy_id = dp.policy.expect("a member").id;
-    assert_eq!(dp.pod_sends(&f.syn(443)), DROP);
+fn denial_event_names_the_endpoint_policy_and_flow(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&CompiledPolicy::default()));
+    let policy_id = dp.policy().expect("a member").id;
+    assert_eq!(dp.pod_sends(&f.tcp_out(443, TcpFlags::SYN)), DROP);
     let d = dp.assert_denied(DenyReason::Policy);
-    assert_eq!(d.ifindex, IF);
+    assert_eq!(d.ifindex, IFINDEX);
     assert_eq!(d.policy_id, policy_id);
     assert_eq!(d.direction, Direction::Egress);
     assert_eq!(d.proto, proto::TCP);
@@ -505,22 +295,24 @@ fn denial_event_names_the_endpoint_policy_and_flow(f: Fam) {
 #[test]
 fn ipv6_block_does_not_match_ipv4_and_ipv4_block_does_not_match_ipv6() {
     kubesg_testkit::require_privileged!();
-    let only = |cidr: &str| {
-        egress(vec![Rule {
-            protocol: Protocol::Any,
-            ports: vec![],
-            peers: vec![net(cidr)],
-        }])
-    };
-    let mut dp = Dp::load(Some(&only("::/0")));
-    assert_allowed_out(&dp, &V6.syn(80), "IPv6 under ::/0");
-    assert_refused_out(&mut dp, &V4.syn(80), "IPv4 under ::/0");
+    let only = |block: &str| egress(vec![rule_with(Protocol::Any, vec![], vec![cidr(block)])]);
+    let mut dp = LoopbackDatapath::load(Some(&only("::/0")));
+    assert_allowed_out(&dp, &V6.tcp_out(80, TcpFlags::SYN), "IPv6 under ::/0");
+    assert_refused_out(&mut dp, &V4.tcp_out(80, TcpFlags::SYN), "IPv4 under ::/0");
     let mapped = only("::ffff:0:0/96");
-    let mut dp = Dp::load(Some(&mapped));
-    assert_refused_out(&mut dp, &V4.syn(80), "IPv4 under the v4-mapped block");
-    let mut dp = Dp::load(Some(&only("0.0.0.0/0")));
-    assert_allowed_out(&dp, &V4.syn(80), "IPv4 under 0.0.0.0/0");
-    assert_refused_out(&mut dp, &V6.syn(80), "IPv6 under 0.0.0.0/0");
+    let mut dp = LoopbackDatapath::load(Some(&mapped));
+    assert_refused_out(
+        &mut dp,
+        &V4.tcp_out(80, TcpFlags::SYN),
+        "IPv4 under the v4-mapped block",
+    );
+    let mut dp = LoopbackDatapath::load(Some(&only("0.0.0.0/0")));
+    assert_allowed_out(&dp, &V4.tcp_out(80, TcpFlags::SYN), "IPv4 under 0.0.0.0/0");
+    assert_refused_out(
+        &mut dp,
+        &V6.tcp_out(80, TcpFlags::SYN),
+        "IPv6 under 0.0.0.0/0",
+    );
 }
 
 // --- Stateless policies and non-members --------------------------------------------------------
@@ -531,54 +323,57 @@ ipv4_and_ipv6!(
     non_member_passes_everything_and_still_tracks_it,
 );
 
-fn stateless_policy_judges_every_packet_and_replies_need_their_own_rule(f: Fam) {
+fn stateless_policy_judges_every_packet_and_replies_need_their_own_rule(f: Family) {
     let mut out_only = egress(vec![rule(Protocol::Tcp, vec![range(80, 80)])]);
     out_only.stateless = true;
-    let mut dp = Dp::load(Some(&out_only));
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::SYN)), ACCEPT);
+    let mut dp = LoopbackDatapath::load(Some(&out_only));
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::SYN)), ACCEPT);
     assert_eq!(
-        dp.pod_receives(&f.back(80, TcpFlags::SYN_ACK)),
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::SYN_ACK)),
         DROP,
         "no rule for the reply"
     );
     dp.assert_denied(DenyReason::Policy);
     // A stray ACK is not INVALID for a stateless policy: the rules decide.
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::ACK)), ACCEPT);
-    assert_eq!(dp.pod_sends(&f.out(81, TcpFlags::ACK)), DROP);
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::ACK)), ACCEPT);
+    assert_eq!(dp.pod_sends(&f.tcp_out(81, TcpFlags::ACK)), DROP);
     dp.assert_denied(DenyReason::Policy);
 
     let mut both = out_only.clone();
     both.ingress = vec![rule(Protocol::Tcp, vec![range(32768, 60999)])];
-    let dp = Dp::load(Some(&both));
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::SYN)), ACCEPT);
+    let dp = LoopbackDatapath::load(Some(&both));
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::SYN)), ACCEPT);
     assert_eq!(
-        dp.pod_receives(&f.back(80, TcpFlags::SYN_ACK)),
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::SYN_ACK)),
         ACCEPT,
         "its own rule"
     );
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::ACK)), ACCEPT);
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::ACK)), ACCEPT);
 }
 
-fn stateless_policy_creates_no_entry_and_counts_no_connection(f: Fam) {
+fn stateless_policy_creates_no_entry_and_counts_no_connection(f: Family) {
     let mut p = egress(vec![rule(Protocol::Any, vec![])]);
     p.ingress = vec![rule(Protocol::Any, vec![])];
     p.stateless = true;
-    let dp = Dp::load(Some(&p));
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::SYN)), ACCEPT);
-    assert_eq!(dp.pod_receives(&f.back(80, TcpFlags::SYN_ACK)), ACCEPT);
-    assert_eq!(dp.pod_sends(&f.udp(53)), ACCEPT);
-    assert_eq!(dp.pod_sends(&f.echo(0)), ACCEPT);
+    let dp = LoopbackDatapath::load(Some(&p));
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::SYN)), ACCEPT);
+    assert_eq!(
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::SYN_ACK)),
+        ACCEPT
+    );
+    assert_eq!(dp.pod_sends(&f.udp_out(53, b"x")), ACCEPT);
+    assert_eq!(dp.pod_sends(&echo(f, 0)), ACCEPT);
     assert!(dp.conns().is_empty(), "{:#?}", dp.conns());
     let [eg, ing] = dp.counters();
     assert_eq!(eg.new_connections + ing.new_connections, 0);
     assert_eq!((eg.accepted, ing.accepted), (3, 1));
 }
 
-fn non_member_passes_everything_and_still_tracks_it(f: Fam) {
-    let mut dp = Dp::load(None);
-    assert_eq!(dp.pod_receives(&f.syn_in(22)), ACCEPT);
-    assert_eq!(dp.pod_sends(&f.udp(53)), ACCEPT);
-    assert_eq!(dp.pod_sends(&f.echo(0)), ACCEPT);
+fn non_member_passes_everything_and_still_tracks_it(f: Family) {
+    let mut dp = LoopbackDatapath::load(None);
+    assert_eq!(dp.pod_receives(&f.tcp_in(22, TcpFlags::SYN)), ACCEPT);
+    assert_eq!(dp.pod_sends(&f.udp_out(53, b"x")), ACCEPT);
+    assert_eq!(dp.pod_sends(&echo(f, 0)), ACCEPT);
     let conns = dp.conns();
     assert_eq!(conns.len(), 3, "{conns:#?}");
     let tcp = conns
@@ -599,20 +394,9 @@ fn stateless_member_passes_neighbor_discovery() {
         stateless: true,
         ..CompiledPolicy::default()
     };
-    let dp = Dp::load(Some(&p));
-    let (pod, peer) = (
-        Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5),
-        Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 7),
-    );
-    assert_eq!(
-        dp.pod_sends(&packet::neighbor_solicitation(pod, peer)),
-        ACCEPT
-    );
-    assert_eq!(
-        dp.pod_receives(&packet::neighbor_advertisement(peer, pod)),
-        ACCEPT
-    );
-    assert_eq!(dp.pod_sends(&V6.syn(80)), DROP);
+    let dp = LoopbackDatapath::load(Some(&p));
+    dp.assert_neighbor_discovery_passes();
+    assert_eq!(dp.pod_sends(&V6.tcp_out(80, TcpFlags::SYN)), DROP);
 }
 
 // --- Policy changes -----------------------------------------------------------------------------
@@ -629,37 +413,40 @@ ipv4_and_ipv6!(
     without_recheck_a_non_member_connection_survives_joining_a_refusing_policy,
 );
 
-fn recheck_cuts_an_established_connection_the_new_policy_refuses(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(
+fn recheck_cuts_an_established_connection_the_new_policy_refuses(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
         Protocol::Tcp,
         vec![range(80, 80)],
     )])));
     handshake(&dp, f, 80);
     dp.replace(&egress(vec![rule(Protocol::Tcp, vec![range(443, 443)])]));
-    assert_eq!(dp.pod_receives(&f.back(80, TcpFlags::PSH_ACK)), DROP);
+    assert_eq!(
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::PSH_ACK)),
+        DROP
+    );
     let d = dp.assert_denied(DenyReason::PolicyChanged);
     assert_eq!(d.direction, Direction::Ingress);
-    assert_eq!(d.policy_id, dp.policy.expect("member").id);
+    assert_eq!(d.policy_id, dp.policy().expect("member").id);
     assert_eq!(dp.counters()[INGRESS].dropped_policy, 1);
     assert!(
         dp.conns().is_empty(),
         "the cut connection's entry is deleted"
     );
     // What follows has no connection any more.
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::ACK)), DROP);
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::ACK)), DROP);
     dp.assert_denied(DenyReason::Invalid);
 }
 
-fn unreplied_connection_refused_by_the_new_policy_is_dropped_and_forgotten(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(
+fn unreplied_connection_refused_by_the_new_policy_is_dropped_and_forgotten(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
         Protocol::Udp,
         vec![range(53, 53)],
     )])));
-    assert_eq!(dp.pod_sends(&f.udp(53)), ACCEPT);
+    assert_eq!(dp.pod_sends(&f.udp_out(53, b"x")), ACCEPT);
     assert_eq!(dp.conns().len(), 1);
     dp.replace(&egress(vec![rule(Protocol::Udp, vec![range(123, 123)])]));
     // Still unreplied: its next datagram is NEW, judged by the new rules, refused.
-    assert_eq!(dp.pod_sends(&f.udp(53)), DROP);
+    assert_eq!(dp.pod_sends(&f.udp_out(53, b"x")), DROP);
     dp.assert_denied(DenyReason::Policy);
     assert!(
         dp.conns().is_empty(),
@@ -668,8 +455,8 @@ fn unreplied_connection_refused_by_the_new_policy_is_dropped_and_forgotten(f: Fa
     );
 }
 
-fn recheck_keeps_an_established_connection_the_new_policy_allows(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(
+fn recheck_keeps_an_established_connection_the_new_policy_allows(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
         Protocol::Tcp,
         vec![range(80, 80)],
     )])));
@@ -678,28 +465,34 @@ fn recheck_keeps_an_established_connection_the_new_policy_allows(f: Fam) {
         rule(Protocol::Tcp, vec![range(1, 1024)]),
         rule(Protocol::Udp, vec![]),
     ]));
-    assert_eq!(dp.pod_receives(&f.back(80, TcpFlags::PSH_ACK)), ACCEPT);
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::ACK)), ACCEPT);
+    assert_eq!(
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::PSH_ACK)),
+        ACCEPT
+    );
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::ACK)), ACCEPT);
     let c = dp.conn();
     assert_eq!(c.tcp_state(), Some(TcpState::Established));
     assert_eq!(
         c.entry.policy_id,
-        dp.policy.expect("member").id,
+        dp.policy().expect("member").id,
         "judged under the new policy"
     );
     assert!(dp.denials().is_empty());
 }
 
-fn without_recheck_an_established_connection_outlives_a_refusing_policy(f: Fam) {
-    let mut dp = Dp::load(Some(&egress(vec![rule(
+fn without_recheck_an_established_connection_outlives_a_refusing_policy(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
         Protocol::Tcp,
         vec![range(80, 80)],
     )])));
     dp.set_recheck(false);
     handshake(&dp, f, 80);
     dp.replace(&CompiledPolicy::default());
-    assert_eq!(dp.pod_receives(&f.back(80, TcpFlags::PSH_ACK)), ACCEPT);
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::FIN_ACK)), ACCEPT);
+    assert_eq!(
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::PSH_ACK)),
+        ACCEPT
+    );
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::FIN_ACK)), ACCEPT);
     assert_eq!(dp.conn().tcp_state(), Some(TcpState::FinWait));
     assert!(dp.denials().is_empty());
     // New connections are judged by the new rules all the same.
@@ -710,11 +503,11 @@ fn without_recheck_an_established_connection_outlives_a_refusing_policy(f: Fam) 
     );
 }
 
-fn recheck_judges_an_inbound_connection_by_the_pods_port(f: Fam) {
+fn recheck_judges_an_inbound_connection_by_the_pods_port(f: Family) {
     let server = |port: u16| ingress(vec![rule(Protocol::Tcp, vec![range(port, port)])]);
-    let mut dp = Dp::load(Some(&server(8080)));
-    let inb = |fl| packet::tcp(f.peer, f.pod, 50000, 8080, fl);
-    let reply = |fl| packet::tcp(f.pod, f.peer, 8080, 50000, fl);
+    let mut dp = LoopbackDatapath::load(Some(&server(8080)));
+    let inb = |fl| f.tcp_in(8080, fl);
+    let reply = |fl| f.tcp_in_reply(8080, fl);
     assert_eq!(dp.pod_receives(&inb(TcpFlags::SYN)), ACCEPT);
     assert_eq!(dp.pod_sends(&reply(TcpFlags::SYN_ACK)), ACCEPT);
     assert_eq!(dp.pod_receives(&inb(TcpFlags::ACK)), ACCEPT);
@@ -727,19 +520,16 @@ fn recheck_judges_an_inbound_connection_by_the_pods_port(f: Fam) {
     assert!(dp.conns().is_empty());
 }
 
-fn recheck_cuts_an_echo_flow_the_new_policy_refuses(f: Fam) {
+fn recheck_cuts_an_echo_flow_the_new_policy_refuses(f: Family) {
     let echo_rule = || {
         egress(vec![rule(
-            f.icmp_rule(),
-            vec![PortMatch::Icmp {
-                icmp_type: f.echo_type(),
-                code: Some(0),
-            }],
+            f.icmp_protocol(),
+            vec![icmp(f.echo_request_type(), Some(0))],
         )])
     };
-    let mut dp = Dp::load(Some(&echo_rule()));
-    let ping = packet::icmp_echo_request(f.pod, f.peer, 5, 1);
-    let pong = packet::icmp_echo_reply(f.peer, f.pod, 5, 1);
+    let mut dp = LoopbackDatapath::load(Some(&echo_rule()));
+    let ping = f.echo_out(5);
+    let pong = f.echo_out_reply(5);
     assert_eq!(dp.pod_sends(&ping), ACCEPT);
     assert_eq!(dp.pod_receives(&pong), ACCEPT);
     dp.replace(&echo_rule());
@@ -754,33 +544,36 @@ fn recheck_cuts_an_echo_flow_the_new_policy_refuses(f: Fam) {
     assert!(dp.conns().is_empty());
 }
 
-fn connection_opened_as_non_member_is_kept_on_joining_a_policy_allowing_it(f: Fam) {
-    let mut dp = Dp::load(None);
+fn connection_opened_as_non_member_is_kept_on_joining_a_policy_allowing_it(f: Family) {
+    let mut dp = LoopbackDatapath::load(None);
     handshake(&dp, f, 80);
     dp.join(&egress(vec![rule(Protocol::Tcp, vec![range(80, 80)])]));
-    assert_eq!(dp.pod_receives(&f.back(80, TcpFlags::PSH_ACK)), ACCEPT);
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::ACK)), ACCEPT);
-    assert_eq!(dp.conn().entry.policy_id, dp.policy.expect("member").id);
+    assert_eq!(
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::PSH_ACK)),
+        ACCEPT
+    );
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::ACK)), ACCEPT);
+    assert_eq!(dp.conn().entry.policy_id, dp.policy().expect("member").id);
     assert!(dp.denials().is_empty());
 }
 
-fn connection_opened_as_non_member_is_cut_on_joining_a_policy_refusing_it(f: Fam) {
-    let mut dp = Dp::load(None);
+fn connection_opened_as_non_member_is_cut_on_joining_a_policy_refusing_it(f: Family) {
+    let mut dp = LoopbackDatapath::load(None);
     handshake(&dp, f, 80);
     dp.join(&egress(vec![rule(Protocol::Tcp, vec![range(443, 443)])]));
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::PSH_ACK)), DROP);
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::PSH_ACK)), DROP);
     dp.assert_denied(DenyReason::PolicyChanged);
     assert_eq!(dp.counters()[EGRESS].dropped_policy, 1);
     assert!(dp.conns().is_empty());
 }
 
-fn without_recheck_a_non_member_connection_survives_joining_a_refusing_policy(f: Fam) {
-    let mut dp = Dp::load(None);
+fn without_recheck_a_non_member_connection_survives_joining_a_refusing_policy(f: Family) {
+    let mut dp = LoopbackDatapath::load(None);
     dp.set_recheck(false);
     handshake(&dp, f, 80);
     dp.join(&CompiledPolicy::default());
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::PSH_ACK)), ACCEPT);
-    assert_eq!(dp.pod_receives(&f.back(80, TcpFlags::ACK)), ACCEPT);
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::PSH_ACK)), ACCEPT);
+    assert_eq!(dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::ACK)), ACCEPT);
     assert!(dp.denials().is_empty());
 }
 
@@ -791,13 +584,13 @@ ipv4_and_ipv6!(
     interface_without_endpoint_passes_everything_untracked,
 );
 
-fn drops_are_not_reported_when_deny_events_are_off(f: Fam) {
-    let mut dp = Dp::load(Some(&CompiledPolicy::default()));
-    let mut cfg = dp.dp.config().expect("reading the config");
+fn drops_are_not_reported_when_deny_events_are_off(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&CompiledPolicy::default()));
+    let mut cfg = dp.datapath.config().expect("reading the config");
     cfg.flags &= !CFG_DENY_EVENTS;
-    dp.dp.set_config(&cfg).expect("writing the config");
-    assert_eq!(dp.pod_sends(&f.syn(80)), DROP);
-    assert_eq!(dp.pod_sends(&f.out(80, TcpFlags::ACK)), DROP);
+    dp.datapath.set_config(&cfg).expect("writing the config");
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::SYN)), DROP);
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::ACK)), DROP);
     let eg = dp.counters()[EGRESS];
     assert_eq!(
         (eg.dropped_policy, eg.dropped_invalid),
@@ -807,12 +600,16 @@ fn drops_are_not_reported_when_deny_events_are_off(f: Fam) {
     assert!(dp.denials().is_empty());
 }
 
-fn interface_without_endpoint_passes_everything_untracked(f: Fam) {
+fn interface_without_endpoint_passes_everything_untracked(f: Family) {
     let dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
     for prog in ["from_pod", "to_pod"] {
         let fd = dp.program_fd(prog).expect("program fd");
-        for frame in [f.syn(80), f.out(80, TcpFlags::ACK), f.udp(53)] {
-            let r = test_run(fd, &frame, IF, 1).expect("BPF_PROG_TEST_RUN");
+        for frame in [
+            f.tcp_out(80, TcpFlags::SYN),
+            f.tcp_out(80, TcpFlags::ACK),
+            f.udp_out(53, b"x"),
+        ] {
+            let r = test_run(fd, &frame, IFINDEX, 1).expect("BPF_PROG_TEST_RUN");
             assert_eq!(r.retval, ACCEPT, "{prog}");
         }
     }
@@ -829,17 +626,11 @@ fn interface_without_endpoint_passes_everything_untracked(f: Fam) {
 #[test]
 fn icmp_rule_does_not_allow_icmpv6_nor_the_reverse() {
     kubesg_testkit::require_privileged!();
-    let any_type = |protocol| {
-        egress(vec![Rule {
-            protocol,
-            ports: vec![],
-            peers: anywhere(),
-        }])
-    };
-    let mut dp = Dp::load(Some(&any_type(Protocol::Icmp)));
-    assert_allowed_out(&dp, &V4.echo(0), "ICMP under an ICMP rule");
-    assert_refused_out(&mut dp, &V6.echo(0), "ICMPv6 under an ICMP rule");
-    let mut dp = Dp::load(Some(&any_type(Protocol::Icmpv6)));
-    assert_allowed_out(&dp, &V6.echo(0), "ICMPv6 under an ICMPv6 rule");
-    assert_refused_out(&mut dp, &V4.echo(0), "ICMP under an ICMPv6 rule");
+    let any_type = |protocol| egress(vec![rule(protocol, vec![])]);
+    let mut dp = LoopbackDatapath::load(Some(&any_type(Protocol::Icmp)));
+    assert_allowed_out(&dp, &echo(V4, 0), "ICMP under an ICMP rule");
+    assert_refused_out(&mut dp, &echo(V6, 0), "ICMPv6 under an ICMP rule");
+    let mut dp = LoopbackDatapath::load(Some(&any_type(Protocol::Icmpv6)));
+    assert_allowed_out(&dp, &echo(V6, 0), "ICMPv6 under an ICMPv6 rule");
+    assert_refused_out(&mut dp, &echo(V4, 0), "ICMP under an ICMPv6 rule");
 }

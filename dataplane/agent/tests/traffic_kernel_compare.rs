@@ -9,25 +9,21 @@
 //! `[ASSURED]`; only the remaining timeout may differ by a second or two and the `use=` count
 //! (a kernel reference count) is ignored.
 
-mod traffic_fixture;
-
 use std::{
     io::{ErrorKind, Read},
-    net::{Shutdown, TcpListener, TcpStream, UdpSocket},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
-use ipnet::IpNet;
-use kubesg_agent::{
-    conntrack,
-    policy::{CompiledPolicy, PeerBlock, Protocol, Rule},
-};
+use kubesg_agent::policy::CompiledPolicy;
 use kubesg_testkit::{
+    family::Family,
+    ipv4_and_ipv6,
     netns::{abort, accept_within},
-    node::{TestNode, TestPod},
-    require_privileged,
+    node::TestPod,
+    pods::{client_and_server, close_from, exchange, Pods, Who, ARRIVES},
+    rules::allow_all,
 };
-use traffic_fixture::*;
 
 /// The server's TCP ports: one listening, one nothing listens on, one whose SYNs the server's
 /// firewall drops.
@@ -57,86 +53,58 @@ struct Open {
 /// Traffic run identically on both nodes.
 type Driver = fn(&TestPod, &TestPod, bool) -> Open;
 
+/// A connection from `client`'s port `from` to `to`, accepted on `listener`, that carried data
+/// both ways: (client side, server side).
+fn open_from(
+    client: &TestPod,
+    from: u16,
+    to: SocketAddr,
+    listener: &TcpListener,
+) -> (TcpStream, TcpStream) {
+    let mut c = client
+        .tcp_connect_from(from, to, ARRIVES)
+        .unwrap_or_else(|e| panic!("connecting from port {from}: {e}"));
+    let mut s = accept_within(listener, ARRIVES).expect("accepting");
+    exchange(&mut c, &mut s).expect("exchanging");
+    (c, s)
+}
+
 /// The traffic, from fixed client ports so that both tables carry the same tuples.
 fn drive(client: &TestPod, server: &TestPod, v6: bool) -> Open {
     let listener = server.tcp_listen(v6, TCP_OPEN).expect("listening");
     let to = server.sockaddr(v6, TCP_OPEN);
 
     // A complete short exchange, closed by the client first: TIME_WAIT.
-    let mut c = client
-        .tcp_connect_from(41001, to, ARRIVES)
-        .expect("connecting");
-    let mut s = accept_within(&listener, ARRIVES).expect("accepting");
-    exchange(&mut c, &mut s).expect("exchanging");
-    c.shutdown(Shutdown::Write)
-        .expect("closing the client's side");
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).expect("the server sees the FIN");
-    drop(s);
-    c.read_to_end(&mut rest).expect("the client sees the FIN");
-    drop(c);
+    let (c, s) = open_from(client, 41001, to, &listener);
+    close_from(c, s);
 
     // A connection that stays ESTABLISHED.
-    let mut est_c = client
-        .tcp_connect_from(41002, to, ARRIVES)
-        .expect("connecting");
-    let mut est_s = accept_within(&listener, ARRIVES).expect("accepting");
-    exchange(&mut est_c, &mut est_s).expect("exchanging");
+    let (est_c, est_s) = open_from(client, 41002, to, &listener);
 
     // A short exchange closed by the server first: TIME_WAIT too, through CLOSE_WAIT and
     // LAST_ACK.
-    let mut c = client
-        .tcp_connect_from(41007, to, ARRIVES)
-        .expect("connecting");
-    let mut s = accept_within(&listener, ARRIVES).expect("accepting");
-    exchange(&mut c, &mut s).expect("exchanging");
-    s.shutdown(Shutdown::Write)
-        .expect("closing the server's side");
-    c.read_to_end(&mut rest).expect("the client sees the FIN");
-    drop(c);
-    s.read_to_end(&mut rest).expect("the server sees the FIN");
-    drop(s);
+    let (c, s) = open_from(client, 41007, to, &listener);
+    close_from(s, c);
 
     // A connection reopened by a SYN from the same port while its flow is in TIME_WAIT
     // (the server closed first, so the client's socket is gone).
-    let mut c = client
-        .tcp_connect_from(41013, to, ARRIVES)
-        .expect("connecting");
-    let mut s = accept_within(&listener, ARRIVES).expect("accepting");
-    exchange(&mut c, &mut s).expect("exchanging");
-    s.shutdown(Shutdown::Write)
-        .expect("closing the server's side");
-    c.read_to_end(&mut rest).expect("the client sees the FIN");
-    drop(c);
-    s.read_to_end(&mut rest).expect("the server sees the FIN");
-    drop(s);
+    let (c, s) = open_from(client, 41013, to, &listener);
+    close_from(s, c);
     // Let the server's last ACK reach the client's side before the new SYN leaves.
     std::thread::sleep(Duration::from_millis(100));
-    let mut re_c = client
-        .tcp_connect_from(41013, to, ARRIVES)
-        .expect("reopening");
-    let mut re_s = accept_within(&listener, ARRIVES).expect("accepting");
-    exchange(&mut re_c, &mut re_s).expect("exchanging");
+    let (re_c, re_s) = open_from(client, 41013, to, &listener);
 
     // A connection half-closed by the client, the server's side still open.
-    let mut half_c = client
-        .tcp_connect_from(41008, to, ARRIVES)
-        .expect("connecting");
-    let mut half_s = accept_within(&listener, ARRIVES).expect("accepting");
-    exchange(&mut half_c, &mut half_s).expect("exchanging");
+    let (half_c, mut half_s) = open_from(client, 41008, to, &listener);
     half_c
         .shutdown(Shutdown::Write)
         .expect("closing the client's side");
     half_s
-        .read_to_end(&mut rest)
+        .read_to_end(&mut Vec::new())
         .expect("the server sees the FIN");
 
     // A connection aborted by the client's RST: CLOSE.
-    let mut c = client
-        .tcp_connect_from(41009, to, ARRIVES)
-        .expect("connecting");
-    let mut s = accept_within(&listener, ARRIVES).expect("accepting");
-    exchange(&mut c, &mut s).expect("exchanging");
+    let (c, mut s) = open_from(client, 41009, to, &listener);
     abort(c).expect("aborting");
     match s.read(&mut [0u8; 4]) {
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
@@ -178,22 +146,10 @@ fn drive(client: &TestPod, server: &TestPod, v6: bool) -> Open {
     }
 
     // A SYN nobody answers (the server's own firewall drops it): SYN_SENT, [UNREPLIED].
-    for tool in ["iptables", "ip6tables"] {
+    let dport = TCP_DROPPED.to_string();
+    for ipv6 in [false, true] {
         server
-            .ns
-            .exec_ok(
-                tool,
-                &[
-                    "-A",
-                    "INPUT",
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    &TCP_DROPPED.to_string(),
-                    "-j",
-                    "DROP",
-                ],
-            )
+            .firewall_input(ipv6, &["-p", "tcp", "--dport", &dport, "-j", "DROP"])
             .expect("dropping SYNs on the server");
     }
     let short = Duration::from_millis(300);
@@ -273,11 +229,7 @@ fn settle() {
 
 /// The kernel's table of the client namespace after `drive`.
 fn kernel_table(drive: Driver, v6: bool) -> Vec<String> {
-    let mut node = TestNode::new().expect("creating the node");
-    node.add_pod(CLIENT_V4, CLIENT_V6)
-        .expect("adding the client");
-    node.add_pod(SERVER_V4, SERVER_V6)
-        .expect("adding the server");
+    let node = client_and_server();
     let (client, server) = (&node.pods[0], &node.pods[1]);
     client
         .ns
@@ -300,11 +252,8 @@ fn kubesg_table(
     let pods = Pods::new(client, server);
     let _open = drive(pods.client(), pods.server(), v6);
     let now = kubesg_agent::clock::now_ns();
-    let ifindex = pods.ifindex(Who::Client);
-    conntrack::list(pods.dp.maps())
-        .expect("listing conntrack")
+    pods.entries(Who::Client)
         .into_iter()
-        .filter(|c| c.key.ifindex == ifindex)
         .map(|c| c.nf_conntrack_line(now))
         .collect()
 }
@@ -424,48 +373,20 @@ fn compare(client: Option<&CompiledPolicy>, server: Option<&CompiledPolicy>, v6:
     assert_same_tables(&kubesg, &kernel);
 }
 
+ipv4_and_ipv6!(
+    non_member_table_reads_as_kernel_conntrack,
+    permissive_member_table_reads_as_kernel_conntrack,
+    udp_stream_is_assured_after_two_seconds_as_in_kernel_conntrack,
+);
+
+fn non_member_table_reads_as_kernel_conntrack(f: Family) {
+    compare(None, None, f.is_v6());
+}
+
 /// Members whose rules allow everything, so that filtering is on but refuses nothing.
-fn permissive() -> CompiledPolicy {
-    let all = |s: &str| -> PeerBlock {
-        let net: IpNet = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
-        PeerBlock::cidr(net)
-    };
-    let any = Rule {
-        protocol: Protocol::Any,
-        ports: Vec::new(),
-        peers: vec![all("0.0.0.0/0"), all("::/0")],
-    };
-    CompiledPolicy {
-        ingress: vec![any.clone()],
-        egress: vec![any],
-        stateless: false,
-    }
-}
-
-#[test]
-fn non_member_table_reads_as_kernel_conntrack_v4() {
-    require_privileged!();
-    compare(None, None, false);
-}
-
-#[test]
-fn non_member_table_reads_as_kernel_conntrack_v6() {
-    require_privileged!();
-    compare(None, None, true);
-}
-
-#[test]
-fn permissive_member_table_reads_as_kernel_conntrack_v4() {
-    require_privileged!();
-    let p = permissive();
-    compare(Some(&p), Some(&p), false);
-}
-
-#[test]
-fn permissive_member_table_reads_as_kernel_conntrack_v6() {
-    require_privileged!();
-    let p = permissive();
-    compare(Some(&p), Some(&p), true);
+fn permissive_member_table_reads_as_kernel_conntrack(f: Family) {
+    let p = allow_all();
+    compare(Some(&p), Some(&p), f.is_v6());
 }
 
 #[test]
@@ -489,21 +410,9 @@ fn comparison_ignores_only_timeout_jitter_and_use_count() {
     }
 }
 
-fn udp_stream_compare(v6: bool) {
-    let (kubesg, kernel) = tables(drive_udp_stream, None, None, v6);
+fn udp_stream_is_assured_after_two_seconds_as_in_kernel_conntrack(f: Family) {
+    let (kubesg, kernel) = tables(drive_udp_stream, None, None, f.is_v6());
     assert_has(&kernel, &["udp", "sport=41011", "[ASSURED]"]);
     assert_has(&kernel, &["udp", "sport=41012"]);
     assert_same_tables(&kubesg, &kernel);
-}
-
-#[test]
-fn udp_stream_is_assured_after_two_seconds_as_in_kernel_conntrack_v4() {
-    require_privileged!();
-    udp_stream_compare(false);
-}
-
-#[test]
-fn udp_stream_is_assured_after_two_seconds_as_in_kernel_conntrack_v6() {
-    require_privileged!();
-    udp_stream_compare(true);
 }

@@ -2,40 +2,60 @@
 //! fragment's verdict, ICMP errors about a TCP connection are RELATED while ICMP errors about no
 //! connection are INVALID, and a SYN reopens a connection in TIME_WAIT.
 
-mod traffic_fixture;
-
 use std::{
-    io::{ErrorKind, Read},
-    net::{IpAddr, Shutdown},
+    io::ErrorKind,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use etherparse::PacketBuilder;
-use kubesg_agent::policy::Protocol;
+use kubesg_agent::policy::{CompiledPolicy, Protocol};
 use kubesg_common::conntrack::TcpState;
-use kubesg_testkit::{netns::accept_within, packet, require_privileged};
-use traffic_fixture::*;
+use kubesg_testkit::{
+    family::Family,
+    ipv4_and_ipv6,
+    netns::accept_within,
+    packet,
+    pods::{close_from, exchange, Pods, Who, ARRIVES, NEVER},
+    rules::{egress, ingress, port, rule_with},
+};
 
 /// A datagram larger than the veth's 1500-byte MTU: sent as three fragments.
 const BIG: usize = 4000;
 
-fn udp_pods(port: u16) -> Pods {
-    Pods::new(
-        Some(&egress(vec![rule(Protocol::Udp, &[port], Who::Server)])),
-        Some(&ingress(vec![rule(Protocol::Udp, &[port], Who::Client)])),
-    )
+/// The client may send `protocol` to the server's port `p`.
+fn client_allowing(protocol: Protocol, p: u16) -> CompiledPolicy {
+    egress(vec![rule_with(
+        protocol,
+        vec![port(p)],
+        Who::Server.hosts(),
+    )])
 }
 
-fn fragmented_datagram_passes_both_ways(v6: bool) {
-    let pods = udp_pods(23);
-    let server = pods
-        .server()
-        .udp_bind(v6, 23, ARRIVES)
-        .expect("server socket");
-    let client = pods
-        .client()
-        .udp_bind(v6, 0, ARRIVES)
-        .expect("client socket");
+/// Both pods members: the client may open `protocol` to the server's port `p`, the server
+/// accepts it.
+fn pods_allowing(protocol: Protocol, p: u16) -> Pods {
+    let server = ingress(vec![rule_with(
+        protocol,
+        vec![port(p)],
+        Who::Client.hosts(),
+    )]);
+    Pods::new(Some(&client_allowing(protocol, p)), Some(&server))
+}
+
+ipv4_and_ipv6!(
+    fragmented_datagram_passes_both_ways,
+    fragments_of_a_refused_datagram_are_all_dropped,
+    icmp_rejection_of_a_syn_is_related,
+    unrelated_icmp_error_to_member_is_dropped_as_invalid,
+    unrelated_icmp_error_to_non_member_passes,
+    syn_reopens_a_connection_in_time_wait,
+);
+
+fn fragmented_datagram_passes_both_ways(f: Family) {
+    let v6 = f.is_v6();
+    let pods = pods_allowing(Protocol::Udp, 23);
+    let (client, server) = pods.udp_sockets(v6, 23, ARRIVES);
     let big = vec![0x5a_u8; BIG];
     let mut buf = vec![0u8; BIG + 1];
     client
@@ -50,106 +70,47 @@ fn fragmented_datagram_passes_both_ways(v6: bool) {
         .recv(&mut buf)
         .unwrap_or_else(|e| panic!("the fragmented answer did not arrive: {e}\n{}", pods.dump()));
     assert_eq!(n, BIG);
-    for who in [Who::Client, Who::Server] {
-        let [out, inc] = pods.counters(who);
-        assert_eq!(
-            out.dropped_invalid + inc.dropped_invalid + out.dropped_policy + inc.dropped_policy,
-            0,
-            "{who:?}\n{}",
-            pods.dump()
-        );
-    }
+    pods.assert_nothing_dropped();
 }
 
-#[test]
-fn fragmented_datagram_passes_both_ways_v4() {
-    require_privileged!();
-    fragmented_datagram_passes_both_ways(false);
-}
-
-#[test]
-fn fragmented_datagram_passes_both_ways_v6() {
-    require_privileged!();
-    fragmented_datagram_passes_both_ways(true);
-}
-
-fn fragments_of_a_refused_datagram_are_all_dropped(v6: bool) {
-    let pods = udp_pods(23);
-    let server = pods
-        .server()
-        .udp_bind(v6, 24, NEVER)
-        .expect("server socket");
-    let client = pods.client().udp_bind(v6, 0, NEVER).expect("client socket");
+fn fragments_of_a_refused_datagram_are_all_dropped(f: Family) {
+    let v6 = f.is_v6();
+    let pods = pods_allowing(Protocol::Udp, 23);
+    let (client, server) = pods.udp_sockets(v6, 24, NEVER);
     client
         .send_to(&vec![0x5a_u8; BIG], pods.server().sockaddr(v6, 24))
         .expect("sending");
     let mut buf = vec![0u8; BIG + 1];
-    assert!(
-        server.recv(&mut buf).is_err(),
-        "no rule allows port 24\n{}",
-        pods.dump()
-    );
+    pods.assert(server.recv(&mut buf).is_err(), "no rule allows port 24");
     let [out, _] = pods.counters(Who::Client);
-    assert!(
-        out.dropped_policy >= 1,
-        "the first fragment\n{}",
-        pods.dump()
-    );
-    assert!(
-        out.dropped_invalid >= 2,
-        "the later fragments\n{}",
-        pods.dump()
-    );
+    pods.assert(out.dropped_policy >= 1, "the first fragment");
+    pods.assert(out.dropped_invalid >= 2, "the later fragments");
     let [_, s_in] = pods.counters(Who::Server);
-    assert_eq!(
+    pods.assert_eq(
         s_in.new_connections + s_in.dropped_policy + s_in.dropped_invalid + s_in.invalid_passed,
         0,
-        "no fragment reached the server's interface\n{}",
-        pods.dump()
+        "no fragment reached the server's interface",
     );
 }
 
-#[test]
-fn fragments_of_a_refused_datagram_are_all_dropped_v4() {
-    require_privileged!();
-    fragments_of_a_refused_datagram_are_all_dropped(false);
-}
-
-#[test]
-fn fragments_of_a_refused_datagram_are_all_dropped_v6() {
-    require_privileged!();
-    fragments_of_a_refused_datagram_are_all_dropped(true);
-}
-
-fn icmp_rejection_of_a_syn_is_related(v6: bool) {
+fn icmp_rejection_of_a_syn_is_related(f: Family) {
+    let v6 = f.is_v6();
     // The server's own firewall rejects SYNs to 8083 with a port unreachable; the client's rules
     // allow the connection, so the error about it is RELATED and reaches the client.
-    let pods = Pods::new(
-        Some(&egress(vec![rule(Protocol::Tcp, &[8083], Who::Server)])),
-        None,
-    );
-    let (tool, with) = if v6 {
-        ("ip6tables", "icmp6-port-unreachable")
-    } else {
-        ("iptables", "icmp-port-unreachable")
-    };
+    let pods = Pods::new(Some(&client_allowing(Protocol::Tcp, 8083)), None);
+    let with = f.pick("icmp-port-unreachable", "icmp6-port-unreachable");
+    let reject = [
+        "-p",
+        "tcp",
+        "--dport",
+        "8083",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        with,
+    ];
     pods.server()
-        .ns
-        .exec_ok(
-            tool,
-            &[
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
-                "--dport",
-                "8083",
-                "-j",
-                "REJECT",
-                "--reject-with",
-                with,
-            ],
-        )
+        .firewall_input(v6, &reject)
         .expect("adding the REJECT rule");
     let r = pods
         .client()
@@ -162,27 +123,15 @@ fn icmp_rejection_of_a_syn_is_related(v6: bool) {
         ),
     }
     let [_, inc] = pods.counters(Who::Client);
-    assert!(inc.related >= 1, "{}", pods.dump());
+    pods.assert(inc.related >= 1, "the error is RELATED");
     let e = pods.tcp_entries(Who::Client, 8083);
-    assert_eq!(e.len(), 1, "{}", pods.dump());
-    assert_eq!(
+    pods.assert_eq(e.len(), 1, "one connection");
+    pods.assert_eq(
         e[0].tcp_state(),
         Some(TcpState::SynSent),
-        "an error is no reply"
+        "an error is no reply",
     );
-    assert!(!e[0].seen_reply(), "{}", pods.dump());
-}
-
-#[test]
-fn icmp_rejection_of_a_syn_is_related_v4() {
-    require_privileged!();
-    icmp_rejection_of_a_syn_is_related(false);
-}
-
-#[test]
-fn icmp_rejection_of_a_syn_is_related_v6() {
-    require_privileged!();
-    icmp_rejection_of_a_syn_is_related(true);
+    pods.assert(!e[0].seen_reply(), "[UNREPLIED]");
 }
 
 /// The server sends the client a crafted port unreachable about a UDP datagram the client never
@@ -225,67 +174,37 @@ fn unrelated_port_unreachable_arrives(pods: &Pods, v6: bool) -> bool {
         .is_some()
 }
 
-fn unrelated_icmp_error_to_member_is_dropped_as_invalid(v6: bool) {
+fn unrelated_icmp_error_to_member_is_dropped_as_invalid(f: Family) {
+    let v6 = f.is_v6();
     // The client is a member whose rules would even allow the quoted flow; the server, which
     // sends the error, is not filtered.
-    let pods = Pods::new(
-        Some(&egress(vec![rule(Protocol::Udp, &[53], Who::Server)])),
-        None,
-    );
-    assert!(
+    let pods = Pods::new(Some(&client_allowing(Protocol::Udp, 53)), None);
+    pods.assert(
         !unrelated_port_unreachable_arrives(&pods, v6),
-        "an error about no connection must not reach a member\n{}",
-        pods.dump()
+        "an error about no connection must not reach a member",
     );
     let [_, inc] = pods.counters(Who::Client);
-    assert!(inc.dropped_invalid >= 1, "{}", pods.dump());
-    assert_eq!(inc.related, 0, "{}", pods.dump());
+    pods.assert(inc.dropped_invalid >= 1, "dropped as INVALID");
+    pods.assert_eq(inc.related, 0, "not RELATED");
 }
 
-#[test]
-fn unrelated_icmp_error_to_member_is_dropped_as_invalid_v4() {
-    require_privileged!();
-    unrelated_icmp_error_to_member_is_dropped_as_invalid(false);
-}
-
-#[test]
-fn unrelated_icmp_error_to_member_is_dropped_as_invalid_v6() {
-    require_privileged!();
-    unrelated_icmp_error_to_member_is_dropped_as_invalid(true);
-}
-
-fn unrelated_icmp_error_to_non_member_passes(v6: bool) {
+fn unrelated_icmp_error_to_non_member_passes(f: Family) {
+    let v6 = f.is_v6();
     // The control of the test above: the crafted error does reach a pod that is not filtered.
     let pods = Pods::new(None, None);
-    assert!(
+    pods.assert(
         unrelated_port_unreachable_arrives(&pods, v6),
-        "{}",
-        pods.dump()
+        "the error reaches a non-member",
     );
-    assert!(
+    pods.assert(
         pods.counters(Who::Client)[1].invalid_passed >= 1,
-        "{}",
-        pods.dump()
+        "INVALID, counted, passed",
     );
 }
 
-#[test]
-fn unrelated_icmp_error_to_non_member_passes_v4() {
-    require_privileged!();
-    unrelated_icmp_error_to_non_member_passes(false);
-}
-
-#[test]
-fn unrelated_icmp_error_to_non_member_passes_v6() {
-    require_privileged!();
-    unrelated_icmp_error_to_non_member_passes(true);
-}
-
-fn syn_reopens_a_connection_in_time_wait(v6: bool) {
-    let pods = Pods::new(
-        Some(&egress(vec![rule(Protocol::Tcp, &[8080], Who::Server)])),
-        Some(&ingress(vec![rule(Protocol::Tcp, &[8080], Who::Client)])),
-    );
+fn syn_reopens_a_connection_in_time_wait(f: Family) {
+    let v6 = f.is_v6();
+    let pods = pods_allowing(Protocol::Tcp, 8080);
     let listener = pods.server().tcp_listen(v6, 8080).expect("listening");
     let to = pods.server().sockaddr(v6, 8080);
     let client = pods.client();
@@ -296,12 +215,7 @@ fn syn_reopens_a_connection_in_time_wait(v6: bool) {
     exchange(&mut c, &mut s).expect("exchanging");
     // The server closes first, so the client's socket is gone at the end while the flow is in
     // TIME_WAIT for conntrack.
-    s.shutdown(Shutdown::Write).expect("closing");
-    let mut rest = Vec::new();
-    c.read_to_end(&mut rest).expect("the client sees the FIN");
-    drop(c);
-    s.read_to_end(&mut rest).expect("the server sees the FIN");
-    drop(s);
+    close_from(s, c);
     let deadline = Instant::now() + ARRIVES;
     let in_time_wait = || {
         pods.tcp_entries(Who::Client, 8080)
@@ -311,7 +225,7 @@ fn syn_reopens_a_connection_in_time_wait(v6: bool) {
     while !in_time_wait() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(in_time_wait(), "{}", pods.dump());
+    pods.assert(in_time_wait(), "the first connection is in TIME_WAIT");
 
     let mut c = client
         .tcp_connect_from(41007, to, ARRIVES)
@@ -320,30 +234,12 @@ fn syn_reopens_a_connection_in_time_wait(v6: bool) {
     exchange(&mut c, &mut s).unwrap_or_else(|e| panic!("{e}\n{}", pods.dump()));
     for who in [Who::Client, Who::Server] {
         let e = pods.tcp_entries(who, 8080);
-        assert_eq!(e.len(), 1, "{}", pods.dump());
-        assert_eq!(
-            e[0].tcp_state(),
-            Some(TcpState::Established),
-            "{}",
-            pods.dump()
-        );
+        pods.assert_eq(e.len(), 1, &format!("{who:?}: one connection"));
+        pods.assert_eq(e[0].tcp_state(), Some(TcpState::Established), "established");
     }
-    assert_eq!(
+    pods.assert_eq(
         pods.counters(Who::Client)[0].new_connections,
         2,
-        "{}",
-        pods.dump()
+        "the reopening SYN is a new connection",
     );
-}
-
-#[test]
-fn syn_reopens_a_connection_in_time_wait_v4() {
-    require_privileged!();
-    syn_reopens_a_connection_in_time_wait(false);
-}
-
-#[test]
-fn syn_reopens_a_connection_in_time_wait_v6() {
-    require_privileged!();
-    syn_reopens_a_connection_in_time_wait(true);
 }

@@ -4,24 +4,30 @@
 //! whatever the new rules say. A rule added while a refused SYN is being retransmitted lets the
 //! retransmission open the connection (a refused SYN left no state behind).
 
-mod traffic_fixture;
-
 use std::time::{Duration, Instant};
 
 use kubesg_agent::policy::{CompiledPolicy, Protocol};
-use kubesg_common::{config::CFG_RECHECK_ON_POLICY_CHANGE, conntrack::TcpState, event::Counters};
-use kubesg_testkit::{netns::accept_within, require_privileged};
-use traffic_fixture::*;
+use kubesg_common::{config::CFG_RECHECK_ON_POLICY_CHANGE, event::Counters};
+use kubesg_testkit::{
+    family::Family,
+    ipv4_and_ipv6,
+    netns::accept_within,
+    pods::{Pods, Who, ARRIVES},
+    require_privileged,
+    rules::{egress, ingress, port, rule_with},
+};
 
 const PORT: u16 = 8080;
 const OTHER: u16 = 9090;
 
 fn client_allowing(ports: &[u16]) -> CompiledPolicy {
-    egress(vec![rule(Protocol::Tcp, ports, Who::Server)])
+    let ports = ports.iter().copied().map(port).collect();
+    egress(vec![rule_with(Protocol::Tcp, ports, Who::Server.hosts())])
 }
 
 fn server_allowing(ports: &[u16]) -> CompiledPolicy {
-    ingress(vec![rule(Protocol::Tcp, ports, Who::Client)])
+    let ports = ports.iter().copied().map(port).collect();
+    ingress(vec![rule_with(Protocol::Tcp, ports, Who::Client.hosts())])
 }
 
 /// Opens a connection between two members allowing [`PORT`], turns re-check on or off, replaces
@@ -38,96 +44,47 @@ fn change_rules(who: Who, new: &CompiledPolicy, recheck: bool, v6: bool) -> (boo
         pods.dp.set_config(&c).expect("writing the config");
     }
     let (mut c, mut s) = pods.tcp_open(v6, PORT);
-    let old = match who {
-        Who::Client => pods.client_policy,
-        Who::Server => pods.server_policy,
-    }
-    .expect("a member");
+    let old = pods.policy(who).expect("a member");
     let new = pods
         .dp
         .replace_policy(old, new)
         .expect("replacing the policy");
-    let flows = data_gets_through(&mut c, &mut s);
-    if flows {
-        assert!(
-            data_gets_through(&mut s, &mut c),
-            "replies flow\n{}",
-            pods.dump()
-        );
-        let e = pods.tcp_entries(who, PORT);
-        assert_eq!(e.len(), 1, "{}", pods.dump());
-        assert_eq!(
-            e[0].tcp_state(),
-            Some(TcpState::Established),
-            "{}",
-            pods.dump()
-        );
-        assert_eq!(e[0].entry.policy_id, new.id, "{}", pods.dump());
-    }
+    let flows = pods.still_carries((&mut c, &mut s), who, PORT, new);
     (flows, pods)
 }
 
-fn egress_rule_removal_cuts_established_connection_under_recheck(v6: bool) {
-    let (flows, pods) = change_rules(Who::Client, &client_allowing(&[OTHER]), true, v6);
-    assert!(!flows, "the connection is cut\n{}", pods.dump());
-    assert!(
-        pods.counters(Who::Client)[0].dropped_policy >= 1,
-        "{}",
-        pods.dump()
-    );
-    assert!(
-        pods.tcp_entries(Who::Client, PORT).is_empty(),
-        "its entry is gone\n{}",
-        pods.dump()
-    );
+ipv4_and_ipv6!(
+    egress_rule_removal_cuts_established_connection_under_recheck,
+    egress_rule_removal_keeps_established_connection_without_recheck,
+    rule_added_while_a_refused_syn_retransmits_lets_it_open,
+);
+
+fn egress_rule_removal_cuts_established_connection_under_recheck(f: Family) {
+    let (flows, pods) = change_rules(Who::Client, &client_allowing(&[OTHER]), true, f.is_v6());
+    pods.assert(!flows, "the connection is cut");
+    pods.assert_cut(Who::Client, PORT);
 }
 
-#[test]
-fn egress_rule_removal_cuts_established_connection_under_recheck_v4() {
-    require_privileged!();
-    egress_rule_removal_cuts_established_connection_under_recheck(false);
-}
-
-#[test]
-fn egress_rule_removal_cuts_established_connection_under_recheck_v6() {
-    require_privileged!();
-    egress_rule_removal_cuts_established_connection_under_recheck(true);
-}
-
-fn egress_rule_removal_keeps_established_connection_without_recheck(v6: bool) {
-    let (flows, pods) = change_rules(Who::Client, &client_allowing(&[OTHER]), false, v6);
-    assert!(flows, "tracked connections live on\n{}", pods.dump());
+fn egress_rule_removal_keeps_established_connection_without_recheck(f: Family) {
+    let (flows, pods) = change_rules(Who::Client, &client_allowing(&[OTHER]), false, f.is_v6());
+    pods.assert(flows, "tracked connections live on");
     let [out, inc] = pods.counters(Who::Client);
-    assert_eq!(
+    pods.assert_eq(
         out.dropped_policy + inc.dropped_policy,
         0,
-        "{}",
-        pods.dump()
+        "nothing refused",
     );
-}
-
-#[test]
-fn egress_rule_removal_keeps_established_connection_without_recheck_v4() {
-    require_privileged!();
-    egress_rule_removal_keeps_established_connection_without_recheck(false);
-}
-
-#[test]
-fn egress_rule_removal_keeps_established_connection_without_recheck_v6() {
-    require_privileged!();
-    egress_rule_removal_keeps_established_connection_without_recheck(true);
 }
 
 #[test]
 fn rule_change_that_still_allows_connection_keeps_it_under_recheck() {
     require_privileged!();
     let (flows, pods) = change_rules(Who::Client, &client_allowing(&[OTHER, PORT]), true, false);
-    assert!(flows, "the new rules still allow it\n{}", pods.dump());
-    assert_eq!(
+    pods.assert(flows, "the new rules still allow it");
+    pods.assert_eq(
         pods.counters(Who::Client)[0].dropped_policy,
         0,
-        "{}",
-        pods.dump()
+        "nothing refused",
     );
 }
 
@@ -135,34 +92,26 @@ fn rule_change_that_still_allows_connection_keeps_it_under_recheck() {
 fn ingress_rule_removal_cuts_accepted_connection_under_recheck() {
     require_privileged!();
     let (flows, pods) = change_rules(Who::Server, &server_allowing(&[OTHER]), true, false);
-    assert!(!flows, "the connection is cut\n{}", pods.dump());
-    assert!(
-        pods.counters(Who::Server)[1].dropped_policy >= 1,
-        "{}",
-        pods.dump()
-    );
-    assert!(
-        pods.tcp_entries(Who::Server, PORT).is_empty(),
-        "{}",
-        pods.dump()
-    );
+    pods.assert(!flows, "the connection is cut");
+    pods.assert_cut(Who::Server, PORT);
 }
 
 #[test]
 fn ingress_rule_removal_keeps_accepted_connection_without_recheck() {
     require_privileged!();
     let (flows, pods) = change_rules(Who::Server, &server_allowing(&[OTHER]), false, false);
-    assert!(flows, "tracked connections live on\n{}", pods.dump());
+    pods.assert(flows, "tracked connections live on");
 }
 
-fn rule_added_while_a_refused_syn_retransmits_lets_it_open(v6: bool) {
+fn rule_added_while_a_refused_syn_retransmits_lets_it_open(f: Family) {
+    let v6 = f.is_v6();
     let mut pods = Pods::new(
         Some(&client_allowing(&[PORT])),
         Some(&server_allowing(&[OTHER])),
     );
     let listener = pods.server().tcp_listen(v6, PORT).expect("listening");
     let to = pods.server().sockaddr(v6, PORT);
-    let old = pods.server_policy.expect("a member");
+    let old = pods.policy(Who::Server).expect("a member");
     let server_if = pods.ifindex(Who::Server);
     // TCP retransmits the SYN after 1 s: the attempt outlives that.
     let patience = Duration::from_secs(4);
@@ -183,19 +132,14 @@ fn rule_added_while_a_refused_syn_retransmits_lets_it_open(v6: bool) {
         stream.unwrap_or_else(|e| panic!("the retransmitted SYN opens the connection: {e}"));
         before
     });
-    assert!(
-        refused_before_change >= 1,
-        "the first SYN was refused\n{}",
-        pods.dump()
-    );
+    pods.assert(refused_before_change >= 1, "the first SYN was refused");
     let _s = accept_within(&listener, ARRIVES).expect("accepting");
     let e = pods.tcp_entries(Who::Server, PORT);
-    assert_eq!(e.len(), 1, "{}", pods.dump());
-    assert_eq!(
+    pods.assert_eq(e.len(), 1, "one connection");
+    pods.assert_eq(
         pods.counters(Who::Server)[1].new_connections,
         1,
-        "{}",
-        pods.dump()
+        "one connection accepted",
     );
 }
 
@@ -203,16 +147,4 @@ fn dp_counters(dp: &kubesg_agent::datapath::Datapath, ifindex: u32) -> [Counters
     dp.counters(ifindex)
         .expect("reading counters")
         .expect("a registered endpoint")
-}
-
-#[test]
-fn rule_added_while_a_refused_syn_retransmits_lets_it_open_v4() {
-    require_privileged!();
-    rule_added_while_a_refused_syn_retransmits_lets_it_open(false);
-}
-
-#[test]
-fn rule_added_while_a_refused_syn_retransmits_lets_it_open_v6() {
-    require_privileged!();
-    rule_added_while_a_refused_syn_retransmits_lets_it_open(true);
 }

@@ -3,32 +3,32 @@
 //! anything back. Plus ICMP echo, ICMP errors (RELATED) and a stray ACK (INVALID), over IPv4 and
 //! IPv6.
 
-mod traffic_fixture;
-
-use std::io::ErrorKind;
+use std::{io::ErrorKind, time::Duration};
 
 use kubesg_agent::policy::{CompiledPolicy, Protocol};
-use kubesg_common::conntrack::TcpState;
+use kubesg_common::{conntrack::TcpState, proto};
 use kubesg_testkit::{
+    family::Family,
+    ipv4_and_ipv6,
     netns::{accept_within, is_timeout},
     packet::{self, TcpFlags},
-    require_privileged,
+    pods::{Pods, Who, ARRIVES, NEVER},
+    rules::{echo_requests, egress, ingress, port, rule_with},
 };
-use traffic_fixture::*;
 
 /// The seed's client: may open TCP and UDP to the server's port 23, nothing else.
 fn seed_client() -> CompiledPolicy {
     egress(vec![
-        rule(Protocol::Tcp, &[23], Who::Server),
-        rule(Protocol::Udp, &[23], Who::Server),
+        rule_with(Protocol::Tcp, vec![port(23)], Who::Server.hosts()),
+        rule_with(Protocol::Udp, vec![port(23)], Who::Server.hosts()),
     ])
 }
 
 /// The seed's server: accepts TCP and UDP on port 23 from the client, opens nothing.
 fn seed_server() -> CompiledPolicy {
     ingress(vec![
-        rule(Protocol::Tcp, &[23], Who::Client),
-        rule(Protocol::Udp, &[23], Who::Client),
+        rule_with(Protocol::Tcp, vec![port(23)], Who::Client.hosts()),
+        rule_with(Protocol::Udp, vec![port(23)], Who::Client.hosts()),
     ])
 }
 
@@ -36,56 +36,45 @@ fn seed_pods() -> Pods {
     Pods::new(Some(&seed_client()), Some(&seed_server()))
 }
 
-fn client_tcp_to_port_23_carries_data_both_ways_and_is_established(v6: bool) {
+ipv4_and_ipv6!(
+    client_tcp_to_port_23_carries_data_both_ways_and_is_established,
+    client_udp_to_port_23_is_replied_and_established,
+    server_cannot_open_tcp_back_to_the_client,
+    server_cannot_send_udp_to_a_bound_client_port,
+    echo_allowed_by_rules_is_answered,
+    echo_the_other_way_is_refused,
+    port_unreachable_comes_back_as_related,
+    stray_ack_from_member_is_dropped_as_invalid,
+    stray_ack_from_non_member_passes_and_draws_a_reset,
+);
+
+fn client_tcp_to_port_23_carries_data_both_ways_and_is_established(f: Family) {
+    let v6 = f.is_v6();
     let pods = seed_pods();
     let (_c, _s) = pods.tcp_open(v6, 23);
     for who in [Who::Client, Who::Server] {
         let entries = pods.tcp_entries(who, 23);
-        assert_eq!(entries.len(), 1, "{who:?}: one connection\n{}", pods.dump());
+        pods.assert_eq(entries.len(), 1, &format!("{who:?}: one connection"));
         let e = &entries[0];
-        assert_eq!(
-            e.tcp_state(),
-            Some(TcpState::Established),
-            "{}",
-            pods.dump()
-        );
-        assert!(e.seen_reply() && e.assured(), "{}", pods.dump());
+        pods.assert_eq(e.tcp_state(), Some(TcpState::Established), "established");
+        pods.assert(e.seen_reply() && e.assured(), "replied and assured");
         assert_eq!(e.original().src, pods.client().addr(v6));
         assert_eq!(e.original().dst, pods.server().addr(v6));
         assert_eq!(e.original().dport, 23);
     }
     let [out, _] = pods.counters(Who::Client);
-    assert_eq!(out.new_connections, 1, "{}", pods.dump());
-    assert_eq!(
+    pods.assert_eq(out.new_connections, 1, "one connection");
+    pods.assert_eq(
         out.dropped_policy + out.dropped_invalid,
         0,
-        "{}",
-        pods.dump()
+        "nothing dropped",
     );
 }
 
-#[test]
-fn client_tcp_to_port_23_carries_data_both_ways_and_is_established_v4() {
-    require_privileged!();
-    client_tcp_to_port_23_carries_data_both_ways_and_is_established(false);
-}
-
-#[test]
-fn client_tcp_to_port_23_carries_data_both_ways_and_is_established_v6() {
-    require_privileged!();
-    client_tcp_to_port_23_carries_data_both_ways_and_is_established(true);
-}
-
-fn client_udp_to_port_23_is_replied_and_established(v6: bool) {
+fn client_udp_to_port_23_is_replied_and_established(f: Family) {
+    let v6 = f.is_v6();
     let pods = seed_pods();
-    let server = pods
-        .server()
-        .udp_bind(v6, 23, ARRIVES)
-        .expect("server socket");
-    let client = pods
-        .client()
-        .udp_bind(v6, 0, ARRIVES)
-        .expect("client socket");
+    let (client, server) = pods.udp_sockets(v6, 23, ARRIVES);
     let dst = pods.server().sockaddr(v6, 23);
     let mut buf = [0u8; 16];
     for round in 0..2 {
@@ -106,37 +95,21 @@ fn client_udp_to_port_23_is_replied_and_established(v6: bool) {
         });
         assert_eq!(&buf[..n], b"answer");
     }
-    let udp: Vec<_> = pods
-        .entries(Who::Client)
-        .into_iter()
-        .filter(|c| c.key.proto == kubesg_common::proto::UDP)
-        .collect();
-    assert_eq!(udp.len(), 1, "{}", pods.dump());
-    assert!(udp[0].seen_reply(), "the reply was seen\n{}", pods.dump());
+    let udp = pods.proto_entries(Who::Client, proto::UDP);
+    pods.assert_eq(udp.len(), 1, "one UDP flow");
+    pods.assert(udp[0].seen_reply(), "the reply was seen");
     assert_eq!(udp[0].original().dport, 23);
     let [out, inc] = pods.counters(Who::Client);
-    assert_eq!(out.new_connections, 1, "{}", pods.dump());
-    assert_eq!(
+    pods.assert_eq(out.new_connections, 1, "one connection");
+    pods.assert_eq(
         out.dropped_policy + inc.dropped_policy,
         0,
-        "{}",
-        pods.dump()
+        "nothing refused",
     );
 }
 
-#[test]
-fn client_udp_to_port_23_is_replied_and_established_v4() {
-    require_privileged!();
-    client_udp_to_port_23_is_replied_and_established(false);
-}
-
-#[test]
-fn client_udp_to_port_23_is_replied_and_established_v6() {
-    require_privileged!();
-    client_udp_to_port_23_is_replied_and_established(true);
-}
-
-fn server_cannot_open_tcp_back_to_the_client(v6: bool) {
+fn server_cannot_open_tcp_back_to_the_client(f: Family) {
+    let v6 = f.is_v6();
     let pods = seed_pods();
     let listener = pods
         .client()
@@ -145,35 +118,17 @@ fn server_cannot_open_tcp_back_to_the_client(v6: bool) {
     let r = pods
         .server()
         .tcp_connect(pods.client().sockaddr(v6, 2323), NEVER);
-    assert_dropped(r, "server connecting to the client's port 2323", &pods);
-    assert!(accept_within(&listener, std::time::Duration::from_millis(50)).is_err());
+    pods.assert_dropped(r, "server connecting to the client's port 2323");
+    assert!(accept_within(&listener, Duration::from_millis(50)).is_err());
     let [out, _] = pods.counters(Who::Server);
-    assert!(out.dropped_policy >= 1, "{}", pods.dump());
-    assert!(
-        pods.tcp_entries(Who::Server, 2323).is_empty(),
-        "no state\n{}",
-        pods.dump()
-    );
-    assert!(
-        pods.tcp_entries(Who::Client, 2323).is_empty(),
-        "no state\n{}",
-        pods.dump()
-    );
+    pods.assert(out.dropped_policy >= 1, "refused by policy");
+    for who in [Who::Server, Who::Client] {
+        pods.assert(pods.tcp_entries(who, 2323).is_empty(), "no state");
+    }
 }
 
-#[test]
-fn server_cannot_open_tcp_back_to_the_client_v4() {
-    require_privileged!();
-    server_cannot_open_tcp_back_to_the_client(false);
-}
-
-#[test]
-fn server_cannot_open_tcp_back_to_the_client_v6() {
-    require_privileged!();
-    server_cannot_open_tcp_back_to_the_client(true);
-}
-
-fn server_cannot_send_udp_to_a_bound_client_port(v6: bool) {
+fn server_cannot_send_udp_to_a_bound_client_port(f: Family) {
+    let v6 = f.is_v6();
     let pods = seed_pods();
     let client = pods
         .client()
@@ -192,95 +147,53 @@ fn server_cannot_send_udp_to_a_bound_client_port(v6: bool) {
         ),
     }
     let [out, _] = pods.counters(Who::Server);
-    assert!(out.dropped_policy >= 1, "{}", pods.dump());
-    assert!(
-        pods.entries(Who::Server).is_empty(),
-        "no state\n{}",
-        pods.dump()
-    );
-}
-
-#[test]
-fn server_cannot_send_udp_to_a_bound_client_port_v4() {
-    require_privileged!();
-    server_cannot_send_udp_to_a_bound_client_port(false);
-}
-
-#[test]
-fn server_cannot_send_udp_to_a_bound_client_port_v6() {
-    require_privileged!();
-    server_cannot_send_udp_to_a_bound_client_port(true);
+    pods.assert(out.dropped_policy >= 1, "refused by policy");
+    pods.assert(pods.entries(Who::Server).is_empty(), "no state");
 }
 
 fn echo_pods() -> Pods {
     Pods::new(
-        Some(&egress(echo_rules(Who::Server))),
-        Some(&ingress(echo_rules(Who::Client))),
+        Some(&egress(echo_requests(Who::Server.hosts()))),
+        Some(&ingress(echo_requests(Who::Client.hosts()))),
     )
 }
 
-fn echo_allowed_by_rules_is_answered(v6: bool) {
+fn echo_allowed_by_rules_is_answered(f: Family) {
+    let v6 = f.is_v6();
     let pods = echo_pods();
     let answered = pods
         .client()
         .ping_id(pods.server().addr(v6), 0x5eed, ARRIVES)
         .expect("running ping");
-    assert!(answered, "the echo was allowed both ways\n{}", pods.dump());
+    pods.assert(answered, "the echo was allowed both ways");
     let icmp: Vec<_> = pods
         .entries(Who::Client)
         .into_iter()
         .filter(|c| c.key.pod_port == 0x5eed)
         .collect();
-    assert_eq!(icmp.len(), 1, "{}", pods.dump());
-    assert!(icmp[0].seen_reply(), "{}", pods.dump());
-    assert_eq!(icmp[0].original().dport, if v6 { 128 } else { 8 });
+    pods.assert_eq(icmp.len(), 1, "one echo flow");
+    pods.assert(icmp[0].seen_reply(), "replied");
+    assert_eq!(icmp[0].original().dport, u16::from(f.echo_request_type()));
     assert_eq!(pods.counters(Who::Client)[0].new_connections, 1);
 }
 
-#[test]
-fn echo_allowed_by_rules_is_answered_v4() {
-    require_privileged!();
-    echo_allowed_by_rules_is_answered(false);
-}
-
-#[test]
-fn echo_allowed_by_rules_is_answered_v6() {
-    require_privileged!();
-    echo_allowed_by_rules_is_answered(true);
-}
-
-fn echo_the_other_way_is_refused(v6: bool) {
+fn echo_the_other_way_is_refused(f: Family) {
+    let v6 = f.is_v6();
     let pods = echo_pods();
     let answered = pods
         .server()
         .ping(pods.client().addr(v6), NEVER)
         .expect("running ping");
-    assert!(!answered, "no rule lets the server ping\n{}", pods.dump());
-    assert!(
+    pods.assert(!answered, "no rule lets the server ping");
+    pods.assert(
         pods.counters(Who::Server)[0].dropped_policy >= 1,
-        "{}",
-        pods.dump()
+        "refused by policy",
     );
-    assert!(
-        pods.entries(Who::Server).is_empty(),
-        "no state\n{}",
-        pods.dump()
-    );
+    pods.assert(pods.entries(Who::Server).is_empty(), "no state");
 }
 
-#[test]
-fn echo_the_other_way_is_refused_v4() {
-    require_privileged!();
-    echo_the_other_way_is_refused(false);
-}
-
-#[test]
-fn echo_the_other_way_is_refused_v6() {
-    require_privileged!();
-    echo_the_other_way_is_refused(true);
-}
-
-fn port_unreachable_comes_back_as_related(v6: bool) {
+fn port_unreachable_comes_back_as_related(f: Family) {
+    let v6 = f.is_v6();
     // Nothing listens on the server's UDP port 23, which the rules allow: the server's kernel
     // answers with an ICMP port unreachable.
     let pods = seed_pods();
@@ -301,37 +214,13 @@ fn port_unreachable_comes_back_as_related(v6: bool) {
         ),
     }
     let [_, inc] = pods.counters(Who::Client);
-    assert!(inc.related >= 1, "the error is RELATED\n{}", pods.dump());
-    assert_eq!(inc.dropped_invalid, 0, "{}", pods.dump());
+    pods.assert(inc.related >= 1, "the error is RELATED");
+    pods.assert_eq(inc.dropped_invalid, 0, "not INVALID");
     let [out, _] = pods.counters(Who::Server);
-    assert!(
-        out.related >= 1,
-        "RELATED on the server's side too\n{}",
-        pods.dump()
-    );
-    let udp: Vec<_> = pods
-        .entries(Who::Client)
-        .into_iter()
-        .filter(|c| c.key.proto == kubesg_common::proto::UDP)
-        .collect();
-    assert_eq!(udp.len(), 1, "{}", pods.dump());
-    assert!(
-        !udp[0].seen_reply(),
-        "an error is no reply: [UNREPLIED]\n{}",
-        pods.dump()
-    );
-}
-
-#[test]
-fn port_unreachable_comes_back_as_related_v4() {
-    require_privileged!();
-    port_unreachable_comes_back_as_related(false);
-}
-
-#[test]
-fn port_unreachable_comes_back_as_related_v6() {
-    require_privileged!();
-    port_unreachable_comes_back_as_related(true);
+    pods.assert(out.related >= 1, "RELATED on the server's side too");
+    let udp = pods.proto_entries(Who::Client, proto::UDP);
+    pods.assert_eq(udp.len(), 1, "one UDP flow");
+    pods.assert(!udp[0].seen_reply(), "an error is no reply: [UNREPLIED]");
 }
 
 /// Sends a bare ACK from the client's port 40000 to the server's port 23 (no connection exists)
@@ -359,69 +248,35 @@ fn stray_ack_draws_a_reset(pods: &Pods, v6: bool) -> bool {
     rst.is_some()
 }
 
-fn stray_ack_from_member_is_dropped_as_invalid(v6: bool) {
+fn stray_ack_from_member_is_dropped_as_invalid(f: Family) {
+    let v6 = f.is_v6();
     // Even to a port its rules allow, a segment that is not a SYN opens nothing.
     let pods = Pods::new(Some(&seed_client()), None);
-    assert!(
+    pods.assert(
         !stray_ack_draws_a_reset(&pods, v6),
-        "the stray ACK reached the server\n{}",
-        pods.dump()
+        "the stray ACK reached the server",
     );
     let [out, _] = pods.counters(Who::Client);
-    assert!(out.dropped_invalid >= 1, "{}", pods.dump());
+    pods.assert(out.dropped_invalid >= 1, "dropped as INVALID");
     let [_, peer_in] = pods.counters(Who::Server);
-    assert_eq!(
-        peer_in.invalid_passed,
-        0,
-        "the server never saw it\n{}",
-        pods.dump()
-    );
-    assert!(
-        pods.entries(Who::Client).is_empty(),
-        "no state\n{}",
-        pods.dump()
-    );
+    pods.assert_eq(peer_in.invalid_passed, 0, "the server never saw it");
+    pods.assert(pods.entries(Who::Client).is_empty(), "no state");
 }
 
-#[test]
-fn stray_ack_from_member_is_dropped_as_invalid_v4() {
-    require_privileged!();
-    stray_ack_from_member_is_dropped_as_invalid(false);
-}
-
-#[test]
-fn stray_ack_from_member_is_dropped_as_invalid_v6() {
-    require_privileged!();
-    stray_ack_from_member_is_dropped_as_invalid(true);
-}
-
-fn stray_ack_from_non_member_passes_and_draws_a_reset(v6: bool) {
+fn stray_ack_from_non_member_passes_and_draws_a_reset(f: Family) {
+    let v6 = f.is_v6();
     // The control of the test above: the same ACK from a pod that is not filtered reaches the
     // server, which resets it, so the absence of the RST above means the ACK was dropped.
     let pods = Pods::new(None, None);
-    assert!(
+    pods.assert(
         stray_ack_draws_a_reset(&pods, v6),
-        "the server answers a stray ACK with a RST\n{}",
-        pods.dump()
+        "the server answers a stray ACK with a RST",
     );
     let [out, _] = pods.counters(Who::Client);
-    assert!(
-        out.invalid_passed >= 1,
-        "INVALID, counted, passed\n{}",
-        pods.dump()
-    );
+    pods.assert(out.invalid_passed >= 1, "INVALID, counted, passed");
     let [_, peer_in] = pods.counters(Who::Server);
-    assert!(peer_in.invalid_passed >= 1, "{}", pods.dump());
-}
-
-#[test]
-fn stray_ack_from_non_member_passes_and_draws_a_reset_v4() {
-    require_privileged!();
-    stray_ack_from_non_member_passes_and_draws_a_reset(false);
-}
-
-#[test]
-fn stray_ack_from_non_member_passes_and_draws_a_reset_v6() {
-    require_privileged!();
-    stray_ack_from_non_member_passes_and_draws_a_reset(true);
+    pods.assert(
+        peer_in.invalid_passed >= 1,
+        "INVALID on the server's side too",
+    );
 }

@@ -634,17 +634,6 @@ mod tests {
         );
     }
 
-    /// `frame` with its IP length cut to end `keep` bytes into the layer 4 header.
-    fn l4_cut(frame: &[u8], keep: usize) -> Vec<u8> {
-        let l4 = packet::l4_offset(frame);
-        let f = packet::truncated(frame, l4 + keep);
-        if frame[ETH_LEN] >> 4 == 4 {
-            packet::with_ipv4_total_len(f, (l4 + keep - ETH_LEN) as u16)
-        } else {
-            packet::with_ipv6_payload_len(f, (l4 + keep - ETH_LEN - IPV6_LEN) as u16)
-        }
-    }
-
     #[test]
     fn layer_4_headers_cut_by_the_ip_length_are_truncated() {
         for (pod, peer) in families() {
@@ -653,9 +642,13 @@ mod tests {
             let icmp = packet::icmp_echo_request(pod, peer, 1, 1);
             for (frame, need) in [(&tcp, 20), (&udp, 8), (&icmp, 8)] {
                 for keep in 0..need {
-                    assert_eq!(err(&l4_cut(frame, keep)), Malformed::Truncated, "{keep}");
+                    assert_eq!(
+                        err(&packet::truncated_in_l4(frame, keep)),
+                        Malformed::Truncated,
+                        "{keep}"
+                    );
                 }
-                assert!(parse(&l4_cut(frame, need)[..]).is_ok());
+                assert!(parse(&packet::truncated_in_l4(frame, need)[..]).is_ok());
             }
         }
     }

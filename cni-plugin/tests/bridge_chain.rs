@@ -1,0 +1,294 @@
+//! kubesg-cni after a real primary plugin: Debian's `bridge` + `host-local` attach a pod netns to
+//! a node netns, and host-side interface discovery must find the veth the bridge plugin created
+//! (from its result, and from the kernel alone) and the pod's addresses; ADD must register exactly
+//! that with the agent (a fake one here) and pass the result on unchanged.
+
+#[path = "support/bridge.rs"]
+mod bridge;
+#[path = "support/fake_agent.rs"]
+mod fake_agent;
+#[path = "support/plugin.rs"]
+mod plugin;
+
+use std::{collections::BTreeSet, path::Path};
+
+use bridge::{BridgeChain, BRIDGE, IFNAME};
+use fake_agent::FakeAgent;
+use ipnet::IpNet;
+use kubesg_cni::{
+    config::CniVersion,
+    error::{CniError, ErrorCode},
+    result::CniResult,
+    veth::{self, DiscoveryError, HostVeth, Source},
+};
+use kubesg_proto::v1alpha1::{EndpointKey, PodRef};
+use kubesg_testkit::netns::unique_name;
+use plugin::{attachment_env, run_plugin_in};
+use serde_json::{json, Value};
+
+/// The host end the bridge plugin reports: the host-side interface that is not the bridge.
+fn reported_veth(result: &Value) -> String {
+    let names: Vec<&str> = result["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .filter(|i| i.get("sandbox").is_none())
+        .filter_map(|i| i["name"].as_str())
+        .filter(|n| *n != BRIDGE)
+        .collect();
+    assert_eq!(names.len(), 1, "bridge result: {result}");
+    names[0].to_owned()
+}
+
+/// The global addresses of the pod's interface, as the kernel has them.
+fn kernel_addresses(chain: &BridgeChain) -> BTreeSet<IpNet> {
+    let out = chain
+        .pod
+        .ip(&["-j", "addr", "show", "dev", IFNAME])
+        .expect("ip addr");
+    let links: Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    links[0]["addr_info"]
+        .as_array()
+        .expect("addr_info")
+        .iter()
+        .filter(|a| a["scope"] == "global")
+        .map(|a| {
+            format!("{}/{}", a["local"].as_str().expect("local"), a["prefixlen"])
+                .parse()
+                .expect("CIDR")
+        })
+        .collect()
+}
+
+fn parse(result: &Value) -> CniResult {
+    CniResult::from_value(result.clone(), CniVersion::V1_0_0).expect("bridge result parses")
+}
+
+#[test]
+fn prev_result_gives_the_bridge_plugins_host_veth_and_the_pods_addresses() {
+    kubesg_testkit::require_privileged!();
+    let chain = BridgeChain::new();
+    let raw = chain.add();
+    let result = parse(&raw);
+    let netns = chain.netns_path();
+    let name = reported_veth(&raw);
+    let want = HostVeth {
+        ifindex: chain.node.ifindex(&name).expect("veth in node netns"),
+        name,
+    };
+
+    let found = chain
+        .node
+        .enter(|| veth::discover_host_veth(&result, Path::new(&netns), IFNAME))
+        .expect("discovery");
+    assert_eq!(found, (want, Source::PrevResult));
+
+    let pod_index = result
+        .pod_interface(Path::new(&netns), IFNAME)
+        .expect("pod interface");
+    let ips: BTreeSet<IpNet> = result.pod_ips(pod_index).into_iter().collect();
+    assert_eq!(ips, kernel_addresses(&chain));
+    assert!(ips.iter().any(|n| matches!(n, IpNet::V4(_))), "{ips:?}");
+    assert!(ips.iter().any(|n| matches!(n, IpNet::V6(_))), "{ips:?}");
+}
+
+#[test]
+fn iflink_fallback_finds_the_same_veth_without_prev_result_naming_it() {
+    kubesg_testkit::require_privileged!();
+    let chain = BridgeChain::new();
+    let raw = chain.add();
+    let netns = chain.netns_path();
+    let name = reported_veth(&raw);
+    let want = HostVeth {
+        ifindex: chain.node.ifindex(&name).expect("veth in node netns"),
+        name,
+    };
+
+    let by_iflink = chain
+        .node
+        .enter(|| veth::host_veth_by_iflink(Path::new(&netns), IFNAME))
+        .expect("iflink discovery");
+    assert_eq!(by_iflink, want);
+
+    // A primary plugin that reports only the pod side.
+    let mut pod_only = raw.clone();
+    pod_only["interfaces"] = json!([{"name": IFNAME, "sandbox": netns}]);
+    pod_only["ips"] = json!(raw["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .map(|ip| {
+            let mut ip = ip.clone();
+            ip["interface"] = json!(0);
+            ip
+        })
+        .collect::<Vec<_>>());
+    let result = parse(&pod_only);
+    let found = chain
+        .node
+        .enter(|| veth::discover_host_veth(&result, Path::new(&netns), IFNAME))
+        .expect("discovery");
+    assert_eq!(found, (want, Source::Iflink));
+}
+
+#[test]
+fn veth_named_in_prev_result_whose_peer_is_not_in_the_pod_is_not_taken() {
+    kubesg_testkit::require_privileged!();
+    let chain = BridgeChain::new();
+    let raw = chain.add();
+    let netns = chain.netns_path();
+    let real = reported_veth(&raw);
+    let (decoy, decoy_peer) = (unique_name("vd"), unique_name("vd"));
+    chain
+        .node
+        .ip(&[
+            "link",
+            "add",
+            &decoy,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &decoy_peer,
+        ])
+        .expect("decoy veth pair");
+    let mut lying = raw.clone();
+    for iface in lying["interfaces"].as_array_mut().expect("interfaces") {
+        if iface["name"] == real.as_str() {
+            iface["name"] = json!(decoy);
+        }
+    }
+    let result = parse(&lying);
+
+    let named = chain
+        .node
+        .enter(|| veth::host_veths_in_result(&result, Path::new(&netns)))
+        .expect("candidates");
+    assert_eq!(named, []);
+    let (found, source) = chain
+        .node
+        .enter(|| veth::discover_host_veth(&result, Path::new(&netns), IFNAME))
+        .expect("discovery");
+    assert_eq!(found.name, real);
+    assert_eq!(source, Source::Iflink);
+}
+
+#[test]
+fn pod_interface_that_is_not_a_veth_is_refused_as_invalid_config() {
+    kubesg_testkit::require_privileged!();
+    let chain = BridgeChain::new();
+    chain.add();
+    let netns = chain.netns_path();
+    let err = chain
+        .node
+        .enter(|| veth::host_veth_by_iflink(Path::new(&netns), "lo"))
+        .expect_err("lo is not a veth");
+    assert!(matches!(err, DiscoveryError::NotVeth { .. }), "{err}");
+    assert_eq!(CniError::from(err).code, ErrorCode::InvalidNetworkConfig);
+}
+
+#[test]
+fn pod_interface_missing_from_the_netns_is_container_unknown() {
+    kubesg_testkit::require_privileged!();
+    let chain = BridgeChain::new();
+    chain.add();
+    let netns = chain.netns_path();
+    let err = chain
+        .node
+        .enter(|| veth::host_veth_by_iflink(Path::new(&netns), "eth9"))
+        .expect_err("no eth9");
+    assert!(
+        matches!(err, DiscoveryError::PodInterfaceMissing { .. }),
+        "{err}"
+    );
+    assert_eq!(CniError::from(err).code, ErrorCode::ContainerUnknown);
+}
+
+/// The kubesg-cni config chained after the bridge plugin.
+fn chained_config(agent: &FakeAgent, prev: &Value) -> String {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "kubesg-test",
+        "type": "kubesg-cni",
+        "agentSocket": agent.socket_str(),
+        "timeoutSeconds": 10,
+        "prevResult": prev,
+    })
+    .to_string()
+}
+
+#[test]
+fn add_registers_the_bridge_veth_and_pod_addresses_and_passes_the_result_on_unchanged() {
+    kubesg_testkit::require_privileged!();
+    let chain = BridgeChain::new();
+    let prev = chain.add();
+    let agent = FakeAgent::start();
+    let netns = chain.netns_path();
+    let mut env = attachment_env("ADD", &chain.container_id, &netns, IFNAME);
+    env.push((
+        "CNI_ARGS",
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0;K8S_POD_UID=u-1",
+    ));
+
+    let run = run_plugin_in(chain.node.name(), &env, &chained_config(&agent, &prev));
+    assert_eq!(
+        run.exit_code, 0,
+        "stdout: {}\nstderr: {}",
+        run.stdout, run.stderr
+    );
+    assert_eq!(run.json(), prev);
+
+    let name = reported_veth(&prev);
+    let state = agent.state();
+    assert_eq!(state.added.len(), 1);
+    let endpoint = &state.added[0];
+    assert_eq!(
+        endpoint.key,
+        Some(EndpointKey {
+            container_id: chain.container_id.clone(),
+            ifname: IFNAME.to_owned(),
+        })
+    );
+    assert_eq!(endpoint.netns, netns);
+    assert_eq!(
+        endpoint.host_ifindex,
+        chain.node.ifindex(&name).expect("veth")
+    );
+    assert_eq!(endpoint.host_ifname, name);
+    let ips: BTreeSet<IpNet> = endpoint
+        .ips
+        .iter()
+        .map(|ip| ip.parse().expect("CIDR"))
+        .collect();
+    assert_eq!(ips, kernel_addresses(&chain));
+    assert_eq!(
+        endpoint.pod,
+        Some(PodRef {
+            namespace: "shop".to_owned(),
+            name: "cart-0".to_owned(),
+            uid: "u-1".to_owned(),
+        })
+    );
+}
+
+#[test]
+fn add_refused_by_the_agent_as_failed_precondition_is_code_7_with_its_message() {
+    kubesg_testkit::require_privileged!();
+    let chain = BridgeChain::new();
+    let prev = chain.add();
+    let agent = FakeAgent::start();
+    agent.state().add_error = Some((
+        tonic::Code::FailedPrecondition,
+        "datapath not loaded".to_owned(),
+    ));
+    let netns = chain.netns_path();
+    let env = attachment_env("ADD", &chain.container_id, &netns, IFNAME);
+
+    let run = run_plugin_in(chain.node.name(), &env, &chained_config(&agent, &prev));
+    let err = run.assert_error(7);
+    assert!(err["details"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("datapath not loaded"));
+    assert_eq!(agent.state().added.len(), 1);
+}

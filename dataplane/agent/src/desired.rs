@@ -1,0 +1,317 @@
+//! What the operator wants on this node: its compiled policies and which policy each pod uses,
+//! at a version. Updates (snapshots and deltas) are applied here as pure functions, so a bad
+//! update is refused whole before the datapath is touched.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{endpoints::PodRef, policy::CompiledPolicy};
+
+/// The policy a pod uses, as the operator says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodAssignment {
+    /// The pod's UID when the operator knows it; empty matches any.
+    pub uid: String,
+    /// The policy id; `None`: the pod belongs to no group.
+    pub policy: Option<String>,
+}
+
+/// What the agent knows of a pod's policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Assignment {
+    /// The operator has not said anything of this pod (or of this incarnation of it): the
+    /// startup policy applies.
+    Unknown,
+    /// The pod is in no group: tracked, not filtered.
+    NonMember,
+    /// The pod uses this policy.
+    Member(String),
+}
+
+/// The desired state at a version.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// The last applied version (0: none yet).
+    pub version: u64,
+    /// Policies by id.
+    pub policies: BTreeMap<String, CompiledPolicy>,
+    /// Pods on this node by (namespace, name).
+    pub pods: BTreeMap<(String, String), PodAssignment>,
+    /// Cut tracked connections the new rules refuse (Neutron) or let them live (AWS).
+    pub recheck_on_policy_change: bool,
+}
+
+/// One update from the operator, converted from the wire.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Update {
+    /// Its version.
+    pub version: u64,
+    /// Replaces everything (true) or applies on top of `base_version`.
+    pub snapshot: bool,
+    /// The version a delta applies on top of.
+    pub base_version: u64,
+    /// Policies to add or replace.
+    pub upsert_policies: Vec<(String, CompiledPolicy)>,
+    /// Policies to drop.
+    pub remove_policies: Vec<String>,
+    /// Pods and their policies.
+    pub upsert_pods: Vec<(PodRef, Option<String>)>,
+    /// Pods gone from the node.
+    pub remove_pods: Vec<PodRef>,
+    /// New value of the re-check setting, if it changes.
+    pub recheck_on_policy_change: Option<bool>,
+}
+
+/// Why an update was refused (the NACK's reason).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UpdateError {
+    /// A delta on top of a version the agent does not have.
+    #[error("delta {version} applies on top of version {base}, but version {applied} is applied; send a snapshot")]
+    WrongBase {
+        /// The update's version.
+        version: u64,
+        /// Its base.
+        base: u64,
+        /// What the agent has.
+        applied: u64,
+    },
+    /// A version that does not move forward.
+    #[error("version {version} is not newer than the applied version {applied}")]
+    Stale {
+        /// The update's version.
+        version: u64,
+        /// What the agent has.
+        applied: u64,
+    },
+    /// A pod refers to a policy the update does not carry.
+    #[error("pod {pod} refers to policy {policy:?}, which is not defined")]
+    UnknownPolicy {
+        /// The pod.
+        pod: String,
+        /// The missing policy.
+        policy: String,
+    },
+    /// The update could not be converted from the wire.
+    #[error("invalid update: {0}")]
+    Invalid(String),
+}
+
+impl DesiredState {
+    /// The state after `update`, or why it is refused. A snapshot may restart the version
+    /// sequence (a new operator leader), a delta must follow the applied version.
+    pub fn apply(&self, update: &Update) -> Result<DesiredState, UpdateError> {
+        let mut next = if update.snapshot {
+            if update.version == 0 {
+                return Err(UpdateError::Stale {
+                    version: 0,
+                    applied: self.version,
+                });
+            }
+            DesiredState {
+                recheck_on_policy_change: self.recheck_on_policy_change,
+                ..DesiredState::default()
+            }
+        } else {
+            if update.base_version != self.version {
+                return Err(UpdateError::WrongBase {
+                    version: update.version,
+                    base: update.base_version,
+                    applied: self.version,
+                });
+            }
+            if update.version <= self.version {
+                return Err(UpdateError::Stale {
+                    version: update.version,
+                    applied: self.version,
+                });
+            }
+            self.clone()
+        };
+        next.version = update.version;
+        for id in &update.remove_policies {
+            next.policies.remove(id);
+        }
+        for (id, p) in &update.upsert_policies {
+            next.policies.insert(id.clone(), p.clone());
+        }
+        for pod in &update.remove_pods {
+            next.pods.remove(&(pod.namespace.clone(), pod.name.clone()));
+        }
+        for (pod, policy) in &update.upsert_pods {
+            next.pods.insert(
+                (pod.namespace.clone(), pod.name.clone()),
+                PodAssignment {
+                    uid: pod.uid.clone(),
+                    policy: policy.clone(),
+                },
+            );
+        }
+        if let Some(r) = update.recheck_on_policy_change {
+            next.recheck_on_policy_change = r;
+        }
+        for ((ns, name), a) in &next.pods {
+            if let Some(p) = &a.policy {
+                if !next.policies.contains_key(p) {
+                    return Err(UpdateError::UnknownPolicy {
+                        pod: format!("{ns}/{name}"),
+                        policy: p.clone(),
+                    });
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// The policy of `pod`. A uid known on both sides must match: a pod recreated under the
+    /// same name is another pod until the operator says otherwise.
+    pub fn assignment(&self, pod: &PodRef) -> Assignment {
+        match self.pods.get(&(pod.namespace.clone(), pod.name.clone())) {
+            None => Assignment::Unknown,
+            Some(a) if !a.uid.is_empty() && !pod.uid.is_empty() && a.uid != pod.uid => {
+                Assignment::Unknown
+            }
+            Some(PodAssignment { policy: None, .. }) => Assignment::NonMember,
+            Some(PodAssignment {
+                policy: Some(p), ..
+            }) => Assignment::Member(p.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{PeerBlock, Protocol, Rule};
+
+    fn pod(name: &str, uid: &str) -> PodRef {
+        PodRef {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: uid.into(),
+        }
+    }
+
+    fn policy(port_any: bool) -> CompiledPolicy {
+        CompiledPolicy {
+            ingress: vec![Rule {
+                protocol: if port_any {
+                    Protocol::Any
+                } else {
+                    Protocol::Tcp
+                },
+                ports: vec![],
+                peers: vec![PeerBlock::cidr("10.0.0.0/8".parse().unwrap())],
+            }],
+            ..CompiledPolicy::default()
+        }
+    }
+
+    fn snapshot(version: u64) -> Update {
+        Update {
+            version,
+            snapshot: true,
+            upsert_policies: vec![("p1".into(), policy(false))],
+            upsert_pods: vec![(pod("web", "u1"), Some("p1".into())), (pod("db", ""), None)],
+            recheck_on_policy_change: Some(true),
+            ..Update::default()
+        }
+    }
+
+    #[test]
+    fn snapshot_then_delta_build_the_state() {
+        let s = DesiredState::default().apply(&snapshot(5)).unwrap();
+        assert_eq!(s.version, 5);
+        assert_eq!(
+            s.assignment(&pod("web", "u1")),
+            Assignment::Member("p1".into())
+        );
+        assert_eq!(s.assignment(&pod("db", "x")), Assignment::NonMember);
+        assert_eq!(s.assignment(&pod("cache", "")), Assignment::Unknown);
+        let delta = Update {
+            version: 6,
+            base_version: 5,
+            upsert_policies: vec![("p2".into(), policy(true))],
+            upsert_pods: vec![(pod("db", ""), Some("p2".into()))],
+            remove_pods: vec![pod("web", "")],
+            ..Update::default()
+        };
+        let s = s.apply(&delta).unwrap();
+        assert_eq!(s.version, 6);
+        assert_eq!(
+            s.assignment(&pod("db", "")),
+            Assignment::Member("p2".into())
+        );
+        assert_eq!(s.assignment(&pod("web", "u1")), Assignment::Unknown);
+        assert!(
+            s.recheck_on_policy_change,
+            "unchanged by a delta without settings"
+        );
+    }
+
+    #[test]
+    fn delta_on_the_wrong_base_or_not_newer_is_refused_and_changes_nothing() {
+        let s = DesiredState::default().apply(&snapshot(5)).unwrap();
+        let wrong = Update {
+            version: 8,
+            base_version: 7,
+            ..Update::default()
+        };
+        assert_eq!(
+            s.apply(&wrong),
+            Err(UpdateError::WrongBase {
+                version: 8,
+                base: 7,
+                applied: 5
+            })
+        );
+        let stale = Update {
+            version: 5,
+            base_version: 5,
+            ..Update::default()
+        };
+        assert!(matches!(s.apply(&stale), Err(UpdateError::Stale { .. })));
+    }
+
+    #[test]
+    fn snapshot_may_restart_the_version_sequence() {
+        let s = DesiredState::default().apply(&snapshot(50)).unwrap();
+        let s = s.apply(&snapshot(3)).unwrap();
+        assert_eq!(s.version, 3);
+    }
+
+    #[test]
+    fn pod_referring_to_a_missing_policy_refuses_the_whole_update() {
+        let s = DesiredState::default().apply(&snapshot(1)).unwrap();
+        let bad = Update {
+            version: 2,
+            base_version: 1,
+            upsert_pods: vec![(pod("api", ""), Some("nope".into()))],
+            ..Update::default()
+        };
+        assert!(matches!(
+            s.apply(&bad),
+            Err(UpdateError::UnknownPolicy { .. })
+        ));
+        let removing_in_use = Update {
+            version: 2,
+            base_version: 1,
+            remove_policies: vec!["p1".into()],
+            ..Update::default()
+        };
+        assert!(matches!(
+            s.apply(&removing_in_use),
+            Err(UpdateError::UnknownPolicy { .. })
+        ));
+    }
+
+    #[test]
+    fn recreated_pod_with_another_uid_is_unknown() {
+        let s = DesiredState::default().apply(&snapshot(1)).unwrap();
+        assert_eq!(s.assignment(&pod("web", "u2")), Assignment::Unknown);
+        assert_eq!(
+            s.assignment(&pod("web", "")),
+            Assignment::Member("p1".into())
+        );
+    }
+}

@@ -1,0 +1,462 @@
+//! The node's enforcement: joins what the CNI registered (which pod is on which interface) with
+//! what the operator wants (which policy each pod uses) and programs the datapath so it matches.
+//!
+//! Every change goes through [`Enforcer::program`], which is idempotent and level-triggered: it
+//! installs the policies local pods need, points every endpoint at its policy (one atomic map
+//! update each), then removes what nothing uses. An operator update is applied transactionally:
+//! validated whole first; if programming fails, the endpoints go back to the previous version's
+//! policies and the update is refused, so the previous version stays enforced.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    path::{Path, PathBuf},
+};
+
+use kubesg_common::config::CFG_RECHECK_ON_POLICY_CHANGE;
+use tracing::{info, warn};
+
+use crate::{
+    attach,
+    datapath::{Datapath, DatapathError, DatapathOptions, PolicyHandle},
+    desired::{Assignment, DesiredState, Update, UpdateError},
+    endpoints::{write_atomically, EndpointKey, EndpointRecord, EndpointStore, InvalidEndpoint},
+    policy::CompiledPolicy,
+};
+
+/// What a pod gets between its CNI ADD and the arrival of its rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StartupPolicy {
+    /// Nothing passes until the rules arrive (the default: no window without rules).
+    Deny,
+    /// Everything passes (tracked) until the rules arrive; connections opened meanwhile are then
+    /// re-checked against them.
+    Allow,
+    /// CNI ADD waits for the rules (up to a timeout) before the pod starts; nothing passes
+    /// meanwhile.
+    Wait,
+}
+
+/// Where an endpoint's enforcement stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Its rules (or its non-membership) are programmed; the policy id, if a member.
+    Programmed(Option<String>),
+    /// Its rules have not arrived; the startup policy applies.
+    Pending,
+}
+
+/// Errors of the enforcer.
+#[derive(Debug, thiserror::Error)]
+pub enum EnforcerError {
+    /// The registration is unusable.
+    #[error(transparent)]
+    Invalid(#[from] InvalidEndpoint),
+    /// The datapath refused.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// The state directory could not be read or written.
+    #[error("state directory: {0}")]
+    State(#[from] io::Error),
+    /// The interface the CNI named is not there (or has another index).
+    #[error("interface {name} (index {ifindex}) does not exist on this node")]
+    NoInterface {
+        /// Name given.
+        name: String,
+        /// Index given.
+        ifindex: u32,
+    },
+    /// The update was refused.
+    #[error(transparent)]
+    Update(#[from] UpdateError),
+}
+
+/// The enforcer's settings.
+#[derive(Clone, Debug)]
+pub struct EnforcerOptions {
+    /// How to load the datapath (production: pinned under /sys/fs/bpf/kubesg).
+    pub datapath: DatapathOptions,
+    /// Where endpoint records and the last applied state are kept.
+    pub state_dir: PathBuf,
+    /// What a pod gets before its rules arrive.
+    pub startup: StartupPolicy,
+}
+
+/// The node's enforcement state.
+pub struct Enforcer {
+    dp: Datapath,
+    store: EndpointStore,
+    state_file: PathBuf,
+    startup: StartupPolicy,
+    endpoints: BTreeMap<EndpointKey, EndpointRecord>,
+    desired: DesiredState,
+    /// Policies installed in the datapath, by operator id.
+    installed: BTreeMap<String, (CompiledPolicy, PolicyHandle)>,
+    /// The empty policy pending members point at under the `deny` and `wait` startup policies.
+    deny_all: Option<PolicyHandle>,
+}
+
+impl Enforcer {
+    /// Loads the datapath (reusing pinned maps and links), the endpoint records and the last
+    /// applied state; forgets endpoints whose interface is gone; programs the rest. After an agent
+    /// restart this changes nothing that was right, so established connections live on.
+    pub fn open(opts: EnforcerOptions) -> Result<Self, EnforcerError> {
+        let dp = Datapath::load(&opts.datapath)?;
+        let store = EndpointStore::open(&opts.state_dir.join("endpoints"))?;
+        let state_file = opts.state_dir.join("desired.json");
+        let desired = match std::fs::read(&state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(file = %state_file.display(), error = %e, "ignoring an unreadable desired state");
+                DesiredState::default()
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => DesiredState {
+                recheck_on_policy_change: true,
+                ..DesiredState::default()
+            },
+            Err(e) => return Err(e.into()),
+        };
+        let mut enforcer = Enforcer {
+            dp,
+            store,
+            state_file,
+            startup: opts.startup,
+            endpoints: BTreeMap::new(),
+            desired,
+            installed: BTreeMap::new(),
+            deny_all: None,
+        };
+        for rec in enforcer.store.load_all()? {
+            if interface_matches(&rec) {
+                enforcer.endpoints.insert(rec.key.clone(), rec);
+            } else {
+                info!(endpoint = %rec.key, pod = %rec.pod, ifindex = rec.host_ifindex,
+                      "forgetting an endpoint whose interface is gone");
+                enforcer.store.remove(&rec.key)?;
+                let _ = enforcer.dp.remove_endpoint(rec.host_ifindex);
+                let _ = enforcer.dp.detach(rec.host_ifindex);
+            }
+        }
+        // Endpoints in the (pinned) datapath that no record explains are left over from a
+        // crash between the two writes: nothing should judge their interfaces any more.
+        let known: BTreeSet<u32> = enforcer
+            .endpoints
+            .values()
+            .map(|r| r.host_ifindex)
+            .collect();
+        for (ifindex, _) in enforcer.dp.endpoints()? {
+            if !known.contains(&ifindex) {
+                info!(ifindex, "removing an endpoint no record explains");
+                enforcer.dp.remove_endpoint(ifindex)?;
+                let _ = enforcer.dp.detach(ifindex);
+            }
+        }
+        let desired = enforcer.desired.clone();
+        enforcer.apply_settings(&desired)?;
+        enforcer.program(&desired)?;
+        // Policy entries from before the restart that this process did not install.
+        let keep: BTreeSet<u32> = enforcer
+            .installed
+            .values()
+            .map(|(_, h)| h.id)
+            .chain(enforcer.deny_all.map(|h| h.id))
+            .collect();
+        enforcer.dp.retain_policies(&keep)?;
+        for rec in enforcer.endpoints.values() {
+            enforcer.dp.attach(rec.host_ifindex)?;
+        }
+        info!(
+            endpoints = enforcer.endpoints.len(),
+            version = enforcer.desired.version,
+            "enforcement restored"
+        );
+        Ok(enforcer)
+    }
+
+    /// The last applied version of the operator's state.
+    pub fn applied_version(&self) -> u64 {
+        self.desired.version
+    }
+
+    /// The operator's state as last applied.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    /// The datapath, for reading counters and conntrack.
+    pub fn datapath(&self) -> &Datapath {
+        &self.dp
+    }
+
+    /// The datapath, mutable (conntrack flushes).
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.dp
+    }
+
+    /// The startup policy in force.
+    pub fn startup_policy(&self) -> StartupPolicy {
+        self.startup
+    }
+
+    /// Every registered endpoint.
+    pub fn endpoints(&self) -> impl Iterator<Item = &EndpointRecord> {
+        self.endpoints.values()
+    }
+
+    /// The endpoint registered under `key`.
+    pub fn endpoint(&self, key: &EndpointKey) -> Option<&EndpointRecord> {
+        self.endpoints.get(key)
+    }
+
+    /// Where the enforcement of `key`'s pod stands.
+    pub fn enforcement(&self, key: &EndpointKey) -> Option<Enforcement> {
+        let rec = self.endpoints.get(key)?;
+        Some(match self.desired.assignment(&rec.pod) {
+            Assignment::Unknown => Enforcement::Pending,
+            Assignment::NonMember => Enforcement::Programmed(None),
+            Assignment::Member(p) => Enforcement::Programmed(Some(p)),
+        })
+    }
+
+    /// Registers a pod's interface (CNI ADD): persisted, enforced per its rules or the startup
+    /// policy, then the programs are attached. A repeated ADD with the same key replaces the
+    /// registration. On error nothing of it is left.
+    pub fn add_endpoint(&mut self, rec: EndpointRecord) -> Result<Enforcement, EnforcerError> {
+        rec.validate()?;
+        if !interface_matches(&rec) {
+            return Err(EnforcerError::NoInterface {
+                name: rec.host_ifname.clone(),
+                ifindex: rec.host_ifindex,
+            });
+        }
+        if let Some(old) = self.endpoints.get(&rec.key).cloned() {
+            if old.host_ifindex != rec.host_ifindex {
+                self.delete_endpoint(&old.key)?;
+            }
+        }
+        self.store.save(&rec)?;
+        self.endpoints.insert(rec.key.clone(), rec.clone());
+        let desired = self.desired.clone();
+        let result = self.program(&desired).and_then(|()| {
+            self.dp
+                .attach(rec.host_ifindex)
+                .map_err(EnforcerError::from)
+        });
+        if let Err(e) = result {
+            warn!(endpoint = %rec.key, pod = %rec.pod, error = %e, "registration failed; undoing it");
+            let _ = self.delete_endpoint(&rec.key);
+            return Err(e);
+        }
+        let state = self.enforcement(&rec.key).unwrap_or(Enforcement::Pending);
+        info!(endpoint = %rec.key, pod = %rec.pod, ifindex = rec.host_ifindex,
+              host_ifname = %rec.host_ifname, state = ?state, "endpoint added");
+        Ok(state)
+    }
+
+    /// Forgets a pod's interface (CNI DEL): detached, removed from the datapath with its tracked
+    /// connections, record deleted. Succeeds when it is already gone.
+    pub fn delete_endpoint(&mut self, key: &EndpointKey) -> Result<(), EnforcerError> {
+        let Some(rec) = self.endpoints.remove(key) else {
+            self.store.remove(key)?;
+            return Ok(());
+        };
+        self.dp.detach(rec.host_ifindex)?;
+        self.dp.remove_endpoint(rec.host_ifindex)?;
+        self.store.remove(key)?;
+        let desired = self.desired.clone();
+        self.program(&desired)?;
+        info!(endpoint = %key, pod = %rec.pod, "endpoint deleted");
+        Ok(())
+    }
+
+    /// Whether `key` is registered and its programs attached (CNI CHECK), or what is wrong.
+    pub fn check_endpoint(&self, key: &EndpointKey) -> Result<(), String> {
+        let rec = self
+            .endpoints
+            .get(key)
+            .ok_or_else(|| format!("endpoint {key} is not registered"))?;
+        if !interface_matches(rec) {
+            return Err(format!(
+                "interface {} (index {}) of {key} is gone",
+                rec.host_ifname, rec.host_ifindex
+            ));
+        }
+        match self.dp.endpoint(rec.host_ifindex) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(format!("endpoint {key} is missing from the datapath")),
+            Err(e) => return Err(e.to_string()),
+        }
+        if !self.dp.is_attached(rec.host_ifindex) {
+            return Err(format!(
+                "the programs of {key} are not attached to {}",
+                rec.host_ifname
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies an operator update transactionally: on error the previous version stays
+    /// enforced and the error is the NACK's reason.
+    pub fn apply_update(&mut self, update: &Update) -> Result<(), EnforcerError> {
+        let next = self.desired.apply(update)?;
+        let previous = self.desired.clone();
+        if let Err(e) = self.program(&next) {
+            warn!(version = update.version, error = %e, "update failed; restoring the previous version");
+            if let Err(e2) = self.program(&previous) {
+                warn!(error = %e2, "restoring the previous version failed too");
+            }
+            return Err(e);
+        }
+        self.apply_settings(&next)?;
+        let json = serde_json::to_vec(&next).map_err(io::Error::other)?;
+        write_atomically(&self.state_file, &json)?;
+        self.desired = next;
+        info!(
+            version = update.version,
+            snapshot = update.snapshot,
+            policies = self.installed.len(),
+            "update applied"
+        );
+        Ok(())
+    }
+
+    fn apply_settings(&mut self, desired: &DesiredState) -> Result<(), EnforcerError> {
+        let mut cfg = self.dp.config()?;
+        let before = cfg.flags;
+        if desired.recheck_on_policy_change {
+            cfg.flags |= CFG_RECHECK_ON_POLICY_CHANGE;
+        } else {
+            cfg.flags &= !CFG_RECHECK_ON_POLICY_CHANGE;
+        }
+        if cfg.flags != before {
+            self.dp.set_config(&cfg)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the datapath enforce `desired` for the registered endpoints. On error, what was
+    /// newly installed is removed again; endpoints already switched stay switched (the caller
+    /// programs the previous state to undo them).
+    fn program(&mut self, desired: &DesiredState) -> Result<(), EnforcerError> {
+        // 1. The policies local pods need, installed (or replaced when their rules changed).
+        let mut needed: BTreeMap<String, &CompiledPolicy> = BTreeMap::new();
+        let mut any_pending = false;
+        for rec in self.endpoints.values() {
+            match desired.assignment(&rec.pod) {
+                Assignment::Member(id) => {
+                    if let Some(p) = desired.policies.get(&id) {
+                        needed.insert(id, p);
+                    }
+                }
+                Assignment::Unknown => any_pending = true,
+                Assignment::NonMember => {}
+            }
+        }
+        let mut fresh: Vec<PolicyHandle> = Vec::new();
+        let mut handles: BTreeMap<String, PolicyHandle> = BTreeMap::new();
+        for (id, policy) in &needed {
+            match self.installed.get(id) {
+                Some((installed, h)) if installed == *policy => {
+                    handles.insert(id.clone(), *h);
+                }
+                _ => match self.dp.install_policy(policy) {
+                    Ok(h) => {
+                        fresh.push(h);
+                        handles.insert(id.clone(), h);
+                    }
+                    Err(e) => {
+                        self.drop_handles(&fresh);
+                        return Err(e.into());
+                    }
+                },
+            }
+        }
+        if any_pending && self.startup != StartupPolicy::Allow && self.deny_all.is_none() {
+            match self.dp.install_policy(&CompiledPolicy::default()) {
+                Ok(h) => self.deny_all = Some(h),
+                Err(e) => {
+                    self.drop_handles(&fresh);
+                    return Err(e.into());
+                }
+            }
+        }
+        // 2. Every endpoint pointed at its target: one atomic map update each.
+        let targets: Vec<(u32, Option<PolicyHandle>)> = self
+            .endpoints
+            .values()
+            .filter_map(|rec| {
+                let target = match desired.assignment(&rec.pod) {
+                    // Always present: DesiredState::apply checked every reference.
+                    Assignment::Member(id) => Some(*handles.get(&id)?),
+                    Assignment::NonMember => None,
+                    Assignment::Unknown => match self.startup {
+                        StartupPolicy::Allow => None,
+                        StartupPolicy::Deny | StartupPolicy::Wait => self.deny_all,
+                    },
+                };
+                Some((rec.host_ifindex, target))
+            })
+            .collect();
+        for (ifindex, wanted) in targets {
+            let unchanged = self.dp.endpoint(ifindex)?.is_some_and(|ep| {
+                ep.policy_id == wanted.map_or(0, |h| h.id)
+                    && ep.is_stateless() == wanted.is_some_and(|h| h.stateless)
+            });
+            if !unchanged {
+                if let Err(e) = self.dp.set_endpoint(ifindex, wanted) {
+                    self.drop_handles(&fresh);
+                    return Err(e.into());
+                }
+            }
+        }
+        // 3. Nothing points at the old versions any more: remove them.
+        let mut installed = BTreeMap::new();
+        for (id, h) in &handles {
+            if let Some(p) = needed.get(id) {
+                installed.insert(id.clone(), ((*p).clone(), *h));
+            }
+        }
+        let still_used: BTreeSet<u32> = installed.values().map(|(_, h)| h.id).collect();
+        let stale: Vec<PolicyHandle> = self
+            .installed
+            .values()
+            .map(|(_, h)| *h)
+            .filter(|h| !still_used.contains(&h.id))
+            .collect();
+        self.installed = installed;
+        for h in stale {
+            if let Err(e) = self.dp.remove_policy(h.id) {
+                warn!(policy_id = h.id, error = %e, "could not remove an unused policy");
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_handles(&mut self, handles: &[PolicyHandle]) {
+        for h in handles {
+            if let Err(e) = self.dp.remove_policy(h.id) {
+                warn!(policy_id = h.id, error = %e, "could not remove a policy while undoing");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Enforcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enforcer")
+            .field("version", &self.applied_version())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the record's interface exists under its index and name in this namespace.
+fn interface_matches(rec: &EndpointRecord) -> bool {
+    attach::ifname(rec.host_ifindex).is_ok_and(|n| n == rec.host_ifname)
+}
+
+/// The state directory's default (the brief fixes the socket beside it).
+pub const DEFAULT_STATE_DIR: &str = "/var/run/kubesg";
+
+/// Where the desired state of `state_dir` is kept (the CLI reads it for `endpoints`/`explain`).
+pub fn desired_state_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("desired.json")
+}

@@ -1,0 +1,227 @@
+//! `kubesg-agent explain`: would a NEW connection from one address to another be allowed, and by
+//! which rule, or why not. Each end on this node is judged the way the datapath judges it (the
+//! sender's egress rules, the receiver's ingress rules), twice: by the rules as the operator sent
+//! them (which names the rule) and by a lookup in the datapath's own maps (which is what packets
+//! meet). A disagreement between the two is a bug, and is reported as one.
+
+use std::{fmt::Write as _, net::IpAddr};
+
+use aya::maps::{lpm_trie::Key, MapError};
+use kubesg_common::{endpoint::POLICY_NONE, policy::PolicyQuery, Direction};
+
+use crate::{
+    desired::{Assignment, DesiredState},
+    endpoints::EndpointRecord,
+    maps::Maps,
+    tables::raw_addr,
+};
+
+/// The connection asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Question {
+    /// The side that opens the connection.
+    pub from: IpAddr,
+    /// The side that accepts it.
+    pub to: IpAddr,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Destination port, or ICMP `type << 8 | code`.
+    pub port: u16,
+}
+
+/// What the rules say at one end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RuleVerdict {
+    /// The pod is in no group: everything passes (tracked).
+    NotMember,
+    /// The operator has not sent this pod's rules: the startup policy applies.
+    Pending,
+    /// Allowed by rule `rule` (index in its direction) of `policy`.
+    Allowed {
+        /// The operator's policy id.
+        policy: String,
+        /// The rule's index.
+        rule: usize,
+    },
+    /// No rule of `policy` allows it.
+    Refused {
+        /// The operator's policy id.
+        policy: String,
+    },
+}
+
+/// One end of the connection that is a pod on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndVerdict {
+    /// Egress: the pod opens the connection; ingress: it accepts it.
+    pub direction: Direction,
+    /// The pod's endpoint.
+    pub endpoint: EndpointRecord,
+    /// What the rules as sent say.
+    pub rules: RuleVerdict,
+    /// What the datapath's maps say (`None` when they could not be read).
+    pub datapath: Option<bool>,
+}
+
+impl EndVerdict {
+    /// Whether this end lets the connection open (per the datapath when known).
+    pub fn allows(&self) -> bool {
+        self.datapath.unwrap_or(matches!(
+            self.rules,
+            RuleVerdict::NotMember | RuleVerdict::Allowed { .. }
+        ))
+    }
+}
+
+/// Judges `q` at every end that is an endpoint of this node. `maps` (the pinned datapath) adds
+/// the datapath's own verdict.
+pub fn explain(
+    q: &Question,
+    endpoints: &[EndpointRecord],
+    desired: &DesiredState,
+    maps: Option<&Maps>,
+) -> Vec<EndVerdict> {
+    let mut out = Vec::new();
+    for (direction, local, remote) in [
+        (Direction::Egress, q.from, q.to),
+        (Direction::Ingress, q.to, q.from),
+    ] {
+        for ep in endpoints
+            .iter()
+            .filter(|e| e.ips.iter().any(|n| n.addr() == local))
+        {
+            let rules = match desired.assignment(&ep.pod) {
+                Assignment::Unknown => RuleVerdict::Pending,
+                Assignment::NonMember => RuleVerdict::NotMember,
+                Assignment::Member(policy) => {
+                    match desired
+                        .policies
+                        .get(&policy)
+                        .and_then(|p| p.first_match(direction, q.proto, q.port, remote))
+                    {
+                        Some(rule) => RuleVerdict::Allowed { policy, rule },
+                        None => RuleVerdict::Refused { policy },
+                    }
+                }
+            };
+            let datapath =
+                maps.and_then(|m| datapath_allows(m, ep.host_ifindex, direction, remote, q).ok());
+            out.push(EndVerdict {
+                direction,
+                endpoint: ep.clone(),
+                rules,
+                datapath,
+            });
+        }
+    }
+    out
+}
+
+/// The datapath's verdict for a NEW connection at endpoint `ifindex`: the same two lookups the
+/// programs make, done by the kernel's own map code.
+pub fn datapath_allows(
+    maps: &Maps,
+    ifindex: u32,
+    direction: Direction,
+    remote: IpAddr,
+    q: &Question,
+) -> Result<bool, MapError> {
+    let ep = match maps.endpoints.get(&ifindex, 0) {
+        Ok(ep) => ep,
+        Err(MapError::KeyNotFound) => return Ok(true), // not judged at all
+        Err(e) => return Err(e),
+    };
+    if ep.policy_id == POLICY_NONE {
+        return Ok(true);
+    }
+    let (family, addr) = raw_addr(remote);
+    let query = PolicyQuery {
+        direction: direction as u8,
+        family,
+        proto: q.proto,
+        remote: addr,
+        port: q.port,
+    };
+    let (len, key) = query.port_key(ep.policy_id);
+    let ports = match maps.ports.get(&Key::new(len, key), 0) {
+        Ok(c) => c,
+        Err(MapError::KeyNotFound) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let (len, key) = query.peer_key(ep.policy_id);
+    let peers = match maps.hosts.get(&key, 0) {
+        Ok(c) => c,
+        Err(MapError::KeyNotFound) => match maps.peers.get(&Key::new(len, key), 0) {
+            Ok(c) => c,
+            Err(MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(e),
+        },
+        Err(e) => return Err(e),
+    };
+    Ok(peers.intersects(&ports))
+}
+
+/// The human answer: one line per end, then the overall verdict.
+pub fn render(q: &Question, ends: &[EndVerdict]) -> String {
+    let mut s = String::new();
+    if ends.is_empty() {
+        let _ = writeln!(
+            s,
+            "neither {} nor {} is a pod on this node: kubesg on this node does not judge it",
+            q.from, q.to
+        );
+        return s;
+    }
+    for end in ends {
+        let side = match end.direction {
+            Direction::Egress => "egress of",
+            Direction::Ingress => "ingress of",
+        };
+        let rules = match &end.rules {
+            RuleVerdict::NotMember => "not in any security group: allowed (tracked only)".into(),
+            RuleVerdict::Pending => {
+                "its rules have not arrived: the agent's startup policy applies".into()
+            }
+            RuleVerdict::Allowed { policy, rule } => {
+                format!("allowed by rule {rule} of policy {policy}")
+            }
+            RuleVerdict::Refused { policy } => {
+                format!("refused: no rule of policy {policy} allows it")
+            }
+        };
+        let dp = match end.datapath {
+            Some(true) => "datapath: allows",
+            Some(false) => "datapath: refuses",
+            None => "datapath: not readable",
+        };
+        let disagree = matches!(
+            (&end.rules, end.datapath),
+            (
+                RuleVerdict::Allowed { .. } | RuleVerdict::NotMember,
+                Some(false)
+            ) | (RuleVerdict::Refused { .. }, Some(true))
+        );
+        let _ = writeln!(
+            s,
+            "{side} {} ({} on {}): {rules} [{dp}]{}",
+            end.endpoint.pod,
+            end.endpoint.key,
+            end.endpoint.host_ifname,
+            if disagree {
+                "  <- the datapath disagrees with the rules: please report this"
+            } else {
+                ""
+            }
+        );
+    }
+    let verdict = if ends.iter().all(EndVerdict::allows) {
+        "ALLOWED"
+    } else {
+        "REFUSED"
+    };
+    let _ = writeln!(
+        s,
+        "verdict: {verdict} (a NEW connection needs every end above)"
+    );
+    s
+}

@@ -1,0 +1,225 @@
+//! Prometheus metrics and the health endpoints of the agent, served over HTTP: `/metrics`,
+//! `/healthz` (the process answers) and `/readyz` (the datapath is loaded and the CNI socket
+//! serves; the operator link's state is reported but not required, as the agent enforces the last
+//! rules it applied while the operator is away).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use axum::{extract::State, http::StatusCode, routing::get, Router};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tracing::info;
+
+use crate::enforcer::Enforcer;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CniLabels {
+    op: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpdateLabels {
+    result: &'static str,
+}
+
+/// The agent's own metrics (the datapath's counters are read at scrape time).
+#[derive(Clone, Default)]
+pub struct Metrics {
+    cni_requests: Family<CniLabels, Counter>,
+    updates: Family<UpdateLabels, Counter>,
+    applied_version: Gauge,
+    operator_connected: Gauge,
+    ready: Arc<AtomicBool>,
+}
+
+impl Metrics {
+    /// Counts a CNI request by operation and outcome.
+    pub fn cni_request(&self, op: &'static str, ok: bool) {
+        self.cni_requests
+            .get_or_create(&CniLabels {
+                op,
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// Counts an operator update, applied or NACKed, and records the applied version.
+    pub fn update(&self, applied: bool, version: u64) {
+        self.updates
+            .get_or_create(&UpdateLabels {
+                result: if applied { "applied" } else { "nacked" },
+            })
+            .inc();
+        if applied {
+            self.set_applied_version(version);
+        }
+    }
+
+    /// Records the applied version (at start: the one restored from the state directory).
+    pub fn set_applied_version(&self, version: u64) {
+        self.applied_version.set(version as i64);
+    }
+
+    /// Records whether the operator link is up.
+    pub fn set_operator_connected(&self, up: bool) {
+        self.operator_connected.set(up as i64);
+    }
+
+    /// Marks the agent ready (datapath loaded, CNI socket serving).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// A registry with these metrics and the datapath's counters of `enforcer`.
+    pub fn registry(&self, enforcer: Arc<Mutex<Enforcer>>) -> Registry {
+        let mut r = Registry::with_prefix("kubesg_agent");
+        r.register(
+            "cni_requests",
+            "CNI requests served, by operation and result",
+            self.cni_requests.clone(),
+        );
+        r.register(
+            "policy_updates",
+            "Operator updates, applied or refused (NACK)",
+            self.updates.clone(),
+        );
+        r.register(
+            "applied_version",
+            "The last operator version applied",
+            self.applied_version.clone(),
+        );
+        r.register(
+            "operator_connected",
+            "1 while the stream to the operator is up",
+            self.operator_connected.clone(),
+        );
+        r.register_collector(Box::new(DatapathCollector { enforcer }));
+        r
+    }
+}
+
+/// Reads the per-endpoint counters of the datapath on each scrape.
+#[derive(Debug)]
+struct DatapathCollector {
+    enforcer: Arc<Mutex<Enforcer>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    namespace: String,
+    pod: String,
+    direction: &'static str,
+    verdict: &'static str,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let enforcer = self.enforcer.lock().unwrap_or_else(|p| p.into_inner());
+        let endpoints = enforcer.endpoints().count() as i64;
+        let mut samples = Vec::new();
+        for rec in enforcer.endpoints() {
+            let Ok(Some(counters)) = enforcer.datapath().counters(rec.host_ifindex) else {
+                continue;
+            };
+            for (dir, c) in ["egress", "ingress"].into_iter().zip(counters) {
+                for (verdict, n) in [
+                    ("accepted", c.accepted),
+                    ("dropped_policy", c.dropped_policy),
+                    ("dropped_invalid", c.dropped_invalid),
+                ] {
+                    samples.push((
+                        PacketLabels {
+                            namespace: rec.pod.namespace.clone(),
+                            pod: rec.pod.name.clone(),
+                            direction: dir,
+                            verdict,
+                        },
+                        n,
+                    ));
+                }
+            }
+        }
+        drop(enforcer);
+        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(endpoints);
+        gauge.encode(encoder.encode_descriptor(
+            "endpoints",
+            "Pod interfaces this agent enforces",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        let mut family = encoder.encode_descriptor(
+            "datapath_packets",
+            "Packets by pod, direction (of the pod) and verdict",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (labels, n) in samples {
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    metrics: &Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = HttpState {
+        registry: Arc::new(registry),
+        ready: metrics.ready.clone(),
+    };
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(addr = %listener.local_addr()?, "serving metrics and health");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics_text(State(s): State<HttpState>) -> (StatusCode, String) {
+    let registry = s.registry.clone();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).map(|()| out)
+    })
+    .await;
+    match encoded {
+        Ok(Ok(text)) => (StatusCode::OK, text),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding failed\n".into(),
+        ),
+    }
+}
+
+async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}

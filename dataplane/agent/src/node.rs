@@ -1,0 +1,97 @@
+//! The daemon's shared state: the enforcer behind a lock (its calls are short map updates, run on
+//! blocking threads), the version channel ADDs under the `wait` policy listen to, and the
+//! metrics. The operator link applies updates through it ([`UpdateSink`]).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kubesg_proto::v1alpha1 as pb;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::{
+    convert,
+    enforcer::{Enforcer, EnforcerError, StartupPolicy},
+    metrics::Metrics,
+    operator_link::UpdateSink,
+};
+
+/// The node's enforcement as the daemon's tasks share it.
+pub struct Node {
+    enforcer: Arc<Mutex<Enforcer>>,
+    versions: watch::Sender<u64>,
+    startup: StartupPolicy,
+    /// The agent's metrics.
+    pub metrics: Metrics,
+}
+
+impl Node {
+    /// Shares `enforcer`.
+    pub fn new(enforcer: Enforcer, metrics: Metrics) -> Arc<Self> {
+        let (versions, _) = watch::channel(enforcer.applied_version());
+        let startup = enforcer.startup_policy();
+        Arc::new(Node {
+            enforcer: Arc::new(Mutex::new(enforcer)),
+            versions,
+            startup,
+            metrics,
+        })
+    }
+
+    /// The lock itself, for the metrics collector (which runs on a blocking thread).
+    pub fn enforcer(&self) -> Arc<Mutex<Enforcer>> {
+        self.enforcer.clone()
+    }
+
+    /// Locks the enforcer (blocking). A panic in an earlier holder does not poison the node:
+    /// each enforcer call leaves a consistent state or reports an error.
+    pub fn lock(&self) -> MutexGuard<'_, Enforcer> {
+        self.enforcer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the enforcer on a blocking thread.
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Enforcer) -> Result<T, EnforcerError> + Send + 'static,
+    ) -> Result<T, EnforcerError> {
+        let enforcer = self.enforcer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = enforcer.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| EnforcerError::State(std::io::Error::other(e.to_string())))?
+    }
+
+    /// Applied versions as they change (ADDs waiting for their rules watch it).
+    pub fn versions(&self) -> watch::Receiver<u64> {
+        self.versions.subscribe()
+    }
+
+    /// The startup policy.
+    pub fn startup(&self) -> StartupPolicy {
+        self.startup
+    }
+}
+
+impl UpdateSink for Node {
+    fn applied_version(&self) -> u64 {
+        self.lock().applied_version()
+    }
+
+    fn apply(&self, update: &pb::PolicyUpdate) -> Result<(), String> {
+        let result = convert::update(update)
+            .map_err(EnforcerError::from)
+            .and_then(|u| self.lock().apply_update(&u));
+        self.metrics.update(result.is_ok(), update.version);
+        match result {
+            Ok(()) => {
+                self.versions.send_replace(update.version);
+                Ok(())
+            }
+            Err(e) => {
+                warn!(version = update.version, error = %e, "update refused (NACK)");
+                Err(e.to_string())
+            }
+        }
+    }
+}

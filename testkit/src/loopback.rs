@@ -1,0 +1,189 @@
+//! The program tests' harness: a private datapath whose one endpoint sits on loopback (ifindex 1,
+//! which `BPF_PROG_TEST_RUN` needs no device for), crafted frames run through its tc programs as
+//! if the pod sent or received them, and what the datapath made of them: the verdict, the
+//! conntrack entries, the counters and the deny events.
+
+use std::{cell::Cell, io, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use kubesg_agent::{
+    clock,
+    conntrack::{self, Connection},
+    datapath::{Datapath, DatapathOptions, PolicyHandle},
+    events::{self, Denial},
+    policy::CompiledPolicy,
+    testrun::test_run,
+};
+use kubesg_common::{
+    config::CFG_RECHECK_ON_POLICY_CHANGE,
+    event::{Counters, DenyReason},
+    Direction,
+};
+
+use crate::{
+    family::{NEIGHBOR_V6, POD_V6},
+    packet,
+};
+
+/// The verdict of an accepted frame: `TC_ACT_UNSPEC`, the packet goes on.
+pub const ACCEPT: i32 = -1;
+/// The verdict of a dropped frame: `TC_ACT_SHOT`.
+pub const DROP: i32 = 2;
+/// Loopback, where the endpoint sits: `BPF_PROG_TEST_RUN` needs no device for it.
+pub const IFINDEX: u32 = 1;
+/// The index of what the pod sends in [`LoopbackDatapath::counters`].
+pub const EGRESS: usize = Direction::Egress as usize;
+/// The index of what the pod receives in [`LoopbackDatapath::counters`].
+pub const INGRESS: usize = Direction::Ingress as usize;
+
+/// One private datapath with one endpoint on loopback, a member of a policy or not; every test
+/// loads its own, so tests run in parallel without seeing each other's state.
+pub struct LoopbackDatapath {
+    /// The datapath, for what the harness does not wrap (config, maps, programs).
+    pub datapath: Datapath,
+    /// The endpoint's policy, `None` for a non-member.
+    policy: Option<PolicyHandle>,
+    events: RingBuf<MapData>,
+    /// CLOCK_MONOTONIC just before and after the last run: the datapath's `now` lies within.
+    window: Cell<(u64, u64)>,
+}
+
+impl LoopbackDatapath {
+    /// The endpoint as a member of `policy`, or a non-member with `None`.
+    pub fn load(policy: Option<&CompiledPolicy>) -> Self {
+        let mut datapath =
+            Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
+        let handle = policy.map(|p| datapath.install_policy(p).expect("installing the policy"));
+        datapath
+            .set_endpoint(IFINDEX, handle)
+            .expect("registering the endpoint");
+        let events = datapath.take_events().expect("the deny-event ring");
+        LoopbackDatapath {
+            datapath,
+            policy: handle,
+            events,
+            window: Cell::new((0, 0)),
+        }
+    }
+
+    /// The endpoint's policy, `None` for a non-member: denials and entries carry its id.
+    pub fn policy(&self) -> Option<PolicyHandle> {
+        self.policy
+    }
+
+    /// Replaces the member's policy with `policy`, as the agent does when rules change.
+    pub fn replace(&mut self, policy: &CompiledPolicy) {
+        let old = self.policy.expect("a member");
+        self.policy = Some(
+            self.datapath
+                .replace_policy(old, policy)
+                .expect("replacing the policy"),
+        );
+    }
+
+    /// Makes the endpoint a member of `policy` (a non-member joins, a member moves).
+    pub fn join(&mut self, policy: &CompiledPolicy) {
+        let handle = self
+            .datapath
+            .install_policy(policy)
+            .expect("installing the policy");
+        self.datapath
+            .set_endpoint(IFINDEX, Some(handle))
+            .expect("moving the endpoint");
+        self.policy = Some(handle);
+    }
+
+    /// Turns re-checking established connections on policy change on or off.
+    pub fn set_recheck(&mut self, on: bool) {
+        let mut cfg = self.datapath.config().expect("reading the config");
+        if on {
+            cfg.flags |= CFG_RECHECK_ON_POLICY_CHANGE;
+        } else {
+            cfg.flags &= !CFG_RECHECK_ON_POLICY_CHANGE;
+        }
+        self.datapath.set_config(&cfg).expect("writing the config");
+    }
+
+    fn run(&self, prog: &'static str, frame: &[u8]) -> io::Result<i32> {
+        let fd = self.datapath.program_fd(prog).expect("program fd");
+        let before = clock::now_ns();
+        let r = test_run(fd, frame, IFINDEX, 1)?;
+        self.window.set((before, clock::now_ns()));
+        Ok(r.retval)
+    }
+
+    /// Runs `frame` as sent by the pod; returns the verdict ([`ACCEPT`] or [`DROP`]).
+    pub fn pod_sends(&self, frame: &[u8]) -> i32 {
+        self.run("from_pod", frame).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Runs `frame` as received by the pod; returns the verdict ([`ACCEPT`] or [`DROP`]).
+    pub fn pod_receives(&self, frame: &[u8]) -> i32 {
+        self.run("to_pod", frame).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Asserts that the pod's neighbour solicitation for [`NEIGHBOR_V6`] and the neighbour's
+    /// advertisement both pass: whatever the rules, neighbour discovery is never filtered.
+    #[track_caller]
+    pub fn assert_neighbor_discovery_passes(&self) {
+        let solicitation = packet::neighbor_solicitation(POD_V6, NEIGHBOR_V6);
+        assert_eq!(self.pod_sends(&solicitation), ACCEPT, "solicitation");
+        let advertisement = packet::neighbor_advertisement(NEIGHBOR_V6, POD_V6);
+        assert_eq!(self.pod_receives(&advertisement), ACCEPT, "advertisement");
+    }
+
+    /// Every tracked connection.
+    pub fn conns(&self) -> Vec<Connection> {
+        conntrack::list(self.datapath.maps()).expect("listing conntrack")
+    }
+
+    /// The one tracked connection; fails the test when there are none or several.
+    #[track_caller]
+    pub fn conn(&self) -> Connection {
+        let c = self.conns();
+        assert_eq!(c.len(), 1, "expected exactly one entry: {c:#?}");
+        c[0]
+    }
+
+    /// The endpoint's counters, indexed by [`EGRESS`] and [`INGRESS`].
+    pub fn counters(&self) -> [Counters; 2] {
+        self.datapath
+            .counters(IFINDEX)
+            .expect("reading counters")
+            .expect("endpoint registered")
+    }
+
+    /// The deny events since the last call.
+    pub fn denials(&mut self) -> Vec<Denial> {
+        events::drain(&mut self.events)
+    }
+
+    /// Asserts that exactly one deny event came since the last call, with `reason`; returns it
+    /// for more checks.
+    #[track_caller]
+    pub fn assert_denied(&mut self, reason: DenyReason) -> Denial {
+        let d = self.denials();
+        assert_eq!(d.len(), 1, "expected one deny event: {d:#?}");
+        assert_eq!(d[0].reason, Some(reason), "{d:#?}");
+        d[0].clone()
+    }
+
+    /// Asserts that `c` expires `timeout` after the last run (the run's clock reading lies
+    /// between the instants taken around it).
+    #[track_caller]
+    pub fn assert_expires_in(&self, c: &Connection, timeout: Duration) {
+        let timeout_ns = u64::try_from(timeout.as_nanos()).expect("a timeout within u64 ns");
+        let (before, after) = self.window.get();
+        let e = c.entry.expires_ns;
+        assert!(
+            before + timeout_ns <= e && e <= after + timeout_ns,
+            "expires_ns {e} is not last run + {timeout_ns} ns ({before}..{after})"
+        );
+    }
+}
+
+/// Lets the datapath's clock (CLOCK_MONOTONIC_COARSE, one tick of resolution) move on, so that a
+/// timeout the next packet renews differs from the one before it.
+pub fn next_tick() {
+    std::thread::sleep(Duration::from_millis(20));
+}
