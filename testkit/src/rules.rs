@@ -57,6 +57,7 @@ pub fn rule_with(protocol: Protocol, ports: Vec<PortMatch>, peers: Vec<PeerBlock
         protocol,
         ports,
         peers,
+        origin: String::new(),
     }
 }
 

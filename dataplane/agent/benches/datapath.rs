@@ -128,6 +128,7 @@ fn policy(family: Family, peers: u32, ranges: u16, cidr: bool) -> CompiledPolicy
                 }
             })
             .collect(),
+        origin: "class A".into(),
     };
     let b = Rule {
         protocol: Protocol::Tcp,
@@ -136,6 +137,7 @@ fn policy(family: Family, peers: u32, ranges: u16, cidr: bool) -> CompiledPolicy
             last: OTHER_CLASS_PORT,
         }],
         peers: vec![host(family.pod(), family.host_prefix())],
+        origin: "class B".into(),
     };
     CompiledPolicy {
         egress: vec![a, b],

@@ -125,6 +125,7 @@ fn rule(r: &pb::Rule) -> Result<Rule, String> {
         protocol,
         ports,
         peers,
+        origin: r.origin.clone(),
     })
 }
 

@@ -202,6 +202,7 @@ mod tests {
                 },
                 ports: vec![],
                 peers: vec![PeerBlock::cidr("10.0.0.0/8".parse().unwrap())],
+                origin: String::new(),
             }],
             ..CompiledPolicy::default()
         }

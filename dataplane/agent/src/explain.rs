@@ -42,6 +42,8 @@ pub enum RuleVerdict {
         policy: String,
         /// The rule's index.
         rule: usize,
+        /// Where the rule comes from, as the operator named it (may be empty).
+        origin: String,
     },
     /// No rule of `policy` allows it.
     Refused {
@@ -94,12 +96,16 @@ pub fn explain(
                 Assignment::Unknown => RuleVerdict::Pending,
                 Assignment::NonMember => RuleVerdict::NotMember,
                 Assignment::Member(policy) => {
-                    match desired
-                        .policies
-                        .get(&policy)
-                        .and_then(|p| p.first_match(direction, q.proto, q.port, remote))
-                    {
-                        Some(rule) => RuleVerdict::Allowed { policy, rule },
+                    let compiled = desired.policies.get(&policy);
+                    match compiled.and_then(|p| p.first_match(direction, q.proto, q.port, remote)) {
+                        Some(rule) => RuleVerdict::Allowed {
+                            origin: compiled
+                                .and_then(|p| p.rules(direction).get(rule))
+                                .map(|r| r.origin.clone())
+                                .unwrap_or_default(),
+                            policy,
+                            rule,
+                        },
                         None => RuleVerdict::Refused { policy },
                     }
                 }
@@ -182,8 +188,16 @@ pub fn render(q: &Question, ends: &[EndVerdict]) -> String {
             RuleVerdict::Pending => {
                 "its rules have not arrived: the agent's startup policy applies".into()
             }
-            RuleVerdict::Allowed { policy, rule } => {
-                format!("allowed by rule {rule} of policy {policy}")
+            RuleVerdict::Allowed {
+                policy,
+                rule,
+                origin,
+            } => {
+                if origin.is_empty() {
+                    format!("allowed by rule {rule} of policy {policy}")
+                } else {
+                    format!("allowed by rule {rule} ({origin}) of policy {policy}")
+                }
             }
             RuleVerdict::Refused { policy } => {
                 format!("refused: no rule of policy {policy} allows it")
@@ -224,4 +238,120 @@ pub fn render(q: &Question, ends: &[EndVerdict]) -> String {
         "verdict: {verdict} (a NEW connection needs every end above)"
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        desired::PodAssignment,
+        endpoints::{EndpointKey, PodRef},
+        policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule},
+    };
+
+    fn ep(name: &str, ip: &str, ifindex: u32) -> EndpointRecord {
+        EndpointRecord {
+            key: EndpointKey {
+                container_id: format!("c-{name}"),
+                ifname: "eth0".into(),
+            },
+            netns: String::new(),
+            host_ifname: format!("veth{ifindex}"),
+            host_ifindex: ifindex,
+            ips: vec![format!("{ip}/24").parse().unwrap()],
+            pod: PodRef {
+                namespace: "shop".into(),
+                name: name.into(),
+                uid: String::new(),
+            },
+        }
+    }
+
+    fn state() -> DesiredState {
+        let web_to_db = Rule {
+            protocol: Protocol::Tcp,
+            ports: vec![PortMatch::Range {
+                first: 5432,
+                last: 5432,
+            }],
+            peers: vec![PeerBlock::cidr("10.0.0.0/24".parse().unwrap())],
+            origin: "shop/web egress[0]".into(),
+        };
+        let mut s = DesiredState::default();
+        s.policies.insert(
+            "web".into(),
+            CompiledPolicy {
+                egress: vec![web_to_db],
+                ..CompiledPolicy::default()
+            },
+        );
+        s.policies.insert("db".into(), CompiledPolicy::default());
+        for (pod, policy) in [("web", Some("web")), ("db", Some("db")), ("tools", None)] {
+            s.pods.insert(
+                ("shop".into(), pod.into()),
+                PodAssignment {
+                    uid: String::new(),
+                    policy: policy.map(String::from),
+                },
+            );
+        }
+        s
+    }
+
+    fn q(from: &str, to: &str, port: u16) -> Question {
+        Question {
+            from: from.parse().unwrap(),
+            to: to.parse().unwrap(),
+            proto: kubesg_common::proto::TCP,
+            port,
+        }
+    }
+
+    #[test]
+    fn both_ends_are_judged_and_the_rule_is_named() {
+        let eps = [ep("web", "10.0.0.5", 5), ep("db", "10.0.0.7", 7)];
+        let ends = explain(&q("10.0.0.5", "10.0.0.7", 5432), &eps, &state(), None);
+        assert_eq!(ends.len(), 2);
+        assert_eq!(ends[0].direction, Direction::Egress);
+        assert_eq!(
+            ends[0].rules,
+            RuleVerdict::Allowed {
+                policy: "web".into(),
+                rule: 0,
+                origin: "shop/web egress[0]".into()
+            }
+        );
+        assert_eq!(ends[1].direction, Direction::Ingress);
+        assert_eq!(
+            ends[1].rules,
+            RuleVerdict::Refused {
+                policy: "db".into()
+            }
+        );
+        let text = render(&q("10.0.0.5", "10.0.0.7", 5432), &ends);
+        assert!(
+            text.contains("allowed by rule 0 (shop/web egress[0]) of policy web"),
+            "{text}"
+        );
+        assert!(
+            text.contains("refused: no rule of policy db allows it"),
+            "{text}"
+        );
+        assert!(text.contains("verdict: REFUSED"), "{text}");
+    }
+
+    #[test]
+    fn non_members_and_pending_pods_are_said_so() {
+        let eps = [ep("tools", "10.0.0.9", 9), ep("new", "10.0.0.11", 11)];
+        let ends = explain(&q("10.0.0.9", "10.0.0.11", 80), &eps, &state(), None);
+        assert_eq!(ends[0].rules, RuleVerdict::NotMember);
+        assert_eq!(ends[1].rules, RuleVerdict::Pending);
+    }
+
+    #[test]
+    fn addresses_of_no_local_pod_are_not_judged_here() {
+        let ends = explain(&q("192.0.2.1", "192.0.2.2", 80), &[], &state(), None);
+        assert!(ends.is_empty());
+        assert!(render(&q("192.0.2.1", "192.0.2.2", 80), &ends).contains("does not judge it"));
+    }
 }

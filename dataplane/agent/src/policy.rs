@@ -109,6 +109,9 @@ pub struct Rule {
     pub ports: Vec<PortMatch>,
     /// Remote addresses; empty matches nobody.
     pub peers: Vec<PeerBlock>,
+    /// Where the rule comes from (e.g. `shop/web ingress[0]`), for `explain`; not used to match.
+    #[serde(default)]
+    pub origin: String,
 }
 
 impl Rule {

@@ -719,6 +719,7 @@ mod tests {
             protocol,
             ports,
             peers,
+            origin: String::new(),
         }
     }
 
@@ -1454,6 +1455,7 @@ mod tests {
                 protocol,
                 ports,
                 peers: peers.clone(),
+                origin: String::new(),
             })
         })
     }
