@@ -1,0 +1,7 @@
+//! The kubesg operator as a library: the SecurityGroup API, the compiler from cluster objects to
+//! per-node rule sets, the push to agents and the status writer. `main.rs` only wires them.
+
+pub mod crd;
+pub mod crdgen;
+pub mod model;
+pub mod plan;

@@ -1,0 +1,108 @@
+//! The cluster as the compiler sees it: namespaces, pods, nodes and security groups, reduced to
+//! what decides connectivity. Both sources (the Kubernetes API and a directory of manifests) fill
+//! this same model, so one compile-and-push path serves both.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use crate::crd::SecurityGroupSpec;
+
+/// A namespaced object's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// `namespace/name`.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A namespace: its labels (namespace selectors match them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Namespace {
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The IP protocol of a named container port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortProtocol {
+    /// TCP (Kubernetes' default).
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+/// A named container port of a pod (named ports in rules resolve through these, per pod).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamedPort {
+    /// The name (`containers[].ports[].name`).
+    pub name: String,
+    /// The container port.
+    pub port: u16,
+    /// Its protocol.
+    pub protocol: PortProtocol,
+}
+
+/// A pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pod {
+    /// Its UID (the agent tells a recreated pod of the same name apart by it).
+    pub uid: String,
+    /// The node it is scheduled on; `None` while pending scheduling.
+    pub node: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its addresses (`status.podIPs`); empty until the CNI gave it some. A pod without
+    /// addresses can be a member but is nobody's peer yet.
+    pub ips: Vec<IpAddr>,
+    /// Named container ports.
+    pub ports: Vec<NamedPort>,
+    /// Whether it runs on the host's network (`spec.hostNetwork`): kubesg does not enforce
+    /// those, and their addresses are the node's.
+    pub host_network: bool,
+    /// Whether it is finished (phase Succeeded or Failed): it holds no address any more.
+    pub terminated: bool,
+}
+
+/// A security group as the compiler needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    /// `metadata.generation`, reported back as `status.observedGeneration`.
+    pub generation: i64,
+    /// The spec.
+    pub spec: SecurityGroupSpec,
+}
+
+/// Everything that decides connectivity.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Cluster {
+    /// Namespaces by name. A pod or group in a namespace missing here is treated as in a
+    /// namespace without labels.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods by namespace/name.
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    /// Nodes by name.
+    pub nodes: BTreeSet<String>,
+    /// Security groups by namespace/name.
+    pub groups: BTreeMap<ObjectKey, Group>,
+}

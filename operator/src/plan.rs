@@ -1,0 +1,136 @@
+//! What the compiler produces: for each node, the pods on it with the policy each one uses and
+//! those policies' rules, resolved to addresses and ports; for each group, what its status
+//! reports. The push turns a node's plan into snapshots and deltas; the status writer turns the
+//! group reports and the agents' acks into conditions.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+
+use crate::model::ObjectKey;
+
+/// A policy's id: derived from its content, so pods whose groups compile to the same rules
+/// share one policy, and an unchanged policy keeps its id across recompiles (nothing to push).
+pub type PolicyId = String;
+
+/// The protocol of a compiled rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RuleProtocol {
+    /// Every protocol and port.
+    Any,
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+    /// ICMP.
+    Icmp,
+    /// ICMPv6.
+    Icmpv6,
+}
+
+/// Ports (or ICMP messages) a compiled rule allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PortSpec {
+    /// Destination ports `first..=last`.
+    Range {
+        /// First.
+        first: u16,
+        /// Last (inclusive).
+        last: u16,
+    },
+    /// An ICMP type, one code or all.
+    Icmp {
+        /// Type.
+        icmp_type: u8,
+        /// Code; `None`: every code.
+        code: Option<u8>,
+    },
+}
+
+/// A block of peer addresses minus the blocks inside it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerBlock {
+    /// The block (a single address is a /32 or /128).
+    pub cidr: IpNet,
+    /// Blocks inside `cidr` that are not allowed.
+    pub except: Vec<IpNet>,
+}
+
+/// One compiled allow rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PlannedRule {
+    /// The protocol.
+    pub protocol: RuleProtocol,
+    /// Empty: every port of the protocol.
+    pub ports: Vec<PortSpec>,
+    /// Empty: nobody (unresolved peers never widen access).
+    pub peers: Vec<PeerBlock>,
+    /// Where it comes from, e.g. `shop/web ingress[0]`, for `kubesg-agent explain`.
+    pub origin: String,
+}
+
+/// A group's generation a policy was compiled from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupGeneration {
+    /// The group.
+    pub group: ObjectKey,
+    /// Its `metadata.generation`.
+    pub generation: i64,
+}
+
+/// The compiled rules shared by the pods of one set of groups (and one resolution of named
+/// ports).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PlannedPolicy {
+    /// Rules for connections the pods accept.
+    pub ingress: Vec<PlannedRule>,
+    /// Rules for connections the pods open.
+    pub egress: Vec<PlannedRule>,
+    /// Every group whose generation this policy reflects: the groups the pods are members of and
+    /// the groups their rules name as peers. The status reports a generation programmed on a node
+    /// once the node acked a version carrying a policy that lists it.
+    pub groups: BTreeSet<GroupGeneration>,
+}
+
+/// A pod on a node and the policy it uses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PodPlan {
+    /// The pod's UID.
+    pub uid: String,
+    /// Its policy; `None`: a member of no group (tracked, not filtered).
+    pub policy: Option<PolicyId>,
+}
+
+/// Everything one node's agent needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodePlan {
+    /// Every pod on the node that kubesg enforces (not host-network ones), members or not.
+    pub pods: BTreeMap<ObjectKey, PodPlan>,
+    /// The policies those pods use.
+    pub policies: BTreeMap<PolicyId, PlannedPolicy>,
+}
+
+/// What a group's status reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupReport {
+    /// The generation compiled.
+    pub generation: i64,
+    /// `Ok`: the spec is valid; `Err`: why not (the `Accepted` condition's message). An invalid
+    /// group contributes nothing (allows nothing, selects no member).
+    pub accepted: Result<(), String>,
+    /// Member pods.
+    pub members: usize,
+    /// Nodes with a member, or with a pod whose rules name this group as a peer.
+    pub nodes: BTreeSet<String>,
+}
+
+/// The compiler's whole output.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Per node.
+    pub nodes: BTreeMap<String, NodePlan>,
+    /// Per group.
+    pub groups: BTreeMap<ObjectKey, GroupReport>,
+}
