@@ -3,5 +3,7 @@
 
 pub mod crd;
 pub mod crdgen;
+pub mod manifests;
 pub mod model;
+pub mod objects;
 pub mod plan;

@@ -1,0 +1,431 @@
+//! A directory of manifests standing in for the Kubernetes API (`--manifests DIR`): Namespace,
+//! Pod, Node and SecurityGroup YAML (multi-document files and `kind: List` included), re-read
+//! when files change. It feeds the same model and the same compile-and-push path as the API.
+//!
+//! Nothing is lost to a bad edit: a file that does not parse is reported and its previous
+//! content stays in force until it parses again, as a failed `kubectl apply` leaves the cluster.
+//! Manifests carry no server-side generation, so this source keeps one per group and bumps it
+//! when the group's spec changes.
+
+use std::{
+    collections::{hash_map::DefaultHasher, BTreeMap},
+    fs,
+    hash::{Hash as _, Hasher as _},
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod};
+use serde::Deserialize;
+
+use crate::{
+    crd::SecurityGroup,
+    model::{Cluster, Group, Namespace, ObjectKey, Pod},
+    objects,
+};
+
+/// One object read from a file.
+#[derive(Clone, Debug, PartialEq)]
+enum Object {
+    Namespace(String, Namespace),
+    Pod(ObjectKey, Pod),
+    Node(String),
+    Group(ObjectKey, Group),
+}
+
+/// A problem with a file (its previous content, if any, stays in force).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The file.
+    pub file: PathBuf,
+    /// What is wrong, with the document number when it is about one document.
+    pub message: String,
+}
+
+#[derive(Debug)]
+struct FileState {
+    fingerprint: u64,
+    objects: Vec<Object>,
+}
+
+/// The directory and what was last read from it.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    generations: BTreeMap<ObjectKey, (u64, i64)>,
+    problems: BTreeMap<PathBuf, String>,
+}
+
+/// What a scan found.
+#[derive(Debug)]
+pub struct Scan {
+    /// Whether anything changed since the previous scan (files added, changed or removed).
+    pub changed: bool,
+    /// The cluster the directory describes now.
+    pub cluster: Cluster,
+    /// Files that could not be read, as of this scan.
+    pub problems: Vec<Problem>,
+}
+
+const DEFAULT_NAMESPACE: &str = "default";
+
+impl ManifestDir {
+    /// The directory `dir` (read on the first [`ManifestDir::scan`]).
+    pub fn new(dir: &Path) -> Self {
+        ManifestDir {
+            dir: dir.to_path_buf(),
+            files: BTreeMap::new(),
+            generations: BTreeMap::new(),
+            problems: BTreeMap::new(),
+        }
+    }
+
+    /// Re-reads the files whose content changed and returns the cluster they describe.
+    pub fn scan(&mut self) -> std::io::Result<Scan> {
+        let mut paths = Vec::new();
+        collect(&self.dir, &mut paths)?;
+        paths.sort();
+        let mut changed = false;
+        let before: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for gone in before.iter().filter(|p| !paths.contains(p)) {
+            self.files.remove(gone);
+            self.problems.remove(gone);
+            changed = true;
+        }
+        for path in &paths {
+            let bytes = match fs::read(path) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.problems.insert(path.clone(), e.to_string());
+                    continue;
+                }
+            };
+            let mut h = DefaultHasher::new();
+            bytes.hash(&mut h);
+            let fingerprint = h.finish();
+            if self
+                .files
+                .get(path)
+                .is_some_and(|f| f.fingerprint == fingerprint)
+            {
+                continue;
+            }
+            match parse(&String::from_utf8_lossy(&bytes)) {
+                Ok(objects) => {
+                    self.files.insert(
+                        path.clone(),
+                        FileState {
+                            fingerprint,
+                            objects,
+                        },
+                    );
+                    self.problems.remove(path);
+                    changed = true;
+                }
+                Err(message) => {
+                    if self.problems.get(path) != Some(&message) {
+                        tracing::warn!(file = %path.display(), %message, "manifest not applied; its previous content stays");
+                    }
+                    self.problems.insert(path.clone(), message);
+                }
+            }
+        }
+        let (cluster, duplicates) = self.assemble();
+        let mut problems: Vec<Problem> = self
+            .problems
+            .iter()
+            .map(|(file, message)| Problem {
+                file: file.clone(),
+                message: message.clone(),
+            })
+            .collect();
+        problems.extend(duplicates);
+        Ok(Scan {
+            changed,
+            cluster,
+            problems,
+        })
+    }
+
+    /// The cluster from every file's objects; a later file wins over an earlier one for the same
+    /// object, and the duplicate is reported.
+    fn assemble(&mut self) -> (Cluster, Vec<Problem>) {
+        let mut cluster = Cluster::default();
+        let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut duplicates = Vec::new();
+        for (path, file) in &self.files {
+            for object in &file.objects {
+                let id = match object {
+                    Object::Namespace(n, _) => format!("Namespace {n}"),
+                    Object::Pod(k, _) => format!("Pod {k}"),
+                    Object::Node(n) => format!("Node {n}"),
+                    Object::Group(k, _) => format!("SecurityGroup {k}"),
+                };
+                if let Some(first) = seen.insert(id.clone(), path.clone()) {
+                    duplicates.push(Problem {
+                        file: path.clone(),
+                        message: format!(
+                            "{id} is also defined in {}; this one wins",
+                            first.display()
+                        ),
+                    });
+                }
+                match object {
+                    Object::Namespace(n, ns) => {
+                        cluster.namespaces.insert(n.clone(), ns.clone());
+                    }
+                    Object::Pod(k, p) => {
+                        cluster.pods.insert(k.clone(), p.clone());
+                    }
+                    Object::Node(n) => {
+                        cluster.nodes.insert(n.clone());
+                    }
+                    Object::Group(k, g) => {
+                        cluster.groups.insert(k.clone(), g.clone());
+                    }
+                }
+            }
+        }
+        for (key, group) in cluster.groups.iter_mut() {
+            if group.generation > 0 {
+                continue; // the manifest says
+            }
+            let mut h = DefaultHasher::new();
+            format!("{:?}", group.spec).hash(&mut h);
+            let spec_hash = h.finish();
+            let entry = self
+                .generations
+                .entry(key.clone())
+                .or_insert((spec_hash, 1));
+            if entry.0 != spec_hash {
+                *entry = (spec_hash, entry.1 + 1);
+            }
+            group.generation = entry.1;
+        }
+        (cluster, duplicates)
+    }
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if path
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+        {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct TypeMeta {
+    #[serde(rename = "apiVersion", default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+/// Every object of a (multi-document) file, or what is wrong with it. Unknown kinds are an
+/// error: a typo must not silently remove objects.
+fn parse(text: &str) -> Result<Vec<Object>, String> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value =
+            serde_yaml::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        object(value, &mut out).map_err(|e| format!("document {}: {e}", i + 1))?;
+    }
+    Ok(out)
+}
+
+fn object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String> {
+    let meta: TypeMeta = serde_yaml::from_value(value.clone()).map_err(|e| e.to_string())?;
+    let typed = |e: serde_yaml::Error| format!("{} {}: {e}", meta.api_version, meta.kind);
+    match (meta.api_version.as_str(), meta.kind.as_str()) {
+        ("v1", "List") => {
+            let items = value
+                .get("items")
+                .and_then(|v| v.as_sequence())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                object(item, out)?;
+            }
+        }
+        ("v1", "Namespace") => {
+            let ns: K8sNamespace = serde_yaml::from_value(value).map_err(typed)?;
+            let (name, model) = objects::namespace(&ns).map_err(|e| e.to_string())?;
+            out.push(Object::Namespace(name, model));
+        }
+        ("v1", "Pod") => {
+            let mut pod: K8sPod = serde_yaml::from_value(value).map_err(typed)?;
+            if pod.metadata.namespace.is_none() {
+                pod.metadata.namespace = Some(DEFAULT_NAMESPACE.into());
+            }
+            let (key, model) = objects::pod(&pod).map_err(|e| e.to_string())?;
+            out.push(Object::Pod(key, model));
+        }
+        ("v1", "Node") => {
+            let node: Node = serde_yaml::from_value(value).map_err(typed)?;
+            let name = node.metadata.name.unwrap_or_default();
+            if name.is_empty() {
+                return Err("a Node without a name".into());
+            }
+            out.push(Object::Node(name));
+        }
+        ("kubesg.io/v1alpha1", "SecurityGroup") => {
+            let mut sg: SecurityGroup = serde_yaml::from_value(value).map_err(typed)?;
+            if sg.metadata.namespace.is_none() {
+                sg.metadata.namespace = Some(DEFAULT_NAMESPACE.into());
+            }
+            let (key, model) = objects::group(&sg).map_err(|e| e.to_string())?;
+            out.push(Object::Group(key, model));
+        }
+        (api, kind) => {
+            return Err(format!(
+                "unsupported object {api} {kind}: expected v1 Namespace, Pod, Node or List, or \
+                 kubesg.io/v1alpha1 SecurityGroup"
+            ))
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir()
+                .join(format!("kubesg-manifests-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&d);
+            fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: { name: shop, labels: { team: a } }
+---
+apiVersion: v1
+kind: Node
+metadata: { name: node-1 }
+---
+apiVersion: v1
+kind: Pod
+metadata: { name: web-0, namespace: shop, uid: u1, labels: { app: web } }
+spec:
+  nodeName: node-1
+  containers:
+    - name: web
+      image: nginx
+      ports: [ { name: http, containerPort: 8080 }, { name: dns, containerPort: 53, protocol: UDP } ]
+status:
+  podIPs: [ { ip: 10.0.0.5 }, { ip: "fd00::5" } ]
+---
+apiVersion: kubesg.io/v1alpha1
+kind: SecurityGroup
+metadata: { name: web, namespace: shop }
+spec:
+  podSelector: { matchLabels: { app: web } }
+  ingress:
+    - protocol: TCP
+      ports: [ { port: http } ]
+"#;
+
+    #[test]
+    fn a_directory_of_manifests_becomes_the_cluster() {
+        let d = TempDir::new("read");
+        fs::write(d.0.join("cluster.yaml"), CLUSTER).unwrap();
+        let mut m = ManifestDir::new(&d.0);
+        let s = m.scan().unwrap();
+        assert!(s.changed);
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        let c = s.cluster;
+        assert_eq!(c.namespaces["shop"].labels["team"], "a");
+        assert!(c.nodes.contains("node-1"));
+        let pod = &c.pods[&ObjectKey::new("shop", "web-0")];
+        assert_eq!(pod.node.as_deref(), Some("node-1"));
+        assert_eq!(pod.ips.len(), 2);
+        assert_eq!(pod.ports.len(), 2);
+        assert_eq!(pod.uid, "u1");
+        let g = &c.groups[&ObjectKey::new("shop", "web")];
+        assert_eq!(g.generation, 1);
+        assert!(!m.scan().unwrap().changed, "nothing changed on disk");
+    }
+
+    #[test]
+    fn a_spec_change_bumps_the_generation_and_a_broken_file_keeps_its_last_content() {
+        let d = TempDir::new("edit");
+        let file = d.0.join("cluster.yaml");
+        fs::write(&file, CLUSTER).unwrap();
+        let mut m = ManifestDir::new(&d.0);
+        m.scan().unwrap();
+        fs::write(&file, CLUSTER.replace("port: http", "port: 8443")).unwrap();
+        let s = m.scan().unwrap();
+        assert!(s.changed);
+        assert_eq!(
+            s.cluster.groups[&ObjectKey::new("shop", "web")].generation,
+            2
+        );
+        fs::write(&file, "apiVersion: v1\nkind: Pod\nmetadata: [oops").unwrap();
+        let s = m.scan().unwrap();
+        assert!(!s.changed);
+        assert_eq!(s.problems.len(), 1);
+        assert!(s
+            .cluster
+            .pods
+            .contains_key(&ObjectKey::new("shop", "web-0")));
+        assert_eq!(
+            s.cluster.groups[&ObjectKey::new("shop", "web")].generation,
+            2
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_are_reported_not_ignored() {
+        let d = TempDir::new("unknown");
+        fs::write(
+            d.0.join("x.yaml"),
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: { name: x }\n",
+        )
+        .unwrap();
+        let s = ManifestDir::new(&d.0).scan().unwrap();
+        assert!(s.problems[0]
+            .message
+            .contains("unsupported object apps/v1 Deployment"));
+    }
+
+    #[test]
+    fn removing_a_file_removes_its_objects() {
+        let d = TempDir::new("remove");
+        fs::write(d.0.join("a.yaml"), CLUSTER).unwrap();
+        let mut m = ManifestDir::new(&d.0);
+        assert_eq!(m.scan().unwrap().cluster.pods.len(), 1);
+        fs::remove_file(d.0.join("a.yaml")).unwrap();
+        let s = m.scan().unwrap();
+        assert!(s.changed);
+        assert!(s.cluster.pods.is_empty());
+    }
+}
