@@ -46,7 +46,20 @@ pub struct SecurityGroupSpec {
 }
 
 /// The IP protocols a rule can name.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema, Default)]
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    JsonSchema,
+    Default,
+)]
 pub enum Protocol {
     /// TCP (the default).
     #[default]
@@ -99,7 +112,9 @@ pub struct IcmpType {
 }
 
 /// Another security group, whose members are the peers.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 pub struct GroupRef {
     /// Its name.
     #[schemars(length(min = 1, max = 253))]
