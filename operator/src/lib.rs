@@ -9,3 +9,4 @@ pub mod manifests;
 pub mod model;
 pub mod objects;
 pub mod plan;
+pub mod status;
