@@ -6,6 +6,8 @@
 //! These types stay at the edges: the agent and the operator convert them into their own domain
 //! types as they arrive.
 
+#![warn(missing_docs)]
+
 /// Version v1alpha1 of the contracts.
 #[allow(clippy::all, missing_docs)]
 pub mod v1alpha1 {

@@ -2,6 +2,7 @@
 //! endpoints and policies, sweep conntrack) and formats what the CLI prints. `main.rs` only parses
 //! arguments and calls in here.
 
+#![warn(missing_docs)]
 pub mod attach;
 pub mod bpffs;
 pub mod clock;

@@ -5,6 +5,7 @@
 //! parsing and the conntrack state machine) also live here: the eBPF programs run them on real
 //! packets and userspace unit tests run them on crafted bytes, so both sides share one definition
 //! of what a packet means.
+#![warn(missing_docs)]
 #![no_std]
 
 pub mod config;
