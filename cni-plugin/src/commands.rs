@@ -105,6 +105,18 @@ pub fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     }
     let mut agent = AgentClient::connect(&conf.agent_socket, conf.timeout)
         .map_err(|e| CniError::from_agent(&e, Command::Add))?;
+    // The agent enforces pods by namespace and name (the operator's rules name them) and
+    // refuses an endpoint without them: say which variables are missing.
+    let pod = match pod {
+        Some(pod) if !pod.namespace.is_empty() && !pod.name.is_empty() => pod,
+        _ => {
+            return Err(CniError::new(
+                ErrorCode::InvalidEnvironment,
+                "required CNI_ARGS [K8S_POD_NAMESPACE,K8S_POD_NAME] missing: kubesg-agent \
+                 enforces pods by namespace and name",
+            ))
+        }
+    };
     let (host, source) = veth::discover_host_veth(&prev, netns, &attachment.ifname)?;
     tracing::info!(
         container = %attachment.container_id,
@@ -121,7 +133,7 @@ pub fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         host_ifname: host.name,
         host_ifindex: host.ifindex,
         ips: ips.iter().map(ToString::to_string).collect(),
-        pod,
+        pod: Some(pod),
     };
     let answer = agent
         .add_endpoint(endpoint)

@@ -211,8 +211,7 @@ impl CniArgs {
     }
 
     /// The pod this attachment belongs to, when the runtime named it (kubelet always does; a
-    /// bare runtime may not, and the agent then treats the endpoint as belonging to no pod it
-    /// has rules for).
+    /// bare runtime may not, and ADD then fails with code 4: the agent enforces pods by name).
     pub fn pod(&self) -> Option<PodRef> {
         let namespace = self.get("K8S_POD_NAMESPACE").unwrap_or_default();
         let name = self.get("K8S_POD_NAME").unwrap_or_default();

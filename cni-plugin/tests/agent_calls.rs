@@ -1,205 +1,465 @@
-//! The binary against a fake agent: what DEL, CHECK, STATUS and GC ask it and how each answer
-//! becomes a CNI outcome. (ADD needs a real veth: see bridge_chain.rs.)
+//! The binary against the real kubesg-agent process (in a node network namespace, pods attached
+//! by Debian's bridge plugin): what DEL, CHECK, STATUS and GC ask the agent, how each answer
+//! becomes a CNI outcome, and a call the agent does not answer in time. The two answers the real
+//! agent never gives are served by a stub (support/stub_agent.rs) at the end.
 
-#[path = "support/fake_agent.rs"]
-mod fake_agent;
 #[path = "support/plugin.rs"]
 mod plugin;
+#[path = "support/stub_agent.rs"]
+mod stub_agent;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use fake_agent::{endpoint, FakeAgent};
-use kubesg_proto::v1alpha1::{EndpointKey, StatusResponse};
-use plugin::{attachment_env, run_plugin};
+use kubesg_proto::v1alpha1::{Endpoint, EndpointKey, StatusResponse};
+use kubesg_testkit::{
+    agent::{AgentConfig, AgentProcess, Startup},
+    cni::{pod_v4, pod_v6, Attachment, CniNode, CniPod, NetworkList},
+};
+use plugin::{attachment_env, run_plugin, run_plugin_in, PluginRun};
 use serde_json::{json, Value};
+use stub_agent::{Answers, StubAgent};
 
-const NETNS: &str = "/run/netns/kubesg-fake-agent-pod";
-
-fn prev_result() -> Value {
-    json!({
-        "cniVersion": "1.0.0",
-        "interfaces": [
-            {"name": "veth1", "mac": "7e:17:cb:f0:fe:bc"},
-            {"name": "eth0", "mac": "8a:10:f6:3e:71:d1", "sandbox": NETNS},
-        ],
-        "ips": [{"interface": 1, "address": "10.99.0.2/24"}],
-    })
+/// A node with the agent and the pod network (`bridge` + `host-local`, `kubesg-cni`). Fields
+/// drop in order: the agent first, the node namespace last.
+struct Node {
+    agent: AgentProcess,
+    network: NetworkList,
+    node: CniNode,
 }
 
-fn config(agent: &FakeAgent, version: &str, extra: Value) -> String {
-    let mut conf = json!({
-        "cniVersion": version,
-        "name": "kubesg-test",
-        "type": "kubesg-cni",
-        "agentSocket": agent.socket_str(),
-        "timeoutSeconds": 5,
-    });
-    if let (Some(conf), Value::Object(extra)) = (conf.as_object_mut(), extra) {
-        conf.extend(extra);
+impl Node {
+    fn start(startup: Startup, wait_timeout: Option<Duration>) -> Node {
+        let node = CniNode::new().expect("node");
+        let mut config = AgentConfig::new("node-a", startup);
+        config.wait_timeout = wait_timeout;
+        let agent = AgentProcess::start(node.name(), config).expect("starting kubesg-agent");
+        let network = node.pod_network(&agent.socket(), 10);
+        Node {
+            agent,
+            network,
+            node,
+        }
     }
-    conf.to_string()
+
+    fn pod(&self, name: &str, host: u8) -> CniPod {
+        CniPod::new("shop", name, pod_v4(host), pod_v6(host)).expect("pod netns")
+    }
+
+    /// A pod attached through the whole chain (so registered with the agent).
+    fn registered_pod(&self, name: &str, host: u8) -> CniPod {
+        let pod = self.pod(name, host);
+        self.node
+            .add(&self.network, &pod)
+            .unwrap_or_else(|e| panic!("ADD of {name}: {e}\n{}", self.agent.log()));
+        pod
+    }
+
+    /// A pod attached by the loopback network and the bridge plugin only (not registered);
+    /// the bridge's result.
+    fn bridged_pod(&self, name: &str, host: u8) -> (CniPod, Value) {
+        let pod = self.pod(name, host);
+        let bridge_only = NetworkList {
+            plugins: self.network.plugins[..1].to_vec(),
+            ..self.network.clone()
+        };
+        let rt = &self.node.runtime;
+        rt.add(&self.node.loopback, &pod.loopback_attachment())
+            .expect("loopback ADD");
+        let result = rt.add(&bridge_only, &pod.attachment).expect("bridge ADD");
+        (pod, result)
+    }
+
+    /// The chain's result for `att` (the prevResult a runtime gives CHECK and DEL).
+    fn prev(&self, att: &Attachment) -> Value {
+        self.node
+            .runtime
+            .cached_result(&self.network, att)
+            .expect("the attachment was added")
+    }
+
+    /// kubesg-cni's config alone, in `version`, with `extra` keys.
+    fn config(&self, version: &str, extra: Value) -> String {
+        let mut conf = json!({
+            "cniVersion": version,
+            "name": "kubesg-test",
+            "type": "kubesg-cni",
+            "agentSocket": self.agent.socket().display().to_string(),
+            "timeoutSeconds": 5,
+        });
+        if let (Some(conf), Value::Object(extra)) = (conf.as_object_mut(), extra) {
+            conf.extend(extra);
+        }
+        conf.to_string()
+    }
+
+    /// Runs the built kubesg-cni inside the node namespace.
+    fn run(&self, env: &[(&str, &str)], conf: &str) -> PluginRun {
+        run_plugin_in(self.node.name(), env, conf)
+    }
+
+    /// The keys of the endpoints the agent knows, sorted.
+    fn keys(&self) -> Vec<(String, String)> {
+        let mut keys: Vec<(String, String)> = self
+            .agent
+            .list_endpoints()
+            .expect("ListEndpoints")
+            .into_iter()
+            .filter_map(|e| e.key)
+            .map(|k| (k.container_id, k.ifname))
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// How many CHECK requests the agent served (its own metric).
+    fn checks_served(&self) -> u64 {
+        self.agent
+            .metrics()
+            .expect("metrics")
+            .lines()
+            .filter(|l| {
+                l.starts_with("kubesg_agent_cni_requests_total{") && l.contains("op=\"check\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
 }
 
-fn key(container_id: &str, ifname: &str) -> EndpointKey {
-    EndpointKey {
-        container_id: container_id.to_owned(),
-        ifname: ifname.to_owned(),
-    }
+fn key(att: &Attachment) -> (String, String) {
+    (att.container_id.clone(), att.ifname.clone())
+}
+
+fn netns(att: &Attachment) -> &str {
+    att.netns.to_str().expect("netns path is UTF-8")
 }
 
 #[test]
 fn del_asks_the_agent_to_forget_the_endpoint() {
-    let agent = FakeAgent::start();
-    agent.state().endpoints.push(endpoint("c1", "eth0"));
-    let env = attachment_env("DEL", "c1", NETNS, "eth0");
-    run_plugin(&env, &config(&agent, "1.0.0", json!({}))).assert_silent_success();
-    let state = agent.state();
-    assert_eq!(state.deleted, [key("c1", "eth0")]);
-    assert!(state.endpoints.is_empty());
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let pod = node.registered_pod("a", 11);
+    let ifindex = node
+        .node
+        .host_veth(&node.prev(&pod.attachment))
+        .expect("veth")
+        .1;
+    assert_eq!(node.keys(), [key(&pod.attachment)]);
+
+    let att = &pod.attachment;
+    let env = attachment_env("DEL", &att.container_id, netns(att), "eth0");
+    node.run(&env, &node.config("1.0.0", json!({})))
+        .assert_silent_success();
+    assert_eq!(node.keys(), []);
+    assert!(node
+        .agent
+        .record_files(&att.container_id)
+        .expect("records")
+        .is_empty());
+    assert!(!node.agent.datapath_has_endpoint(ifindex).expect("maps"));
+    assert!(node.agent.pinned_links(ifindex).expect("links").is_empty());
 }
 
 #[test]
 fn del_of_an_endpoint_the_agent_does_not_know_succeeds() {
-    let agent = FakeAgent::start();
-    let env = attachment_env("DEL", "c1", NETNS, "eth0");
-    let run = run_plugin(
-        &env,
-        &config(&agent, "0.4.0", json!({"prevResult": prev_result()})),
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let pod = node.registered_pod("a", 11);
+    let prev = node.prev(&pod.attachment);
+    let env = attachment_env("DEL", "c1", netns(&pod.attachment), "eth0");
+    node.run(&env, &node.config("0.4.0", json!({"prevResult": prev})))
+        .assert_silent_success();
+    assert_eq!(
+        node.keys(),
+        [key(&pod.attachment)],
+        "the other endpoint stays"
     );
-    run.assert_silent_success();
-    assert_eq!(agent.state().deleted, [key("c1", "eth0")]);
 }
 
 #[test]
 fn check_of_an_enforced_endpoint_succeeds() {
-    let agent = FakeAgent::start();
-    agent.state().endpoints.push(endpoint("c1", "eth0"));
-    let env = attachment_env("CHECK", "c1", NETNS, "eth0");
-    run_plugin(
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let pod = node.registered_pod("a", 11);
+    let att = &pod.attachment;
+    let env = attachment_env("CHECK", &att.container_id, netns(att), "eth0");
+    let before = node.checks_served();
+    node.run(
         &env,
-        &config(&agent, "1.0.0", json!({"prevResult": prev_result()})),
+        &node.config("1.0.0", json!({"prevResult": node.prev(att)})),
     )
     .assert_silent_success();
-    assert_eq!(agent.state().checked, [key("c1", "eth0")]);
+    assert_eq!(node.checks_served(), before + 1, "the agent was asked");
 }
 
 #[test]
 fn check_of_an_endpoint_the_agent_does_not_know_is_code_100() {
-    let agent = FakeAgent::start();
-    let env = attachment_env("CHECK", "c1", NETNS, "eth0");
-    let run = run_plugin(
-        &env,
-        &config(&agent, "1.0.0", json!({"prevResult": prev_result()})),
-    );
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let pod = node.registered_pod("a", 11);
+    let att = &pod.attachment;
+    let prev = node.prev(att);
+    let del = attachment_env("DEL", &att.container_id, netns(att), "eth0");
+    node.run(&del, &node.config("1.0.0", json!({})))
+        .assert_silent_success();
+
+    let env = attachment_env("CHECK", &att.container_id, netns(att), "eth0");
+    let run = node.run(&env, &node.config("1.0.0", json!({"prevResult": prev})));
     let err = run.assert_error(100);
-    assert!(err["details"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("c1/eth0"));
+    let details = err["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains(&format!("{}/eth0", att.container_id)),
+        "{details}"
+    );
 }
 
 #[test]
 fn check_of_an_endpoint_whose_programs_are_detached_is_code_101_with_the_agents_reason() {
-    let agent = FakeAgent::start();
-    {
-        let mut state = agent.state();
-        state.endpoints.push(endpoint("c1", "eth0"));
-        state.attached = false;
-        state.problem = "tc program missing on ingress".to_owned();
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let pod = node.registered_pod("a", 11);
+    let att = &pod.attachment;
+    let prev = node.prev(att);
+    let (veth, ifindex) = node.node.host_veth(&prev).expect("veth");
+    // Unpinning the tcx links detaches the programs (the pins are their only reference).
+    let links = node.agent.pinned_links(ifindex).expect("links");
+    assert_eq!(links.len(), 2, "{links:?}");
+    for link in links {
+        std::fs::remove_file(&link).expect("unpinning");
     }
-    let env = attachment_env("CHECK", "c1", NETNS, "eth0");
-    let run = run_plugin(
-        &env,
-        &config(&agent, "1.1.0", json!({"prevResult": prev_result()})),
-    );
+
+    let env = attachment_env("CHECK", &att.container_id, netns(att), "eth0");
+    let run = node.run(&env, &node.config("1.1.0", json!({"prevResult": prev})));
     let err = run.assert_error(101);
-    assert!(err["details"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("tc program missing on ingress"));
+    let details = err["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains("not attached") && details.contains(&veth),
+        "the agent's reason: {details}"
+    );
 }
 
 #[test]
 fn check_whose_prev_result_lacks_the_pod_interface_is_code_7_without_asking_the_agent() {
-    let agent = FakeAgent::start();
-    let env = attachment_env("CHECK", "c1", "/run/netns/other", "eth0");
-    run_plugin(
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let pod = node.registered_pod("a", 11);
+    let att = &pod.attachment;
+    let before = node.checks_served();
+    let env = attachment_env("CHECK", &att.container_id, "/run/netns/other", "eth0");
+    node.run(
         &env,
-        &config(&agent, "1.0.0", json!({"prevResult": prev_result()})),
+        &node.config("1.0.0", json!({"prevResult": node.prev(att)})),
     )
     .assert_error(7);
-    assert!(agent.state().checked.is_empty());
+    assert_eq!(node.checks_served(), before, "the agent was not asked");
 }
 
 #[test]
-fn status_of_a_ready_agent_succeeds() {
-    let agent = FakeAgent::start();
+fn status_of_a_serving_agent_succeeds_and_of_a_crashed_one_is_code_50_naming_its_socket() {
+    kubesg_testkit::require_privileged!();
+    let mut node = Node::start(Startup::Deny, None);
+    let status = [("CNI_COMMAND", "STATUS")];
+    run_plugin(&status, &node.config("1.1.0", json!({}))).assert_silent_success();
+
+    node.agent.kill().expect("killing the agent");
+    let run = run_plugin(&status, &node.config("1.1.0", json!({})));
+    let err = run.assert_error(50);
+    let details = err["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains(&node.agent.socket().display().to_string()),
+        "{details}"
+    );
+}
+
+#[test]
+fn gc_deletes_the_endpoints_missing_from_the_valid_attachments_only() {
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let keep = node.registered_pod("keep", 11);
+    let stale = node.registered_pod("stale", 12);
+    // A second interface of the kept pod, which the runtime no longer lists.
+    let net1 = Attachment {
+        ifname: "net1".into(),
+        capability_args: Default::default(),
+        ..keep.attachment.clone()
+    };
+    node.node
+        .runtime
+        .add(&node.network, &net1)
+        .unwrap_or_else(|e| panic!("ADD of net1: {e}"));
+    let mut all = vec![key(&keep.attachment), key(&stale.attachment), key(&net1)];
+    all.sort();
+    assert_eq!(node.keys(), all);
+
+    let conf = node.config(
+        "1.1.0",
+        json!({"cni.dev/valid-attachments": [
+            {"containerID": keep.attachment.container_id, "ifname": "eth0"},
+        ]}),
+    );
+    run_plugin(&[("CNI_COMMAND", "GC")], &conf).assert_silent_success();
+    assert_eq!(node.keys(), [key(&keep.attachment)]);
+}
+
+#[test]
+fn gc_without_valid_attachments_deletes_nothing() {
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let pod = node.registered_pod("a", 11);
+    run_plugin(&[("CNI_COMMAND", "GC")], &node.config("1.1.0", json!({}))).assert_silent_success();
+    assert_eq!(node.keys(), [key(&pod.attachment)]);
+}
+
+#[test]
+fn agent_that_does_not_answer_in_time_is_code_11() {
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let pod = node.registered_pod("a", 11);
+    let att = &pod.attachment;
+    // A hung agent: its socket accepts, nothing answers.
+    node.agent.freeze().expect("SIGSTOP");
+    let env = attachment_env("DEL", &att.container_id, netns(att), "eth0");
+    let run = node.run(&env, &node.config("1.0.0", json!({"timeoutSeconds": 1})));
+    node.agent.thaw().expect("SIGCONT");
+    let err = run.assert_error(11);
+    let details = err["details"].as_str().unwrap_or_default();
+    assert!(details.to_lowercase().contains("timeout"), "{details}");
+    assert_eq!(node.keys(), [key(att)], "the DEL did not happen");
+}
+
+#[test]
+fn add_the_plugin_stops_waiting_for_is_code_11_and_leaves_no_endpoint() {
+    kubesg_testkit::require_privileged!();
+    // Under the `wait` startup policy the agent holds an ADD until the pod's rules arrive
+    // (never: there is no operator), longer than the plugin waits.
+    let node = Node::start(Startup::Wait, Some(Duration::from_secs(30)));
+    let (pod, prev) = node.bridged_pod("a", 11);
+    let att = &pod.attachment;
+    let cni_args = att.cni_args();
+    let mut env = attachment_env("ADD", &att.container_id, netns(att), "eth0");
+    env.push(("CNI_ARGS", cni_args.as_str()));
+    let run = node.run(
+        &env,
+        &node.config("1.0.0", json!({"timeoutSeconds": 1, "prevResult": prev})),
+    );
+    run.assert_error(11);
+
+    // The runtime saw the ADD fail: the agent must not keep enforcing a pod it will retry.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.keys().contains(&key(att)) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent kept the endpoint of a failed ADD\n{}",
+            node.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(node
+        .agent
+        .record_files(&att.container_id)
+        .expect("records")
+        .is_empty());
+    let ifindex = node.node.host_veth(&prev).expect("veth").1;
+    assert!(!node.agent.datapath_has_endpoint(ifindex).expect("maps"));
+    assert!(node.agent.pinned_links(ifindex).expect("links").is_empty());
+}
+
+#[test]
+fn add_whose_caller_dies_while_it_waits_leaves_no_endpoint() {
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Wait, Some(Duration::from_secs(30)));
+    let (pod, prev) = node.bridged_pod("a", 11);
+    let att = &pod.attachment;
+    let mut plugin = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            node.node.name(),
+            env!("CARGO_BIN_EXE_kubesg-cni"),
+        ])
+        .env_clear()
+        .envs(attachment_env("ADD", &att.container_id, netns(att), "eth0"))
+        .env("CNI_ARGS", att.cni_args())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running kubesg-cni");
+    let conf = node.config("1.0.0", json!({"timeoutSeconds": 30, "prevResult": prev}));
+    std::io::Write::write_all(&mut plugin.stdin.take().expect("stdin"), conf.as_bytes())
+        .expect("config");
+    // Once the agent holds the ADD, the runtime kills the plugin (its own timeout, a restart).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.keys().contains(&key(att)) {
+        assert!(Instant::now() < deadline, "the ADD never reached the agent");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    plugin.kill().expect("killing the plugin");
+    plugin.wait().expect("reaping the plugin");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.keys().contains(&key(att)) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent kept the endpoint of an abandoned ADD\n{}",
+            node.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(node
+        .agent
+        .record_files(&att.container_id)
+        .expect("records")
+        .is_empty());
+}
+
+#[test]
+fn del_and_gc_read_not_found_as_already_gone() {
+    let stub = StubAgent::start(Answers {
+        endpoints: vec![Endpoint {
+            key: Some(EndpointKey {
+                container_id: "stale".into(),
+                ifname: "eth0".into(),
+            }),
+            ..Endpoint::default()
+        }],
+        ..Answers::default()
+    });
+    let conf = |version: &str, extra: Value| {
+        let mut conf = json!({
+            "cniVersion": version, "name": "kubesg-test", "type": "kubesg-cni",
+            "agentSocket": stub.socket.display().to_string(), "timeoutSeconds": 5,
+        });
+        if let (Some(conf), Value::Object(extra)) = (conf.as_object_mut(), extra) {
+            conf.extend(extra);
+        }
+        conf.to_string()
+    };
+    let env = attachment_env("DEL", "c1", "/run/netns/gone", "eth0");
+    run_plugin(&env, &conf("1.0.0", json!({}))).assert_silent_success();
     run_plugin(
-        &[("CNI_COMMAND", "STATUS")],
-        &config(&agent, "1.1.0", json!({})),
+        &[("CNI_COMMAND", "GC")],
+        &conf("1.1.0", json!({"cni.dev/valid-attachments": []})),
     )
     .assert_silent_success();
 }
 
 #[test]
 fn status_of_an_agent_that_is_not_ready_is_code_50_with_its_message() {
-    let agent = FakeAgent::start();
-    agent.state().status = StatusResponse {
-        ready: false,
-        message: "datapath not loaded".to_owned(),
-    };
-    let run = run_plugin(
-        &[("CNI_COMMAND", "STATUS")],
-        &config(&agent, "1.1.0", json!({})),
-    );
+    let stub = StubAgent::start(Answers {
+        status: StatusResponse {
+            ready: false,
+            message: "datapath not loaded".into(),
+        },
+        ..Answers::default()
+    });
+    let conf = json!({
+        "cniVersion": "1.1.0", "name": "kubesg-test", "type": "kubesg-cni",
+        "agentSocket": stub.socket.display().to_string(), "timeoutSeconds": 5,
+    });
+    let run = run_plugin(&[("CNI_COMMAND", "STATUS")], &conf.to_string());
     let err = run.assert_error(50);
     assert!(err["details"]
         .as_str()
         .unwrap_or_default()
         .contains("datapath not loaded"));
-}
-
-#[test]
-fn gc_deletes_the_endpoints_missing_from_the_valid_attachments_only() {
-    let agent = FakeAgent::start();
-    agent.state().endpoints.extend([
-        endpoint("keep", "eth0"),
-        endpoint("stale", "eth0"),
-        endpoint("keep", "net1"),
-    ]);
-    let conf = config(
-        &agent,
-        "1.1.0",
-        json!({"cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]}),
-    );
-    run_plugin(&[("CNI_COMMAND", "GC")], &conf).assert_silent_success();
-    let state = agent.state();
-    let mut deleted = state.deleted.clone();
-    deleted.sort_by(|a, b| (&a.container_id, &a.ifname).cmp(&(&b.container_id, &b.ifname)));
-    assert_eq!(deleted, [key("keep", "net1"), key("stale", "eth0")]);
-    assert_eq!(state.endpoints, [endpoint("keep", "eth0")]);
-}
-
-#[test]
-fn gc_without_valid_attachments_deletes_nothing() {
-    let agent = FakeAgent::start();
-    agent.state().endpoints.push(endpoint("c1", "eth0"));
-    run_plugin(
-        &[("CNI_COMMAND", "GC")],
-        &config(&agent, "1.1.0", json!({})),
-    )
-    .assert_silent_success();
-    assert!(agent.state().deleted.is_empty());
-}
-
-#[test]
-fn agent_that_does_not_answer_in_time_is_code_11() {
-    let agent = FakeAgent::start();
-    agent.state().endpoints.push(endpoint("c1", "eth0"));
-    agent.state().delay = Duration::from_secs(3);
-    let env = attachment_env("DEL", "c1", NETNS, "eth0");
-    let run = run_plugin(&env, &config(&agent, "1.0.0", json!({"timeoutSeconds": 1})));
-    let err = run.assert_error(11);
-    let details = err["details"].as_str().unwrap_or_default();
-    assert!(details.to_lowercase().contains("timeout"), "{details}");
 }

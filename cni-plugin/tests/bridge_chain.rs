@@ -1,19 +1,17 @@
 //! kubesg-cni after a real primary plugin: Debian's `bridge` + `host-local` attach a pod netns to
 //! a node netns, and host-side interface discovery must find the veth the bridge plugin created
 //! (from its result, and from the kernel alone) and the pod's addresses; ADD must register exactly
-//! that with the agent (a fake one here) and pass the result on unchanged.
+//! that with the agent (the real kubesg-agent process, in the node namespace) and pass the result
+//! on unchanged.
 
 #[path = "support/bridge.rs"]
 mod bridge;
-#[path = "support/fake_agent.rs"]
-mod fake_agent;
 #[path = "support/plugin.rs"]
 mod plugin;
 
 use std::{collections::BTreeSet, path::Path};
 
 use bridge::{BridgeChain, BRIDGE, IFNAME};
-use fake_agent::FakeAgent;
 use ipnet::IpNet;
 use kubesg_cni::{
     config::CniVersion,
@@ -22,7 +20,10 @@ use kubesg_cni::{
     veth::{self, DiscoveryError, HostVeth, Source},
 };
 use kubesg_proto::v1alpha1::{EndpointKey, PodRef};
-use kubesg_testkit::netns::unique_name;
+use kubesg_testkit::{
+    agent::{AgentConfig, AgentProcess, Startup},
+    netns::{unique_name, Netns},
+};
 use plugin::{attachment_env, run_plugin_in};
 use serde_json::{json, Value};
 
@@ -205,16 +206,22 @@ fn pod_interface_missing_from_the_netns_is_container_unknown() {
 }
 
 /// The kubesg-cni config chained after the bridge plugin.
-fn chained_config(agent: &FakeAgent, prev: &Value) -> String {
+fn chained_config(agent: &AgentProcess, prev: &Value) -> String {
     json!({
         "cniVersion": "1.0.0",
         "name": "kubesg-test",
         "type": "kubesg-cni",
-        "agentSocket": agent.socket_str(),
+        "agentSocket": agent.socket().display().to_string(),
         "timeoutSeconds": 10,
         "prevResult": prev,
     })
     .to_string()
+}
+
+/// The agent as a real process in network namespace `netns`.
+fn agent_in(netns: &str) -> AgentProcess {
+    AgentProcess::start(netns, AgentConfig::new("node-a", Startup::Deny))
+        .expect("starting kubesg-agent")
 }
 
 #[test]
@@ -222,7 +229,7 @@ fn add_registers_the_bridge_veth_and_pod_addresses_and_passes_the_result_on_unch
     kubesg_testkit::require_privileged!();
     let chain = BridgeChain::new();
     let prev = chain.add();
-    let agent = FakeAgent::start();
+    let agent = agent_in(chain.node.name());
     let netns = chain.netns_path();
     let mut env = attachment_env("ADD", &chain.container_id, &netns, IFNAME);
     env.push((
@@ -232,16 +239,19 @@ fn add_registers_the_bridge_veth_and_pod_addresses_and_passes_the_result_on_unch
 
     let run = run_plugin_in(chain.node.name(), &env, &chained_config(&agent, &prev));
     assert_eq!(
-        run.exit_code, 0,
-        "stdout: {}\nstderr: {}",
-        run.stdout, run.stderr
+        run.exit_code,
+        0,
+        "stdout: {}\nstderr: {}\nagent: {}",
+        run.stdout,
+        run.stderr,
+        agent.log()
     );
     assert_eq!(run.json(), prev);
 
     let name = reported_veth(&prev);
-    let state = agent.state();
-    assert_eq!(state.added.len(), 1);
-    let endpoint = &state.added[0];
+    let endpoints = agent.list_endpoints().expect("ListEndpoints");
+    assert_eq!(endpoints.len(), 1, "{endpoints:?}");
+    let endpoint = &endpoints[0];
     assert_eq!(
         endpoint.key,
         Some(EndpointKey {
@@ -250,10 +260,8 @@ fn add_registers_the_bridge_veth_and_pod_addresses_and_passes_the_result_on_unch
         })
     );
     assert_eq!(endpoint.netns, netns);
-    assert_eq!(
-        endpoint.host_ifindex,
-        chain.node.ifindex(&name).expect("veth")
-    );
+    let ifindex = chain.node.ifindex(&name).expect("veth");
+    assert_eq!(endpoint.host_ifindex, ifindex);
     assert_eq!(endpoint.host_ifname, name);
     let ips: BTreeSet<IpNet> = endpoint
         .ips
@@ -269,6 +277,9 @@ fn add_registers_the_bridge_veth_and_pod_addresses_and_passes_the_result_on_unch
             uid: "u-1".to_owned(),
         })
     );
+    // Registered means enforced: the datapath has the endpoint and the programs are attached.
+    assert!(agent.datapath_has_endpoint(ifindex).expect("maps"));
+    assert_eq!(agent.pinned_links(ifindex).expect("links").len(), 2);
 }
 
 #[test]
@@ -276,19 +287,27 @@ fn add_refused_by_the_agent_as_failed_precondition_is_code_7_with_its_message() 
     kubesg_testkit::require_privileged!();
     let chain = BridgeChain::new();
     let prev = chain.add();
-    let agent = FakeAgent::start();
-    agent.state().add_error = Some((
-        tonic::Code::FailedPrecondition,
-        "datapath not loaded".to_owned(),
-    ));
+    // The agent runs in another network namespace than the plugin (a misdeployed agent): the
+    // host veth the plugin found is not there, which the agent refuses as a failed
+    // precondition.
+    let elsewhere = Netns::new("ce").expect("another netns");
+    let agent = agent_in(elsewhere.name());
     let netns = chain.netns_path();
-    let env = attachment_env("ADD", &chain.container_id, &netns, IFNAME);
+    let mut env = attachment_env("ADD", &chain.container_id, &netns, IFNAME);
+    env.push((
+        "CNI_ARGS",
+        "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0;K8S_POD_UID=u-1",
+    ));
 
     let run = run_plugin_in(chain.node.name(), &env, &chained_config(&agent, &prev));
     let err = run.assert_error(7);
-    assert!(err["details"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("datapath not loaded"));
-    assert_eq!(agent.state().added.len(), 1);
+    let details = err["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains("FailedPrecondition")
+            && details.contains(&reported_veth(&prev))
+            && details.contains("does not exist"),
+        "the agent's message: {details}"
+    );
+    assert_eq!(agent.list_endpoints().expect("ListEndpoints"), []);
+    assert!(agent.records().expect("records").is_empty());
 }

@@ -97,6 +97,15 @@ impl Kind for SecurityGroup {
     }
 }
 
+/// The kinds [`run`] watches, each reported [`SourceEvent::Listed`] once listed: the runtime
+/// compiles once all of them are.
+pub const KINDS: [&str; 4] = [
+    <K8sNamespace as Kind>::NAME,
+    <Node as Kind>::NAME,
+    <K8sPod as Kind>::NAME,
+    <SecurityGroup as Kind>::NAME,
+];
+
 /// Watches every kind until `tx` is closed.
 pub async fn run(client: Client, tx: mpsc::Sender<SourceEvent>) {
     tokio::join!(

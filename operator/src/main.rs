@@ -1,10 +1,17 @@
 //! `kubesg-operator`: argument parsing and wiring only; the work is in the library.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use kubesg_operator::crdgen;
+use anyhow::{bail, Context as _};
+use clap::{ArgAction, Args, Parser, Subcommand};
+use kubesg_operator::{
+    crdgen,
+    daemon::{Operator, OperatorSettings, Source},
+    leader::{default_identity, LeaseSettings},
+    push::PushSettings,
+    tls::ServerTlsFiles,
+};
+use tracing::info;
 
 /// kubesg operator: compiles SecurityGroups into per-node rule sets and pushes them to agents.
 #[derive(Parser)]
@@ -16,12 +23,64 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator: watch the cluster (the Kubernetes API, or a directory of manifests),
+    /// compile per-node rule sets, push them to the agents over mTLS and report each
+    /// SecurityGroup's status.
+    Run(Box<RunArgs>),
     /// Write the CustomResourceDefinition YAML (to stdout, or into a directory).
     Crdgen {
         /// Directory to write `securitygroups.kubesg.io.yaml` into (e.g. charts/kubesg/crds).
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// Options of `kubesg-operator run`.
+#[derive(Args)]
+struct RunArgs {
+    /// Take the cluster from this directory of Namespace, Pod, Node and SecurityGroup YAML
+    /// instead of the Kubernetes API; it is re-read every --poll-interval and changes apply
+    /// live. Without it: the API (in-cluster config, or the kubeconfig).
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// Manifests mode: write each SecurityGroup's status to DIR/<namespace>_<name>.yaml.
+    #[arg(long, value_name = "DIR", requires = "manifests")]
+    status_dir: Option<PathBuf>,
+    /// Manifests mode: time between two reads of the directory, in milliseconds.
+    #[arg(long, value_name = "MS", default_value = "500", requires = "manifests")]
+    poll_interval: u64,
+    /// Where agents connect (gRPC over mTLS).
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    listen: SocketAddr,
+    /// The operator's server certificate chain (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_cert: PathBuf,
+    /// The operator's private key (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: PathBuf,
+    /// The CA bundle agents' client certificates must chain to (PEM).
+    #[arg(long, value_name = "PEM")]
+    client_ca: PathBuf,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, default_value = "0.0.0.0:9966")]
+    metrics_address: SocketAddr,
+    /// Elect a leader through a Lease so several replicas can run (API mode; the default).
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_leader_election")]
+    leader_election: bool,
+    /// Run without leader election: this replica always leads (one replica only).
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "leader_election")]
+    no_leader_election: bool,
+    /// The namespace of the `kubesg-operator` Lease (default: the client's namespace, i.e. the
+    /// operator's own in a cluster).
+    #[arg(long, value_name = "NAMESPACE", env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Cut tracked connections a rule change no longer allows (true, as Neutron) or let them
+    /// live on (false, as AWS).
+    #[arg(long, value_name = "BOOL", default_value = "true", action = ArgAction::Set)]
+    recheck_on_policy_change: bool,
+    /// Log filter (tracing's EnvFilter syntax), e.g. info or kubesg_operator=debug.
+    #[arg(long, env = "KUBESG_LOG", default_value = "info")]
+    log: String,
 }
 
 fn main() -> ExitCode {
@@ -36,6 +95,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_new(&args.log)
+                        .with_context(|| format!("--log {}", args.log))?,
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            tokio::runtime::Runtime::new()?.block_on(run_operator(*args))
+        }
         Command::Crdgen { out } => {
             let yaml = crdgen::securitygroup_crd_yaml()?;
             match out {
@@ -48,7 +117,67 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => print!("{yaml}"),
             }
+            Ok(())
         }
     }
+}
+
+async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
+    let source = match args.manifests {
+        Some(dir) => {
+            if args.leader_election {
+                bail!("--leader-election needs the Kubernetes API (not --manifests)");
+            }
+            Source::Manifests {
+                dir,
+                poll: Duration::from_millis(args.poll_interval.max(10)),
+                status_dir: args.status_dir,
+            }
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+            let identity = default_identity();
+            let election = (!args.no_leader_election).then(|| {
+                let namespace = args
+                    .lease_namespace
+                    .clone()
+                    .unwrap_or_else(|| client.default_namespace().to_owned());
+                LeaseSettings::new(namespace, identity.clone())
+            });
+            Source::Api {
+                client,
+                election,
+                instance: identity,
+            }
+        }
+    };
+    let settings = OperatorSettings {
+        source,
+        listen: args.listen,
+        tls: ServerTlsFiles {
+            client_ca: args.client_ca,
+            cert: args.tls_cert,
+            key: args.tls_key,
+        },
+        metrics_address: Some(args.metrics_address),
+        push: PushSettings {
+            recheck_on_policy_change: args.recheck_on_policy_change,
+            ..PushSettings::default()
+        },
+    };
+    let operator = Operator::start(settings).await?;
+    let stopper = operator.stopper();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping; agents keep enforcing what they have"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping; agents keep enforcing what they have"),
+            _ = stopper.cancelled() => return,
+        }
+        stopper.cancel();
+    });
+    operator.wait().await?;
     Ok(())
 }

@@ -123,9 +123,7 @@ impl ManifestDir {
                     changed = true;
                 }
                 Err(message) => {
-                    if self.problems.get(path) != Some(&message) {
-                        tracing::warn!(file = %path.display(), %message, "manifest not applied; its previous content stays");
-                    }
+                    // Reported through `Scan::problems` (the manifests source logs them).
                     self.problems.insert(path.clone(), message);
                 }
             }

@@ -3,7 +3,10 @@
 //! reports. The push turns a node's plan into snapshots and deltas; the status writer turns the
 //! group reports and the agents' acks into conditions.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 
@@ -109,7 +112,9 @@ pub struct NodePlan {
     /// Every pod on the node that kubesg enforces (not host-network ones), members or not.
     pub pods: BTreeMap<ObjectKey, PodPlan>,
     /// The policies those pods use.
-    pub policies: BTreeMap<PolicyId, PlannedPolicy>,
+    /// Shared: a policy used on many nodes is kept once (150 000 pods with 9 200 distinct
+    /// policies would otherwise hold 150 000 copies).
+    pub policies: BTreeMap<PolicyId, Arc<PlannedPolicy>>,
 }
 
 /// What a group's status reports.

@@ -3,20 +3,17 @@
 //! Hello, lets the test push `PolicyUpdate`s to the connected agent and collects the acks. It can
 //! be stopped and restarted on the same port, for reconnect tests.
 //!
-//! The server-side mTLS setup, [`server_tls_config`], is what the real operator needs too (serve
-//! only clients whose certificate chains to the agents' CA); it lives here until the operator
-//! crate exists and can take it over.
+//! The server-side mTLS setup is the real operator's ([`server_tls_config`], re-exported from
+//! `kubesg_operator::tls`): serve only clients whose certificate chains to the agents' CA.
 
 use std::{
     io,
     net::SocketAddr,
-    path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
-use kubesg_agent::tls::{load_ca_bundle, load_identity, TlsFileError};
 use kubesg_proto::v1alpha1 as pb;
 use pb::{
     agent_message::Kind,
@@ -34,27 +31,7 @@ use tonic::{
     Request, Response, Status, Streaming,
 };
 
-/// The operator's TLS files: its server certificate and the CA its clients (agents) must chain
-/// to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServerTlsFiles {
-    /// PEM bundle of the CA(s) client certificates must chain to.
-    pub client_ca: PathBuf,
-    /// The server's certificate chain (PEM, leaf first).
-    pub cert: PathBuf,
-    /// The server's private key (PEM).
-    pub key: PathBuf,
-}
-
-/// The server side of the operator link's mTLS: present `cert`/`key`, require a client
-/// certificate chaining to `client_ca` (no anonymous clients). Files are checked with the same
-/// loaders as the agent's, so a broken file is reported by name.
-pub fn server_tls_config(files: &ServerTlsFiles) -> Result<ServerTlsConfig, TlsFileError> {
-    Ok(ServerTlsConfig::new()
-        .identity(load_identity(&files.cert, &files.key)?)
-        .client_ca_root(load_ca_bundle(&files.client_ca)?)
-        .client_auth_optional(false))
-}
+pub use kubesg_operator::tls::{server_tls_config, ServerTlsFiles};
 
 /// The agent currently connected: where pushed updates go.
 type UpdateSender = mpsc::UnboundedSender<pb::PolicyUpdate>;

@@ -73,6 +73,7 @@ impl CniBackend for CniService {
         &self,
         request: Request<pb::AddEndpointRequest>,
     ) -> Result<Response<pb::AddEndpointResponse>, Status> {
+        let caller_timeout = grpc_timeout(request.metadata());
         let endpoint = request
             .into_inner()
             .endpoint
@@ -80,6 +81,7 @@ impl CniBackend for CniService {
         let rec = convert::endpoint(&endpoint).map_err(Status::invalid_argument)?;
         let key = rec.key.clone();
         let pod = rec.pod.clone();
+        let registered = rec.clone();
         let mut versions = self.node.versions();
         let state = self
             .node
@@ -89,9 +91,20 @@ impl CniBackend for CniService {
         self.node.metrics.cni_request("add", state.is_ok());
         let mut state = state?;
         if state == Enforcement::Pending && self.node.startup() == StartupPolicy::Wait {
-            info!(endpoint = %key, pod = %pod, timeout = ?self.wait_timeout,
+            // Answer before the caller gives up (tonic cancels this call at the deadline the
+            // caller sent): a failed ADD must not leave its endpoint behind, and only an answer
+            // lets this call undo it in order. Any other cancellation is undone by the guard.
+            let wait = match caller_timeout {
+                Some(t) => self.wait_timeout.min(t - t / 10),
+                None => self.wait_timeout,
+            };
+            let mut undo = UndoPendingAdd {
+                node: Some(self.node.clone()),
+                rec: registered,
+            };
+            info!(endpoint = %key, pod = %pod, timeout = ?wait,
                   "waiting for the pod's rules before the ADD returns");
-            let deadline = tokio::time::Instant::now() + self.wait_timeout;
+            let deadline = tokio::time::Instant::now() + wait;
             loop {
                 let k = key.clone();
                 state = self
@@ -107,16 +120,17 @@ impl CniBackend for CniService {
                     Ok(Ok(())) => continue,
                     _ => {
                         warn!(endpoint = %key, pod = %pod, "the pod's rules did not arrive in time; refusing the ADD");
+                        undo.node = None;
                         let k = key.clone();
                         let _ = self.node.with(move |e| e.delete_endpoint(&k)).await;
                         return Err(Status::unavailable(format!(
-                            "the rules of pod {pod} did not arrive within {:?} (startup policy \
-                             'wait'); try again later",
-                            self.wait_timeout
+                            "the rules of pod {pod} did not arrive within {wait:?} (startup \
+                             policy 'wait'); try again later"
                         )));
                     }
                 }
             }
+            undo.node = None;
         }
         Ok(Response::new(match state {
             Enforcement::Programmed(policy) => pb::AddEndpointResponse {
@@ -195,7 +209,79 @@ impl CniBackend for CniService {
     }
 }
 
+/// Undoes the registration of an ADD that waits for its pod's rules if the call is dropped
+/// while it waits (the caller went away): the runtime saw the ADD fail and will retry it, and
+/// meanwhile nothing should enforce a pod it did not start. Only the registration this ADD made,
+/// still pending, is removed; disarmed by taking `node`.
+struct UndoPendingAdd {
+    node: Option<Arc<Node>>,
+    rec: crate::endpoints::EndpointRecord,
+}
+
+impl Drop for UndoPendingAdd {
+    fn drop(&mut self) {
+        let (Some(node), Ok(runtime)) = (self.node.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let rec = self.rec.clone();
+        runtime.spawn_blocking(move || {
+            let mut e = node.lock();
+            let ours = e.endpoint(&rec.key) == Some(&rec)
+                && e.enforcement(&rec.key) == Some(Enforcement::Pending);
+            if ours {
+                warn!(endpoint = %rec.key, pod = %rec.pod,
+                      "the caller gave up on the ADD while it waited for the pod's rules; undoing it");
+                if let Err(err) = e.delete_endpoint(&rec.key) {
+                    warn!(endpoint = %rec.key, error = %err, "undoing the ADD failed");
+                }
+            }
+        });
+    }
+}
+
+/// The deadline a gRPC caller sent (`grpc-timeout`: at most 8 digits and a unit, H M S m u n).
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// The socket path's default, as a path.
 pub fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(value: &str) -> Option<Duration> {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().expect("ASCII"));
+        grpc_timeout(&metadata)
+    }
+
+    #[test]
+    fn grpc_timeout_header_is_read_in_every_unit() {
+        assert_eq!(timeout_of("1S"), Some(Duration::from_secs(1)));
+        assert_eq!(timeout_of("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(timeout_of("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout_of("999999m"), Some(Duration::from_millis(999_999)));
+        assert_eq!(timeout_of("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(timeout_of("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "10", "10x", "-1S"] {
+            assert_eq!(timeout_of(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
 }

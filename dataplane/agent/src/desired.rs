@@ -36,10 +36,58 @@ pub struct DesiredState {
     pub version: u64,
     /// Policies by id.
     pub policies: BTreeMap<String, CompiledPolicy>,
-    /// Pods on this node by (namespace, name).
+    /// Pods on this node by (namespace, name). Persisted as a list of entries: JSON object keys
+    /// must be strings.
+    #[serde(with = "pod_entries")]
     pub pods: BTreeMap<(String, String), PodAssignment>,
     /// Cut tracked connections the new rules refuse (Neutron) or let them live (AWS).
     pub recheck_on_policy_change: bool,
+}
+
+/// `DesiredState::pods` as JSON: `[{"namespace", "name", "uid", "policy"}, …]`.
+mod pod_entries {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::PodAssignment;
+
+    #[derive(Serialize, Deserialize)]
+    struct Entry {
+        namespace: String,
+        name: String,
+        uid: String,
+        policy: Option<String>,
+    }
+
+    pub fn serialize<S: Serializer>(
+        pods: &BTreeMap<(String, String), PodAssignment>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(pods.iter().map(|((namespace, name), a)| Entry {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: a.uid.clone(),
+            policy: a.policy.clone(),
+        }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<(String, String), PodAssignment>, D::Error> {
+        Ok(Vec::<Entry>::deserialize(d)?
+            .into_iter()
+            .map(|e| {
+                (
+                    (e.namespace, e.name),
+                    PodAssignment {
+                        uid: e.uid,
+                        policy: e.policy,
+                    },
+                )
+            })
+            .collect())
+    }
 }
 
 /// One update from the operator, converted from the wire.
@@ -304,6 +352,13 @@ mod tests {
             s.apply(&removing_in_use),
             Err(UpdateError::UnknownPolicy { .. })
         ));
+    }
+
+    #[test]
+    fn state_with_pods_survives_the_state_file() {
+        let s = DesiredState::default().apply(&snapshot(4)).unwrap();
+        let json = serde_json::to_vec(&s).expect("the state file is JSON");
+        assert_eq!(serde_json::from_slice::<DesiredState>(&json).unwrap(), s);
     }
 
     #[test]

@@ -137,7 +137,8 @@ struct RunArgs {
     /// What a pod gets between its CNI ADD and the arrival of its rules.
     #[arg(long, value_enum, default_value = "deny")]
     startup_policy: StartupPolicy,
-    /// How long a CNI ADD waits for the pod's rules under `--startup-policy wait`.
+    /// How long a CNI ADD waits for the pod's rules under `--startup-policy wait` (less when
+    /// the plugin's own timeout is shorter: the agent answers, and undoes the ADD, before it).
     #[arg(long, default_value = "30", value_name = "SECONDS")]
     wait_timeout: u64,
     /// A conntrack timeout, NAME=SECONDS with the kernel's sysctl names (repeatable), e.g.

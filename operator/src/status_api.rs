@@ -1,0 +1,252 @@
+//! The API status writer: merge-patches each SecurityGroup's `status` subresource and emits
+//! Kubernetes Events, in the shape of kube-rs controllers: a [`Context`] carries the client, the
+//! event recorder, what is known of each group and the metrics, and [`write_status`] is a free
+//! function that reads the world (the group's current status, fetched once and then remembered)
+//! rather than trusting an event.
+//!
+//! - A status is written only when it differs from the one the group has: an unchanged status
+//!   costs no request (after the first read), and transition times stay put because
+//!   [`group_status`] keeps them from the previous status.
+//! - A Warning Event `InvalidSpec` when a group is not Accepted, a Normal Event `Programmed` when
+//!   every concerned node enforces it: once per generation, since both are emitted only when
+//!   the group's previous status did not already say so for that generation (which also holds
+//!   across operator restarts: the previous status is on the object).
+//! - No finalizers: deleting a group needs no cleanup (the next compile drops it from every
+//!   plan), so a deleted group is simply forgotten, never written again.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
+use kube::{
+    api::{Api, Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
+    Client, Resource as _,
+};
+use tracing::{info, warn};
+
+use crate::{
+    crd::{SecurityGroup, SecurityGroupStatus},
+    metrics::Metrics,
+    model::ObjectKey,
+    plan::GroupReport,
+    status::{group_status, NodeAcks},
+    status_writer::{StatusSink, WriteError},
+};
+
+/// The controller name in Events (`reportingController`).
+pub const CONTROLLER: &str = "kubesg.io/operator";
+
+/// Reason of the Warning Event of a group whose spec is invalid.
+pub const INVALID_SPEC: &str = "InvalidSpec";
+
+/// Reason of the Normal Event of a group every concerned node enforces.
+pub const PROGRAMMED: &str = "Programmed";
+
+/// What is known of a group on the API server.
+#[derive(Clone, Debug)]
+struct Known {
+    /// The object, for Events (`regarding`).
+    reference: ObjectReference,
+    /// Its status as last read or written.
+    status: Option<SecurityGroupStatus>,
+}
+
+/// What [`write_status`] needs: the client, the recorder, what it knows and the metrics.
+pub struct Context {
+    client: Client,
+    reporter: Reporter,
+    known: BTreeMap<ObjectKey, Known>,
+    metrics: Metrics,
+}
+
+impl Context {
+    /// A context on `client`; Events name `instance` (the pod) as the reporting instance.
+    pub fn new(client: Client, instance: &str, metrics: Metrics) -> Self {
+        Context {
+            client,
+            reporter: Reporter {
+                controller: CONTROLLER.into(),
+                instance: Some(instance.into()),
+            },
+            known: BTreeMap::new(),
+            metrics,
+        }
+    }
+}
+
+/// What [`write_status`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The status was already right.
+    Unchanged,
+    /// The status was written.
+    Written,
+    /// The group does not exist (any more): nothing written.
+    Gone,
+}
+
+/// Whether `status` has condition `type_` with `value` for `generation`.
+fn says(status: Option<&SecurityGroupStatus>, type_: &str, value: &str, generation: i64) -> bool {
+    status.is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == type_ && c.status == value && c.observed_generation == Some(generation)
+        })
+    })
+}
+
+/// The condition `type_` of `status`.
+fn condition<'a>(
+    status: &'a SecurityGroupStatus,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Event notes are limited to 1 kB by the API.
+fn note(message: &str) -> String {
+    let mut end = message.len().min(1000);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_owned()
+}
+
+/// Writes `key`'s status from `report` and `acks` if it changed, and emits the Events the
+/// change calls for.
+pub async fn write_status(
+    ctx: &mut Context,
+    key: &ObjectKey,
+    report: &GroupReport,
+    acks: &BTreeMap<String, NodeAcks>,
+    now: Timestamp,
+) -> Result<Outcome, kube::Error> {
+    let api: Api<SecurityGroup> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    // A generation below the one last seen means the group was deleted and recreated under the
+    // same name (a new object, a new uid): read it again.
+    let stale = ctx.known.get(key).is_some_and(|k| {
+        k.status
+            .as_ref()
+            .and_then(|s| s.observed_generation)
+            .is_some_and(|g| g > report.generation)
+    });
+    let known = match ctx.known.get(key) {
+        Some(k) if !stale => k.clone(),
+        _ => match api.get_opt(&key.name).await? {
+            Some(sg) => {
+                let mut reference = sg.object_ref(&());
+                reference.resource_version = None;
+                Known {
+                    reference,
+                    status: sg.status,
+                }
+            }
+            None => {
+                ctx.known.remove(key);
+                return Ok(Outcome::Gone);
+            }
+        },
+    };
+    let previous = known.status.as_ref();
+    let status = group_status(key, report, acks, previous, now);
+    let outcome = if previous == Some(&status) {
+        Outcome::Unchanged
+    } else {
+        let patch = serde_json::json!({ "status": status });
+        match api
+            .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => ctx.metrics.status_write(true),
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                ctx.known.remove(key);
+                return Ok(Outcome::Gone);
+            }
+            Err(e) => {
+                ctx.metrics.status_write(false);
+                return Err(e);
+            }
+        }
+        log_status(key, &status);
+        Outcome::Written
+    };
+    let generation = report.generation;
+    let mut events = Vec::new();
+    if let Some(c) = condition(&status, "Accepted").filter(|c| c.status == "False") {
+        if !says(previous, "Accepted", "False", generation) {
+            events.push((
+                EventType::Warning,
+                INVALID_SPEC,
+                "Validate",
+                c.message.clone(),
+            ));
+        }
+    }
+    if let Some(c) = condition(&status, "Programmed").filter(|c| c.status == "True") {
+        if !says(previous, "Programmed", "True", generation) {
+            events.push((EventType::Normal, PROGRAMMED, "Program", c.message.clone()));
+        }
+    }
+    for (type_, reason, action, message) in events {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note(&message)),
+            action: action.into(),
+            secondary: None,
+        };
+        // A recorder per Event: a kept one would fold a later generation's Event (same type,
+        // reason and object) into the first one's series, which keeps the first note; each
+        // generation's Event is emitted once anyway. Events are best effort: the status already
+        // says it.
+        let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+        match recorder.publish(&event, &known.reference).await {
+            Ok(()) => ctx.metrics.event(reason),
+            Err(e) => warn!(group = %key, reason, error = %e, "could not emit an Event"),
+        }
+    }
+    ctx.known.insert(
+        key.clone(),
+        Known {
+            reference: known.reference,
+            status: Some(status),
+        },
+    );
+    Ok(outcome)
+}
+
+fn log_status(key: &ObjectKey, status: &SecurityGroupStatus) {
+    let describe = |t: &str| {
+        condition(status, t)
+            .map(|c| format!("{}={} ({}: {})", c.type_, c.status, c.reason, c.message))
+            .unwrap_or_default()
+    };
+    info!(
+        group = %key,
+        generation = status.observed_generation,
+        members = status.members,
+        accepted = %describe("Accepted"),
+        programmed = %describe("Programmed"),
+        "status written"
+    );
+}
+
+impl StatusSink for Context {
+    async fn publish(
+        &mut self,
+        key: &ObjectKey,
+        report: &GroupReport,
+        acks: &BTreeMap<String, NodeAcks>,
+        now: Timestamp,
+    ) -> Result<(), WriteError> {
+        write_status(self, key, report, acks, now).await?;
+        Ok(())
+    }
+
+    async fn forget(&mut self, key: &ObjectKey) {
+        self.known.remove(key);
+    }
+
+    fn reset(&mut self) {
+        self.known.clear();
+    }
+}

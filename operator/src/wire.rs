@@ -1,0 +1,309 @@
+//! The edge between a node's plan (`plan::NodePlan`, the compiler's output) and the wire
+//! (`kubesg-proto`): full snapshots and deltas between two plans. Pure functions, so the push
+//! server's decisions (what to send) are separate from how it is spelled, and a delta can be
+//! checked against the snapshot it must be equivalent to.
+//!
+//! A delta from `old` to `new` carries exactly the differences: the policies that are new or
+//! changed in any way (rules or the group generations they list, so the status can see a new
+//! generation acked even when the rules did not move), the ids no longer used, the pods that are
+//! new or changed (policy or uid), and the pods gone. Applied on top of `old` by the agent
+//! (`kubesg_agent::desired::DesiredState::apply`), it gives the same state as a snapshot of
+//! `new`.
+
+use kubesg_proto::v1alpha1 as pb;
+
+use crate::{
+    model::ObjectKey,
+    plan::{NodePlan, PeerBlock, PlannedPolicy, PlannedRule, PodPlan, PortSpec, RuleProtocol},
+};
+
+/// A full snapshot of `plan` at `version`: it replaces everything the agent had. Carries the
+/// node-wide settings (a delta does not: they only change with the server's configuration,
+/// which a new stream's snapshot picks up).
+pub fn snapshot(
+    plan: &NodePlan,
+    version: u64,
+    settings: &pb::DatapathSettings,
+) -> pb::PolicyUpdate {
+    pb::PolicyUpdate {
+        version,
+        snapshot: true,
+        base_version: 0,
+        upsert_policies: plan.policies.iter().map(|(id, p)| policy(id, p)).collect(),
+        remove_policies: Vec::new(),
+        upsert_pods: plan
+            .pods
+            .iter()
+            .map(|(key, pod)| pod_policy(key, pod))
+            .collect(),
+        remove_pods: Vec::new(),
+        settings: Some(*settings),
+    }
+}
+
+/// The delta that turns `old` (the agent's state at `base_version`) into `new` at `version`;
+/// `None` when the plans are equal (nothing to send).
+pub fn delta(
+    old: &NodePlan,
+    new: &NodePlan,
+    base_version: u64,
+    version: u64,
+) -> Option<pb::PolicyUpdate> {
+    if old == new {
+        return None;
+    }
+    let upsert_policies = new
+        .policies
+        .iter()
+        .filter(|(id, p)| old.policies.get(*id) != Some(*p))
+        .map(|(id, p)| policy(id, p))
+        .collect();
+    let remove_policies = old
+        .policies
+        .keys()
+        .filter(|id| !new.policies.contains_key(*id))
+        .cloned()
+        .collect();
+    let upsert_pods = new
+        .pods
+        .iter()
+        .filter(|(key, pod)| old.pods.get(*key) != Some(*pod))
+        .map(|(key, pod)| pod_policy(key, pod))
+        .collect();
+    let remove_pods = old
+        .pods
+        .iter()
+        .filter(|(key, _)| !new.pods.contains_key(*key))
+        .map(|(key, pod)| pod_ref(key, &pod.uid))
+        .collect();
+    Some(pb::PolicyUpdate {
+        version,
+        snapshot: false,
+        base_version,
+        upsert_policies,
+        remove_policies,
+        upsert_pods,
+        remove_pods,
+        settings: None,
+    })
+}
+
+/// The wire form of one policy.
+pub fn policy(id: &str, p: &PlannedPolicy) -> pb::Policy {
+    pb::Policy {
+        id: id.to_owned(),
+        ingress: p.ingress.iter().map(rule).collect(),
+        egress: p.egress.iter().map(rule).collect(),
+        // Security groups are stateful; nothing in the API asks for a stateless policy yet.
+        stateless: false,
+        groups: p
+            .groups
+            .iter()
+            .map(|g| pb::GroupRef {
+                namespace: g.group.namespace.clone(),
+                name: g.group.name.clone(),
+                generation: g.generation,
+            })
+            .collect(),
+    }
+}
+
+/// The wire form of one rule.
+pub fn rule(r: &PlannedRule) -> pb::Rule {
+    pb::Rule {
+        protocol: protocol(r.protocol) as i32,
+        protocol_number: 0,
+        ports: r.ports.iter().map(port).collect(),
+        peers: r.peers.iter().map(peer).collect(),
+        origin: r.origin.clone(),
+    }
+}
+
+fn protocol(p: RuleProtocol) -> pb::Protocol {
+    match p {
+        RuleProtocol::Any => pb::Protocol::Any,
+        RuleProtocol::Tcp => pb::Protocol::Tcp,
+        RuleProtocol::Udp => pb::Protocol::Udp,
+        RuleProtocol::Sctp => pb::Protocol::Sctp,
+        RuleProtocol::Icmp => pb::Protocol::Icmp,
+        RuleProtocol::Icmpv6 => pb::Protocol::Icmpv6,
+    }
+}
+
+fn port(p: &PortSpec) -> pb::PortMatch {
+    let kind = match *p {
+        PortSpec::Range { first, last } => pb::port_match::Kind::Range(pb::PortRange {
+            first: first.into(),
+            last: last.into(),
+        }),
+        PortSpec::Icmp { icmp_type, code } => pb::port_match::Kind::Icmp(pb::IcmpMatch {
+            r#type: icmp_type.into(),
+            code: code.map(u32::from),
+        }),
+    };
+    pb::PortMatch { kind: Some(kind) }
+}
+
+fn peer(b: &PeerBlock) -> pb::PeerBlock {
+    pb::PeerBlock {
+        cidr: b.cidr.to_string(),
+        except: b.except.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+fn pod_ref(key: &ObjectKey, uid: &str) -> pb::PodRef {
+    pb::PodRef {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        uid: uid.to_owned(),
+    }
+}
+
+fn pod_policy(key: &ObjectKey, pod: &PodPlan) -> pb::PodPolicy {
+    pb::PodPolicy {
+        pod: Some(pod_ref(key, &pod.uid)),
+        policy_id: pod.policy.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::plan::GroupGeneration;
+
+    fn plan() -> NodePlan {
+        let mut plan = NodePlan::default();
+        plan.policies.insert(
+            "p1".into(),
+            std::sync::Arc::new(PlannedPolicy {
+                ingress: vec![PlannedRule {
+                    protocol: RuleProtocol::Tcp,
+                    ports: vec![PortSpec::Range {
+                        first: 80,
+                        last: 81,
+                    }],
+                    peers: vec![PeerBlock {
+                        cidr: "10.0.0.0/8".parse().unwrap(),
+                        except: vec!["10.1.0.0/16".parse().unwrap()],
+                    }],
+                    origin: "shop/web ingress[0]".into(),
+                }],
+                egress: vec![PlannedRule {
+                    protocol: RuleProtocol::Icmpv6,
+                    ports: vec![PortSpec::Icmp {
+                        icmp_type: 128,
+                        code: Some(0),
+                    }],
+                    peers: vec![PeerBlock {
+                        cidr: "fd00::/64".parse().unwrap(),
+                        except: vec![],
+                    }],
+                    origin: "shop/web egress[0]".into(),
+                }],
+                groups: BTreeSet::from([GroupGeneration {
+                    group: ObjectKey::new("shop", "web"),
+                    generation: 3,
+                }]),
+            }),
+        );
+        plan.pods.insert(
+            ObjectKey::new("shop", "web-1"),
+            PodPlan {
+                uid: "u1".into(),
+                policy: Some("p1".into()),
+            },
+        );
+        plan.pods.insert(
+            ObjectKey::new("shop", "batch"),
+            PodPlan {
+                uid: "u2".into(),
+                policy: None,
+            },
+        );
+        plan
+    }
+
+    #[test]
+    fn snapshot_spells_every_field() {
+        let settings = pb::DatapathSettings {
+            recheck_on_policy_change: true,
+        };
+        let u = snapshot(&plan(), 7, &settings);
+        assert!(u.snapshot);
+        assert_eq!(u.version, 7);
+        assert_eq!(u.settings, Some(settings));
+        let p = &u.upsert_policies[0];
+        assert_eq!(p.id, "p1");
+        assert_eq!(
+            p.groups,
+            vec![pb::GroupRef {
+                namespace: "shop".into(),
+                name: "web".into(),
+                generation: 3
+            }]
+        );
+        let r = &p.ingress[0];
+        assert_eq!(r.protocol, pb::Protocol::Tcp as i32);
+        assert_eq!(
+            r.ports[0].kind,
+            Some(pb::port_match::Kind::Range(pb::PortRange {
+                first: 80,
+                last: 81
+            }))
+        );
+        assert_eq!(r.peers[0].cidr, "10.0.0.0/8");
+        assert_eq!(r.peers[0].except, vec!["10.1.0.0/16".to_owned()]);
+        assert_eq!(r.origin, "shop/web ingress[0]");
+        let e = &p.egress[0];
+        assert_eq!(e.protocol, pb::Protocol::Icmpv6 as i32);
+        assert_eq!(
+            e.ports[0].kind,
+            Some(pb::port_match::Kind::Icmp(pb::IcmpMatch {
+                r#type: 128,
+                code: Some(0)
+            }))
+        );
+        // Pods in key order: batch (no group) then web-1.
+        assert_eq!(u.upsert_pods[0].policy_id, "");
+        assert_eq!(u.upsert_pods[1].policy_id, "p1");
+        assert_eq!(u.upsert_pods[1].pod.as_ref().unwrap().uid, "u1");
+    }
+
+    #[test]
+    fn delta_of_equal_plans_is_nothing() {
+        assert_eq!(delta(&plan(), &plan(), 1, 2), None);
+    }
+
+    #[test]
+    fn delta_carries_only_what_changed() {
+        let old = plan();
+        let mut new = plan();
+        // A generation bump alone changes the policy: the status must see it acked.
+        let p1 = std::sync::Arc::make_mut(new.policies.get_mut("p1").unwrap());
+        p1.groups = BTreeSet::from([GroupGeneration {
+            group: ObjectKey::new("shop", "web"),
+            generation: 4,
+        }]);
+        new.pods.remove(&ObjectKey::new("shop", "batch"));
+        new.pods.insert(
+            ObjectKey::new("shop", "web-2"),
+            PodPlan {
+                uid: "u3".into(),
+                policy: Some("p1".into()),
+            },
+        );
+        let d = delta(&old, &new, 5, 6).unwrap();
+        assert!(!d.snapshot);
+        assert_eq!((d.base_version, d.version), (5, 6));
+        assert_eq!(d.upsert_policies.len(), 1);
+        assert_eq!(d.upsert_policies[0].groups[0].generation, 4);
+        assert!(d.remove_policies.is_empty());
+        assert_eq!(d.upsert_pods.len(), 1);
+        assert_eq!(d.upsert_pods[0].pod.as_ref().unwrap().name, "web-2");
+        assert_eq!(d.remove_pods.len(), 1);
+        assert_eq!(d.remove_pods[0].name, "batch");
+        assert_eq!(d.settings, None);
+    }
+}

@@ -1,0 +1,912 @@
+//! The operator against kube-rs's mocked API (tower-test): a small "API server verifier" plays
+//! the API server and asserts the exact requests the operator makes (method, path and query,
+//! body) for status writes, conditions, Events, deleted and invalid groups, and leader election
+//! through a Lease. Not privileged.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kubesg_operator::{
+    leader::{self, Elector, LeaseSettings},
+    metrics::Metrics,
+    model::ObjectKey,
+    plan::GroupReport,
+    push::{PushServer, PushSettings},
+    status::{group_status, NodeAcks},
+    status_api::{self, write_status, Context, Outcome},
+    status_writer::{ReportUpdate, StatusWriter},
+};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower_test::mock::{self, Handle, SendResponse};
+
+/// Bound on every wait for a request; reached only when the behaviour is broken.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// How long "no request" is watched for.
+const QUIET: Duration = Duration::from_millis(300);
+
+// ----- the API server verifier -----
+
+/// Plays the API server: every request the operator's client makes arrives here, in order.
+struct ApiServer {
+    handle: Handle<Request<Body>, Response<Body>>,
+}
+
+/// One request, and the way to answer it.
+struct Call {
+    method: Method,
+    uri: String,
+    body: Value,
+    reply: SendResponse<Response<Body>>,
+}
+
+impl ApiServer {
+    /// A kube client whose requests go to the returned verifier.
+    fn client() -> (kube::Client, ApiServer) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        (kube::Client::new(service, "default"), ApiServer { handle })
+    }
+
+    /// The next request.
+    async fn next(&mut self) -> Call {
+        let (request, reply) = tokio::time::timeout(WAIT, self.handle.next_request())
+            .await
+            .expect("the operator made no request")
+            .expect("the client is gone");
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect_bytes().await.expect("request body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("a JSON body")
+        };
+        Call {
+            method: parts.method,
+            uri: parts.uri.to_string(),
+            body,
+            reply,
+        }
+    }
+
+    /// The next request, asserted to be `method uri`.
+    async fn expect(&mut self, method: Method, uri: &str) -> Call {
+        let call = self.next().await;
+        assert_eq!(
+            (&call.method, call.uri.as_str()),
+            (&method, uri),
+            "unexpected request; body: {}",
+            call.body
+        );
+        call
+    }
+
+    /// Asserts the operator makes no request (for a while).
+    async fn expect_nothing(&mut self) {
+        if let Ok(Some((request, _))) =
+            tokio::time::timeout(QUIET, self.handle.next_request()).await
+        {
+            panic!(
+                "expected no request, got {} {}",
+                request.method(),
+                request.uri()
+            );
+        }
+    }
+}
+
+impl Call {
+    /// Answers with `status` and `body`.
+    fn reply(self, status: StatusCode, body: &Value) {
+        let response = Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap();
+        self.reply.send_response(response);
+    }
+
+    /// Answers 200 with `body`.
+    fn ok(self, body: &Value) {
+        self.reply(StatusCode::OK, body);
+    }
+
+    /// Answers 404 as the API server does.
+    fn not_found(self, name: &str) {
+        self.reply(
+            StatusCode::NOT_FOUND,
+            &json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("\"{name}\" not found"), "reason": "NotFound", "code": 404
+            }),
+        );
+    }
+
+    /// Answers 409 as the API server does on a stale resourceVersion.
+    fn conflict(self, name: &str) {
+        self.reply(
+            StatusCode::CONFLICT,
+            &json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("Operation cannot be fulfilled on leases \"{name}\": the object has been modified"),
+                "reason": "Conflict", "code": 409
+            }),
+        );
+    }
+}
+
+// ----- SecurityGroup status and Events -----
+
+const SG_PATH: &str = "/apis/kubesg.io/v1alpha1/namespaces/shop/securitygroups/web";
+const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events?";
+const INSTANCE: &str = "kubesg-operator-0";
+
+fn key() -> ObjectKey {
+    ObjectKey::new("shop", "web")
+}
+
+fn t(second: i64) -> Timestamp {
+    Timestamp::from_second(second).unwrap()
+}
+
+/// `shop/web` as the API server holds it, at `generation`, with `status`.
+fn group_object(generation: i64, status: Option<Value>) -> Value {
+    let mut sg = json!({
+        "apiVersion": "kubesg.io/v1alpha1",
+        "kind": "SecurityGroup",
+        "metadata": {
+            "name": "web", "namespace": "shop", "uid": "uid-web",
+            "generation": generation, "resourceVersion": "100"
+        },
+        "spec": { "podSelector": { "matchLabels": { "app": "web" } } }
+    });
+    if let Some(status) = status {
+        sg["status"] = status;
+    }
+    sg
+}
+
+fn report(generation: i64, accepted: Result<(), String>, nodes: &[&str]) -> GroupReport {
+    GroupReport {
+        generation,
+        accepted,
+        members: 3,
+        nodes: nodes.iter().map(|n| n.to_string()).collect(),
+    }
+}
+
+fn acked(node_generations: &[(&str, i64)]) -> BTreeMap<String, NodeAcks> {
+    node_generations
+        .iter()
+        .map(|(node, generation)| {
+            (
+                node.to_string(),
+                NodeAcks {
+                    programmed: [(key(), *generation)].into_iter().collect(),
+                    nack: None,
+                    connected: true,
+                },
+            )
+        })
+        .collect()
+}
+
+fn context(client: kube::Client) -> Context {
+    Context::new(client, INSTANCE, Metrics::default())
+}
+
+/// Asserts an Event POSTed about `shop/web`, with its type, reason, action and note.
+fn assert_event(call: &Call, type_: &str, reason: &str, action: &str, note: &str) {
+    let e = &call.body;
+    assert_eq!(e["apiVersion"], "events.k8s.io/v1", "{e}");
+    assert_eq!(e["kind"], "Event", "{e}");
+    assert_eq!(e["metadata"]["namespace"], "shop", "{e}");
+    assert_eq!(e["type"], type_, "{e}");
+    assert_eq!(e["reason"], reason, "{e}");
+    assert_eq!(e["action"], action, "{e}");
+    assert_eq!(e["note"], note, "{e}");
+    assert_eq!(e["reportingController"], status_api::CONTROLLER, "{e}");
+    assert_eq!(e["reportingInstance"], INSTANCE, "{e}");
+    assert_eq!(
+        e["regarding"],
+        json!({
+            "apiVersion": "kubesg.io/v1alpha1", "kind": "SecurityGroup",
+            "name": "web", "namespace": "shop", "uid": "uid-web"
+        }),
+        "{e}"
+    );
+    assert!(e["eventTime"].is_string(), "{e}");
+}
+
+#[tokio::test]
+async fn valid_group_status_reports_members_nodes_and_programmed_per_acks() {
+    let (client, mut api) = ApiServer::client();
+    let mut ctx = context(client);
+    // Two nodes concern the group; only n1 acked generation 2.
+    let op = tokio::spawn(async move {
+        let r = report(2, Ok(()), &["n1", "n2"]);
+        let first = write_status(&mut ctx, &key(), &r, &acked(&[("n1", 2)]), t(1_000)).await;
+        let second = write_status(
+            &mut ctx,
+            &key(),
+            &r,
+            &acked(&[("n1", 2), ("n2", 2)]),
+            t(2_000),
+        )
+        .await;
+        (first.unwrap(), second.unwrap())
+    });
+
+    api.expect(Method::GET, SG_PATH)
+        .await
+        .ok(&group_object(2, None));
+    let patch = api
+        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
+        .await;
+    let pending = json!({
+        "observedGeneration": 2,
+        "members": 3,
+        "conditions": [
+            {
+                "type": "Accepted", "status": "True", "reason": "Valid",
+                "message": "the spec is valid", "observedGeneration": 2,
+                "lastTransitionTime": "1970-01-01T00:16:40Z"
+            },
+            {
+                "type": "Programmed", "status": "False", "reason": "Pending",
+                "message": "1/2 nodes enforce generation 2; waiting for n2 (agent not connected)",
+                "observedGeneration": 2, "lastTransitionTime": "1970-01-01T00:16:40Z"
+            }
+        ],
+        "nodes": { "programmed": 1, "total": 2 }
+    });
+    assert_eq!(patch.body, json!({ "status": pending }));
+    patch.ok(&group_object(2, Some(pending)));
+
+    // n2 acks: Programmed turns True (its transition time moves, Accepted's does not), and a
+    // Normal Event says so.
+    let patch = api
+        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
+        .await;
+    let programmed = json!({
+        "observedGeneration": 2,
+        "members": 3,
+        "conditions": [
+            {
+                "type": "Accepted", "status": "True", "reason": "Valid",
+                "message": "the spec is valid", "observedGeneration": 2,
+                "lastTransitionTime": "1970-01-01T00:16:40Z"
+            },
+            {
+                "type": "Programmed", "status": "True", "reason": "Programmed",
+                "message": "all 2 nodes enforce generation 2",
+                "observedGeneration": 2, "lastTransitionTime": "1970-01-01T00:33:20Z"
+            }
+        ],
+        "nodes": { "programmed": 2, "total": 2 }
+    });
+    assert_eq!(patch.body, json!({ "status": programmed }));
+    patch.ok(&group_object(2, Some(programmed)));
+    let event = api.expect(Method::POST, EVENTS_PATH).await;
+    assert_event(
+        &event,
+        "Normal",
+        "Programmed",
+        "Program",
+        "all 2 nodes enforce generation 2",
+    );
+    let body = event.body.clone();
+    event.reply(StatusCode::CREATED, &body);
+
+    assert_eq!(
+        op.await.unwrap(),
+        (Outcome::Written, Outcome::Written),
+        "both statuses written"
+    );
+    api.expect_nothing().await;
+}
+
+#[tokio::test]
+async fn invalid_group_is_not_accepted_and_warned_once_per_generation() {
+    let (client, mut api) = ApiServer::client();
+    let mut ctx = context(client);
+    let why = "spec.ingress[0].ports[0]: endPort 80 < port 90";
+    let op = tokio::spawn(async move {
+        let r = report(4, Err(why.into()), &["n1"]);
+        let mut outcomes = vec![
+            write_status(&mut ctx, &key(), &r, &BTreeMap::new(), t(1_000))
+                .await
+                .unwrap(),
+        ];
+        // The same generation again (e.g. an agent acked something): no write, no second
+        // Warning.
+        outcomes.push(
+            write_status(&mut ctx, &key(), &r, &acked(&[("n1", 3)]), t(1_500))
+                .await
+                .unwrap(),
+        );
+        // A new generation, still invalid: a new Warning.
+        let r = report(5, Err("spec.egress[0]: two peer kinds".into()), &["n1"]);
+        outcomes.push(
+            write_status(&mut ctx, &key(), &r, &BTreeMap::new(), t(2_000))
+                .await
+                .unwrap(),
+        );
+        outcomes
+    });
+
+    api.expect(Method::GET, SG_PATH)
+        .await
+        .ok(&group_object(4, None));
+    let patch = api
+        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
+        .await;
+    let status = &patch.body["status"];
+    assert_eq!(status["observedGeneration"], 4);
+    assert_eq!(
+        status["conditions"][0],
+        json!({
+            "type": "Accepted", "status": "False", "reason": "Invalid", "message": why,
+            "observedGeneration": 4, "lastTransitionTime": "1970-01-01T00:16:40Z"
+        })
+    );
+    assert_eq!(status["conditions"][1]["type"], "Programmed");
+    assert_eq!(status["conditions"][1]["status"], "False");
+    assert_eq!(status["conditions"][1]["reason"], "Invalid");
+    let written = status.clone();
+    patch.ok(&group_object(4, Some(written)));
+    let event = api.expect(Method::POST, EVENTS_PATH).await;
+    assert_event(&event, "Warning", "InvalidSpec", "Validate", why);
+    let body = event.body.clone();
+    event.reply(StatusCode::CREATED, &body);
+
+    // Generation 5.
+    let patch = api
+        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
+        .await;
+    assert_eq!(patch.body["status"]["observedGeneration"], 5);
+    assert_eq!(
+        patch.body["status"]["conditions"][0]["message"],
+        "spec.egress[0]: two peer kinds"
+    );
+    assert_eq!(
+        patch.body["status"]["conditions"][0]["lastTransitionTime"], "1970-01-01T00:16:40Z",
+        "still False: the transition time stays"
+    );
+    let written = patch.body["status"].clone();
+    patch.ok(&group_object(5, Some(written)));
+    let event = api.expect(Method::POST, EVENTS_PATH).await;
+    assert_event(
+        &event,
+        "Warning",
+        "InvalidSpec",
+        "Validate",
+        "spec.egress[0]: two peer kinds",
+    );
+    let body = event.body.clone();
+    event.reply(StatusCode::CREATED, &body);
+
+    assert_eq!(
+        op.await.unwrap(),
+        vec![Outcome::Written, Outcome::Unchanged, Outcome::Written]
+    );
+    api.expect_nothing().await;
+}
+
+#[tokio::test]
+async fn status_already_on_the_object_is_not_written_again() {
+    let (client, mut api) = ApiServer::client();
+    let mut ctx = context(client);
+    let r = report(2, Ok(()), &["n1"]);
+    let acks = acked(&[("n1", 2)]);
+    // What an earlier run (or the previous leader) wrote at t=1000.
+    let existing = group_status(&key(), &r, &acks, None, t(1_000));
+    let existing_json = serde_json::to_value(&existing).unwrap();
+    let op = tokio::spawn(async move {
+        let first = write_status(&mut ctx, &key(), &r, &acks, t(5_000))
+            .await
+            .unwrap();
+        let again = write_status(&mut ctx, &key(), &r, &acks, t(6_000))
+            .await
+            .unwrap();
+        (first, again)
+    });
+    api.expect(Method::GET, SG_PATH)
+        .await
+        .ok(&group_object(2, Some(existing_json)));
+    // No PATCH, and no Programmed Event: the object already says Programmed for generation 2.
+    api.expect_nothing().await;
+    assert_eq!(op.await.unwrap(), (Outcome::Unchanged, Outcome::Unchanged));
+}
+
+#[tokio::test]
+async fn deleted_group_is_forgotten_without_finalizers_or_further_writes() {
+    let (client, mut api) = ApiServer::client();
+    let push = PushServer::new(PushSettings::default());
+    let mut writer = StatusWriter::new(context(client), push);
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<&str>();
+    let op = tokio::spawn(async move {
+        writer
+            .take(vec![ReportUpdate {
+                key: key(),
+                report: Some(report(1, Ok(()), &["n1"])),
+            }])
+            .await;
+        writer.write_dirty(|| false).await;
+        done_tx.send("written").unwrap();
+        writer
+            .take(vec![ReportUpdate {
+                key: key(),
+                report: None,
+            }])
+            .await;
+        // Acks moving, and another pass: nothing to write for a deleted group.
+        writer.refresh_acks();
+        writer.write_dirty(|| false).await;
+        done_tx.send("deleted").unwrap();
+        // Recreated under the same name, then deleted before its status was written: the read
+        // finds nothing, so nothing is written.
+        writer
+            .take(vec![ReportUpdate {
+                key: key(),
+                report: Some(report(1, Ok(()), &["n1"])),
+            }])
+            .await;
+        writer.write_dirty(|| false).await;
+    });
+
+    api.expect(Method::GET, SG_PATH)
+        .await
+        .ok(&group_object(1, None));
+    let patch = api
+        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
+        .await;
+    // Only the status: no finalizer, no metadata at all.
+    assert_eq!(
+        patch.body.as_object().unwrap().keys().collect::<Vec<_>>(),
+        vec!["status"]
+    );
+    let written = patch.body["status"].clone();
+    patch.ok(&group_object(1, Some(written)));
+    assert_eq!(done.recv().await, Some("written"));
+    assert_eq!(done.recv().await, Some("deleted"));
+    api.expect(Method::GET, SG_PATH).await.not_found("web");
+    api.expect_nothing().await;
+    op.await.unwrap();
+}
+
+// ----- leader election -----
+
+const LEASE_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/kubesg/leases/kubesg-operator";
+const LEASES_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/kubesg/leases?";
+
+fn elector(client: kube::Client) -> Elector {
+    Elector::new(client, LeaseSettings::new("kubesg", "operator-a"))
+}
+
+/// The lease as the API server holds it.
+fn lease(holder: Option<&str>, renew: &str, transitions: i32, resource_version: &str) -> Value {
+    let mut spec = json!({
+        "leaseDurationSeconds": 15,
+        "acquireTime": "2024-01-01T00:00:00.000000Z",
+        "renewTime": renew,
+        "leaseTransitions": transitions,
+    });
+    if let Some(h) = holder {
+        spec["holderIdentity"] = json!(h);
+    }
+    json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": "kubesg-operator", "namespace": "kubesg",
+            "resourceVersion": resource_version
+        },
+        "spec": spec,
+    })
+}
+
+/// Asserts a MicroTime (RFC 3339 with microseconds) and returns it.
+fn micro_time(v: &Value) -> String {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
+    s.parse::<Timestamp>()
+        .unwrap_or_else(|e| panic!("{s}: {e}"));
+    s.to_owned()
+}
+
+/// Runs one election step in the background.
+fn step(mut e: Elector) -> tokio::task::JoinHandle<(Elector, bool)> {
+    tokio::spawn(async move {
+        let held = e.try_acquire_or_renew().await.unwrap();
+        (e, held)
+    })
+}
+
+#[tokio::test]
+async fn absent_lease_is_created_and_then_renewed_by_its_holder() {
+    let (client, mut api) = ApiServer::client();
+    let op = step(elector(client));
+    api.expect(Method::GET, LEASE_PATH)
+        .await
+        .not_found("kubesg-operator");
+    let create = api.expect(Method::POST, LEASES_PATH).await;
+    let spec = &create.body["spec"];
+    assert_eq!(create.body["metadata"]["name"], "kubesg-operator");
+    assert_eq!(spec["holderIdentity"], "operator-a");
+    assert_eq!(spec["leaseDurationSeconds"], 15);
+    assert_eq!(spec["leaseTransitions"], 0);
+    assert_eq!(
+        micro_time(&spec["acquireTime"]),
+        micro_time(&spec["renewTime"])
+    );
+    let mut created = create.body.clone();
+    created["metadata"]["resourceVersion"] = json!("1");
+    // The server's clock: an old renewal, so the renewal below must move it.
+    created["spec"]["renewTime"] = json!("2024-01-01T00:00:00.000000Z");
+    let acquired = created["spec"]["acquireTime"].clone();
+    create.reply(StatusCode::CREATED, &created);
+    let (e, held) = op.await.unwrap();
+    assert!(held, "the creator holds the lease");
+    assert!(e.holds());
+
+    // Renewing: a replace of the object it holds (no read), with its resourceVersion.
+    let op = step(e);
+    let renew = api.expect(Method::PUT, &format!("{LEASE_PATH}?")).await;
+    assert_eq!(renew.body["metadata"]["resourceVersion"], "1");
+    assert_eq!(renew.body["spec"]["holderIdentity"], "operator-a");
+    assert_eq!(renew.body["spec"]["leaseTransitions"], 0);
+    assert_eq!(
+        renew.body["spec"]["acquireTime"], acquired,
+        "still the same term"
+    );
+    assert_ne!(
+        micro_time(&renew.body["spec"]["renewTime"]),
+        "2024-01-01T00:00:00.000000Z"
+    );
+    let mut renewed = renew.body.clone();
+    renewed["metadata"]["resourceVersion"] = json!("2");
+    renew.ok(&renewed);
+    let (e, held) = op.await.unwrap();
+    assert!(held);
+
+    // Released on shutdown: no holder, one second, so the next replica need not wait.
+    let op = tokio::spawn(async move {
+        let mut e = e;
+        e.release().await.unwrap();
+        e
+    });
+    let release = api.expect(Method::PUT, &format!("{LEASE_PATH}?")).await;
+    assert_eq!(release.body["metadata"]["resourceVersion"], "2");
+    assert!(
+        release.body["spec"].get("holderIdentity").is_none(),
+        "{}",
+        release.body
+    );
+    assert_eq!(release.body["spec"]["leaseDurationSeconds"], 1);
+    let released = release.body.clone();
+    release.ok(&released);
+    let e = op.await.unwrap();
+    assert!(!e.holds());
+    api.expect_nothing().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_held_by_another_is_left_alone_until_it_expires_then_taken_over() {
+    let (client, mut api) = ApiServer::client();
+    let held_by_b = lease(Some("operator-b"), "2024-01-01T00:00:01.000000Z", 3, "7");
+
+    // First look: held by operator-b; not taken.
+    let op = step(elector(client));
+    api.expect(Method::GET, LEASE_PATH).await.ok(&held_by_b);
+    let (e, held) = op.await.unwrap();
+    assert!(!held);
+    assert!(e.held_by_other());
+    api.expect_nothing().await;
+
+    // 10 s later operator-b has renewed: still not taken.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let renewed_by_b = lease(Some("operator-b"), "2024-01-01T00:00:11.000000Z", 3, "8");
+    let op = step(e);
+    api.expect(Method::GET, LEASE_PATH).await.ok(&renewed_by_b);
+    let (e, held) = op.await.unwrap();
+    assert!(!held);
+    api.expect_nothing().await;
+
+    // 10 s after that renewal, unchanged: not expired yet (15 s).
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let op = step(e);
+    api.expect(Method::GET, LEASE_PATH).await.ok(&renewed_by_b);
+    let (e, held) = op.await.unwrap();
+    assert!(!held);
+    api.expect_nothing().await;
+
+    // 16 s after the last change seen: expired, taken over with the resourceVersion read.
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let op = step(e);
+    api.expect(Method::GET, LEASE_PATH).await.ok(&renewed_by_b);
+    let take = api.expect(Method::PUT, &format!("{LEASE_PATH}?")).await;
+    assert_eq!(take.body["metadata"]["resourceVersion"], "8");
+    let spec = &take.body["spec"];
+    assert_eq!(spec["holderIdentity"], "operator-a");
+    assert_eq!(spec["leaseTransitions"], 4);
+    assert_eq!(spec["leaseDurationSeconds"], 15);
+    assert_eq!(
+        micro_time(&spec["acquireTime"]),
+        micro_time(&spec["renewTime"])
+    );
+    let mut taken = take.body.clone();
+    taken["metadata"]["resourceVersion"] = json!("9");
+    take.ok(&taken);
+    let (e, held) = op.await.unwrap();
+    assert!(held);
+    assert!(e.holds());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_takeover_that_loses_the_race_does_not_lead() {
+    let (client, mut api) = ApiServer::client();
+    // A released lease is free: taken at once, but another replica wrote first.
+    let op = step(elector(client));
+    api.expect(Method::GET, LEASE_PATH).await.ok(&lease(
+        None,
+        "2024-01-01T00:00:01.000000Z",
+        2,
+        "7",
+    ));
+    let take = api.expect(Method::PUT, &format!("{LEASE_PATH}?")).await;
+    assert_eq!(take.body["metadata"]["resourceVersion"], "7");
+    assert_eq!(take.body["spec"]["holderIdentity"], "operator-a");
+    take.conflict("kubesg-operator");
+    let (e, held) = op.await.unwrap();
+    assert!(!held, "a 409 means another replica won");
+    assert!(!e.holds());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_that_reads_another_holder_steps_down() {
+    let (client, mut api) = ApiServer::client();
+    let (leading_tx, mut leading) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(leader::run(elector(client), leading_tx, stop.clone()));
+
+    api.expect(Method::GET, LEASE_PATH)
+        .await
+        .not_found("kubesg-operator");
+    let create = api.expect(Method::POST, LEASES_PATH).await;
+    let mut created = create.body.clone();
+    created["metadata"]["resourceVersion"] = json!("1");
+    create.reply(StatusCode::CREATED, &created);
+    leading.wait_for(|l| *l).await.unwrap();
+
+    // The next renewal (2 s later) conflicts: operator-b took the lease over meanwhile.
+    let renew = api.expect(Method::PUT, &format!("{LEASE_PATH}?")).await;
+    renew.conflict("kubesg-operator");
+    api.expect(Method::GET, LEASE_PATH).await.ok(&lease(
+        Some("operator-b"),
+        "2024-01-01T00:00:01.000000Z",
+        1,
+        "5",
+    ));
+    leading.wait_for(|l| !*l).await.unwrap();
+
+    stop.cancel();
+    let e = run.await.unwrap();
+    assert!(e.held_by_other());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_renewals_hang_steps_down_before_the_lease_expires() {
+    let (client, mut api) = ApiServer::client();
+    let (leading_tx, mut leading) = watch::channel(false);
+    let stop = CancellationToken::new();
+    let settings = LeaseSettings::new("kubesg", "operator-a");
+    let (deadline, duration) = (settings.renew_deadline, settings.duration);
+    let run = tokio::spawn(leader::run(
+        Elector::new(client, settings),
+        leading_tx,
+        stop.clone(),
+    ));
+    api.expect(Method::GET, LEASE_PATH)
+        .await
+        .not_found("kubesg-operator");
+    let create = api.expect(Method::POST, LEASES_PATH).await;
+    let mut created = create.body.clone();
+    created["metadata"]["resourceVersion"] = json!("1");
+    create.reply(StatusCode::CREATED, &created);
+    leading.wait_for(|l| *l).await.unwrap();
+    let acquired = tokio::time::Instant::now();
+
+    // The API server stops answering: every renewal hangs.
+    let mut hung = Vec::new();
+    let stepped_down = loop {
+        tokio::select! {
+            call = api.next() => {
+                assert_eq!(call.method, Method::PUT, "{}", call.uri);
+                hung.push(call.reply);
+            }
+            _ = leading.wait_for(|l| !*l) => break tokio::time::Instant::now(),
+        }
+    };
+    assert!(
+        stepped_down - acquired >= deadline - Duration::from_millis(1),
+        "not before the renew deadline"
+    );
+    assert!(
+        stepped_down - acquired < duration,
+        "before anyone else may take the lease over"
+    );
+    stop.cancel();
+    run.await.unwrap();
+}
+
+// ----- the whole operator in API mode, with leader election -----
+
+/// A fake API server for a whole operator: answers the watchers' lists (namespaces, nodes and
+/// pods empty, one SecurityGroup `shop/web`), holds their watches open, serves the Lease as the
+/// test says, and records every other request.
+struct FakeCluster {
+    /// The Lease as the API server holds it; `None`: absent.
+    lease: std::sync::Mutex<Option<Value>>,
+    /// Every request other than lists and watches: (method, path and query, body).
+    writes: std::sync::Mutex<Vec<(Method, String, Value)>>,
+}
+
+impl FakeCluster {
+    fn recorded(&self) -> Vec<(Method, String, Value)> {
+        self.writes.lock().unwrap().clone()
+    }
+
+    fn lease_requests(&self) -> usize {
+        self.recorded()
+            .iter()
+            .filter(|(_, uri, _)| uri.starts_with(LEASE_PATH))
+            .count()
+    }
+
+    async fn serve(self: std::sync::Arc<Self>, mut api: ApiServer) {
+        let mut watches = Vec::new();
+        loop {
+            let call = api.next().await;
+            let path = call.uri.split('?').next().unwrap_or_default().to_owned();
+            if call.method == Method::GET && call.uri.contains("watch=true") {
+                // A watch that stays open (no events).
+                watches.push(call.reply);
+                continue;
+            }
+            let list = |kind: &str, items: Value| {
+                json!({
+                    "apiVersion": "v1", "kind": kind,
+                    "metadata": { "resourceVersion": "10" }, "items": items
+                })
+            };
+            match (call.method.clone(), path.as_str()) {
+                (Method::GET, "/api/v1/namespaces") => call.ok(&list("NamespaceList", json!([]))),
+                (Method::GET, "/api/v1/nodes") => call.ok(&list("NodeList", json!([]))),
+                (Method::GET, "/api/v1/pods") => call.ok(&list("PodList", json!([]))),
+                (Method::GET, "/apis/kubesg.io/v1alpha1/securitygroups") => {
+                    let mut l = list("SecurityGroupList", json!([group_object(1, None)]));
+                    l["apiVersion"] = json!("kubesg.io/v1alpha1");
+                    call.ok(&l)
+                }
+                (method, _) => {
+                    self.writes.lock().unwrap().push((
+                        method.clone(),
+                        call.uri.clone(),
+                        call.body.clone(),
+                    ));
+                    if path == LEASE_PATH && method == Method::GET {
+                        match self.lease.lock().unwrap().clone() {
+                            Some(l) => call.ok(&l),
+                            None => call.not_found("kubesg-operator"),
+                        }
+                    } else if path == LEASE_PATH && method == Method::PUT {
+                        let mut l = call.body.clone();
+                        l["metadata"]["resourceVersion"] = json!("20");
+                        *self.lease.lock().unwrap() = Some(l.clone());
+                        call.ok(&l)
+                    } else if path == SG_PATH && method == Method::GET {
+                        call.ok(&group_object(1, None))
+                    } else {
+                        let body = call.body.clone();
+                        call.ok(&body)
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_serves_agents_and_writes_status() {
+    use kubesg_operator::daemon::{Operator, OperatorSettings, Source};
+
+    let pki = kubesg_testkit::certs::TempPki::generate().unwrap();
+    let (client, api) = ApiServer::client();
+    let cluster = std::sync::Arc::new(FakeCluster {
+        lease: std::sync::Mutex::new(Some(lease(
+            Some("operator-b"),
+            "2024-01-01T00:00:01.000000Z",
+            1,
+            "7",
+        ))),
+        writes: std::sync::Mutex::new(Vec::new()),
+    });
+    let server = tokio::spawn(cluster.clone().serve(api));
+    let mut election = LeaseSettings::new("kubesg", "operator-a");
+    election.retry_period = Duration::from_millis(50);
+    let mut operator = Operator::start(OperatorSettings {
+        source: Source::Api {
+            client,
+            election: Some(election),
+            instance: "operator-a".into(),
+        },
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: pki.operator_tls(&pki.operator),
+        metrics_address: None,
+        push: PushSettings::default(),
+    })
+    .await
+    .unwrap();
+
+    // operator-b holds the lease (and keeps it fresh: the record is re-read within its 15 s):
+    // operator-a compiles but neither serves nor writes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while cluster.lease_requests() < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease is not polled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        cluster
+            .recorded()
+            .iter()
+            .all(|(method, uri, _)| *method == Method::GET && uri.starts_with(LEASE_PATH)),
+        "a follower only reads the lease: {:?}",
+        cluster.recorded()
+    );
+    assert!(!operator.metrics().ready(), "a follower is not ready");
+    let serving = tokio::time::timeout(QUIET, operator.serving_address()).await;
+    assert!(serving.is_err(), "a follower does not serve agents");
+
+    // operator-b releases the lease: operator-a takes it, serves and writes the status.
+    *cluster.lease.lock().unwrap() = Some(lease(None, "2024-01-01T00:00:02.000000Z", 1, "8"));
+    let addr = tokio::time::timeout(WAIT, operator.serving_address())
+        .await
+        .expect("the leader serves agents")
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let writes = cluster.recorded();
+        let patched = writes
+            .iter()
+            .any(|(m, uri, _)| *m == Method::PATCH && uri == &format!("{SG_PATH}/status?"));
+        if patched && operator.metrics().ready() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never wrote the status: {writes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took_over = cluster
+        .recorded()
+        .into_iter()
+        .find(|(m, _, _)| *m == Method::PUT)
+        .expect("the lease was written");
+    assert_eq!(took_over.2["spec"]["holderIdentity"], "operator-a");
+    assert_eq!(took_over.2["metadata"]["resourceVersion"], "8");
+
+    // Shutdown: the lease is released last.
+    operator.stop().await.unwrap();
+    let (method, uri, body) = cluster.recorded().pop().unwrap();
+    assert_eq!((method, uri), (Method::PUT, format!("{LEASE_PATH}?")));
+    assert!(body["spec"].get("holderIdentity").is_none(), "{body}");
+    server.abort();
+}
