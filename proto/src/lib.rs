@@ -8,6 +8,8 @@
 
 #![warn(missing_docs)]
 
+pub mod tls;
+
 /// Version v1alpha1 of the contracts.
 #[allow(clippy::all, missing_docs)]
 pub mod v1alpha1 {
