@@ -1,8 +1,15 @@
 # The two commands of the README: `make test` runs every test; `make demo` runs kubesg locally.
-.PHONY: test bootstrap bench
+.PHONY: test demo bootstrap bench image chart
 
 test:
 	scripts/test.sh
+
+# The demo runs the binaries it drives from target/debug: build them first (the demo checks
+# they are current too), then narrate a local two-node cluster (as root).
+demo:
+	scripts/bootstrap.sh
+	PATH="$$HOME/.cargo/bin:$$PATH" cargo build -p kubesg-agent -p kubesg-cni -p kubesg-operator --bins
+	PATH="$$HOME/.cargo/bin:$$PATH" cargo run -q -p kubesg-demo
 
 bootstrap:
 	scripts/bootstrap.sh
@@ -10,3 +17,15 @@ bootstrap:
 bench:
 	scripts/bootstrap.sh
 	cargo bench -p kubesg-agent --bench datapath
+
+# The container image (Dockerfile) built with buildah, no registry (scripts/image.sh), then run:
+# kubesg-agent --version, kubesg-operator --version, kubesg-cni VERSION inside it.
+image:
+	scripts/bootstrap.sh
+	scripts/image.sh build
+	scripts/image.sh test
+
+# The Helm chart's checks alone (also part of `make test`).
+chart:
+	scripts/bootstrap.sh
+	scripts/check-chart.sh

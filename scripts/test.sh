@@ -24,6 +24,13 @@ cargo +nightly clippy -p kubesg-ebpf --bins --release --locked \
 step "generated files are current"
 scripts/check-generated.sh
 
+step "Helm chart (scripts/check-chart.sh)"
+scripts/check-chart.sh
+
+step "container image (scripts/image.sh: buildah, then the binaries run inside it)"
+scripts/image.sh build
+scripts/image.sh test
+
 step "tests"
 cargo test --workspace --exclude kubesg-ebpf --locked -- --test-threads="${KUBESG_TEST_THREADS:-4}"
 

@@ -20,6 +20,7 @@ mod peers;
 pub mod plan;
 mod policy;
 pub mod push;
+pub mod reference;
 pub mod runtime;
 pub mod selector;
 pub mod status;

@@ -2,9 +2,9 @@
 //!
 //! 1. Verdicts: for random packets between pods and outside addresses, what the compiled plan
 //!    allows (evaluated as the agent does, and cross-checked against the agent's own
-//!    `Rule::allows`) equals a reference evaluation written straight from the SecurityGroup
-//!    semantics: selectors, peers and named ports read from the raw objects, without any of the
-//!    compiler's data structures.
+//!    `Rule::allows`) equals the reference evaluation (`kubesg_operator::reference`), written
+//!    straight from the SecurityGroup semantics: selectors, peers and named ports read from the
+//!    raw objects, without any of the compiler's data structures.
 //! 2. Incremental = full: after every change of a random sequence, the incremental compiler's
 //!    plan equals a full compile of the resulting cluster, and the changes it reports are
 //!    exactly the nodes and groups whose plan and report differ.
@@ -17,7 +17,6 @@ use std::{
 };
 
 use compile_support::{rule_allows, ICMP, ICMPV6, SCTP, TCP, UDP};
-use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::{
     apis::meta::v1::{LabelSelector, LabelSelectorRequirement},
     util::intstr::IntOrString,
@@ -32,7 +31,7 @@ use kubesg_operator::{
     },
     model::{Cluster, Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol},
     plan::{Plan, PlannedPolicy, PlannedRule, PortSpec, RuleProtocol},
-    validate::validate,
+    reference,
 };
 use proptest::{prelude::*, sample::select};
 
@@ -368,233 +367,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The reference: SecurityGroup semantics read straight from the objects.
-
-fn ref_selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    sel.match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v))
-        && sel.match_expressions.iter().flatten().all(|e| {
-            let values = e.values.clone().unwrap_or_default();
-            match e.operator.as_str() {
-                "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
-                "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
-                "Exists" => labels.contains_key(&e.key),
-                "DoesNotExist" => !labels.contains_key(&e.key),
-                _ => false,
-            }
-        })
-}
-
-fn ref_enforced(p: &Pod) -> bool {
-    !p.host_network && !p.terminated
-}
-
-fn ref_accepted(c: &Cluster, g: &ObjectKey) -> bool {
-    c.groups
-        .get(g)
-        .is_some_and(|grp| validate(&g.namespace, &grp.spec).is_ok())
-}
-
-fn ref_is_member(c: &Cluster, g: &ObjectKey, p: &ObjectKey) -> bool {
-    let pod = &c.pods[p];
-    ref_accepted(c, g)
-        && p.namespace == g.namespace
-        && ref_enforced(pod)
-        && ref_selector_matches(&c.groups[g].spec.pod_selector, &pod.labels)
-}
-
-fn ref_groups_of<'a>(c: &'a Cluster, p: &ObjectKey) -> Vec<&'a ObjectKey> {
-    c.groups.keys().filter(|g| ref_is_member(c, g, p)).collect()
-}
-
-/// The pods a pod-kind peer (group or selectors) of group `g` selects; `None` for ipBlocks.
-fn ref_peer_pods<'a>(c: &'a Cluster, g: &ObjectKey, peer: &Peer) -> Option<Vec<&'a ObjectKey>> {
-    if let Some(r) = &peer.security_group {
-        let target = ObjectKey::new(
-            r.namespace.clone().unwrap_or_else(|| g.namespace.clone()),
-            r.name.clone(),
-        );
-        return Some(
-            c.pods
-                .keys()
-                .filter(|p| ref_is_member(c, &target, p))
-                .collect(),
-        );
-    }
-    if peer.ip_block.is_some() {
-        return None;
-    }
-    Some(
-        c.pods
-            .iter()
-            .filter(|(k, p)| {
-                let ns_ok = match &peer.namespace_selector {
-                    None => k.namespace == g.namespace,
-                    Some(sel) => c
-                        .namespaces
-                        .get(&k.namespace)
-                        .is_some_and(|ns| ref_selector_matches(sel, &ns.labels)),
-                };
-                ns_ok
-                    && ref_enforced(p)
-                    && peer
-                        .pod_selector
-                        .as_ref()
-                        .is_none_or(|s| ref_selector_matches(s, &p.labels))
-            })
-            .map(|(k, _)| k)
-            .collect(),
-    )
-}
-
-fn ref_block_contains(b: &IpBlock, addr: IpAddr) -> bool {
-    let cidr: IpNet = b.cidr.parse().unwrap();
-    cidr.contains(&addr)
-        && !b
-            .except
-            .iter()
-            .flatten()
-            .any(|e| e.parse::<IpNet>().unwrap().contains(&addr))
-}
-
-fn ref_proto_ok(p: Protocol, proto: u8) -> bool {
-    match p {
-        Protocol::Any => true,
-        Protocol::Tcp => proto == TCP,
-        Protocol::Udp => proto == UDP,
-        Protocol::Sctp => proto == SCTP,
-        Protocol::Icmp => proto == ICMP,
-        Protocol::Icmpv6 => proto == ICMPV6,
-    }
-}
-
-fn ref_port_protocol(p: Protocol) -> Option<PortProtocol> {
-    match p {
-        Protocol::Tcp => Some(PortProtocol::Tcp),
-        Protocol::Udp => Some(PortProtocol::Udp),
-        Protocol::Sctp => Some(PortProtocol::Sctp),
-        _ => None,
-    }
-}
-
-/// Whether a port item matches `port`, a named one resolved on `on` (`None`: no pod to
-/// resolve it on, e.g. an address block).
-fn ref_port_item(item: &Port, protocol: Protocol, port: u16, on: Option<&Pod>) -> bool {
-    match &item.port {
-        IntOrString::Int(n) => {
-            let first = *n as u16;
-            let last = item.end_port.map_or(first, |e| e as u16);
-            first <= port && port <= last
-        }
-        IntOrString::String(name) => on.is_some_and(|pod| {
-            pod.ports.iter().any(|np| {
-                &np.name == name
-                    && Some(np.protocol) == ref_port_protocol(protocol)
-                    && np.port == port
-            })
-        }),
-    }
-}
-
-/// Ports and ICMP messages of a rule; `on` resolves named ports.
-fn ref_ports_ok(
-    protocol: Protocol,
-    ports: &Option<Vec<Port>>,
-    icmp: &Option<Vec<IcmpType>>,
-    port: u16,
-    on: Option<&Pod>,
-) -> bool {
-    match protocol {
-        Protocol::Any => true,
-        Protocol::Icmp | Protocol::Icmpv6 => match icmp.as_deref() {
-            None | Some([]) => true,
-            Some(types) => types.iter().any(|t| {
-                (port >> 8) as i32 == t.icmp_type
-                    && t.code.is_none_or(|c| c == (port & 0xff) as i32)
-            }),
-        },
-        _ => match ports.as_deref() {
-            None | Some([]) => true,
-            Some(items) => items.iter().any(|i| ref_port_item(i, protocol, port, on)),
-        },
-    }
-}
-
-fn ref_ingress_ok(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, src: IpAddr) -> bool {
-    let groups = ref_groups_of(c, member);
-    if groups.is_empty() {
-        return true;
-    }
-    let pod = &c.pods[member];
-    groups.into_iter().any(|g| {
-        c.groups[g].spec.ingress.iter().flatten().any(|r| {
-            ref_proto_ok(r.protocol, proto)
-                && ref_ports_ok(r.protocol, &r.ports, &r.icmp_types, port, Some(pod))
-                && match r.from.as_deref() {
-                    None | Some([]) => true,
-                    Some(peers) => peers.iter().any(|peer| match &peer.ip_block {
-                        Some(b) => ref_block_contains(b, src),
-                        None => ref_peer_pods(c, g, peer)
-                            .unwrap_or_default()
-                            .iter()
-                            .any(|k| c.pods[*k].ips.contains(&src)),
-                    }),
-                }
-        })
-    })
-}
-
-fn ref_egress_ok(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, dst: IpAddr) -> bool {
-    let groups = ref_groups_of(c, member);
-    if groups.is_empty() {
-        return true;
-    }
-    groups.into_iter().any(|g| match &c.groups[g].spec.egress {
-        None => true,
-        Some(rules) => rules.iter().any(|r| {
-            ref_proto_ok(r.protocol, proto)
-                && match r.to.as_deref() {
-                    // Anyone: an address, so named ports cannot resolve.
-                    None | Some([]) => {
-                        ref_ports_ok(r.protocol, &r.ports, &r.icmp_types, port, None)
-                    }
-                    Some(peers) => peers.iter().any(|peer| match &peer.ip_block {
-                        Some(b) => {
-                            ref_block_contains(b, dst)
-                                && ref_ports_ok(r.protocol, &r.ports, &r.icmp_types, port, None)
-                        }
-                        // Named ports resolve on the peer pod that owns the address.
-                        None => ref_peer_pods(c, g, peer)
-                            .unwrap_or_default()
-                            .iter()
-                            .filter(|k| c.pods[**k].ips.contains(&dst))
-                            .any(|k| {
-                                ref_ports_ok(
-                                    r.protocol,
-                                    &r.ports,
-                                    &r.icmp_types,
-                                    port,
-                                    Some(&c.pods[*k]),
-                                )
-                            }),
-                    }),
-                }
-        }),
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
 // The compiled side.
-
-/// The enforced pod on a node that owns `addr`, as the agent knows it from the CNI.
-fn endpoint(c: &Cluster, addr: IpAddr) -> Option<&ObjectKey> {
-    c.pods
-        .iter()
-        .find(|(_, p)| ref_enforced(p) && p.node.is_some() && p.ips.contains(&addr))
-        .map(|(k, _)| k)
-}
 
 fn planned_policy<'a>(plan: &'a Plan, c: &Cluster, pod: &ObjectKey) -> Option<&'a PlannedPolicy> {
     let node = c.pods[pod].node.as_ref()?;
@@ -666,7 +439,7 @@ fn check_verdicts(c: &Cluster, plan: &Plan, packets: &[Packet]) -> Result<(), Te
     // Every enforced pod on a node is on that node's plan, and nothing else is.
     for (k, p) in &c.pods {
         let on_plan = plan.nodes.values().any(|n| n.pods.contains_key(k));
-        prop_assert_eq!(on_plan, ref_enforced(p) && p.node.is_some(), "{}", k);
+        prop_assert_eq!(on_plan, reference::enforced(p) && p.node.is_some(), "{}", k);
     }
     let mut addrs: Vec<IpAddr> = c
         .pods
@@ -688,8 +461,8 @@ fn check_verdicts(c: &Cluster, plan: &Plan, packets: &[Packet]) -> Result<(), Te
         } else {
             PORTS[po % PORTS.len()]
         };
-        if let Some(a) = endpoint(c, src) {
-            let expected = ref_egress_ok(c, a, proto, port, dst);
+        if let Some(a) = reference::endpoint(c, src) {
+            let expected = reference::egress_allows(c, a, proto, port, dst);
             let got = planned_policy(plan, c, a)
                 .is_none_or(|p| compiled_allows(&p.egress, proto, port, dst));
             prop_assert_eq!(
@@ -703,8 +476,8 @@ fn check_verdicts(c: &Cluster, plan: &Plan, packets: &[Packet]) -> Result<(), Te
                 planned_policy(plan, c, a)
             );
         }
-        if let Some(b) = endpoint(c, dst) {
-            let expected = ref_ingress_ok(c, b, proto, port, src);
+        if let Some(b) = reference::endpoint(c, dst) {
+            let expected = reference::ingress_allows(c, b, proto, port, src);
             let got = planned_policy(plan, c, b)
                 .is_none_or(|p| compiled_allows(&p.ingress, proto, port, src));
             prop_assert_eq!(
@@ -742,9 +515,13 @@ fn check_structure(c: &Cluster, plan: &Plan) -> Result<(), TestCaseError> {
         }
     }
     for (k, report) in &plan.groups {
-        let members = c.pods.keys().filter(|p| ref_is_member(c, k, p)).count();
+        let members = c
+            .pods
+            .keys()
+            .filter(|p| reference::is_member(c, k, p))
+            .count();
         prop_assert_eq!(report.members, members, "{}", k);
-        prop_assert_eq!(report.accepted.is_ok(), ref_accepted(c, k), "{}", k);
+        prop_assert_eq!(report.accepted.is_ok(), reference::accepted(c, k), "{}", k);
         prop_assert_eq!(
             &report.nodes,
             &listed_on.remove(k).unwrap_or_default(),

@@ -11,9 +11,9 @@
 //! would find nothing of what it pinned (in a cluster the DaemonSet mounts the host's).
 
 use std::{
-    fs::{self, File, OpenOptions},
-    io::{self, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    fs::{self, OpenOptions},
+    io::{self, Write},
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::OnceLock,
@@ -29,22 +29,27 @@ use kubesg_agent::{
 };
 use kubesg_common::event::Counters;
 use kubesg_proto::v1alpha1::{self as pb, cni_backend_client::CniBackendClient};
-use nix::sched::{setns, CloneFlags};
 
-use crate::netns::unique_name;
+use crate::{
+    child::{send_signal, signal_and_wait},
+    netns::{http_get, in_named, unique_name},
+};
 
-/// The two binaries the end-to-end tests run.
+/// The binaries the end-to-end tests and the demo run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binaries {
     /// `kubesg-agent`.
     pub agent: PathBuf,
     /// `kubesg-cni`.
     pub cni: PathBuf,
+    /// `kubesg-operator`.
+    pub operator: PathBuf,
 }
 
-/// The workspace's `kubesg-agent` and `kubesg-cni`, next to the running test executable
-/// (`target/<profile>/`), built first with `cargo build -p kubesg-agent -p kubesg-cni --bins`
-/// in the same profile and target directory.
+/// The workspace's `kubesg-agent`, `kubesg-cni` and `kubesg-operator`, next to the running
+/// executable (`target/<profile>/`), built first with
+/// `cargo build -p kubesg-agent -p kubesg-cni -p kubesg-operator --bins` in the same profile and
+/// target directory.
 ///
 /// The build runs once per test process even when the binaries exist: a test must never run
 /// binaries older than the sources it was built with (`cargo test -p kubesg-e2e` does not build
@@ -75,7 +80,8 @@ fn build_binaries() -> io::Result<Binaries> {
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cargo
         .current_dir(workspace)
-        .args(["build", "-p", "kubesg-agent", "-p", "kubesg-cni", "--bins"])
+        .args(["build", "-p", "kubesg-agent", "-p", "kubesg-cni"])
+        .args(["-p", "kubesg-operator", "--bins"])
         .arg("--manifest-path")
         .arg(workspace.join("Cargo.toml"))
         .arg("--target-dir")
@@ -112,15 +118,16 @@ fn build_binaries() -> io::Result<Binaries> {
     let out = cargo.output()?;
     if !out.status.success() {
         return Err(io::Error::other(format!(
-            "building kubesg-agent and kubesg-cni failed:\n{}",
+            "building kubesg-agent, kubesg-cni and kubesg-operator failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         )));
     }
     let bins = Binaries {
         agent: profile_dir.join("kubesg-agent"),
         cni: profile_dir.join("kubesg-cni"),
+        operator: profile_dir.join("kubesg-operator"),
     };
-    for bin in [&bins.agent, &bins.cni] {
+    for bin in [&bins.agent, &bins.cni, &bins.operator] {
         if !bin.is_file() {
             return Err(io::Error::other(format!(
                 "{} is missing after the build",
@@ -218,7 +225,7 @@ impl AgentProcess {
         let bin = binaries()?.agent.clone();
         let dir = tempfile::Builder::new().prefix("kubesg-agent-").tempdir()?;
         // A port free in the namespace now; nothing else binds there in a test's namespace.
-        let metrics = in_netns(netns, || {
+        let metrics = in_named(netns, || {
             TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
         })??;
         let mut agent = AgentProcess {
@@ -233,6 +240,11 @@ impl AgentProcess {
         };
         agent.start_again()?;
         Ok(agent)
+    }
+
+    /// Its private directory (state, socket, log), removed on drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The CNI socket (`--socket`).
@@ -395,50 +407,17 @@ impl AgentProcess {
         &mut self,
         signal: libc::c_int,
     ) -> io::Result<Option<std::process::ExitStatus>> {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return Ok(None);
         };
-        send_signal(&child, signal)?;
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(Some(status));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(io::Error::other(format!(
-                    "kubesg-agent did not exit within {PATIENCE:?} of signal {signal}:\n{}",
-                    self.log()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        signal_and_wait(child, signal, PATIENCE)
+            .map(Some)
+            .map_err(|e| io::Error::new(e.kind(), format!("kubesg-agent: {e}:\n{}", self.log())))
     }
 
     /// One HTTP GET on the metrics address, from inside the namespace: (status, body).
     pub fn http_get(&self, path: &str) -> io::Result<(u16, String)> {
-        let addr = self.metrics;
-        let mut stream = in_netns(&self.netns, || {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        })??;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("not an HTTP response: {response:?}")))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        http_get(&self.netns, self.metrics, path)
     }
 
     /// The agent's `/metrics` text.
@@ -609,27 +588,4 @@ impl std::fmt::Debug for AgentProcess {
             .field("dir", &self.dir.path())
             .finish_non_exhaustive()
     }
-}
-
-/// Sends `signal` to `child`.
-fn send_signal(child: &Child, signal: libc::c_int) -> io::Result<()> {
-    // SAFETY: plain kill(2); the child is ours and not reaped yet, so the pid still names it.
-    if unsafe { libc::kill(child.id() as libc::pid_t, signal) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Runs `f` on a thread inside the named network namespace (`/run/netns/<name>`).
-fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-    let path = format!("/run/netns/{name}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = File::open(&path)?;
-            setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
 }

@@ -659,27 +659,36 @@ pub fn pod_v6(host: u8) -> Ipv6Addr {
 /// A node as a CNI runtime sees it: a network namespace, a runtime running plugins in it, and
 /// the two networks a containerd node runs for each pod: `cni-loopback` (Debian's `loopback`)
 /// and the pod network, `bridge` with `host-local` IPAM (dual-stack, [`POD_V4_SUBNET`] and
-/// [`POD_V6_SUBNET`], state in a private temporary directory) with `kubesg-cni` chained after it,
-/// at cniVersion 1.0.0.
+/// [`POD_V6_SUBNET`] unless [`CniNode::with_subnets`] says otherwise, state in a private
+/// temporary directory) with `kubesg-cni` chained after it, at cniVersion 1.0.0.
 #[derive(Debug)]
 pub struct CniNode {
     /// The runtime, running plugins inside `ns`.
     pub runtime: CniRuntime,
     /// The loopback network.
     pub loopback: NetworkList,
+    /// The pod network's IPv4 and IPv6 subnets (host-local's ranges).
+    subnets: (String, String),
     ipam_dir: tempfile::TempDir,
     /// The node's namespace (dropped last).
     pub ns: Netns,
 }
 
 impl CniNode {
-    /// A node namespace with the pod network's bridge already there.
+    /// A node namespace with the pod network's bridge already there, pods in
+    /// [`POD_V4_SUBNET`] and [`POD_V6_SUBNET`].
+    pub fn new() -> io::Result<CniNode> {
+        CniNode::with_subnets(POD_V4_SUBNET, POD_V6_SUBNET)
+    }
+
+    /// A node whose pods get addresses in `v4_subnet` and `v6_subnet` (each node of a
+    /// multi-node cluster has its own, routed between the nodes).
     ///
     /// The bridge is created before the first ADD (the bridge plugin adopts an existing one) to
     /// turn multicast snooping off: with it on, the bridge sends IGMP queries and reports to the
     /// pods, NEW flows that member pods drop by policy at random moments, which would make drop
     /// counters unpredictable (see `node::TestNode::new`).
-    pub fn new() -> io::Result<CniNode> {
+    pub fn with_subnets(v4_subnet: &str, v6_subnet: &str) -> io::Result<CniNode> {
         let ns = Netns::new("kn")?;
         ns.ip(&[
             "link",
@@ -699,9 +708,15 @@ impl CniNode {
                 cni_version: "1.0.0".into(),
                 plugins: vec![json!({"type": "loopback"})],
             },
+            subnets: (v4_subnet.to_owned(), v6_subnet.to_owned()),
             ipam_dir,
             ns,
         })
+    }
+
+    /// host-local's state directory (removed on drop).
+    pub fn ipam_dir(&self) -> &Path {
+        self.ipam_dir.path()
     }
 
     /// The node namespace's name (for `AgentProcess::start`).
@@ -710,7 +725,8 @@ impl CniNode {
     }
 
     /// The pod network: `bridge` + `host-local`, then `kubesg-cni` talking to the agent on
-    /// `agent_socket` with `timeout_seconds` per call.
+    /// `agent_socket` with `timeout_seconds` per call. The bridge is the pods' default gateway
+    /// (as on a real node), so pods reach other nodes' pods through the node's routes.
     pub fn pod_network(&self, agent_socket: &Path, timeout_seconds: u64) -> NetworkList {
         NetworkList {
             name: "kubesg-e2e".into(),
@@ -720,13 +736,14 @@ impl CniNode {
                     "type": "bridge",
                     "bridge": BRIDGE,
                     "isGateway": true,
+                    "isDefaultGateway": true,
                     "capabilities": {"ips": true},
                     "ipam": {
                         "type": "host-local",
                         "dataDir": self.ipam_dir.path().display().to_string(),
                         "ranges": [
-                            [{"subnet": POD_V4_SUBNET}],
-                            [{"subnet": POD_V6_SUBNET}],
+                            [{"subnet": self.subnets.0}],
+                            [{"subnet": self.subnets.1}],
                         ],
                     },
                 }),

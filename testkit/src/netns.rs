@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    io,
+    io::{self, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     process::{Command, Output},
@@ -33,6 +33,48 @@ pub fn run(cmd: &str, args: &[&str]) -> io::Result<Output> {
         )));
     }
     Ok(out)
+}
+
+/// Runs `f` on a thread inside the named network namespace (`/run/netns/<name>`): for
+/// namespaces known by name only, e.g. a node's, where a child process (the agent, the operator)
+/// serves its metrics.
+pub fn in_named<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let path = format!("/run/netns/{name}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = File::open(&path)?;
+            setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// One HTTP/1.1 GET of `path` on `addr` from inside the named namespace: (status, body). Enough
+/// for the `/metrics`, `/healthz` and `/readyz` endpoints of the agent and the operator, without
+/// an HTTP client in the fixtures.
+pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut stream = in_named(netns, || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    })??;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("not an HTTP response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// A named network namespace, deleted on drop.

@@ -18,6 +18,7 @@ pub mod enforcer;
 pub mod events;
 pub mod explain;
 pub mod inspect;
+pub mod install_cni;
 pub mod maps;
 pub mod metrics;
 pub mod node;

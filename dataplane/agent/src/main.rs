@@ -59,6 +59,50 @@ enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Put kubesg-cni into the node's CNI chain: copy the plugin into the CNI bin directory and
+    /// append it as the last plugin of the primary network's conflist (the DaemonSet's init
+    /// container); with --watch keep it there; with --uninstall take it out again.
+    InstallCni(InstallCniArgs),
+    /// Mount the bpf filesystem at /sys/fs/bpf (or above --pin-dir) if it is not mounted: the
+    /// DaemonSet's privileged init container, so that the agent itself needs no CAP_SYS_ADMIN.
+    MountBpffs,
+}
+
+/// Options of `kubesg-agent install-cni`.
+#[derive(Args)]
+struct InstallCniArgs {
+    /// The CNI configuration directory (the host's /etc/cni/net.d, as mounted).
+    #[arg(long, env = "KUBESG_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// The CNI binary directory (the host's /opt/cni/bin, as mounted).
+    #[arg(long, env = "KUBESG_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The kubesg-cni binary to install (default: the one next to this executable).
+    #[arg(long)]
+    plugin_binary: Option<PathBuf>,
+    /// `agentSocket` of the chain entry: the agent's CNI socket as a path on the host.
+    #[arg(long, default_value = cni_server::DEFAULT_SOCKET)]
+    agent_socket: String,
+    /// `timeoutSeconds` of the chain entry: how long one call of the plugin to the agent may
+    /// take.
+    #[arg(long, default_value = "30")]
+    timeout_seconds: u64,
+    /// Keep the entry in place (re-insert it when the primary CNI rewrites its file) until
+    /// SIGTERM.
+    #[arg(long, conflicts_with = "uninstall")]
+    watch: bool,
+    /// With --watch: take kubesg out of the chain when stopped (set only when uninstalling).
+    #[arg(long, requires = "watch")]
+    uninstall_on_exit: bool,
+    /// Take kubesg out of the chain (restoring every file it changed) and exit.
+    #[arg(long)]
+    uninstall: bool,
+    /// How often --watch checks, in milliseconds.
+    #[arg(long, value_name = "MS", default_value = "1000")]
+    poll_interval: u64,
+    /// Log filter (tracing's EnvFilter syntax).
+    #[arg(long, env = "KUBESG_LOG", default_value = "info")]
+    log: String,
 }
 
 #[derive(Subcommand)]
@@ -256,6 +300,70 @@ fn run_agent(args: RunArgs, pin_dir: PathBuf, state_dir: PathBuf) -> Result<()> 
     tokio::runtime::Runtime::new()?.block_on(daemon::run(settings))
 }
 
+fn install_cni(args: InstallCniArgs) -> Result<()> {
+    use kubesg_agent::install_cni::{self, ChainEntry, Chained, CniInstaller};
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .with_context(|| format!("--log {}", args.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let plugin_binary = match args.plugin_binary {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("locating this executable")?
+            .with_file_name(install_cni::PLUGIN_TYPE),
+    };
+    let installer = CniInstaller {
+        conf_dir: args.cni_conf_dir,
+        bin_dir: args.cni_bin_dir,
+        plugin_binary,
+        entry: ChainEntry {
+            agent_socket: args.agent_socket,
+            timeout_seconds: args.timeout_seconds,
+        },
+    };
+    if args.uninstall {
+        for path in installer.uninstall()? {
+            tracing::info!(file = %path.display(), "took kubesg-cni out of the chain");
+        }
+        return Ok(());
+    }
+    let interval = Duration::from_millis(args.poll_interval.max(10));
+    installer.install_binary()?;
+    if !args.watch {
+        // The init container: wait until the primary network exists and is chained, so that the
+        // agent starts only once new pods go through kubesg-cni.
+        loop {
+            match installer.reconcile()? {
+                Chained::NoNetwork => std::thread::sleep(interval),
+                _ => return Ok(()),
+            }
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        install_cni::watch(&installer, interval, shutdown).await;
+        anyhow::Ok(())
+    })?;
+    if args.uninstall_on_exit {
+        for path in installer.uninstall()? {
+            tracing::info!(file = %path.display(), "took kubesg-cni out of the chain");
+        }
+    }
+    Ok(())
+}
+
 fn explain_question(a: &ExplainArgs) -> Result<explain::Question> {
     use kubesg_common::proto;
     let v6 = a.from.is_ipv6();
@@ -358,6 +466,8 @@ fn run(cli: Cli) -> Result<()> {
                 events::wait(&ring, std::time::Duration::from_secs(1));
             }
         }
+        Command::InstallCni(args) => install_cni(args)?,
+        Command::MountBpffs => kubesg_agent::bpffs::ensure_mounted(&cli.pin_dir)?,
         Command::Counters => {
             let maps = open(&cli.pin_dir)?;
             println!(

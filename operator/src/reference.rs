@@ -1,0 +1,376 @@
+//! The reference evaluation of SecurityGroups: whether one NEW connection is allowed, decided
+//! straight from the raw [`Cluster`] model by the semantics of DESIGN.md ("SecurityGroup
+//! semantics"), without any of the compiler's data structures. Its only purpose is to be the
+//! yardstick: the compiler's property tests compare compiled verdicts with it, and the end-to-end
+//! tests and the demo compare the connectivity that real traffic sees with it. It is written for
+//! clarity, not speed (every question rescans the cluster).
+//!
+//! What it shares with the compiler: label selector matching ([`crate::selector`]) and the
+//! acceptance of a spec ([`crate::validate::validate`]: an invalid group selects no member and
+//! allows nothing, as the compiler treats it; re-implementing the API server's checks here would
+//! only copy them). Everything else — membership, peers, named ports, address blocks, the union
+//! of groups, the default of omitted rule lists — is evaluated here on its own.
+//!
+//! Ports: for TCP, UDP and SCTP the destination port; for ICMP and ICMPv6 `type << 8 | code`.
+//! Protocols are IANA numbers (6 TCP, 17 UDP, 132 SCTP, 1 ICMP, 58 ICMPv6).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString};
+
+use crate::{
+    crd::{IcmpType, IpBlock, Peer, Port, Protocol},
+    model::{Cluster, ObjectKey, Pod, PortProtocol},
+    selector::Selector,
+    validate::validate,
+};
+
+/// IANA protocol number of TCP.
+pub const TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const UDP: u8 = 17;
+/// IANA protocol number of SCTP.
+pub const SCTP: u8 = 132;
+/// IANA protocol number of ICMP.
+pub const ICMP: u8 = 1;
+/// IANA protocol number of ICMPv6.
+pub const ICMPV6: u8 = 58;
+
+/// One NEW connection: who opens it, to whom, on what.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Connection {
+    /// The address that opens it.
+    pub src: IpAddr,
+    /// The address that accepts it.
+    pub dst: IpAddr,
+    /// IANA protocol number.
+    pub protocol: u8,
+    /// Destination port (TCP, UDP, SCTP) or `type << 8 | code` (ICMP, ICMPv6).
+    pub port: u16,
+}
+
+/// Whether both ends let `conn` open: the sender's egress rules, if the sender is an enforced
+/// pod on a node, and the receiver's ingress rules, if the receiver is one. An address that is
+/// no such pod judges nothing (kubesg only filters at pods' interfaces).
+pub fn allows(c: &Cluster, conn: &Connection) -> bool {
+    let egress_ok = endpoint(c, conn.src)
+        .is_none_or(|pod| egress_allows(c, pod, conn.protocol, conn.port, conn.dst));
+    let ingress_ok = endpoint(c, conn.dst)
+        .is_none_or(|pod| ingress_allows(c, pod, conn.protocol, conn.port, conn.src));
+    egress_ok && ingress_ok
+}
+
+/// Whether kubesg enforces the pod at all: not on the host's network and not finished.
+pub fn enforced(p: &Pod) -> bool {
+    !p.host_network && !p.terminated
+}
+
+/// The enforced pod on a node that owns `addr`, as an agent knows it from the CNI.
+pub fn endpoint(c: &Cluster, addr: IpAddr) -> Option<&ObjectKey> {
+    c.pods
+        .iter()
+        .find(|(_, p)| enforced(p) && p.node.is_some() && p.ips.contains(&addr))
+        .map(|(k, _)| k)
+}
+
+/// Whether group `g` exists and its spec is valid.
+pub fn accepted(c: &Cluster, g: &ObjectKey) -> bool {
+    c.groups
+        .get(g)
+        .is_some_and(|grp| validate(&g.namespace, &grp.spec).is_ok())
+}
+
+fn selector_matches(
+    sel: &LabelSelector,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    Selector::parse(sel).is_ok_and(|s| s.matches(labels))
+}
+
+/// Whether pod `p` is a member of group `g`: the group is accepted, in the pod's namespace, the
+/// pod is enforced and its labels match the group's pod selector.
+pub fn is_member(c: &Cluster, g: &ObjectKey, p: &ObjectKey) -> bool {
+    let Some(pod) = c.pods.get(p) else {
+        return false;
+    };
+    accepted(c, g)
+        && p.namespace == g.namespace
+        && enforced(pod)
+        && selector_matches(&c.groups[g].spec.pod_selector, &pod.labels)
+}
+
+/// The groups pod `p` is a member of.
+pub fn groups_of<'a>(c: &'a Cluster, p: &ObjectKey) -> Vec<&'a ObjectKey> {
+    c.groups.keys().filter(|g| is_member(c, g, p)).collect()
+}
+
+/// The pods a pod-kind peer (a group, or pod/namespace selectors) of group `g` names; `None`
+/// for an address block.
+fn peer_pods<'a>(c: &'a Cluster, g: &ObjectKey, peer: &Peer) -> Option<Vec<&'a ObjectKey>> {
+    if let Some(r) = &peer.security_group {
+        let target = ObjectKey::new(
+            r.namespace.clone().unwrap_or_else(|| g.namespace.clone()),
+            r.name.clone(),
+        );
+        return Some(c.pods.keys().filter(|p| is_member(c, &target, p)).collect());
+    }
+    if peer.ip_block.is_some() {
+        return None;
+    }
+    Some(
+        c.pods
+            .iter()
+            .filter(|(k, p)| {
+                let namespace_ok = match &peer.namespace_selector {
+                    None => k.namespace == g.namespace,
+                    Some(sel) => c
+                        .namespaces
+                        .get(&k.namespace)
+                        .is_some_and(|ns| selector_matches(sel, &ns.labels)),
+                };
+                namespace_ok
+                    && enforced(p)
+                    && peer
+                        .pod_selector
+                        .as_ref()
+                        .is_none_or(|s| selector_matches(s, &p.labels))
+            })
+            .map(|(k, _)| k)
+            .collect(),
+    )
+}
+
+fn block_contains(b: &IpBlock, addr: IpAddr) -> bool {
+    let inside = |cidr: &str| cidr.parse::<IpNet>().is_ok_and(|n| n.contains(&addr));
+    inside(&b.cidr) && !b.except.iter().flatten().any(|e| inside(e))
+}
+
+fn protocol_matches(p: Protocol, proto: u8) -> bool {
+    match p {
+        Protocol::Any => true,
+        Protocol::Tcp => proto == TCP,
+        Protocol::Udp => proto == UDP,
+        Protocol::Sctp => proto == SCTP,
+        Protocol::Icmp => proto == ICMP,
+        Protocol::Icmpv6 => proto == ICMPV6,
+    }
+}
+
+fn port_protocol(p: Protocol) -> Option<PortProtocol> {
+    match p {
+        Protocol::Tcp => Some(PortProtocol::Tcp),
+        Protocol::Udp => Some(PortProtocol::Udp),
+        Protocol::Sctp => Some(PortProtocol::Sctp),
+        _ => None,
+    }
+}
+
+/// Whether a port item matches `port`, a named one resolved on `on` (`None`: no pod to resolve
+/// it on, e.g. an address block: a named port then matches nothing).
+fn port_item_matches(item: &Port, protocol: Protocol, port: u16, on: Option<&Pod>) -> bool {
+    match &item.port {
+        IntOrString::Int(n) => {
+            let first = i64::from(*n);
+            let last = item.end_port.map_or(first, i64::from);
+            first <= i64::from(port) && i64::from(port) <= last
+        }
+        IntOrString::String(name) => on.is_some_and(|pod| {
+            pod.ports.iter().any(|np| {
+                &np.name == name && Some(np.protocol) == port_protocol(protocol) && np.port == port
+            })
+        }),
+    }
+}
+
+/// Whether a rule's ports (or ICMP messages) allow `port`; `on` resolves named ports. Omitted or
+/// empty lists allow every port.
+fn ports_match(
+    protocol: Protocol,
+    ports: Option<&[Port]>,
+    icmp: Option<&[IcmpType]>,
+    port: u16,
+    on: Option<&Pod>,
+) -> bool {
+    match protocol {
+        Protocol::Any => true,
+        Protocol::Icmp | Protocol::Icmpv6 => match icmp {
+            None | Some([]) => true,
+            Some(types) => types.iter().any(|t| {
+                i32::from(port >> 8) == t.icmp_type
+                    && t.code.is_none_or(|c| c == i32::from(port & 0xff))
+            }),
+        },
+        _ => match ports {
+            None | Some([]) => true,
+            Some(items) => items
+                .iter()
+                .any(|i| port_item_matches(i, protocol, port, on)),
+        },
+    }
+}
+
+/// Whether member `member` may accept a NEW connection from `src` on `proto`/`port`: some
+/// ingress rule of some group it belongs to allows it (named ports resolve on the member). A pod
+/// in no group accepts everything; a group that omits `ingress` allows none.
+pub fn ingress_allows(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, src: IpAddr) -> bool {
+    let groups = groups_of(c, member);
+    if groups.is_empty() {
+        return true;
+    }
+    let pod = c.pods.get(member);
+    groups.into_iter().any(|g| {
+        c.groups[g].spec.ingress.iter().flatten().any(|r| {
+            protocol_matches(r.protocol, proto)
+                && ports_match(
+                    r.protocol,
+                    r.ports.as_deref(),
+                    r.icmp_types.as_deref(),
+                    port,
+                    pod,
+                )
+                && match r.from.as_deref() {
+                    None | Some([]) => true,
+                    Some(peers) => peers.iter().any(|peer| match &peer.ip_block {
+                        Some(b) => block_contains(b, src),
+                        None => peer_pods(c, g, peer)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|k| c.pods[*k].ips.contains(&src)),
+                    }),
+                }
+        })
+    })
+}
+
+/// Whether member `member` may open a NEW connection to `dst` on `proto`/`port`: some egress
+/// rule of some group it belongs to allows it (named ports resolve on the peer pod that owns
+/// `dst`). A pod in no group may open anything; a group that omits `egress` allows all.
+pub fn egress_allows(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, dst: IpAddr) -> bool {
+    let groups = groups_of(c, member);
+    if groups.is_empty() {
+        return true;
+    }
+    groups.into_iter().any(|g| match &c.groups[g].spec.egress {
+        None => true,
+        Some(rules) => rules.iter().any(|r| {
+            let ports_ok = |on: Option<&Pod>| {
+                ports_match(
+                    r.protocol,
+                    r.ports.as_deref(),
+                    r.icmp_types.as_deref(),
+                    port,
+                    on,
+                )
+            };
+            protocol_matches(r.protocol, proto)
+                && match r.to.as_deref() {
+                    // Anyone: an address, so named ports cannot resolve.
+                    None | Some([]) => ports_ok(None),
+                    Some(peers) => peers.iter().any(|peer| match &peer.ip_block {
+                        Some(b) => block_contains(b, dst) && ports_ok(None),
+                        None => peer_pods(c, g, peer)
+                            .unwrap_or_default()
+                            .iter()
+                            .filter(|k| c.pods[**k].ips.contains(&dst))
+                            .any(|k| ports_ok(Some(&c.pods[*k]))),
+                    }),
+                }
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::Group;
+
+    fn pod(node: &str, app: &str, ip: &str) -> Pod {
+        Pod {
+            uid: format!("uid-{app}"),
+            node: Some(node.into()),
+            labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
+            ips: vec![ip.parse().unwrap()],
+            ..Pod::default()
+        }
+    }
+
+    fn group(yaml: &str) -> Group {
+        Group {
+            generation: 1,
+            spec: serde_yaml::from_str(yaml).unwrap(),
+        }
+    }
+
+    /// The seed's case: the client may open TCP 23 to the server, nothing else is allowed
+    /// between members; a pod in no group and an outside address judge nothing themselves.
+    fn seed() -> Cluster {
+        let mut c = Cluster::default();
+        c.pods.insert(
+            ObjectKey::new("a", "client"),
+            pod("n1", "client", "10.0.0.1"),
+        );
+        c.pods.insert(
+            ObjectKey::new("a", "server"),
+            pod("n2", "server", "10.0.0.2"),
+        );
+        c.pods
+            .insert(ObjectKey::new("a", "other"), pod("n1", "other", "10.0.0.3"));
+        c.groups.insert(
+            ObjectKey::new("a", "client"),
+            group(
+                "podSelector: { matchLabels: { app: client } }\n\
+                 egress: [ { protocol: TCP, ports: [ { port: 23 } ], to: [ { securityGroup: { name: server } } ] } ]",
+            ),
+        );
+        c.groups.insert(
+            ObjectKey::new("a", "server"),
+            group(
+                "podSelector: { matchLabels: { app: server } }\n\
+                 ingress: [ { protocol: TCP, ports: [ { port: 23 } ], from: [ { securityGroup: { name: client } } ] } ]",
+            ),
+        );
+        c
+    }
+
+    fn conn(src: &str, dst: &str, protocol: u8, port: u16) -> Connection {
+        Connection {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol,
+            port,
+        }
+    }
+
+    #[test]
+    fn a_connection_needs_the_senders_egress_and_the_receivers_ingress() {
+        let c = seed();
+        assert!(allows(&c, &conn("10.0.0.1", "10.0.0.2", TCP, 23)));
+        assert!(!allows(&c, &conn("10.0.0.1", "10.0.0.2", TCP, 24)));
+        assert!(!allows(&c, &conn("10.0.0.1", "10.0.0.2", UDP, 23)));
+        // The server's egress is all (omitted), but the client accepts nothing.
+        assert!(!allows(&c, &conn("10.0.0.2", "10.0.0.1", TCP, 23)));
+        // The client may open nothing but the server's port 23, even to a pod in no group.
+        assert!(!allows(&c, &conn("10.0.0.1", "10.0.0.3", TCP, 23)));
+        // A pod in no group sends to the server, which accepts only the client group.
+        assert!(!allows(&c, &conn("10.0.0.3", "10.0.0.2", TCP, 23)));
+        // A pod in no group accepts anything; an outside address judges nothing.
+        assert!(allows(&c, &conn("10.0.0.2", "10.0.0.3", TCP, 80)));
+        assert!(allows(&c, &conn("192.0.2.1", "10.0.0.3", UDP, 53)));
+    }
+
+    #[test]
+    fn a_pod_that_is_not_enforced_judges_nothing() {
+        let mut c = seed();
+        c.pods
+            .get_mut(&ObjectKey::new("a", "client"))
+            .unwrap()
+            .terminated = true;
+        assert_eq!(endpoint(&c, "10.0.0.1".parse().unwrap()), None);
+        assert!(allows(&c, &conn("10.0.0.2", "10.0.0.1", TCP, 23)));
+        // Nor is it a member any more, so the server refuses it as any stranger.
+        assert!(!allows(&c, &conn("10.0.0.1", "10.0.0.2", TCP, 23)));
+    }
+}
