@@ -143,14 +143,7 @@ pub(crate) fn attach(
                     drop(prog.take_link(id).map_err(err)?);
                     return Ok(None);
                 }
-                let id = prog
-                    .attach_with_options(
-                        &name,
-                        hook.tc_attach_type(),
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(err)?;
-                let link = prog.take_link(id).map_err(err)?;
+                let link = new_tcx_link(prog, &name, hook).map_err(err)?;
                 let fd_link = FdLink::try_from(link).map_err(|e| pin_err(&path, e))?;
                 if let Some(parent) = path.parent() {
                     fs::create_dir_all(parent).map_err(|e| pin_err(&path, e))?;
@@ -158,14 +151,7 @@ pub(crate) fn attach(
                 fd_link.pin(&path).map_err(|e| pin_err(&path, e))?;
                 Ok(None)
             } else {
-                let id = prog
-                    .attach_with_options(
-                        &name,
-                        hook.tc_attach_type(),
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(err)?;
-                Ok(Some(prog.take_link(id).map_err(err)?))
+                new_tcx_link(prog, &name, hook).map(Some).map_err(err)
             }
         }
         AttachMode::Clsact => {
@@ -200,6 +186,21 @@ pub(crate) fn attach(
             }
         }
     }
+}
+
+/// A new tcx link of `prog` at `hook` of interface `name`, handed to the caller (to pin, or to
+/// hold: dropping it detaches).
+fn new_tcx_link(
+    prog: &mut SchedClassifier,
+    name: &str,
+    hook: Hook,
+) -> Result<SchedClassifierLink, ProgramError> {
+    let id = prog.attach_with_options(
+        name,
+        hook.tc_attach_type(),
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    )?;
+    prog.take_link(id)
 }
 
 /// Detaches a persistent attachment (pinned mode). Succeeds when there is nothing to detach.

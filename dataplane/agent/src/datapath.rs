@@ -327,32 +327,22 @@ impl Datapath {
 
     /// Deletes the entries of every policy whose id is not in `keep` (what an earlier run left).
     pub fn retain_policies(&mut self, keep: &BTreeSet<u32>) -> Result<(), DatapathError> {
-        let mut ids: BTreeSet<u32> = BTreeSet::new();
-        ids.extend(
-            self.maps
-                .peers
-                .keys()
-                .filter_map(Result::ok)
-                .map(|k| k.data().policy_id),
-        );
-        ids.extend(
-            self.maps
-                .ports
-                .keys()
-                .filter_map(Result::ok)
-                .map(|k| k.data().policy_id),
-        );
-        ids.extend(
-            self.maps
-                .hosts
-                .keys()
-                .filter_map(Result::ok)
-                .map(|k| k.policy_id),
-        );
-        for id in ids.difference(keep) {
+        for id in self.policy_ids_in_maps().difference(keep) {
             self.delete_policy_entries(*id)?;
         }
         Ok(())
+    }
+
+    /// The ids of every policy with entries in the tries or the host table.
+    fn policy_ids_in_maps(&self) -> BTreeSet<u32> {
+        let peers = self.maps.peers.keys().filter_map(Result::ok);
+        let ports = self.maps.ports.keys().filter_map(Result::ok);
+        let hosts = self.maps.hosts.keys().filter_map(Result::ok);
+        peers
+            .map(|k| k.data().policy_id)
+            .chain(ports.map(|k| k.data().policy_id))
+            .chain(hosts.map(|k| k.policy_id))
+            .collect()
     }
 
     /// Writes a compiled policy under a fresh id. Endpoints start using it when pointed at it.
@@ -612,19 +602,10 @@ impl Datapath {
     }
 
     fn highest_policy_id(&self) -> Result<u32, DatapathError> {
-        let mut max = 0;
-        for ep in self.endpoints()? {
-            max = max.max(ep.1.policy_id);
-        }
-        for k in self.maps.peers.keys().filter_map(Result::ok) {
-            max = max.max(k.data().policy_id);
-        }
-        for k in self.maps.ports.keys().filter_map(Result::ok) {
-            max = max.max(k.data().policy_id);
-        }
-        for k in self.maps.hosts.keys().filter_map(Result::ok) {
-            max = max.max(k.policy_id);
-        }
-        Ok(max)
+        let in_endpoints = self.endpoints()?.into_iter().map(|(_, ep)| ep.policy_id);
+        Ok(in_endpoints
+            .chain(self.policy_ids_in_maps())
+            .max()
+            .unwrap_or(0))
     }
 }
