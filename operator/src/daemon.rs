@@ -12,7 +12,15 @@
 //! enforcing what they have and redial), stop writing, then release the lease, so a successor
 //! never overlaps with this replica.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use kube::Client;
 use tokio::{
@@ -71,6 +79,9 @@ pub struct OperatorSettings {
     pub metrics_address: Option<SocketAddr>,
     /// The push server's settings.
     pub push: PushSettings,
+    /// How often the TLS files are looked at for a rotation (a renewed certificate is served
+    /// without a restart).
+    pub tls_poll: Duration,
 }
 
 /// Why the operator could not start or stopped with an error. Each message is complete (the
@@ -247,6 +258,7 @@ impl Operator {
             push.clone(),
             settings.listen,
             settings.tls,
+            settings.tls_poll,
             tls,
             leading_rx,
             stop.clone(),
@@ -335,12 +347,14 @@ impl Operator {
 }
 
 /// Serves agents on `listen` during each term of leadership, until `stop`. The TLS files are
-/// re-read at the start of each term (rotated certificates), keeping the previous configuration
-/// if they became unusable.
+/// re-read at the start of each term and whenever they change on disk (rotated certificates:
+/// serving restarts, agents reconnect and resume), keeping the previous configuration if they
+/// became unusable.
 async fn serve_while_leading(
     push: PushServer,
     listen: SocketAddr,
     files: ServerTlsFiles,
+    tls_poll: Duration,
     mut tls: ServerTlsConfig,
     mut leading: watch::Receiver<bool>,
     stop: CancellationToken,
@@ -379,6 +393,9 @@ async fn serve_while_leading(
         serving.send_replace(Some(addr));
         let mut lost = leading.clone();
         let stopping = stop.clone();
+        let rotated = Arc::new(AtomicBool::new(false));
+        let rotated_flag = rotated.clone();
+        let files_now = files.clone();
         let shutdown = async move {
             tokio::select! {
                 _ = stopping.cancelled() => {}
@@ -388,6 +405,7 @@ async fn serve_while_leading(
                         stopping.cancelled().await;
                     }
                 }
+                () = files_changed(&files_now, tls_poll) => rotated_flag.store(true, Ordering::Relaxed),
             }
         };
         push.serve(listener, tls.clone(), shutdown)
@@ -397,6 +415,34 @@ async fn serve_while_leading(
         if stop.is_cancelled() {
             return Ok(());
         }
-        info!("no longer leading: stopped serving agents");
+        if rotated.load(Ordering::Relaxed) {
+            info!("TLS files changed: serving again with them (agents reconnect and resume)");
+        } else {
+            info!("no longer leading: stopped serving agents");
+        }
+    }
+}
+
+/// How often the TLS files are looked at by default (cert-manager renewing the Secret).
+pub const DEFAULT_TLS_POLL: Duration = Duration::from_secs(10);
+
+/// Resolves when any of the TLS files changes (size or modification time): a renewed
+/// certificate must be served without waiting for the next leadership term.
+async fn files_changed(files: &ServerTlsFiles, every: Duration) {
+    let stamp = |files: &ServerTlsFiles| -> Vec<Option<(u64, std::time::SystemTime)>> {
+        [&files.cert, &files.key, &files.client_ca]
+            .into_iter()
+            .map(|p| {
+                let m = std::fs::metadata(p).ok()?;
+                Some((m.len(), m.modified().ok()?))
+            })
+            .collect()
+    };
+    let first = stamp(files);
+    loop {
+        tokio::time::sleep(every).await;
+        if stamp(files) != first {
+            return;
+        }
     }
 }

@@ -6,7 +6,7 @@ use anyhow::{bail, Context as _};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use kubesg_operator::{
     crdgen,
-    daemon::{Operator, OperatorSettings, Source},
+    daemon::{Operator, OperatorSettings, Source, DEFAULT_TLS_POLL},
     leader::{default_identity, LeaseSettings},
     push::PushSettings,
     tls::ServerTlsFiles,
@@ -166,6 +166,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             recheck_on_policy_change: args.recheck_on_policy_change,
             ..PushSettings::default()
         },
+        tls_poll: DEFAULT_TLS_POLL,
     };
     let operator = Operator::start(settings).await?;
     let stopper = operator.stopper();

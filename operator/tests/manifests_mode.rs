@@ -20,6 +20,7 @@ use kubesg_operator::{
     plan::{NodePlan, Plan},
     push::PushSettings,
     status_files::{read_status, status_path},
+    tls::ServerTlsFiles,
 };
 use kubesg_testkit::certs::TempPki;
 use push_support::{expected_state, wait_node, AgentSink, TestAgent, WAIT};
@@ -137,6 +138,11 @@ impl Cluster {
     }
 
     async fn start(&self, listen: SocketAddr) -> (Operator, SocketAddr) {
+        self.start_with(listen, self.pki.operator_tls(&self.pki.operator))
+            .await
+    }
+
+    async fn start_with(&self, listen: SocketAddr, tls: ServerTlsFiles) -> (Operator, SocketAddr) {
         let mut operator = Operator::start(OperatorSettings {
             source: Source::Manifests {
                 dir: self.manifests.path().into(),
@@ -144,9 +150,10 @@ impl Cluster {
                 status_dir: Some(self.statuses.path().into()),
             },
             listen,
-            tls: self.pki.operator_tls(&self.pki.operator),
+            tls,
             metrics_address: None,
             push: PushSettings::default(),
+            tls_poll: Duration::from_millis(100),
         })
         .await
         .expect("the operator starts");
@@ -378,4 +385,58 @@ async fn a_restarted_operator_hands_agents_exactly_what_they_had() {
     }
     converged(&c, &a, &b, &[("web", 2), ("lb", 1), ("db", 1)]).await;
     second.stop().await.expect("the operator stops cleanly");
+}
+
+#[tokio::test]
+async fn a_rotated_server_certificate_is_served_without_a_restart() {
+    let c = Cluster::new();
+    // The operator serves copies of its files, which the test then rotates in place.
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("tls.crt");
+    let key = dir.path().join("tls.key");
+    let install = |from: &kubesg_testkit::certs::CertFiles| {
+        put(
+            dir.path(),
+            "tls.crt",
+            &fs::read_to_string(&from.cert).unwrap(),
+        );
+        put(
+            dir.path(),
+            "tls.key",
+            &fs::read_to_string(&from.key).unwrap(),
+        );
+    };
+    install(&c.pki.operator);
+    let tls = ServerTlsFiles {
+        client_ca: c.pki.operator_tls(&c.pki.operator).client_ca,
+        cert: cert.clone(),
+        key: key.clone(),
+    };
+    // A fixed port: serving restarts with the new files and binds again.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (operator, addr) = c.start_with(port, tls).await;
+    let mut a = c.agent("node-a", addr);
+    a.wait_status("connected", |s| s.connected).await;
+    let opened = a.status.borrow().streams_opened;
+
+    // A certificate the agent cannot accept (right CA, wrong name) replaces the served one:
+    // the operator must present it without restarting, and the agent refuses it by name.
+    install(&c.pki.misnamed_operator);
+    a.wait_status("the new certificate refused", |s| {
+        !s.connected
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not valid for name"))
+    })
+    .await;
+
+    // The good one back: the agent reconnects to the same operator process.
+    install(&c.pki.operator);
+    a.wait_status("reconnected", |s| s.connected && s.streams_opened > opened)
+        .await;
+    a.stop().await;
+    operator.stop().await.unwrap();
 }

@@ -847,6 +847,7 @@ async fn only_the_lease_holder_serves_agents_and_writes_status() {
         tls: pki.operator_tls(&pki.operator),
         metrics_address: None,
         push: PushSettings::default(),
+        tls_poll: Duration::from_secs(10),
     })
     .await
     .unwrap();
