@@ -257,8 +257,7 @@ impl Operator {
         let serve_task = tokio::spawn(serve_while_leading(
             push.clone(),
             settings.listen,
-            settings.tls,
-            settings.tls_poll,
+            (settings.tls, settings.tls_poll),
             tls,
             leading_rx,
             stop.clone(),
@@ -353,8 +352,7 @@ impl Operator {
 async fn serve_while_leading(
     push: PushServer,
     listen: SocketAddr,
-    files: ServerTlsFiles,
-    tls_poll: Duration,
+    (files, tls_poll): (ServerTlsFiles, Duration),
     mut tls: ServerTlsConfig,
     mut leading: watch::Receiver<bool>,
     stop: CancellationToken,
