@@ -8,7 +8,7 @@ mod common;
 use std::{collections::BTreeSet, io};
 
 use common::{any, anywhere, hosts, policy, snapshot, tcp, udp, Cluster, ARRIVES, NAMESPACE};
-use kubesg_testkit::{agent::Startup, cni::CniPod};
+use kubesg_testkit::{agent::Startup, cni::CniPod, netns::RecvWithin};
 use serde_json::json;
 
 /// The client's rules: it may open TCP 8080 and 9090 and UDP 5353 to the server, nothing else,
@@ -138,7 +138,9 @@ fn pods_added_through_the_real_chain_are_enforced_by_the_rules_the_operator_push
         sock.connect(server.sockaddr(v6, 5353)).expect("connect");
         sock.send(b"anyone?").expect("send");
         let mut buf = [0u8; 16];
-        let err = sock.recv(&mut buf).expect_err("nothing listens on 5353");
+        let err = sock
+            .recv_within(&mut buf)
+            .expect_err("nothing listens on 5353");
         assert_eq!(
             err.kind(),
             io::ErrorKind::ConnectionRefused,

@@ -298,6 +298,76 @@ pub fn accept_within(listener: &TcpListener, timeout: Duration) -> io::Result<Tc
     Ok(stream)
 }
 
+/// Receives that wait at most the socket's read timeout, even when the wait is interrupted.
+///
+/// The kernel never restarts a receive on a socket with `SO_RCVTIMEO` (signal(7)), and a process
+/// that is stopped and continued (a paused CI machine, a debugger) sees such a receive fail with
+/// `EINTR` even without a signal handler. These retry with what is left of the timeout, so a
+/// test reads an interruption neither as "dropped" nor as a failure.
+pub trait RecvWithin {
+    /// `recv`, retried when interrupted.
+    fn recv_within(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// `recv_from`, retried when interrupted.
+    fn recv_from_within(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)>;
+}
+
+impl RecvWithin for UdpSocket {
+    fn recv_within(&self, buf: &mut [u8]) -> io::Result<usize> {
+        retry_interrupted(
+            self.read_timeout()?,
+            |t| self.set_read_timeout(t),
+            || self.recv(buf),
+        )
+    }
+
+    fn recv_from_within(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        retry_interrupted(
+            self.read_timeout()?,
+            |t| self.set_read_timeout(t),
+            || self.recv_from(buf),
+        )
+    }
+}
+
+/// `read` on a stream with a read timeout, retried when interrupted (see [`RecvWithin`]).
+pub fn read_within(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let timeout = stream.read_timeout()?;
+    let probe = stream.try_clone()?;
+    retry_interrupted(timeout, |t| probe.set_read_timeout(t), || stream.read(buf))
+}
+
+/// Runs `op` until it is not interrupted, shortening the socket's timeout (set through `set`) to
+/// what is left of `timeout` for each retry and restoring it afterwards.
+fn retry_interrupted<T>(
+    timeout: Option<Duration>,
+    set: impl Fn(Option<Duration>) -> io::Result<()>,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut shortened = false;
+    let result = loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                let Some(deadline) = deadline else { continue };
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "interrupted at the end of the read timeout",
+                    ));
+                }
+                set(Some(left))?;
+                shortened = true;
+            }
+            other => break other,
+        }
+    };
+    if shortened {
+        set(timeout)?;
+    }
+    result
+}
+
 /// Whether an error is a receive or connect timeout (`WouldBlock` and `TimedOut` both mean it).
 pub fn is_timeout(e: &io::Error) -> bool {
     matches!(

@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use crate::netns::{accept_within, is_timeout, Netns};
+use crate::netns::{accept_within, is_timeout, read_within, Netns, RecvWithin};
 
 /// How long a TCP probe waits for its connection: past the SYN retransmission at 1 s.
 pub const TCP_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -139,7 +139,7 @@ pub fn udp(from: &Netns, to: SocketAddr) -> io::Result<Verdict> {
     let mut buf = [0u8; 64];
     for _ in 0..2 {
         sock.send(b"probe")?;
-        match sock.recv(&mut buf) {
+        match sock.recv_within(&mut buf) {
             Ok(n) if &buf[..n] == b"probe" => return Ok(Verdict::Allowed),
             Ok(n) => {
                 return Err(io::Error::other(format!(
@@ -265,7 +265,7 @@ fn echo_tcp(mut stream: TcpStream, stop: Arc<AtomicBool>) {
     }
     let mut buf = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
-        match stream.read(&mut buf) {
+        match read_within(&mut stream, &mut buf) {
             Ok(0) => return,
             Ok(n) => {
                 if stream.write_all(&buf[..n]).is_err() {
@@ -281,7 +281,7 @@ fn echo_tcp(mut stream: TcpStream, stop: Arc<AtomicBool>) {
 fn serve_udp(sock: UdpSocket, stop: Arc<AtomicBool>) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
-        match sock.recv_from(&mut buf) {
+        match sock.recv_from_within(&mut buf) {
             Ok((n, peer)) => {
                 let _ = sock.send_to(&buf[..n], peer);
             }

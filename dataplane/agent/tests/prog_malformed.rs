@@ -23,6 +23,7 @@ use kubesg_testkit::{
     family::{Family, V4, V6},
     ipv4_and_ipv6,
     loopback::{LoopbackDatapath, ACCEPT, DROP, EGRESS},
+    netns::RecvWithin,
     node::TestNode,
     packet::{self, Ipv6Ext, TcpFlags, ETH_LEN, IPV6_LEN},
     rules::{allow_all, egress, port, rule},
@@ -509,10 +510,10 @@ fn jumbo_exchange(v6: bool, payload: usize) -> (Option<usize>, Vec<Connection>, 
     // IPv6 needs neighbour discovery first; a small datagram settles it (and opens the flow).
     tx.send_to(b"hello", to).expect("send");
     let mut buf = vec![0u8; 65536];
-    rx.recv_from(&mut buf).expect("the small datagram");
+    rx.recv_from_within(&mut buf).expect("the small datagram");
     tx.send_to(&vec![0x5a; payload], to)
         .expect("send the jumbo");
-    let got = rx.recv_from(&mut buf).ok().map(|(n, _)| n);
+    let got = rx.recv_from_within(&mut buf).ok().map(|(n, _)| n);
     let conns = conntrack::list(dp.maps())
         .expect("conntrack")
         .into_iter()

@@ -9,6 +9,7 @@ use kubesg_common::{config::timeout, conntrack::TcpState, proto};
 use kubesg_testkit::{
     family::Family,
     ipv4_and_ipv6,
+    netns::RecvWithin,
     pods::{exchange, Pods, Who, ARRIVES},
     rules::{egress, ingress, port, rule_with},
 };
@@ -42,7 +43,7 @@ fn idle_connection_survives_sweeps_within_its_timeout(f: Family) {
     udp.send_to(b"unreplied", pods.server().sockaddr(v6, UDP_PORT))
         .expect("sending");
     let mut buf = [0u8; 16];
-    sink.recv(&mut buf).expect("the datagram arrives");
+    sink.recv_within(&mut buf).expect("the datagram arrives");
     // Both flows were tracked (listing the UDP entry now would race with its 300 ms).
     pods.assert_eq(
         pods.counters(Who::Client)[0].new_connections,

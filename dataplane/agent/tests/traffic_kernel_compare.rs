@@ -19,7 +19,7 @@ use kubesg_agent::policy::CompiledPolicy;
 use kubesg_testkit::{
     family::Family,
     ipv4_and_ipv6,
-    netns::{abort, accept_within},
+    netns::{abort, accept_within, read_within, RecvWithin},
     node::TestPod,
     pods::{client_and_server, close_from, exchange, Pods, Who, ARRIVES},
     rules::allow_all,
@@ -106,7 +106,7 @@ fn drive(client: &TestPod, server: &TestPod, v6: bool) -> Open {
     // A connection aborted by the client's RST: CLOSE.
     let (c, mut s) = open_from(client, 41009, to, &listener);
     abort(c).expect("aborting");
-    match s.read(&mut [0u8; 4]) {
+    match read_within(&mut s, &mut [0u8; 4]) {
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
         other => panic!("the server must see the RST, got {other:?}"),
     }
@@ -124,23 +124,23 @@ fn drive(client: &TestPod, server: &TestPod, v6: bool) -> Open {
     let u = client.udp_bind(v6, 41004, ARRIVES).expect("UDP client");
     u.send_to(b"query", server.sockaddr(v6, UDP_ECHO))
         .expect("sending");
-    let (_, from) = echo.recv_from(&mut buf).expect("the query arrives");
+    let (_, from) = echo.recv_from_within(&mut buf).expect("the query arrives");
     echo.send_to(b"answer", from).expect("answering");
-    u.recv(&mut buf).expect("the answer arrives");
+    u.recv_within(&mut buf).expect("the answer arrives");
 
     // An unreplied UDP datagram to a silent socket.
     let silent = server.udp_bind(v6, UDP_SILENT, ARRIVES).expect("UDP sink");
     let u2 = client.udp_bind(v6, 41005, ARRIVES).expect("UDP client");
     u2.send_to(b"hello?", server.sockaddr(v6, UDP_SILENT))
         .expect("sending");
-    silent.recv(&mut buf).expect("the datagram arrives");
+    silent.recv_within(&mut buf).expect("the datagram arrives");
 
     // An unreplied UDP datagram to a closed port: the port unreachable is RELATED, no reply.
     let u3 = client.udp_bind(v6, 41006, ARRIVES).expect("UDP client");
     u3.connect(server.sockaddr(v6, UDP_CLOSED))
         .expect("connecting");
     u3.send(b"anyone?").expect("sending");
-    match u3.recv(&mut buf) {
+    match u3.recv_within(&mut buf) {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
         other => panic!("expected the port unreachable, got {other:?}"),
     }
@@ -200,9 +200,9 @@ fn drive_udp_stream(client: &TestPod, server: &TestPod, v6: bool) -> Open {
         let mut buf = [0u8; 16];
         u.send_to(b"query", server.sockaddr(v6, UDP_ECHO))
             .expect("sending");
-        let (_, from) = echo.recv_from(&mut buf).expect("the query arrives");
+        let (_, from) = echo.recv_from_within(&mut buf).expect("the query arrives");
         echo.send_to(b"answer", from).expect("answering");
-        u.recv(&mut buf).expect("the answer arrives");
+        u.recv_within(&mut buf).expect("the answer arrives");
     };
     round();
     std::thread::sleep(Duration::from_millis(2200));
@@ -212,9 +212,9 @@ fn drive_udp_stream(client: &TestPod, server: &TestPod, v6: bool) -> Open {
     short
         .send_to(b"query", server.sockaddr(v6, UDP_ECHO))
         .expect("sending");
-    let (_, from) = echo.recv_from(&mut buf).expect("the query arrives");
+    let (_, from) = echo.recv_from_within(&mut buf).expect("the query arrives");
     echo.send_to(b"answer", from).expect("answering");
-    short.recv(&mut buf).expect("the answer arrives");
+    short.recv_within(&mut buf).expect("the answer arrives");
     settle();
     Open {
         _udp: vec![echo, u, short],

@@ -14,7 +14,7 @@ use kubesg_common::conntrack::TcpState;
 use kubesg_testkit::{
     family::Family,
     ipv4_and_ipv6,
-    netns::accept_within,
+    netns::{accept_within, RecvWithin},
     packet,
     pods::{close_from, exchange, Pods, Who, ARRIVES, NEVER},
     rules::{egress, ingress, port, rule_with},
@@ -62,12 +62,12 @@ fn fragmented_datagram_passes_both_ways(f: Family) {
         .send_to(&big, pods.server().sockaddr(v6, 23))
         .expect("sending");
     let (n, from) = server
-        .recv_from(&mut buf)
+        .recv_from_within(&mut buf)
         .unwrap_or_else(|e| panic!("the fragmented query did not arrive: {e}\n{}", pods.dump()));
     assert_eq!(n, BIG);
     server.send_to(&big, from).expect("answering");
     let n = client
-        .recv(&mut buf)
+        .recv_within(&mut buf)
         .unwrap_or_else(|e| panic!("the fragmented answer did not arrive: {e}\n{}", pods.dump()));
     assert_eq!(n, BIG);
     pods.assert_nothing_dropped();
@@ -81,7 +81,10 @@ fn fragments_of_a_refused_datagram_are_all_dropped(f: Family) {
         .send_to(&vec![0x5a_u8; BIG], pods.server().sockaddr(v6, 24))
         .expect("sending");
     let mut buf = vec![0u8; BIG + 1];
-    pods.assert(server.recv(&mut buf).is_err(), "no rule allows port 24");
+    pods.assert(
+        server.recv_within(&mut buf).is_err(),
+        "no rule allows port 24",
+    );
     let [out, _] = pods.counters(Who::Client);
     pods.assert(out.dropped_policy >= 1, "the first fragment");
     pods.assert(out.dropped_invalid >= 2, "the later fragments");

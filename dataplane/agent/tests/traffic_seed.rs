@@ -10,7 +10,7 @@ use kubesg_common::{conntrack::TcpState, proto};
 use kubesg_testkit::{
     family::Family,
     ipv4_and_ipv6,
-    netns::{accept_within, is_timeout},
+    netns::{accept_within, is_timeout, RecvWithin},
     packet::{self, TcpFlags},
     pods::{Pods, Who, ARRIVES, NEVER},
     rules::{echo_requests, egress, ingress, port, rule_with},
@@ -79,7 +79,7 @@ fn client_udp_to_port_23_is_replied_and_established(f: Family) {
     let mut buf = [0u8; 16];
     for round in 0..2 {
         client.send_to(b"query", dst).expect("sending");
-        let (n, from) = server.recv_from(&mut buf).unwrap_or_else(|e| {
+        let (n, from) = server.recv_from_within(&mut buf).unwrap_or_else(|e| {
             panic!(
                 "round {round}: the query did not arrive: {e}\n{}",
                 pods.dump()
@@ -87,7 +87,7 @@ fn client_udp_to_port_23_is_replied_and_established(f: Family) {
         });
         assert_eq!(&buf[..n], b"query");
         server.send_to(b"answer", from).expect("answering");
-        let n = client.recv(&mut buf).unwrap_or_else(|e| {
+        let n = client.recv_within(&mut buf).unwrap_or_else(|e| {
             panic!(
                 "round {round}: the answer did not arrive: {e}\n{}",
                 pods.dump()
@@ -139,7 +139,7 @@ fn server_cannot_send_udp_to_a_bound_client_port(f: Family) {
         .send_to(b"unsolicited", pods.client().sockaddr(v6, 2324))
         .expect("sending");
     let mut buf = [0u8; 16];
-    match client.recv(&mut buf) {
+    match client.recv_within(&mut buf) {
         Err(e) if is_timeout(&e) => {}
         other => panic!(
             "the server's datagram must be dropped, got {other:?}\n{}",
@@ -206,7 +206,7 @@ fn port_unreachable_comes_back_as_related(f: Family) {
         .expect("connecting the UDP socket");
     client.send(b"anyone?").expect("sending");
     let mut buf = [0u8; 16];
-    match client.recv(&mut buf) {
+    match client.recv_within(&mut buf) {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
         other => panic!(
             "expected ECONNREFUSED from the port unreachable, got {other:?}\n{}",
