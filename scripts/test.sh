@@ -34,4 +34,11 @@ scripts/image.sh test
 step "tests"
 cargo test --workspace --exclude kubesg-ebpf --locked -- --test-threads="${KUBESG_TEST_THREADS:-4}"
 
+if [[ "${KUBESG_SKIP_PRIVILEGED:-}" == 1 ]]; then
+  step "the demo: skipped (KUBESG_SKIP_PRIVILEGED=1)"
+else
+  step "the demo, to the end and interrupted (scripts/demo-check.sh)"
+  scripts/demo-check.sh
+fi
+
 step "all tests passed"

@@ -1,7 +1,8 @@
 //! An agent restart while a TCP stream (iperf3) runs between two member pods: the pinned
 //! datapath keeps judging every packet, so the established flow loses nothing, and the restarted
 //! agent enforces the rules it persisted before the operator says anything, then resumes from
-//! its applied version.
+//! its applied version. And what happens to pods while the agent is away: a CNI DEL succeeds and
+//! is applied when the agent is back, a pod whose interface vanished is forgotten at start.
 
 mod common;
 
@@ -10,7 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{hosts, policy, snapshot, tcp, Cluster};
+use common::{anywhere, hosts, policy, snapshot, tcp, Cluster};
+use kubesg_proto::pending_deletes;
 use kubesg_testkit::{agent::Startup, cni::CniPod};
 use serde_json::Value;
 
@@ -230,4 +232,133 @@ fn tcp_stream_loses_nothing_when_the_agent_is_stopped_and_started() {
 fn tcp_stream_loses_nothing_when_the_agent_crashes_and_starts_again() {
     kubesg_testkit::require_privileged!();
     stream_survives_an_agent_restart(true);
+}
+
+/// Asserts that the agent has nothing left of `pod` (host interface `ifindex`): not among its
+/// endpoints, no record, no datapath entry, no pinned link.
+#[track_caller]
+fn assert_forgotten(cluster: &Cluster, pod: &CniPod, ifindex: u32) {
+    let agent = &cluster.agent;
+    let what = &pod.name;
+    assert!(
+        !agent
+            .knows_container(pod.container_id())
+            .expect("ListEndpoints"),
+        "{what} is still an endpoint\n{}",
+        cluster.dump()
+    );
+    assert!(
+        agent
+            .record_files(pod.container_id())
+            .expect("records")
+            .is_empty(),
+        "{what}'s record is left"
+    );
+    assert!(
+        !agent.datapath_has_endpoint(ifindex).expect("maps"),
+        "{what}'s interface {ifindex} is still judged"
+    );
+    assert!(
+        agent.pinned_links(ifindex).expect("links").is_empty(),
+        "{what}'s programs are still pinned"
+    );
+}
+
+/// The DELs queued beside the agent's socket.
+fn queued(cluster: &Cluster) -> usize {
+    pending_deletes::read_all(&pending_deletes::dir_beside(&cluster.agent.socket()))
+        .expect("reading the queue")
+        .len()
+}
+
+#[test]
+fn pods_deleted_or_gone_while_the_agent_was_down_are_forgotten_when_it_is_back() {
+    kubesg_testkit::require_privileged!();
+    let mut cluster = Cluster::connected(Startup::Deny);
+    let client = cluster.add_pod("client", 61);
+    let kept = cluster.add_pod("kept", 62);
+    let deleted = cluster.add_pod("deleted", 63);
+    let vanished = cluster.add_pod("vanished", 64);
+    cluster.push(snapshot(
+        1,
+        vec![policy("srv", vec![tcp(&[8080], anywhere())], vec![])],
+        &[
+            (&client, None),
+            (&kept, Some("srv")),
+            (&deleted, None),
+            (&vanished, None),
+        ],
+    ));
+    let deleted_if = cluster.host_ifindex(&deleted);
+    let vanished_if = cluster.host_ifindex(&vanished);
+
+    // A crash leaves the socket behind: nothing answers on it.
+    cluster.agent.kill().expect("killing the agent");
+    cluster
+        .node
+        .del(&cluster.network, &deleted)
+        .unwrap_or_else(|e| panic!("DEL while the agent is down must succeed: {e}"));
+    assert_eq!(queued(&cluster), 1, "the DEL waits for the agent");
+    // A pod whose sandbox went without any DEL (its namespace, and so its veth, destroyed).
+    drop(vanished);
+
+    cluster.agent.start_again().expect("starting the agent");
+    assert_forgotten(&cluster, &deleted, deleted_if);
+    let table = cluster.agent.cli_ok(&["endpoints"]).expect("endpoints");
+    assert!(!table.contains("/vanished "), "{table}");
+    assert!(
+        !cluster
+            .agent
+            .datapath_has_endpoint(vanished_if)
+            .expect("maps"),
+        "the vanished pod's interface is still judged\n{table}"
+    );
+    assert_eq!(
+        queued(&cluster),
+        0,
+        "the queued DEL was applied and removed"
+    );
+    assert!(
+        cluster
+            .agent
+            .log()
+            .contains("applying a CNI DEL queued while the agent was away"),
+        "the agent says what it did"
+    );
+
+    // The pod that stayed is enforced as before.
+    assert!(cluster
+        .agent
+        .knows_container(kept.container_id())
+        .expect("ListEndpoints"));
+    for v6 in [false, true] {
+        cluster.assert_opens(&client, &kept, v6, 8080);
+        cluster.assert_dropped(&client, &kept, v6, 9090);
+    }
+}
+
+#[test]
+fn a_del_that_timed_out_on_a_hung_agent_is_applied_once_it_answers_again() {
+    kubesg_testkit::require_privileged!();
+    let cluster = Cluster::connected(Startup::Deny);
+    let pod = cluster.add_pod("hung-del", 65);
+    let ifindex = cluster.host_ifindex(&pod);
+
+    cluster.agent.freeze().expect("freezing the agent");
+    let del = cluster.node.del(&cluster.network, &pod);
+    let queued_while_frozen = queued(&cluster);
+    cluster.agent.thaw().expect("thawing the agent");
+    del.unwrap_or_else(|e| panic!("DEL with a hung agent must succeed: {e}"));
+    assert_eq!(queued_while_frozen, 1, "the DEL that timed out was queued");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queued(&cluster) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        queued(&cluster),
+        0,
+        "the running agent applied the queued DEL"
+    );
+    assert_forgotten(&cluster, &pod, ifindex);
 }

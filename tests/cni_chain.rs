@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::{collections::BTreeSet, io};
+use std::{collections::BTreeSet, io, os::unix::fs::PermissionsExt as _};
 
 use common::{any, anywhere, hosts, policy, snapshot, tcp, udp, Cluster, ARRIVES, NAMESPACE};
 use kubesg_testkit::{agent::Startup, cni::CniPod, netns::RecvWithin};
@@ -324,4 +324,67 @@ fn check_del_gc_status_and_version_through_the_real_chain() {
     let bridge_versions = bridge["supportedVersions"].as_array().expect("versions");
     assert!(bridge_versions.contains(&json!("1.0.0")), "{bridge}");
     assert!(!bridge_versions.contains(&json!("1.1.0")), "{bridge}");
+}
+
+#[test]
+fn the_agent_socket_is_root_only_and_ct_flush_forgets_one_endpoints_connections_or_all() {
+    kubesg_testkit::require_privileged!();
+    let cluster = Cluster::connected(Startup::Deny);
+    // Only root may register or delete endpoints.
+    let socket = cluster.agent.socket();
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    assert_eq!(mode(&socket), 0o600, "{}", socket.display());
+    assert_eq!(mode(socket.parent().expect("its directory")), 0o700);
+
+    let client = cluster.add_pod("flush-c", 21);
+    let server = cluster.add_pod("flush-s", 22);
+    cluster.push(snapshot(
+        1,
+        vec![
+            policy("cli", vec![], vec![tcp(&[8080], hosts(&[&server]))]),
+            policy("srv", vec![tcp(&[8080], hosts(&[&client]))], vec![]),
+        ],
+        &[(&client, Some("cli")), (&server, Some("srv"))],
+    ));
+    let (client_if, server_if) = (cluster.host_ifindex(&client), cluster.host_ifindex(&server));
+    let (mut c, mut s) = cluster.assert_opens(&client, &server, false, 8080);
+    let (mut c6, mut s6) = cluster.assert_opens(&client, &server, true, 8080);
+    let tracked = |ifindex: u32| {
+        let table = cluster
+            .agent
+            .cli_ok(&["ct", "list", "--ifindex", &ifindex.to_string()])
+            .expect("ct list");
+        table.lines().filter(|l| l.contains("dport=8080")).count()
+    };
+    assert_eq!((tracked(client_if), tracked(server_if)), (2, 2));
+
+    // One endpoint: the client's entries go, the server's stay.
+    let out = cluster
+        .agent
+        .cli_ok(&["ct", "flush", "--ifindex", &client_if.to_string()])
+        .expect("ct flush --ifindex");
+    assert!(out.contains("2 connection(s) deleted"), "{out}");
+    assert_eq!((tracked(client_if), tracked(server_if)), (0, 2));
+    // The client is a member: its next segment belongs to no tracked connection (INVALID), as
+    // after `conntrack -F` with nf_conntrack_tcp_loose=0.
+    assert!(
+        !common::data_gets_through(&mut c, &mut s),
+        "the flushed connection still carries data\n{}",
+        cluster.dump()
+    );
+    // New connections are judged by the rules again.
+    drop((c, s));
+    let _fresh = cluster.assert_opens(&client, &server, false, 8080);
+
+    // All of them.
+    let out = cluster.agent.cli_ok(&["ct", "flush"]).expect("ct flush");
+    assert!(!out.starts_with("0 "), "{out}");
+    let table = cluster.agent.cli_ok(&["ct", "list"]).expect("ct list");
+    assert!(table.trim().is_empty(), "{table}");
+    assert!(!common::data_gets_through(&mut c6, &mut s6));
+    drop((c6, s6));
 }

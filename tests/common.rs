@@ -106,6 +106,14 @@ impl Cluster {
     /// Pushes `update` and waits for its ack, which must say applied.
     pub fn push(&self, update: pb::PolicyUpdate) -> pb::Ack {
         let version = update.version;
+        let ack = self.push_for_answer(update);
+        assert!(ack.applied, "version {version} NACKed: {}", ack.reason);
+        ack
+    }
+
+    /// Pushes `update` and returns the agent's answer to it, ACK or NACK.
+    pub fn push_for_answer(&self, update: pb::PolicyUpdate) -> pb::Ack {
+        let version = update.version;
         self.operator
             .push(update)
             .unwrap_or_else(|e| panic!("pushing version {version}: {e}\n{}", self.agent.log()));
@@ -114,8 +122,17 @@ impl Cluster {
             .block_on(self.operator.next_ack(OPERATOR_PATIENCE))
             .unwrap_or_else(|| panic!("no ack for version {version}\n{}", self.agent.log()));
         assert_eq!(ack.version, version, "{ack:?}");
-        assert!(ack.applied, "version {version} NACKed: {}", ack.reason);
         ack
+    }
+
+    /// The version the agent last applied, as `kubesg-agent endpoints` reports it.
+    pub fn applied_version(&self) -> u64 {
+        let table = self.agent.cli_ok(&["endpoints"]).expect("endpoints");
+        table
+            .lines()
+            .find_map(|l| l.strip_prefix("applied version: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no applied version in:\n{table}"))
     }
 
     /// A pod sandbox `NAMESPACE/name` asking for 10.77.0.`host` and fd77::`host`.

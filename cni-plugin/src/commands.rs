@@ -4,7 +4,10 @@
 
 use std::{collections::BTreeSet, io::Read};
 
-use kubesg_proto::v1alpha1::{Endpoint, EndpointKey, EnforcementState};
+use kubesg_proto::{
+    pending_deletes,
+    v1alpha1::{Endpoint, EndpointKey, EnforcementState},
+};
 use serde_json::Value;
 
 use crate::{
@@ -148,26 +151,16 @@ pub fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 }
 
 /// DEL: asks the agent to forget the endpoint. Idempotent: an endpoint the agent does not know
-/// and an agent whose socket does not exist (nothing was registered, or the node is being torn
-/// down) are success, logged. An agent that exists but does not answer is 11, so that the
-/// runtime retries rather than leave an endpoint behind.
+/// is success. An agent that cannot be reached (stopped, crashed, restarting, hung) is success
+/// too, as the spec asks of DEL, without losing the deletion: it is queued beside the agent's
+/// socket (`kubesg_proto::pending_deletes`) and the agent applies it when it is back. Only a
+/// node where no agent ever ran has nothing to queue.
 pub fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let attachment = env.attachment()?;
     let key = key_of(&attachment.container_id, &attachment.ifname);
-    let mut agent = match AgentClient::connect(&conf.agent_socket, conf.timeout) {
-        Ok(agent) => agent,
-        Err(AgentError::SocketMissing(socket)) => {
-            tracing::warn!(
-                container = %key.container_id,
-                ifname = %key.ifname,
-                socket = %socket.display(),
-                "DEL: agent socket does not exist; nothing to clean"
-            );
-            return Ok(());
-        }
-        Err(e) => return Err(CniError::from_agent(&e, Command::Del)),
-    };
-    match agent.delete_endpoint(key.clone()) {
+    let result = AgentClient::connect(&conf.agent_socket, conf.timeout)
+        .and_then(|mut agent| agent.delete_endpoint(key.clone()));
+    match result {
         Ok(()) => Ok(()),
         Err(e) if e.grpc_code() == Some(tonic::Code::NotFound) => {
             tracing::info!(
@@ -177,7 +170,56 @@ pub fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             );
             Ok(())
         }
+        Err(e) if agent_is_away(&e) => queue_for_agent(conf, &key, &e),
         Err(e) => Err(CniError::from_agent(&e, Command::Del)),
+    }
+}
+
+/// Whether `e` means the agent is not there to answer (rather than answering with an error).
+fn agent_is_away(e: &AgentError) -> bool {
+    match e {
+        AgentError::SocketMissing(_) | AgentError::Unreachable { .. } | AgentError::Timeout(_) => {
+            true
+        }
+        AgentError::Rpc(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled
+        ),
+        AgentError::Runtime(_) => false,
+    }
+}
+
+/// Leaves the deletion of `key` for the agent (see [`cmd_del`]); fails with 11 only when it
+/// cannot be written, so that the runtime retries.
+fn queue_for_agent(conf: &NetConf, key: &EndpointKey, why: &AgentError) -> Result<(), CniError> {
+    let dir = pending_deletes::dir_beside(&conf.agent_socket);
+    match pending_deletes::queue(&dir, key) {
+        Ok(Some(path)) => {
+            tracing::warn!(
+                container = %key.container_id,
+                ifname = %key.ifname,
+                queued = %path.display(),
+                error = %why,
+                "DEL: the agent is away; the deletion is queued for it"
+            );
+            Ok(())
+        }
+        Ok(None) => {
+            tracing::warn!(
+                container = %key.container_id,
+                ifname = %key.ifname,
+                error = %why,
+                "DEL: no agent ever ran on this node; nothing to clean"
+            );
+            Ok(())
+        }
+        Err(e) => Err(CniError::new(
+            ErrorCode::TryAgainLater,
+            format!(
+                "{why}; queueing the deletion in {} failed: {e}",
+                dir.display()
+            ),
+        )),
     }
 }
 

@@ -4,6 +4,9 @@
 #[path = "support/plugin.rs"]
 mod plugin;
 
+use std::path::Path;
+
+use kubesg_proto::pending_deletes;
 use plugin::{attachment_env, run_plugin};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -181,8 +184,21 @@ fn add_when_nobody_listens_on_the_socket_is_code_11() {
     run_plugin(&env, &config("1.0.0", &socket, Some(prev_result(NETNS)))).assert_error(11);
 }
 
+/// The attachments whose DEL is queued beside `socket` for the agent.
+fn queued_deletes(socket: &str) -> Vec<(String, String)> {
+    let dir = pending_deletes::dir_beside(Path::new(socket));
+    pending_deletes::read_all(&dir)
+        .expect("reading the queue")
+        .into_iter()
+        .map(|p| {
+            let key = p.key.expect("a readable queued DEL");
+            (key.container_id, key.ifname)
+        })
+        .collect()
+}
+
 #[test]
-fn del_when_the_agent_socket_does_not_exist_succeeds_and_says_so_on_stderr() {
+fn del_when_the_agent_socket_does_not_exist_succeeds_and_queues_the_deletion() {
     let (_dir, socket) = absent_socket();
     let env: Vec<(&str, &str)> = attachment_env("DEL", "c1", NETNS, "eth0")
         .into_iter()
@@ -196,19 +212,64 @@ fn del_when_the_agent_socket_does_not_exist_succeeds_and_says_so_on_stderr() {
         let run = run_plugin(&env, &conf);
         run.assert_silent_success();
         assert!(
-            run.stderr.contains("does not exist"),
+            run.stderr.contains("does not exist") && run.stderr.contains("queued"),
             "stderr: {}",
             run.stderr
         );
+        assert_eq!(queued_deletes(&socket), [("c1".into(), "eth0".into())]);
     }
 }
 
 #[test]
-fn del_when_nobody_listens_on_the_socket_is_code_11() {
+fn del_when_nobody_listens_on_the_socket_succeeds_and_queues_the_deletion() {
     let (_dir, socket) = absent_socket();
     drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
     let env = attachment_env("DEL", "c1", NETNS, "eth0");
-    run_plugin(&env, &config("1.0.0", &socket, None)).assert_error(11);
+    run_plugin(&env, &config("1.0.0", &socket, None)).assert_silent_success();
+    let env = attachment_env("DEL", "c2", NETNS, "net1");
+    run_plugin(&env, &config("1.0.0", &socket, None)).assert_silent_success();
+    assert_eq!(
+        queued_deletes(&socket),
+        [("c1".into(), "eth0".into()), ("c2".into(), "net1".into())]
+    );
+}
+
+#[test]
+fn del_where_no_agent_ever_ran_succeeds_and_queues_nothing() {
+    let (dir, _) = absent_socket();
+    let socket = dir.path().join("never-created").join("agent.sock");
+    let env = attachment_env("DEL", "c1", NETNS, "eth0");
+    let run = run_plugin(&env, &config("1.0.0", &socket.display().to_string(), None));
+    run.assert_silent_success();
+    assert!(
+        run.stderr.contains("no agent ever ran"),
+        "stderr: {}",
+        run.stderr
+    );
+    assert!(
+        !socket.parent().expect("parent").exists(),
+        "nothing created"
+    );
+}
+
+#[test]
+fn del_that_can_neither_reach_the_agent_nor_be_queued_is_code_11() {
+    let (_dir, socket) = absent_socket();
+    // A file where the queue directory belongs: the deletion cannot be written.
+    std::fs::write(
+        pending_deletes::dir_beside(Path::new(&socket)),
+        b"in the way",
+    )
+    .expect("file");
+    let env = attachment_env("DEL", "c1", NETNS, "eth0");
+    let err = run_plugin(&env, &config("1.0.0", &socket, None)).assert_error(11);
+    assert!(
+        err["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("queueing the deletion"),
+        "{err}"
+    );
 }
 
 #[test]

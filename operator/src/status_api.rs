@@ -11,6 +11,8 @@
 //!   every concerned node enforces it: once per generation, since both are emitted only when
 //!   the group's previous status did not already say so for that generation (which also holds
 //!   across operator restarts: the previous status is on the object).
+//! - A Warning Event `ProgrammingRefused` when a node refused (NACKed) the version carrying the
+//!   group, with the nodes and the agents' reasons: once per generation and set of refusals.
 //! - No finalizers: deleting a group needs no cleanup (the next compile drops it from every
 //!   plan), so a deleted group is simply forgotten, never written again.
 
@@ -29,7 +31,7 @@ use crate::{
     metrics::Metrics,
     model::ObjectKey,
     plan::GroupReport,
-    status::{group_status, NodeAcks},
+    status::{group_status, reason as status_reason, NodeAcks},
     status_writer::{StatusSink, WriteError},
 };
 
@@ -41,6 +43,9 @@ pub const INVALID_SPEC: &str = "InvalidSpec";
 
 /// Reason of the Normal Event of a group every concerned node enforces.
 pub const PROGRAMMED: &str = "Programmed";
+
+/// Reason of the Warning Event of a group some node refused to program (NACK).
+pub const PROGRAMMING_REFUSED: &str = "ProgrammingRefused";
 
 /// What is known of a group on the API server.
 #[derive(Clone, Debug)]
@@ -184,6 +189,27 @@ pub async fn write_status(
     if let Some(c) = condition(&status, "Programmed").filter(|c| c.status == "True") {
         if !says(previous, "Programmed", "True", generation) {
             events.push((EventType::Normal, PROGRAMMED, "Program", c.message.clone()));
+        }
+    }
+    if let Some(c) = condition(&status, "Programmed")
+        .filter(|c| c.status == "False" && c.reason == status_reason::REFUSED)
+    {
+        // The message names the refusing nodes and their reasons: a new refusal is news.
+        let already = previous
+            .and_then(|p| condition(p, "Programmed"))
+            .is_some_and(|p| {
+                p.status == c.status
+                    && p.reason == c.reason
+                    && p.message == c.message
+                    && p.observed_generation == Some(generation)
+            });
+        if !already {
+            events.push((
+                EventType::Warning,
+                PROGRAMMING_REFUSED,
+                "Program",
+                c.message.clone(),
+            ));
         }
     }
     for (type_, reason, action, message) in events {

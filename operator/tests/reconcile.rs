@@ -397,6 +397,62 @@ async fn invalid_group_is_not_accepted_and_warned_once_per_generation() {
 }
 
 #[tokio::test]
+async fn a_node_refusing_the_group_is_warned_with_the_agents_reason_once() {
+    let (client, mut api) = ApiServer::client();
+    let mut ctx = context(client);
+    let refused = |reason: &str| {
+        let mut acks = acked(&[("n1", 3), ("n2", 2)]);
+        if let Some(n2) = acks.get_mut("n2") {
+            n2.nack = Some(reason.into());
+        }
+        acks
+    };
+    let op = tokio::spawn(async move {
+        let r = report(3, Ok(()), &["n1", "n2"]);
+        let mut outcomes = Vec::new();
+        for (acks, at) in [
+            (refused("egress rules need 129 classes"), 1_000),
+            // The same refusal again (n2 answered the next version alike): no second Warning.
+            (refused("egress rules need 129 classes"), 1_500),
+            // Another reason: news.
+            (refused("conntrack table full"), 2_000),
+        ] {
+            outcomes.push(
+                write_status(&mut ctx, &key(), &r, &acks, t(at))
+                    .await
+                    .unwrap(),
+            );
+        }
+        outcomes
+    });
+
+    api.expect(Method::GET, SG_PATH)
+        .await
+        .ok(&group_object(3, None));
+    for why in ["egress rules need 129 classes", "conntrack table full"] {
+        let message = format!("1/2 nodes enforce generation 3; refused by n2 ({why})");
+        let patch = api
+            .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
+            .await;
+        let programmed = &patch.body["status"]["conditions"][1];
+        assert_eq!(programmed["status"], "False", "{programmed}");
+        assert_eq!(programmed["reason"], "Refused", "{programmed}");
+        assert_eq!(programmed["message"], message.as_str(), "{programmed}");
+        let written = patch.body["status"].clone();
+        patch.ok(&group_object(3, Some(written)));
+        let event = api.expect(Method::POST, EVENTS_PATH).await;
+        assert_event(&event, "Warning", "ProgrammingRefused", "Program", &message);
+        let body = event.body.clone();
+        event.reply(StatusCode::CREATED, &body);
+    }
+    assert_eq!(
+        op.await.unwrap(),
+        vec![Outcome::Written, Outcome::Unchanged, Outcome::Written]
+    );
+    api.expect_nothing().await;
+}
+
+#[tokio::test]
 async fn status_already_on_the_object_is_not_written_again() {
     let (client, mut api) = ApiServer::client();
     let mut ctx = context(client);

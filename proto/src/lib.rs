@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod pending_deletes;
 pub mod tls;
 
 /// Version v1alpha1 of the contracts.

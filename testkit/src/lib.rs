@@ -19,6 +19,7 @@ pub mod node;
 pub mod operator;
 pub mod operator_process;
 pub mod packet;
+pub mod pins;
 pub mod pods;
 pub mod privileged;
 pub mod probe;

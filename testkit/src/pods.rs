@@ -20,6 +20,7 @@ use kubesg_common::{conntrack::TcpState, event::Counters, proto, Direction};
 use crate::{
     netns::{accept_within, is_timeout},
     node::{TestNode, TestPod},
+    pins::PinDir,
     rules,
 };
 
@@ -71,6 +72,8 @@ pub fn client_and_server() -> TestNode {
 pub struct Pods {
     /// The datapath (declared first: dropped, so detached, before the node goes).
     pub dp: Datapath,
+    /// Where the datapath is pinned, when it is (see [`Pods::pinned`]); removed after `dp`.
+    pins: Option<PinDir>,
     /// The node with the two pods: `pods[0]` the client, `pods[1]` the server.
     pub node: TestNode,
     /// The client's policy, `None` for a non-member.
@@ -82,8 +85,26 @@ pub struct Pods {
 impl Pods {
     /// The two pods, each a member with its policy or a non-member (`None`).
     pub fn new(client: Option<&CompiledPolicy>, server: Option<&CompiledPolicy>) -> Self {
+        Pods::load(client, server, None)
+    }
+
+    /// Like [`Pods::new`], with the datapath pinned in a directory of its own as the agent pins
+    /// it, so that `kubesg-agent --pin-dir` commands read it.
+    pub fn pinned(client: Option<&CompiledPolicy>, server: Option<&CompiledPolicy>) -> Self {
+        Pods::load(client, server, Some(PinDir::new()))
+    }
+
+    fn load(
+        client: Option<&CompiledPolicy>,
+        server: Option<&CompiledPolicy>,
+        pins: Option<PinDir>,
+    ) -> Self {
         let node = client_and_server();
-        let mut dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
+        let opts = DatapathOptions {
+            pin_dir: pins.as_ref().map(|p| p.path().to_path_buf()),
+            ..DatapathOptions::default()
+        };
+        let mut dp = Datapath::load(&opts).expect("loading the datapath");
         let client_policy = client.map(|p| dp.install_policy(p).expect("client policy"));
         let server_policy = server.map(|p| dp.install_policy(p).expect("server policy"));
         let (ci, si) = (node.pods[0].host_ifindex, node.pods[1].host_ifindex);
@@ -95,10 +116,16 @@ impl Pods {
         });
         Pods {
             dp,
+            pins,
             node,
             client_policy,
             server_policy,
         }
+    }
+
+    /// The pin directory of a [`Pods::pinned`] datapath.
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.pins.as_ref().map(PinDir::path)
     }
 
     /// The pod `who`.

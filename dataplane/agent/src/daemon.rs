@@ -23,6 +23,9 @@ use crate::{
     timeouts,
 };
 
+/// How often the agent looks for CNI DELs queued while it could not answer.
+const PENDING_DELETES_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Everything `run` needs, as the command line gives it.
 #[derive(Clone, Debug)]
 pub struct RunSettings {
@@ -60,6 +63,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         datapath,
         state_dir: settings.state_dir.clone(),
         startup: settings.startup,
+        pending_deletes: kubesg_proto::pending_deletes::dir_beside(&settings.socket),
     };
     let mut enforcer = tokio::task::spawn_blocking(move || Enforcer::open(opts))
         .await?
@@ -117,6 +121,24 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         warn!("no operator configured: pods get the startup policy or the last applied rules");
     }
 
+    // DELs queued by kubesg-cni while this agent hung (it applied those of its downtime at start).
+    let pending_task = tokio::spawn({
+        let node = node.clone();
+        let stop = stop.clone();
+        async move {
+            let mut tick = tokio::time::interval(PENDING_DELETES_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = node.with(|e| e.apply_pending_deletes()).await {
+                    warn!(error = %e, "applying queued CNI DELs");
+                }
+            }
+        }
+    });
+
     let flow_task = events.filter(|_| settings.flow_logs).map(|mut ring| {
         let stop = stop.clone();
         tokio::task::spawn_blocking(move || loop {
@@ -144,6 +166,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         let _ = t.await;
     }
     let _ = http_task.await;
+    let _ = pending_task.await;
     if let Some(t) = flow_task {
         let _ = t.await;
     }

@@ -14,10 +14,11 @@ use std::{
 };
 
 use kubesg_common::config::CFG_RECHECK_ON_POLICY_CHANGE;
+use kubesg_proto::{pending_deletes, v1alpha1 as pb};
 use tracing::{info, warn};
 
 use crate::{
-    attach,
+    attach, convert,
     datapath::{Datapath, DatapathError, DatapathOptions, PolicyHandle},
     desired::{Assignment, DesiredState, Update, UpdateError},
     endpoints::{write_atomically, EndpointKey, EndpointRecord, EndpointStore, InvalidEndpoint},
@@ -80,6 +81,9 @@ pub struct EnforcerOptions {
     pub state_dir: PathBuf,
     /// What a pod gets before its rules arrive.
     pub startup: StartupPolicy,
+    /// Where `kubesg-cni` queues the DELs it could not deliver (beside the CNI socket, see
+    /// [`kubesg_proto::pending_deletes`]).
+    pub pending_deletes: PathBuf,
 }
 
 /// The node's enforcement state.
@@ -88,6 +92,7 @@ pub struct Enforcer {
     store: EndpointStore,
     state_file: PathBuf,
     startup: StartupPolicy,
+    pending_deletes: PathBuf,
     endpoints: BTreeMap<EndpointKey, EndpointRecord>,
     desired: DesiredState,
     /// Policies installed in the datapath, by operator id.
@@ -120,6 +125,7 @@ impl Enforcer {
             store,
             state_file,
             startup: opts.startup,
+            pending_deletes: opts.pending_deletes,
             endpoints: BTreeMap::new(),
             desired,
             installed: BTreeMap::new(),
@@ -164,6 +170,7 @@ impl Enforcer {
         for rec in enforcer.endpoints.values() {
             enforcer.dp.attach(rec.host_ifindex)?;
         }
+        enforcer.apply_pending_deletes()?;
         info!(
             endpoints = enforcer.endpoints.len(),
             version = enforcer.desired.version,
@@ -217,11 +224,41 @@ impl Enforcer {
         })
     }
 
+    /// Applies the DELs `kubesg-cni` queued while it could not reach this agent, removing each
+    /// file once its endpoint is gone; returns how many were applied. A file that cannot be read
+    /// is reported and left for inspection.
+    pub fn apply_pending_deletes(&mut self) -> Result<usize, EnforcerError> {
+        let mut applied = 0;
+        for pending in pending_deletes::read_all(&self.pending_deletes)? {
+            match &pending.key {
+                Ok(key) => {
+                    let key = convert::endpoint_key(key);
+                    info!(endpoint = %key, queued = %pending.path.display(),
+                          "applying a CNI DEL queued while the agent was away");
+                    self.delete_endpoint(&key)?;
+                    std::fs::remove_file(&pending.path)?;
+                    applied += 1;
+                }
+                Err(e) => {
+                    warn!(file = %pending.path.display(), error = %e, "skipping an unreadable queued DEL")
+                }
+            }
+        }
+        Ok(applied)
+    }
+
     /// Registers a pod's interface (CNI ADD): persisted, enforced per its rules or the startup
     /// policy, then the programs are attached. A repeated ADD with the same key replaces the
-    /// registration. On error nothing of it is left.
+    /// registration, and supersedes a DEL of it still queued. On error nothing of it is left.
     pub fn add_endpoint(&mut self, rec: EndpointRecord) -> Result<Enforcement, EnforcerError> {
         rec.validate()?;
+        let wire_key = pb::EndpointKey {
+            container_id: rec.key.container_id.clone(),
+            ifname: rec.key.ifname.clone(),
+        };
+        if pending_deletes::forget(&self.pending_deletes, &wire_key)? {
+            info!(endpoint = %rec.key, "a queued DEL of this attachment is superseded by its ADD");
+        }
         if !interface_matches(&rec) {
             return Err(EnforcerError::NoInterface {
                 name: rec.host_ifname.clone(),
@@ -299,16 +336,24 @@ impl Enforcer {
     pub fn apply_update(&mut self, update: &Update) -> Result<(), EnforcerError> {
         let next = self.desired.apply(update)?;
         let previous = self.desired.clone();
-        if let Err(e) = self.program(&next) {
+        let result = self.program(&next).and_then(|()| {
+            self.apply_settings(&next)?;
+            let json = serde_json::to_vec(&next).map_err(io::Error::other)?;
+            write_atomically(&self.state_file, &json)?;
+            Ok(())
+        });
+        if let Err(e) = result {
+            // Whatever step failed, the NACK promises the previous version: program it again
+            // (policies, endpoints and settings), so no half of the refused one stays.
             warn!(version = update.version, error = %e, "update failed; restoring the previous version");
-            if let Err(e2) = self.program(&previous) {
+            let restored = self
+                .program(&previous)
+                .and_then(|()| self.apply_settings(&previous));
+            if let Err(e2) = restored {
                 warn!(error = %e2, "restoring the previous version failed too");
             }
             return Err(e);
         }
-        self.apply_settings(&next)?;
-        let json = serde_json::to_vec(&next).map_err(io::Error::other)?;
-        write_atomically(&self.state_file, &json)?;
         self.desired = next;
         info!(
             version = update.version,

@@ -4,7 +4,7 @@
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
@@ -15,29 +15,11 @@ use kubesg_agent::{
     policy::{CompiledPolicy, Protocol},
 };
 use kubesg_testkit::{
-    netns::unique_name,
+    pins::PinDir,
     pods::client_and_server,
     require_privileged,
     rules::{cidr, egress, ingress, port, rule_with},
 };
-
-/// A pin directory of its own under /sys/fs/bpf, removed (with every pin in it) on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        PinDir(PathBuf::from(format!(
-            "/sys/fs/bpf/{}",
-            unique_name("kubesg-test-")
-        )))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn opts(dir: &Path, mode: AttachMode) -> DatapathOptions {
     DatapathOptions {
@@ -71,7 +53,7 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
     let (ci, si) = (node.pods[c].host_ifindex, node.pods[s].host_ifindex);
     let (client_policy, server_policy) = seed_policies();
 
-    let mut dp = Datapath::load(&opts(&pins.0, mode)).expect("load");
+    let mut dp = Datapath::load(&opts(pins.path(), mode)).expect("load");
     let ch = dp.install_policy(&client_policy).expect("client policy");
     let sh = dp.install_policy(&server_policy).expect("server policy");
     dp.set_endpoint(ci, Some(ch)).expect("client endpoint");
@@ -116,7 +98,7 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
     );
 
     // The agent comes back: it reuses the pinned maps and takes the links over.
-    let mut dp = Datapath::load(&opts(&pins.0, mode)).expect("reload");
+    let mut dp = Datapath::load(&opts(pins.path(), mode)).expect("reload");
     let before = conntrack::list(dp.maps()).expect("list");
     assert!(
         before
@@ -131,7 +113,7 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
     echo(&mut server, &mut client, b"reply").expect("reply after restart");
     if mode == AttachMode::Tcx {
         for hook in Hook::ALL {
-            assert!(link_pin_path(&pins.0, ci, hook).exists());
+            assert!(link_pin_path(pins.path(), ci, hook).exists());
         }
     }
     let back = node.pods[s].ns.enter(|| {
@@ -146,7 +128,7 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubesg-agent"))
         .args([
             "--pin-dir",
-            &pins.0.to_string_lossy(),
+            &pins.path().to_string_lossy(),
             "ct",
             "list",
             "--ifindex",
@@ -170,7 +152,12 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
 
     // The CLI changes a timeout in the running datapath.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubesg-agent"))
-        .args(["--pin-dir", &pins.0.to_string_lossy(), "ct", "timeouts"])
+        .args([
+            "--pin-dir",
+            &pins.path().to_string_lossy(),
+            "ct",
+            "timeouts",
+        ])
         .args(["--set", "tcp_timeout_established=3600"])
         .output()
         .expect("run kubesg-agent");
@@ -192,7 +179,7 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
         .enter(|| dp.detach(ci).and_then(|()| dp.detach(si)))
         .expect("detach");
     for hook in Hook::ALL {
-        assert!(!link_pin_path(&pins.0, ci, hook).exists());
+        assert!(!link_pin_path(pins.path(), ci, hook).exists());
     }
     // Detached: nothing judges the server's connection back any more.
     let back = node.pods[s].ns.enter(|| {

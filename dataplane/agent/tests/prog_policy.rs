@@ -79,6 +79,7 @@ ipv4_and_ipv6!(
     tcp_port_rule_allows_its_port_and_refuses_others,
     port_range_allows_both_ends_and_nothing_outside,
     rule_of_another_protocol_does_not_match,
+    sctp_rule_allows_its_port_and_the_replies_of_what_it_allowed,
     icmp_rule_with_type_and_code_matches_only_that_code,
     icmp_rule_with_type_only_matches_every_code,
     cidr_with_except_allows_the_block_minus_the_exception,
@@ -128,6 +129,39 @@ fn rule_of_another_protocol_does_not_match(f: Family) {
         &[0x9c, 0x40, 0, 53, 0, 0, 0, 0, 0, 0, 0, 0],
     );
     assert_refused_out(&mut dp, &sctp, "SCTP 53");
+}
+
+/// An SCTP packet (common header, no chunks) between `src`:`sport` and `dst`:`dport`.
+fn sctp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut header = Vec::with_capacity(12);
+    header.extend_from_slice(&sport.to_be_bytes());
+    header.extend_from_slice(&dport.to_be_bytes());
+    header.extend_from_slice(&[0; 8]); // verification tag, checksum
+    packet::ip_raw(src, dst, proto::SCTP, &header)
+}
+
+fn sctp_rule_allows_its_port_and_the_replies_of_what_it_allowed(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&egress(vec![rule(
+        Protocol::Sctp,
+        vec![range(3868, 3868)],
+    )])));
+    assert_allowed_out(&dp, &sctp(f.pod, f.peer, POD_PORT, 3868), "SCTP 3868");
+    let conns = dp.conns();
+    assert_eq!(conns.len(), 1);
+    assert_eq!(conns[0].key.proto, proto::SCTP);
+    // Tracked with its ports: the peer's answer is ESTABLISHED, whatever the rules say of it.
+    assert_eq!(
+        dp.pod_receives(&sctp(f.peer, f.pod, 3868, POD_PORT)),
+        ACCEPT,
+        "the association's reply"
+    );
+    assert!(dp.conns()[0].seen_reply(), "the reply was seen");
+    assert_refused_out(&mut dp, &sctp(f.pod, f.peer, POD_PORT, 3869), "SCTP 3869");
+    assert_refused_out(&mut dp, &f.tcp_out(3868, TcpFlags::SYN), "TCP 3868");
+    // The peer cannot open an association to the pod: no ingress rule allows it.
+    let was = dp.counters()[INGRESS].dropped_policy;
+    assert_eq!(dp.pod_receives(&sctp(f.peer, f.pod, 5000, 3868)), DROP);
+    assert_eq!(dp.counters()[INGRESS].dropped_policy, was + 1);
 }
 
 fn icmp_rule_with_type_and_code_matches_only_that_code(f: Family) {

@@ -4,7 +4,8 @@
 //! traffic twice, from the same fixed client ports: once on a node where kubesg's programs sit on
 //! the pods' interfaces, once on a node without them where the client namespace runs the kernel's
 //! conntrack (`iptables -m conntrack` in OUTPUT, `nf_conntrack_tcp_loose=0`). kubesg's entries of
-//! the client endpoint, printed in `/proc/net/nf_conntrack`'s format, must then read as the
+//! the client endpoint, as `kubesg-agent ct list --ifindex` prints them from the pinned datapath
+//! in `/proc/net/nf_conntrack`'s format, must then read as the
 //! client namespace's `/proc/net/nf_conntrack`: the same states, tuples, `[UNREPLIED]` and
 //! `[ASSURED]`; only the remaining timeout may differ by a second or two and the `use=` count
 //! (a kernel reference count) is ignored.
@@ -242,19 +243,33 @@ fn kernel_table(drive: Driver, v6: bool) -> Vec<String> {
         .expect("reading the kernel's table")
 }
 
-/// kubesg's table of the client endpoint after `drive`, with these policies.
+/// kubesg's table of the client endpoint after `drive`, with these policies, as the user reads
+/// it: `kubesg-agent ct list --ifindex <client>` on the pinned datapath.
 fn kubesg_table(
     drive: Driver,
     client: Option<&CompiledPolicy>,
     server: Option<&CompiledPolicy>,
     v6: bool,
 ) -> Vec<String> {
-    let pods = Pods::new(client, server);
+    let pods = Pods::pinned(client, server);
     let _open = drive(pods.client(), pods.server(), v6);
-    let now = kubesg_agent::clock::now_ns();
-    pods.entries(Who::Client)
-        .into_iter()
-        .map(|c| c.nf_conntrack_line(now))
+    let pins = pods.pin_dir().expect("a pinned datapath");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kubesg-agent"))
+        .arg("--pin-dir")
+        .arg(pins)
+        .args(["ct", "list", "--ifindex"])
+        .arg(pods.ifindex(Who::Client).to_string())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running kubesg-agent ct list");
+    assert!(
+        out.status.success(),
+        "kubesg-agent ct list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
         .collect()
 }
 
