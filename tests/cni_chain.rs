@@ -388,3 +388,55 @@ fn the_agent_socket_is_root_only_and_ct_flush_forgets_one_endpoints_connections_
     assert!(!common::data_gets_through(&mut c6, &mut s6));
     drop((c6, s6));
 }
+
+#[test]
+fn the_chain_at_each_older_cni_version_registers_the_pod_and_returns_that_versions_result() {
+    kubesg_testkit::require_privileged!();
+    let cluster = Cluster::connected(Startup::Deny);
+    // 1.1.0 is left out: Debian's bridge plugin stops at 1.0.0 (kubesg-cni's conversion to it
+    // is unit-tested).
+    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0"].into_iter().enumerate() {
+        let mut network = cluster.network.clone();
+        network.cni_version = version.into();
+        let pod = cluster.pod(&format!("v{i}"), 30 + i as u8);
+        let result = cluster
+            .node
+            .add(&network, &pod)
+            .unwrap_or_else(|e| panic!("ADD at {version}: {e}\n{}", cluster.dump()));
+        assert_eq!(result["cniVersion"], version, "{result}");
+        let ips = result["ips"].as_array().expect("ips");
+        assert_eq!(ips.len(), 2, "{result}");
+        for ip in ips {
+            let address = ip["address"].as_str().expect("address");
+            let family = if address.contains(':') { "6" } else { "4" };
+            if version.starts_with("0.") {
+                assert_eq!(ip["version"], family, "{version}: {ip}");
+            } else {
+                assert!(ip.get("version").is_none(), "{version}: {ip}");
+            }
+        }
+        assert!(
+            cluster
+                .agent
+                .knows_container(pod.container_id())
+                .expect("ListEndpoints"),
+            "ADD at {version} registered nothing\n{}",
+            cluster.dump()
+        );
+        if version != "0.3.0" && version != "0.3.1" {
+            cluster
+                .node
+                .runtime
+                .check(&network, &pod.attachment)
+                .unwrap_or_else(|e| panic!("CHECK at {version}: {e}"));
+        }
+        cluster
+            .node
+            .del(&network, &pod)
+            .unwrap_or_else(|e| panic!("DEL at {version}: {e}"));
+        assert!(!cluster
+            .agent
+            .knows_container(pod.container_id())
+            .expect("ListEndpoints"));
+    }
+}
