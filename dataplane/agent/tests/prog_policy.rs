@@ -79,6 +79,7 @@ ipv4_and_ipv6!(
     tcp_port_rule_allows_its_port_and_refuses_others,
     port_range_allows_both_ends_and_nothing_outside,
     rule_of_another_protocol_does_not_match,
+    a_policy_replaced_while_packets_flow_is_never_seen_half_written,
     sctp_rule_allows_its_port_and_the_replies_of_what_it_allowed,
     icmp_rule_with_type_and_code_matches_only_that_code,
     icmp_rule_with_type_only_matches_every_code,
@@ -129,6 +130,79 @@ fn rule_of_another_protocol_does_not_match(f: Family) {
         &[0x9c, 0x40, 0, 53, 0, 0, 0, 0, 0, 0, 0, 0],
     );
     assert_refused_out(&mut dp, &sctp, "SCTP 53");
+}
+
+/// Two versions of a policy that agree on TCP 443 to the peer (allowed) and TCP 444 (refused)
+/// and differ in everything else: a UDP rule with `extra` port ranges and peer blocks each, so that
+/// writing one takes long enough for packets to run while it is half written.
+fn versions_agreeing_on_443(f: Family, extra: u16) -> [CompiledPolicy; 2] {
+    let peer_block = |i: u16| {
+        if f.is_v6() {
+            cidr(&format!("fd10:{i:x}::/64"))
+        } else {
+            cidr(&format!("10.{}.{}.0/24", 100 + i / 256, i % 256))
+        }
+    };
+    let hosts = |p: IpAddr| rule_with(Protocol::Tcp, vec![range(443, 443)], vec![host(p)]);
+    [0u16, 1].map(|v| {
+        let ports = (0..extra).map(|i| range(1000 + 2 * i + v, 1000 + 2 * i + v));
+        let peers = (0..extra).map(|i| peer_block(2 * i + v));
+        egress(vec![
+            hosts(f.peer),
+            rule_with(Protocol::Udp, ports.collect(), peers.collect()),
+        ])
+    })
+}
+
+/// The host block of `addr`.
+fn host(addr: IpAddr) -> PeerBlock {
+    let len = if addr.is_ipv6() { 128 } else { 32 };
+    PeerBlock::cidr(ipnet::IpNet::new(addr, len).expect("host block"))
+}
+
+fn a_policy_replaced_while_packets_flow_is_never_seen_half_written(f: Family) {
+    let versions = versions_agreeing_on_443(f, 200);
+    let mut dp = LoopbackDatapath::load(Some(&versions[0]));
+    let prog = dp
+        .datapath
+        .program_fd("from_pod")
+        .expect("from_pod")
+        .try_clone()
+        .expect("a second handle on the program");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (judged, wrong) = std::thread::scope(|s| {
+        let runner = s.spawn(|| {
+            let (mut judged, mut wrong) = (0u32, Vec::new());
+            let mut sport = 10_000u16;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                sport = if sport == 60_000 { 10_000 } else { sport + 1 };
+                for (dport, want) in [(443, ACCEPT), (444, DROP)] {
+                    let syn = packet::tcp(f.pod, f.peer, sport, dport, TcpFlags::SYN);
+                    let got = test_run(&prog, &syn, IFINDEX, 1)
+                        .expect("BPF_PROG_TEST_RUN")
+                        .retval;
+                    judged += 1;
+                    if got != want {
+                        wrong.push((dport, sport, got));
+                    }
+                }
+            }
+            (judged, wrong)
+        });
+        for i in 0..40 {
+            dp.replace(&versions[(i + 1) % 2]);
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        runner.join().expect("the packet runner")
+    });
+    assert!(
+        wrong.is_empty(),
+        "verdicts that changed mid-replacement: {wrong:?}"
+    );
+    assert!(
+        judged >= 200,
+        "only {judged} packets ran during the replacements"
+    );
 }
 
 /// An SCTP packet (common header, no chunks) between `src`:`sport` and `dst`:`dport`.
