@@ -14,9 +14,13 @@ demo:
 bootstrap:
 	scripts/bootstrap.sh
 
+# The benchmarks (tables, not tests): the datapath per packet (as root), the compiler on a
+# synthetic 150 000-pod cluster, apply-to-ack latency with 200 agents.
 bench:
 	scripts/bootstrap.sh
-	cargo bench -p kubesg-agent --bench datapath
+	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-agent --bench datapath
+	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-operator --bench compile
+	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-operator --bench push
 
 # The container image (Dockerfile) built with buildah, no registry (scripts/image.sh), then run:
 # kubesg-agent --version, kubesg-operator --version, kubesg-cni VERSION inside it.

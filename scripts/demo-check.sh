@@ -16,6 +16,17 @@ footprint() {
   } | grep -v -e "^tmp $(basename "$log")\$" -e "^tmp $(basename "$stamp")\$" | sort
 }
 
+# Fails when the footprint differs from the one before the demo ran.
+same_footprint() {
+  local after
+  after=$(footprint)
+  if [[ "$before" != "$after" ]]; then
+    diff <(echo "$before") <(echo "$after") >&2 || true
+    echo "$1 left something behind" >&2
+    exit 1
+  fi
+}
+
 cargo build -q --locked -p kubesg-agent -p kubesg-cni -p kubesg-operator -p kubesg-demo --bins
 stamp=$(mktemp)
 log=$(mktemp)
@@ -29,12 +40,7 @@ if ! NO_COLOR=1 target/debug/kubesg-demo >"$log" 2>&1; then
   exit 1
 fi
 grep -E 'Nothing left behind|Done in' "$log" >&2
-after=$(footprint)
-if [[ "$before" != "$after" ]]; then
-  diff <(echo "$before") <(echo "$after") >&2 || true
-  echo "the demo left something behind" >&2
-  exit 1
-fi
+same_footprint "the demo"
 
 echo "demo, interrupted once its cluster runs:" >&2
 NO_COLOR=1 target/debug/kubesg-demo >"$log" 2>&1 &
@@ -53,10 +59,5 @@ if [[ $status -ne 130 ]]; then
   exit 1
 fi
 tail -n 2 "$log" >&2
-after=$(footprint)
-if [[ "$before" != "$after" ]]; then
-  diff <(echo "$before") <(echo "$after") >&2 || true
-  echo "the interrupted demo left something behind" >&2
-  exit 1
-fi
+same_footprint "the interrupted demo"
 echo "demo checks passed" >&2
