@@ -362,3 +362,38 @@ fn a_del_that_timed_out_on_a_hung_agent_is_applied_once_it_answers_again() {
     );
     assert_forgotten(&cluster, &pod, ifindex);
 }
+
+#[test]
+fn an_add_supersedes_a_queued_del_of_the_same_attachment() {
+    kubesg_testkit::require_privileged!();
+    let cluster = Cluster::connected(Startup::Deny);
+    let pod = cluster.pod("re-added", 66);
+    // A DEL of this attachment left in the queue (the agent was away when it came); then the
+    // runtime adds the attachment again.
+    let dir = pending_deletes::dir_beside(&cluster.agent.socket());
+    let key = kubesg_proto::v1alpha1::EndpointKey {
+        container_id: pod.attachment.container_id.clone(),
+        ifname: pod.attachment.ifname.clone(),
+    };
+    pending_deletes::queue(&dir, &key)
+        .expect("queueing")
+        .expect("the agent's directory exists");
+    if let Err(e) = cluster.try_add(&pod) {
+        panic!("ADD: {e}\n{}", cluster.dump());
+    }
+    assert_eq!(queued(&cluster), 0, "the ADD dropped the queued DEL");
+    // Past the agent's next look at the queue, the pod is still registered and enforced.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        cluster
+            .agent
+            .knows_container(pod.container_id())
+            .expect("ListEndpoints"),
+        "the new registration was deleted\n{}",
+        cluster.dump()
+    );
+    assert!(cluster
+        .agent
+        .datapath_has_endpoint(cluster.host_ifindex(&pod))
+        .expect("maps"));
+}

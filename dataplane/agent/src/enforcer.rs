@@ -252,18 +252,21 @@ impl Enforcer {
     /// registration, and supersedes a DEL of it still queued. On error nothing of it is left.
     pub fn add_endpoint(&mut self, rec: EndpointRecord) -> Result<Enforcement, EnforcerError> {
         rec.validate()?;
+        if !interface_matches(&rec) {
+            return Err(EnforcerError::NoInterface {
+                name: rec.host_ifname.clone(),
+                ifindex: rec.host_ifindex,
+            });
+        }
+        // From here on the ADD either registers the attachment or removes it whole (below), so
+        // a DEL of it still queued has nothing left to do; one that cannot be dropped fails the
+        // ADD before anything changed.
         let wire_key = pb::EndpointKey {
             container_id: rec.key.container_id.clone(),
             ifname: rec.key.ifname.clone(),
         };
         if pending_deletes::forget(&self.pending_deletes, &wire_key)? {
             info!(endpoint = %rec.key, "a queued DEL of this attachment is superseded by its ADD");
-        }
-        if !interface_matches(&rec) {
-            return Err(EnforcerError::NoInterface {
-                name: rec.host_ifname.clone(),
-                ifindex: rec.host_ifindex,
-            });
         }
         if let Some(old) = self.endpoints.get(&rec.key).cloned() {
             if old.host_ifindex != rec.host_ifindex {
