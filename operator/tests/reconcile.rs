@@ -1,7 +1,8 @@
 //! The operator against kube-rs's mocked API (tower-test): a small "API server verifier" plays
 //! the API server and asserts the exact requests the operator makes (method, path and query,
 //! body) for status writes, conditions, Events, deleted and invalid groups, and leader election
-//! through a Lease. Not privileged.
+//! through a Lease; and the API source: what the watchers make of lists, watch events and a
+//! relist after an expired watch. Not privileged.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -9,9 +10,12 @@ use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
 use kubesg_operator::{
+    changes::ClusterChange,
+    kube_source::{self, SourceEvent},
     leader::{self, Elector, LeaseSettings},
     metrics::Metrics,
     model::ObjectKey,
+    model::{NamedPort, PortProtocol},
     plan::GroupReport,
     push::{PushServer, PushSettings},
     status::{group_status, NodeAcks},
@@ -105,6 +109,16 @@ impl Call {
             .status(status)
             .header("content-type", "application/json")
             .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap();
+        self.reply.send_response(response);
+    }
+
+    /// Answers 200 with `bytes` as they are (a watch: one JSON event per line).
+    fn stream(self, bytes: Vec<u8>) {
+        let response = Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(Body::from(bytes))
             .unwrap();
         self.reply.send_response(response);
     }
@@ -966,4 +980,204 @@ async fn only_the_lease_holder_serves_agents_and_writes_status() {
     assert_eq!((method, uri), (Method::PUT, format!("{LEASE_PATH}?")));
     assert!(body["spec"].get("holderIdentity").is_none(), "{body}");
     server.abort();
+}
+
+// ----- the API source -----
+
+/// A namespace object at `resource_version`.
+fn namespace_object(name: &str, resource_version: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": name, "resourceVersion": resource_version, "labels": { "team": name } }
+    })
+}
+
+/// A list of `kind` at `resource_version`.
+fn list_of(api_version: &str, kind: &str, resource_version: &str, items: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": api_version, "kind": format!("{kind}List"),
+        "metadata": { "resourceVersion": resource_version }, "items": items
+    })
+}
+
+/// A watch response body: one event per line.
+fn watch_body(events: &[(&str, Value)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (type_, object) in events {
+        out.extend(serde_json::to_vec(&json!({ "type": type_, "object": object })).unwrap());
+        out.push(b'\n');
+    }
+    out
+}
+
+/// The pods of the first pod list: running with two addresses and named ports, on the host's
+/// network, and finished.
+fn pod_items() -> Vec<Value> {
+    let pod = |name: &str, spec: Value, status: Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": "shop", "uid": format!("uid-{name}"),
+                          "labels": { "app": name }, "resourceVersion": "3" },
+            "spec": spec, "status": status
+        })
+    };
+    vec![
+        pod(
+            "web-0",
+            json!({ "nodeName": "n1", "containers": [ { "name": "c", "ports": [
+                { "name": "http", "containerPort": 8080 },
+                { "name": "dns", "containerPort": 53, "protocol": "UDP" },
+                { "containerPort": 9000 } ] } ] }),
+            json!({ "phase": "Running", "podIP": "10.0.0.5",
+                    "podIPs": [ { "ip": "10.0.0.5" }, { "ip": "fd00::5" } ] }),
+        ),
+        pod(
+            "agent",
+            json!({ "nodeName": "n1", "hostNetwork": true, "containers": [ { "name": "c" } ] }),
+            json!({ "phase": "Running", "podIP": "192.168.0.1" }),
+        ),
+        pod(
+            "job",
+            json!({ "nodeName": "n1", "containers": [ { "name": "c" } ] }),
+            json!({ "phase": "Succeeded" }),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_before_a_relist() {
+    let (client, mut api) = ApiServer::client();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    let source = tokio::spawn(kube_source::run(client, tx));
+
+    // Namespaces: listed (shop, old); a watch adds `new` and deletes `shop`, then ends; the next
+    // watch has expired (410); the relist finds `new` only: `old` went while nobody watched.
+    // The other kinds are listed once and then watched quietly.
+    let mut held = Vec::new();
+    let (mut lists, mut watches) = (0, 0);
+    while lists < 2 || watches < 3 {
+        let call = api.next().await;
+        let (path, query) = call.uri.split_once('?').unwrap_or((call.uri.as_str(), ""));
+        let watching = query.contains("watch=true");
+        match (path, watching) {
+            ("/api/v1/namespaces", false) => {
+                lists += 1;
+                let items = if lists == 1 {
+                    vec![namespace_object("shop", "1"), namespace_object("old", "2")]
+                } else {
+                    vec![namespace_object("new", "11")]
+                };
+                let rv = if lists == 1 { "10" } else { "20" };
+                call.ok(&list_of("v1", "Namespace", rv, items));
+            }
+            ("/api/v1/namespaces", true) => {
+                watches += 1;
+                match watches {
+                    1 => call.stream(watch_body(&[
+                        ("ADDED", namespace_object("new", "11")),
+                        ("DELETED", namespace_object("shop", "12")),
+                    ])),
+                    2 => call.stream(watch_body(&[(
+                        "ERROR",
+                        json!({ "kind": "Status", "apiVersion": "v1", "metadata": {},
+                                "status": "Failure", "reason": "Expired", "code": 410,
+                                "message": "too old resource version: 12 (15)" }),
+                    )])),
+                    _ => held.push(call),
+                }
+            }
+            ("/api/v1/nodes", false) => {
+                let node = json!({ "apiVersion": "v1", "kind": "Node",
+                                   "metadata": { "name": "n1", "resourceVersion": "4" } });
+                call.ok(&list_of("v1", "Node", "4", vec![node]));
+            }
+            ("/api/v1/pods", false) => call.ok(&list_of("v1", "Pod", "3", pod_items())),
+            ("/apis/kubesg.io/v1alpha1/securitygroups", false) => {
+                call.ok(&list_of("kubesg.io/v1alpha1", "SecurityGroup", "5", vec![]))
+            }
+            (_, true) => held.push(call),
+            (other, false) => panic!("unexpected request {} {other}", call.method),
+        }
+    }
+
+    // What the source reported, until the catch-up delete.
+    let mut namespaces = Vec::new();
+    let mut pods = BTreeMap::new();
+    let mut listed = Vec::new();
+    while !namespaces.contains(&"delete old".to_owned()) {
+        let event = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no catch-up delete; namespaces: {namespaces:?}"))
+            .expect("the source runs");
+        match event {
+            SourceEvent::Listed(kind) => listed.push(kind),
+            SourceEvent::Changes(changes) => {
+                for change in changes {
+                    match change {
+                        ClusterChange::UpsertNamespace(n, ns) => {
+                            assert_eq!(ns.labels.get("team"), Some(&n));
+                            namespaces.push(format!("upsert {n}"));
+                        }
+                        ClusterChange::DeleteNamespace(n) => namespaces.push(format!("delete {n}")),
+                        ClusterChange::UpsertPod(key, pod) => {
+                            pods.insert(key.name, pod);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        namespaces,
+        [
+            "upsert shop",
+            "upsert old",
+            "upsert new",
+            "delete shop",
+            "upsert new",
+            "delete old"
+        ]
+    );
+    listed.sort_unstable();
+    assert_eq!(listed, ["Namespace", "Node", "Pod", "SecurityGroup"]);
+
+    // Pods as the compiler needs them.
+    let web = &pods["web-0"];
+    assert_eq!(web.uid, "uid-web-0");
+    assert_eq!(web.node.as_deref(), Some("n1"));
+    assert_eq!(web.labels.get("app").map(String::as_str), Some("web-0"));
+    assert_eq!(
+        web.ips,
+        [
+            "10.0.0.5".parse::<std::net::IpAddr>().unwrap(),
+            "fd00::5".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        web.ports,
+        [
+            NamedPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: PortProtocol::Tcp
+            },
+            NamedPort {
+                name: "dns".into(),
+                port: 53,
+                protocol: PortProtocol::Udp
+            },
+        ],
+        "unnamed ports are left out"
+    );
+    assert!(!web.host_network && !web.terminated);
+    assert!(pods["agent"].host_network, "{:?}", pods["agent"]);
+    assert!(
+        pods["job"].terminated && pods["job"].ips.is_empty(),
+        "{:?}",
+        pods["job"]
+    );
+
+    source.abort();
+    drop(held);
 }
