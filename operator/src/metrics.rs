@@ -289,8 +289,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_registry_exposes_push_latency_and_leadership() {
+    fn the_registry_exposes_compile_time_push_latency_and_leadership() {
         let m = Metrics::default();
+        m.full_compile(Duration::from_millis(2400));
+        m.incremental_compile(Duration::from_micros(300));
+        m.incremental_compile(Duration::from_micros(500));
         m.push_latency("n1", Duration::from_millis(3));
         m.agents_connected(2);
         m.set_objects("Pod", 7);
@@ -307,6 +310,18 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("kubesg_operator_leader 1"), "{out}");
+        assert!(
+            out.contains("kubesg_operator_compile_seconds_count{mode=\"full\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("kubesg_operator_compile_seconds_count{mode=\"incremental\"} 2"),
+            "{out}"
+        );
+        assert!(
+            out.contains("kubesg_operator_compile_seconds_sum{mode=\"full\"} 2.4"),
+            "{out}"
+        );
     }
 
     #[test]
