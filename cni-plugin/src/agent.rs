@@ -75,7 +75,8 @@ pub async fn connect(socket: &Path) -> Result<CniBackendClient<Channel>, AgentEr
 }
 
 /// Classifies a connection failure: a socket that does not exist is [`AgentError::SocketMissing`]
-/// (DEL and GC treat it as "nothing to clean"), anything else [`AgentError::Unreachable`].
+/// (GC treats it as "nothing to clean", DEL queues the deletion), anything else
+/// [`AgentError::Unreachable`].
 fn connect_error(socket: &Path, err: &tonic::transport::Error) -> AgentError {
     let mut reason = err.to_string();
     let mut not_found = false;

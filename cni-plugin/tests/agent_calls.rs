@@ -1,6 +1,6 @@
 //! The binary against the real kubesg-agent process (in a node network namespace, pods attached
 //! by Debian's bridge plugin): what DEL, CHECK, STATUS and GC ask the agent, how each answer
-//! becomes a CNI outcome, and a call the agent does not answer in time. The two answers the real
+//! becomes a CNI outcome, and a DEL the agent does not answer in time (queued for it). The two answers the real
 //! agent never gives are served by a stub (support/stub_agent.rs) at the end.
 
 #[path = "support/plugin.rs"]
@@ -10,7 +10,10 @@ mod stub_agent;
 
 use std::time::{Duration, Instant};
 
-use kubesg_proto::v1alpha1::{Endpoint, EndpointKey, StatusResponse};
+use kubesg_proto::{
+    pending_deletes,
+    v1alpha1::{Endpoint, EndpointKey, StatusResponse},
+};
 use kubesg_testkit::{
     agent::{AgentConfig, AgentProcess, Startup},
     cni::{pod_v4, pod_v6, Attachment, CniNode, CniPod, NetworkList},
@@ -310,7 +313,7 @@ fn gc_without_valid_attachments_deletes_nothing() {
 }
 
 #[test]
-fn agent_that_does_not_answer_in_time_is_code_11() {
+fn del_the_agent_does_not_answer_in_time_succeeds_and_is_applied_once_it_answers() {
     kubesg_testkit::require_privileged!();
     let node = Node::start(Startup::Deny, None);
     let pod = node.registered_pod("a", 11);
@@ -319,11 +322,27 @@ fn agent_that_does_not_answer_in_time_is_code_11() {
     node.agent.freeze().expect("SIGSTOP");
     let env = attachment_env("DEL", &att.container_id, netns(att), "eth0");
     let run = node.run(&env, &node.config("1.0.0", json!({"timeoutSeconds": 1})));
+    let queue = pending_deletes::dir_beside(&node.agent.socket());
+    let queued = pending_deletes::read_all(&queue)
+        .expect("reading the queue")
+        .len();
     node.agent.thaw().expect("SIGCONT");
-    let err = run.assert_error(11);
-    let details = err["details"].as_str().unwrap_or_default();
-    assert!(details.to_lowercase().contains("timeout"), "{details}");
-    assert_eq!(node.keys(), [key(att)], "the DEL did not happen");
+    run.assert_silent_success();
+    assert!(
+        run.stderr.contains("queued") && run.stderr.to_lowercase().contains("timeout"),
+        "stderr: {}",
+        run.stderr
+    );
+    assert_eq!(queued, 1, "the DEL waits in the queue");
+    // The agent, answering again, applies it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.keys().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(node.keys().is_empty(), "the queued DEL was not applied");
+    assert!(pending_deletes::read_all(&queue)
+        .expect("reading")
+        .is_empty());
 }
 
 #[test]
