@@ -12,8 +12,11 @@ footprint() {
     ip netns list | awk '{print "netns " $1}'
     find /sys/fs/bpf -mindepth 1 -maxdepth 1 -printf 'bpffs %f\n'
     pgrep -a -f 'kubesg-(agent|operator|cni) ' | sed 's/^[0-9]* /process /' || true
-    find "${TMPDIR:-/tmp}" -mindepth 1 -maxdepth 1 -newer "$stamp" -printf 'tmp %f\n'
-  } | grep -v -e "^tmp $(basename "$log")\$" -e "^tmp $(basename "$stamp")\$" | sort
+    # The demo's temporary directories (manifests, statuses, PKI, IPAM, the agents' and the
+    # operator's), all named kubesg-*; other files in /tmp are not the demo's.
+    find "${TMPDIR:-/tmp}" -mindepth 1 -maxdepth 1 -type d -newer "$stamp" -name 'kubesg-*' \
+      -printf 'tmp %f\n'
+  } | sort
 }
 
 # Fails when the footprint differs from the one before the demo ran.
