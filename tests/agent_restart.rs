@@ -234,36 +234,6 @@ fn tcp_stream_loses_nothing_when_the_agent_crashes_and_starts_again() {
     stream_survives_an_agent_restart(true);
 }
 
-/// Asserts that the agent has nothing left of `pod` (host interface `ifindex`): not among its
-/// endpoints, no record, no datapath entry, no pinned link.
-#[track_caller]
-fn assert_forgotten(cluster: &Cluster, pod: &CniPod, ifindex: u32) {
-    let agent = &cluster.agent;
-    let what = &pod.name;
-    assert!(
-        !agent
-            .knows_container(pod.container_id())
-            .expect("ListEndpoints"),
-        "{what} is still an endpoint\n{}",
-        cluster.dump()
-    );
-    assert!(
-        agent
-            .record_files(pod.container_id())
-            .expect("records")
-            .is_empty(),
-        "{what}'s record is left"
-    );
-    assert!(
-        !agent.datapath_has_endpoint(ifindex).expect("maps"),
-        "{what}'s interface {ifindex} is still judged"
-    );
-    assert!(
-        agent.pinned_links(ifindex).expect("links").is_empty(),
-        "{what}'s programs are still pinned"
-    );
-}
-
 /// The DELs queued beside the agent's socket.
 fn queued(cluster: &Cluster) -> usize {
     pending_deletes::read_all(&pending_deletes::dir_beside(&cluster.agent.socket()))
@@ -303,7 +273,7 @@ fn pods_deleted_or_gone_while_the_agent_was_down_are_forgotten_when_it_is_back()
     drop(vanished);
 
     cluster.agent.start_again().expect("starting the agent");
-    assert_forgotten(&cluster, &deleted, deleted_if);
+    cluster.assert_nothing_registered(deleted.container_id(), Some(deleted_if), "deleted");
     let table = cluster.agent.cli_ok(&["endpoints"]).expect("endpoints");
     assert!(!table.contains("/vanished "), "{table}");
     assert!(
@@ -360,7 +330,7 @@ fn a_del_that_timed_out_on_a_hung_agent_is_applied_once_it_answers_again() {
         0,
         "the running agent applied the queued DEL"
     );
-    assert_forgotten(&cluster, &pod, ifindex);
+    cluster.assert_nothing_registered(pod.container_id(), Some(ifindex), "hung-del");
 }
 
 #[test]

@@ -78,37 +78,6 @@ fn assert_error(run: &PluginRun, code: u64, what: &str) -> String {
     err["details"].as_str().unwrap_or_default().to_owned()
 }
 
-/// Asserts that the agent has nothing of `container_id` (and of host interface `ifindex`).
-#[track_caller]
-fn assert_nothing_registered(
-    cluster: &Cluster,
-    container_id: &str,
-    ifindex: Option<u32>,
-    what: &str,
-) {
-    let agent = &cluster.agent;
-    assert!(
-        !agent.knows_container(container_id).expect("ListEndpoints"),
-        "{what}: the agent lists the endpoint\n{}",
-        cluster.dump()
-    );
-    assert_eq!(
-        agent.record_files(container_id).expect("state dir"),
-        Vec::<std::path::PathBuf>::new(),
-        "{what}: a record file was left"
-    );
-    if let Some(ifindex) = ifindex {
-        assert!(
-            !agent.datapath_has_endpoint(ifindex).expect("maps"),
-            "{what}: the datapath has an endpoint on {ifindex}"
-        );
-        assert!(
-            agent.pinned_links(ifindex).expect("links").is_empty(),
-            "{what}: programs are attached to {ifindex}"
-        );
-    }
-}
-
 /// The control: the same pod, added correctly, is registered.
 #[track_caller]
 fn assert_good_add_registers(cluster: &Cluster, pod: &CniPod, prev: &Value, ifindex: u32) {
@@ -168,7 +137,7 @@ fn malformed_json_missing_prev_result_and_unsupported_versions_fail_with_their_c
         let run = kubesg_cni(&cluster, &add, stdin);
         let details = assert_error(&run, *code, what);
         assert!(details.contains(mention), "{what}: {details}");
-        assert_nothing_registered(&cluster, pod.container_id(), Some(ifindex), what);
+        cluster.assert_nothing_registered(pod.container_id(), Some(ifindex), what);
     }
     assert_good_add_registers(&cluster, &pod, &prev, ifindex);
 }
@@ -187,7 +156,7 @@ fn each_missing_environment_variable_is_code_4_naming_it() {
         let run = kubesg_cni(&cluster, &vars, &conf);
         let details = assert_error(&run, 4, var);
         assert!(details.contains(var), "{var}: {details}");
-        assert_nothing_registered(&cluster, pod.container_id(), Some(ifindex), var);
+        cluster.assert_nothing_registered(pod.container_id(), Some(ifindex), var);
     }
     // The pod's identity: without it the agent cannot match the pod to its rules.
     for (what, args) in [
@@ -209,7 +178,7 @@ fn each_missing_environment_variable_is_code_4_naming_it() {
         let run = kubesg_cni(&cluster, &vars, &conf);
         let details = assert_error(&run, 4, what);
         assert!(details.contains("K8S_POD_NAME"), "{what}: {details}");
-        assert_nothing_registered(&cluster, pod.container_id(), Some(ifindex), what);
+        cluster.assert_nothing_registered(pod.container_id(), Some(ifindex), what);
     }
     assert_good_add_registers(&cluster, &pod, &prev, ifindex);
 }
@@ -240,7 +209,7 @@ fn netns_that_does_not_exist_is_code_3() {
     let run = kubesg_cni(&cluster, &vars, &config(&cluster, &stale).to_string());
     let details = assert_error(&run, 3, "unknown netns");
     assert!(details.contains(&gone), "{details}");
-    assert_nothing_registered(&cluster, pod.container_id(), Some(ifindex), "unknown netns");
+    cluster.assert_nothing_registered(pod.container_id(), Some(ifindex), "unknown netns");
     assert_good_add_registers(&cluster, &pod, &prev, ifindex);
 }
 
@@ -266,7 +235,7 @@ fn add_while_the_agent_is_down_is_code_11_whether_it_stopped_or_crashed() {
         let details = assert_error(&run, 11, what);
         assert!(details.contains("agent"), "{what}: {details}");
         cluster.agent.start_again().expect("starting the agent");
-        assert_nothing_registered(&cluster, pod.container_id(), Some(ifindex), what);
+        cluster.assert_nothing_registered(pod.container_id(), Some(ifindex), what);
     }
     assert_good_add_registers(&cluster, &pod, &prev, ifindex);
 }
@@ -332,5 +301,5 @@ fn prev_result_naming_a_host_veth_that_does_not_exist_never_registers_a_phantom(
     );
     let details = assert_error(&run, 7, "no veth");
     assert!(details.contains("not a veth"), "{details}");
-    assert_nothing_registered(&cluster, odd.container_id(), None, "no veth");
+    cluster.assert_nothing_registered(odd.container_id(), None, "no veth");
 }

@@ -165,6 +165,33 @@ impl Cluster {
         self.node.host_veth(&result).expect("host veth").1
     }
 
+    /// Asserts that the agent has nothing of `container_id` (and of host interface `ifindex`):
+    /// not among its endpoints, no record, no datapath entry, no attached programs.
+    #[track_caller]
+    pub fn assert_nothing_registered(&self, container_id: &str, ifindex: Option<u32>, what: &str) {
+        let agent = &self.agent;
+        assert!(
+            !agent.knows_container(container_id).expect("ListEndpoints"),
+            "{what}: the agent lists the endpoint\n{}",
+            self.dump()
+        );
+        assert_eq!(
+            agent.record_files(container_id).expect("state dir"),
+            Vec::<std::path::PathBuf>::new(),
+            "{what}: a record file was left"
+        );
+        if let Some(ifindex) = ifindex {
+            assert!(
+                !agent.datapath_has_endpoint(ifindex).expect("maps"),
+                "{what}: the datapath has an endpoint on {ifindex}"
+            );
+            assert!(
+                agent.pinned_links(ifindex).expect("links").is_empty(),
+                "{what}: programs are attached to {ifindex}"
+            );
+        }
+    }
+
     /// What the agent knows, for failure messages: `kubesg-agent endpoints`, `ct list -w`, its
     /// log.
     pub fn dump(&self) -> String {

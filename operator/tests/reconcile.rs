@@ -123,6 +123,12 @@ impl Call {
         self.reply.send_response(response);
     }
 
+    /// Answers 201 with the request's own body, as the API server does on a create.
+    fn created(self) {
+        let body = self.body.clone();
+        self.reply(StatusCode::CREATED, &body);
+    }
+
     /// Answers 200 with `body`.
     fn ok(self, body: &Value) {
         self.reply(StatusCode::OK, body);
@@ -312,8 +318,7 @@ async fn valid_group_status_reports_members_nodes_and_programmed_per_acks() {
         "Program",
         "all 2 nodes enforce generation 2",
     );
-    let body = event.body.clone();
-    event.reply(StatusCode::CREATED, &body);
+    event.created();
 
     assert_eq!(
         op.await.unwrap(),
@@ -374,8 +379,7 @@ async fn invalid_group_is_not_accepted_and_warned_once_per_generation() {
     patch.ok(&group_object(4, Some(written)));
     let event = api.expect(Method::POST, EVENTS_PATH).await;
     assert_event(&event, "Warning", "InvalidSpec", "Validate", why);
-    let body = event.body.clone();
-    event.reply(StatusCode::CREATED, &body);
+    event.created();
 
     // Generation 5.
     let patch = api
@@ -400,8 +404,7 @@ async fn invalid_group_is_not_accepted_and_warned_once_per_generation() {
         "Validate",
         "spec.egress[0]: two peer kinds",
     );
-    let body = event.body.clone();
-    event.reply(StatusCode::CREATED, &body);
+    event.created();
 
     assert_eq!(
         op.await.unwrap(),
@@ -456,8 +459,7 @@ async fn a_node_refusing_the_group_is_warned_with_the_agents_reason_once() {
         patch.ok(&group_object(3, Some(written)));
         let event = api.expect(Method::POST, EVENTS_PATH).await;
         assert_event(&event, "Warning", "ProgrammingRefused", "Program", &message);
-        let body = event.body.clone();
-        event.reply(StatusCode::CREATED, &body);
+        event.created();
     }
     assert_eq!(
         op.await.unwrap(),

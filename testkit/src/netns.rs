@@ -330,10 +330,12 @@ impl RecvWithin for UdpSocket {
 }
 
 /// `read` on a stream with a read timeout, retried when interrupted (see [`RecvWithin`]).
-pub fn read_within(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    let timeout = stream.read_timeout()?;
-    let probe = stream.try_clone()?;
-    retry_interrupted(timeout, |t| probe.set_read_timeout(t), || stream.read(buf))
+pub fn read_within(mut stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    retry_interrupted(
+        stream.read_timeout()?,
+        |t| stream.set_read_timeout(t),
+        || stream.read(buf),
+    )
 }
 
 /// Runs `op` until it is not interrupted, shortening the socket's timeout (set through `set`) to

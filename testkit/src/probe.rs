@@ -265,7 +265,7 @@ fn echo_tcp(mut stream: TcpStream, stop: Arc<AtomicBool>) {
     }
     let mut buf = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
-        match read_within(&mut stream, &mut buf) {
+        match read_within(&stream, &mut buf) {
             Ok(0) => return,
             Ok(n) => {
                 if stream.write_all(&buf[..n]).is_err() {

@@ -19,7 +19,7 @@ use kubesg_testkit::{
     ipv4_and_ipv6,
     loopback::{LoopbackDatapath, ACCEPT, DROP, EGRESS, IFINDEX, INGRESS},
     packet::{self, TcpFlags},
-    rules::{cidr, egress, icmp, ingress, range, rule, rule_with},
+    rules::{cidr, egress, hosts, icmp, ingress, range, rule, rule_with},
 };
 
 /// A SYN from pod:40000 to `to`:`port`.
@@ -143,21 +143,15 @@ fn versions_agreeing_on_443(f: Family, extra: u16) -> [CompiledPolicy; 2] {
             cidr(&format!("10.{}.{}.0/24", 100 + i / 256, i % 256))
         }
     };
-    let hosts = |p: IpAddr| rule_with(Protocol::Tcp, vec![range(443, 443)], vec![host(p)]);
+    let https_to = |p: IpAddr| rule_with(Protocol::Tcp, vec![range(443, 443)], hosts(&[p]));
     [0u16, 1].map(|v| {
         let ports = (0..extra).map(|i| range(1000 + 2 * i + v, 1000 + 2 * i + v));
         let peers = (0..extra).map(|i| peer_block(2 * i + v));
         egress(vec![
-            hosts(f.peer),
+            https_to(f.peer),
             rule_with(Protocol::Udp, ports.collect(), peers.collect()),
         ])
     })
-}
-
-/// The host block of `addr`.
-fn host(addr: IpAddr) -> PeerBlock {
-    let len = if addr.is_ipv6() { 128 } else { 32 };
-    PeerBlock::cidr(ipnet::IpNet::new(addr, len).expect("host block"))
 }
 
 fn a_policy_replaced_while_packets_flow_is_never_seen_half_written(f: Family) {

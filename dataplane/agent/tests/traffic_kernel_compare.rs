@@ -105,9 +105,9 @@ fn drive(client: &TestPod, server: &TestPod, v6: bool) -> Open {
         .expect("the server sees the FIN");
 
     // A connection aborted by the client's RST: CLOSE.
-    let (c, mut s) = open_from(client, 41009, to, &listener);
+    let (c, s) = open_from(client, 41009, to, &listener);
     abort(c).expect("aborting");
-    match read_within(&mut s, &mut [0u8; 4]) {
+    match read_within(&s, &mut [0u8; 4]) {
         Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
         other => panic!("the server must see the RST, got {other:?}"),
     }
