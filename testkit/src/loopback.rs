@@ -44,7 +44,8 @@ pub struct LoopbackDatapath {
     /// The endpoint's policy, `None` for a non-member.
     policy: Option<PolicyHandle>,
     events: RingBuf<MapData>,
-    /// CLOCK_MONOTONIC just before and after the last run: the datapath's `now` lies within.
+    /// CLOCK_MONOTONIC_COARSE just before and after the last run: the datapath's `now` lies
+    /// within, give or take a tick.
     window: Cell<(u64, u64)>,
 }
 
@@ -168,17 +169,24 @@ impl LoopbackDatapath {
         d[0].clone()
     }
 
-    /// Asserts that `c` expires `timeout` after the last run (the run's clock reading lies
-    /// between the instants taken around it).
+    /// Asserts that `c` expires `timeout` after the last run: the run's clock reading lies
+    /// between the instants taken around it, give or take the one tick by which the datapath's
+    /// tick clock may differ from CLOCK_MONOTONIC_COARSE (`kubesg_agent::clock`).
     #[track_caller]
     pub fn assert_expires_in(&self, c: &Connection, timeout: Duration) {
         let timeout_ns = u64::try_from(timeout.as_nanos()).expect("a timeout within u64 ns");
         let (before, after) = self.window.get();
+        let tick = self.datapath.tick_clock().map_or(0, |t| t.tick_ns);
         let e = c.entry.expires_ns;
         assert!(
-            before + timeout_ns <= e && e <= after + timeout_ns,
-            "expires_ns {e} is not last run + {timeout_ns} ns ({before}..{after})"
+            before + timeout_ns <= e + tick && e <= after + timeout_ns + tick,
+            "expires_ns {e} is not last run + {timeout_ns} ns ({before}..{after}, ± {tick} ns)"
         );
+    }
+
+    /// CLOCK_MONOTONIC_COARSE just before and just after the last run.
+    pub fn last_run_window(&self) -> (u64, u64) {
+        self.window.get()
     }
 }
 

@@ -1,8 +1,13 @@
-//! The clock conntrack timestamps are taken with. The datapath reads `bpf_ktime_get_coarse_ns()`
-//! (CLOCK_MONOTONIC_COARSE: one tick of resolution, as nf_conntrack's jiffies, for a tenth of the
-//! cost of the precise clock on the per-packet path), so userspace reads the same clock to compute
-//! remaining timeouts and to sweep: with a finer clock it could call an entry expired a tick
-//! before the datapath does.
+//! The clock conntrack timestamps are taken with: CLOCK_MONOTONIC_COARSE, one tick of resolution,
+//! as nf_conntrack's jiffies. Userspace reads it to compute remaining timeouts and to sweep.
+//!
+//! The datapath does not call `bpf_ktime_get_coarse_ns()` per packet: a helper call is the largest
+//! fixed cost of the established fast path, while `bpf_jiffies64()` is inlined by the verifier
+//! into one load. It computes `jiffies × tick_ns + offset` ([`TickClock`]), which the agent sets
+//! up at load from readings of both clocks taken by the `clock` program, and re-aligns
+//! periodically (NTP slews CLOCK_MONOTONIC_COARSE against the tick count by up to 500 ppm).
+
+use kubesg_common::config::{ClockSample, Config};
 
 /// Nanoseconds on CLOCK_MONOTONIC_COARSE, comparable with the datapath's timestamps.
 pub fn now_ns() -> u64 {
@@ -10,5 +15,146 @@ pub fn now_ns() -> u64 {
         Ok(ts) => ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64,
         // This clock cannot fail on Linux; a zero reads every entry as alive.
         Err(_) => 0,
+    }
+}
+
+/// The kernel tick rates Linux offers (`CONFIG_HZ`); a measured rate within 5 % of one of them
+/// is that one.
+const KNOWN_HZ: [u64; 4] = [100, 250, 300, 1000];
+
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+
+/// How the datapath turns jiffies into CLOCK_MONOTONIC_COARSE nanoseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TickClock {
+    /// The kernel's tick rate.
+    pub hz: u64,
+    /// Nanoseconds per tick, as the kernel rounds it (`TICK_NSEC`).
+    pub tick_ns: u64,
+    /// CLOCK_MONOTONIC_COARSE minus `jiffies × tick_ns` (wrapping).
+    pub offset_ns: u64,
+}
+
+impl TickClock {
+    /// Measures the tick rate from two readings at least two ticks apart and aligns the clock on
+    /// the later one. `None` when they are too close or the clocks went backwards.
+    pub fn measure(first: ClockSample, last: ClockSample) -> Option<TickClock> {
+        let ticks = last.jiffies.checked_sub(first.jiffies)?;
+        let ns = last.coarse_ns.checked_sub(first.coarse_ns)?;
+        if ticks < 2 || ns == 0 {
+            return None;
+        }
+        let measured = (ticks as f64) * (NSEC_PER_SEC as f64) / (ns as f64);
+        let hz = KNOWN_HZ
+            .iter()
+            .copied()
+            .find(|&hz| ((measured - hz as f64) / hz as f64).abs() < 0.05)
+            .unwrap_or_else(|| measured.round().max(1.0) as u64);
+        let tick_ns = (NSEC_PER_SEC + hz / 2) / hz;
+        Some(
+            TickClock {
+                hz,
+                tick_ns,
+                offset_ns: 0,
+            }
+            .aligned(last),
+        )
+    }
+
+    /// The same rate, aligned on `s`: from then on, `jiffies × tick_ns + offset_ns` reads as
+    /// CLOCK_MONOTONIC_COARSE did when `s` was taken.
+    pub fn aligned(self, s: ClockSample) -> TickClock {
+        TickClock {
+            offset_ns: s
+                .coarse_ns
+                .wrapping_sub(s.jiffies.wrapping_mul(self.tick_ns)),
+            ..self
+        }
+    }
+
+    /// The clock at `jiffies`.
+    pub fn at(&self, jiffies: u64) -> u64 {
+        jiffies
+            .wrapping_mul(self.tick_ns)
+            .wrapping_add(self.offset_ns)
+    }
+
+    /// Puts this clock in `cfg` (`None`: the datapath reads the coarse clock with the helper).
+    pub fn install(clock: Option<TickClock>, cfg: &mut Config) {
+        cfg.tick_ns = clock.map_or(0, |c| c.tick_ns);
+        cfg.tick_offset_ns = clock.map_or(0, |c| c.offset_ns);
+    }
+}
+
+/// The reading most of `samples` agree on (`None` when no two agree). The kernel bumps jiffies a
+/// moment before it moves CLOCK_MONOTONIC_COARSE, so a single reading taken in between pairs a new
+/// tick with the old time; of three readings taken back to back, two agree.
+pub fn consensus(samples: &[ClockSample]) -> Option<ClockSample> {
+    samples
+        .iter()
+        .find(|s| samples.iter().filter(|o| o == s).count() >= 2)
+        .copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(hz: u64, tick: u64) -> ClockSample {
+        // jiffies start at INITIAL_JIFFIES; any origin will do.
+        let tick_ns = (NSEC_PER_SEC + hz / 2) / hz;
+        ClockSample {
+            jiffies: 4_294_000_000 + tick,
+            coarse_ns: 77_000_000_000 + tick * tick_ns,
+        }
+    }
+
+    #[test]
+    fn measures_each_kernel_tick_rate_from_two_ticks() {
+        for hz in KNOWN_HZ {
+            let c = TickClock::measure(at(hz, 10), at(hz, 12)).expect("two ticks apart");
+            assert_eq!(c.hz, hz);
+            assert_eq!(c.tick_ns, (NSEC_PER_SEC + hz / 2) / hz);
+            // Aligned: it reads the coarse clock of every later tick.
+            for t in [12, 13, 1_000_000] {
+                let s = at(hz, t);
+                let err = c.at(s.jiffies).abs_diff(s.coarse_ns);
+                assert!(err < 1_000_000, "HZ {hz}, tick {t}: off by {err} ns");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_tick_rate_is_taken_as_measured() {
+        let c = TickClock::measure(at(1200, 0), at(1200, 50)).expect("fifty ticks apart");
+        assert_eq!(c.hz, 1200);
+    }
+
+    #[test]
+    fn readings_less_than_two_ticks_apart_or_backwards_measure_nothing() {
+        assert_eq!(TickClock::measure(at(250, 3), at(250, 4)), None);
+        assert_eq!(TickClock::measure(at(250, 9), at(250, 3)), None);
+    }
+
+    #[test]
+    fn consensus_drops_a_reading_that_pairs_a_new_tick_with_the_old_time() {
+        let good = at(250, 7);
+        let torn = ClockSample {
+            jiffies: good.jiffies + 1,
+            ..good
+        };
+        assert_eq!(consensus(&[torn, good, good]), Some(good));
+        assert_eq!(consensus(&[good, torn, good]), Some(good));
+        assert_eq!(consensus(&[good, torn, at(250, 9)]), None);
+    }
+
+    #[test]
+    fn install_without_a_tick_clock_falls_back_to_the_helper() {
+        let mut cfg = Config::defaults();
+        let c = TickClock::measure(at(250, 0), at(250, 2)).expect("measured");
+        TickClock::install(Some(c), &mut cfg);
+        assert_eq!(cfg.tick_clock_ns(5), Some(c.at(5)));
+        TickClock::install(None, &mut cfg);
+        assert_eq!(cfg.tick_clock_ns(5), None);
     }
 }

@@ -269,6 +269,9 @@ pub struct Sweeper {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// See [`Sweeper::start`]: ten ticks at HZ=1000, one at HZ=100.
+const SWEEP_GRACE_NS: u64 = 10_000_000;
+
 impl Sweeper {
     /// Starts sweeping `maps` every `interval`.
     pub fn start(mut maps: Maps, interval: std::time::Duration) -> Self {
@@ -278,7 +281,11 @@ impl Sweeper {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
-            let now = crate::clock::now_ns();
+            // Entries are removed a little after they expire: the datapath's tick clock may run
+            // up to a few milliseconds behind CLOCK_MONOTONIC_COARSE between re-alignments
+            // (`Datapath::sync_clock`), and an entry must never go while it still counts as live
+            // there. Expired entries are absent to the datapath either way.
+            let now = crate::clock::now_ns().saturating_sub(SWEEP_GRACE_NS);
             match sweep(&mut maps, now) {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(removed = n, "conntrack sweep"),

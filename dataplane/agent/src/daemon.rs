@@ -121,7 +121,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         warn!("no operator configured: pods get the startup policy or the last applied rules");
     }
 
-    // DELs queued by kubesg-cni while this agent hung (it applied those of its downtime at start).
+    // DELs queued by kubesg-cni while this agent hung (it applied those of its downtime at start),
+    // and the datapath clock's alignment.
     let pending_task = tokio::spawn({
         let node = node.clone();
         let stop = stop.clone();
@@ -134,6 +135,11 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 }
                 if let Err(e) = node.with(|e| e.apply_pending_deletes()).await {
                     warn!(error = %e, "applying queued CNI DELs");
+                }
+                // Keep the datapath's tick clock on CLOCK_MONOTONIC_COARSE, which the sweep
+                // and `ct list` read (NTP slews one against the other).
+                if let Err(e) = node.with(|e| Ok(e.datapath_mut().sync_clock()?)).await {
+                    warn!(error = %e, "re-aligning the datapath clock");
                 }
             }
         }

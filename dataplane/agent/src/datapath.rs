@@ -8,26 +8,28 @@
 use std::{
     collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::{
-    maps::{MapData, MapError, PerCpuValues, RingBuf},
+    maps::{Array, MapData, MapError, PerCpuValues, RingBuf},
     programs::{ProgramError, ProgramFd, SchedClassifier},
     Ebpf, EbpfError, EbpfLoader,
 };
 use kubesg_common::{
-    config::Config,
+    config::{ClockSample, Config},
     endpoint::{cache_slot, CachedEndpoint, Endpoint, EP_F_STATELESS, POLICY_NONE},
     event::Counters,
     limits,
     policy::{PeerKey, PEER_KEY_FIXED_BITS},
     AF_INET6,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     attach::{self, AttachError, AttachMode, Hook},
     bpffs,
+    clock::{consensus, TickClock},
     maps::{map_pin_path, names, Maps, MapsError},
     policy::CompiledPolicy,
     tables::{self, TablesError},
@@ -113,6 +115,9 @@ pub enum DatapathError {
     /// A policy that endpoints still use cannot be removed.
     #[error("policy {0} is still used by endpoint(s) {1:?}")]
     PolicyInUse(u32, Vec<u32>),
+    /// The `clock` program could not read the kernel's clocks.
+    #[error("reading the kernel clocks: {0}")]
+    Clock(String),
 }
 
 /// Whether a peer entry is a single address, which lives in `POLICY_HOSTS` rather than the trie.
@@ -136,7 +141,16 @@ pub struct Datapath {
     /// Attachments of an unpinned datapath (they detach when dropped).
     links: HashMap<(u32, Hook), aya::programs::tc::SchedClassifierLink>,
     next_policy_id: u32,
+    /// Where the `clock` program leaves its readings (private to this process, never pinned).
+    clock_map: Array<MapData, ClockSample>,
+    /// The datapath's tick clock; `None`: it could not be set up and the datapath calls the
+    /// coarse-clock helper per packet.
+    tick: Option<TickClock>,
 }
+
+/// How long [`Datapath::load`] waits for the two ticks that measure the tick rate (two ticks take
+/// 20 ms at the slowest rate, HZ=100).
+const TICK_MEASURE_LIMIT: Duration = Duration::from_secs(1);
 
 impl Datapath {
     /// Loads the programs, creating the maps or, when pinned maps exist under the pin directory,
@@ -161,7 +175,7 @@ impl Datapath {
             loader.map_max_entries(names::CONNTRACK, n);
         }
         let mut ebpf = loader.load(OBJECT)?;
-        for name in ["from_pod", "to_pod", "parse_only", "parse_lookup"] {
+        for name in ["from_pod", "to_pod", "parse_only", "parse_lookup", "clock"] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Program {
@@ -188,6 +202,10 @@ impl Datapath {
             }
         }
         let (maps, events) = Maps::take(&mut ebpf)?;
+        let clock_map = ebpf
+            .take_map("CLOCK")
+            .ok_or_else(|| DatapathError::Clock("the object has no CLOCK map".into()))
+            .and_then(|m| Array::try_from(m).map_err(map_err("opening CLOCK")))?;
         let mut dp = Datapath {
             ebpf,
             maps,
@@ -196,7 +214,19 @@ impl Datapath {
             mode: opts.attach_mode.unwrap_or_else(AttachMode::detect),
             links: HashMap::new(),
             next_policy_id: 1,
+            clock_map,
+            tick: None,
         };
+        match dp.measure_tick_clock() {
+            Ok(tick) => {
+                debug!(hz = tick.hz, "datapath clock: jiffies");
+                dp.tick = Some(tick);
+            }
+            Err(e) => warn!(
+                error = %e,
+                "datapath clock: falling back to a helper call per packet"
+            ),
+        }
         dp.set_config(&opts.config)?;
         dp.next_policy_id = dp.highest_policy_id()?.saturating_add(1).max(1);
         info!(
@@ -261,12 +291,80 @@ impl Datapath {
             .map_err(map_err("reading CONFIG"))
     }
 
-    /// Changes the settings (timeouts, re-check, deny events) for every packet from now on.
+    /// Changes the settings (timeouts, re-check, deny events) for every packet from now on. The
+    /// clock fields are this datapath's own ([`Datapath::tick_clock`]), whatever `cfg` says.
     pub fn set_config(&mut self, cfg: &Config) -> Result<(), DatapathError> {
+        let mut cfg = *cfg;
+        TickClock::install(self.tick, &mut cfg);
         self.maps
             .config
             .set(0, cfg, 0)
             .map_err(map_err("writing CONFIG"))
+    }
+
+    /// The datapath's tick clock (`None`: it reads the coarse clock with a helper call).
+    pub fn tick_clock(&self) -> Option<TickClock> {
+        self.tick
+    }
+
+    /// Both kernel clocks, read together by the `clock` program: three readings taken back to
+    /// back, and the one at least two agree on (see [`consensus`]).
+    pub fn read_clocks(&self) -> Result<ClockSample, DatapathError> {
+        let fd = self.program_fd("clock")?;
+        for _ in 0..5 {
+            let mut samples = [ClockSample::default(); 3];
+            for s in &mut samples {
+                // The shortest frame BPF_PROG_TEST_RUN takes: an Ethernet header.
+                crate::testrun::test_run(fd, &[0u8; 14], 1, 1)
+                    .map_err(|e| DatapathError::Clock(e.to_string()))?;
+                *s = self
+                    .clock_map
+                    .get(&0, 0)
+                    .map_err(map_err("reading CLOCK"))?;
+            }
+            if let Some(s) = consensus(&samples) {
+                return Ok(s);
+            }
+        }
+        Err(DatapathError::Clock(
+            "no two of three readings agreed, five times".into(),
+        ))
+    }
+
+    fn measure_tick_clock(&self) -> Result<TickClock, DatapathError> {
+        let first = self.read_clocks()?;
+        let deadline = Instant::now() + TICK_MEASURE_LIMIT;
+        loop {
+            std::thread::sleep(Duration::from_millis(2));
+            let last = self.read_clocks()?;
+            if let Some(tick) = TickClock::measure(first, last) {
+                return Ok(tick);
+            }
+            if Instant::now() > deadline {
+                return Err(DatapathError::Clock(format!(
+                    "jiffies did not advance two ticks in {TICK_MEASURE_LIMIT:?} ({first:?} → {last:?})"
+                )));
+            }
+        }
+    }
+
+    /// Re-aligns the datapath's clock on CLOCK_MONOTONIC_COARSE, which NTP slews against the tick
+    /// count; the agent does it every few seconds. A no-op without a tick clock.
+    pub fn sync_clock(&mut self) -> Result<(), DatapathError> {
+        let Some(tick) = self.tick else {
+            return Ok(());
+        };
+        let aligned = tick.aligned(self.read_clocks()?);
+        if aligned != tick {
+            debug!(
+                drift_ns = aligned.offset_ns.wrapping_sub(tick.offset_ns) as i64,
+                "datapath clock re-aligned"
+            );
+        }
+        self.tick = Some(aligned);
+        // Written even when unchanged: it also repairs a CONFIG someone else wrote.
+        let cfg = self.config()?;
+        self.set_config(&cfg)
     }
 
     /// Attaches both programs to the pod interface `ifindex`. Packets cross it unjudged until the

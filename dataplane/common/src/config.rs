@@ -41,6 +41,25 @@ pub struct Config {
     pub udp_stream_after_ns: u64,
     /// `CFG_*` bits.
     pub flags: u64,
+    /// Nanoseconds per kernel tick (`1e9 / CONFIG_HZ`), or 0. When set, the datapath's clock is
+    /// `jiffies × tick_ns + tick_offset_ns`: `bpf_jiffies64()` is inlined by the verifier into one
+    /// load, where `bpf_ktime_get_coarse_ns()` is a helper call, the largest fixed cost of the
+    /// established fast path. The agent measures both and sets them so that the sum reads as
+    /// CLOCK_MONOTONIC_COARSE (see `kubesg_agent::clock`). 0: the datapath calls the helper.
+    pub tick_ns: u64,
+    /// See [`Config::tick_ns`]: CLOCK_MONOTONIC_COARSE minus `jiffies × tick_ns`, wrapping.
+    pub tick_offset_ns: u64,
+}
+
+/// One reading of both kernel clocks, taken by the `clock` program in one run so that the agent
+/// can relate jiffies to CLOCK_MONOTONIC_COARSE (the value of the one-element `CLOCK` map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClockSample {
+    /// `bpf_jiffies64()`.
+    pub jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns()`, read right after.
+    pub coarse_ns: u64,
 }
 
 impl Config {
@@ -65,6 +84,8 @@ impl Config {
             timeouts_ns: t,
             udp_stream_after_ns: 2 * SEC,
             flags: CFG_RECHECK_ON_POLICY_CHANGE | CFG_DENY_EVENTS,
+            tick_ns: 0,
+            tick_offset_ns: 0,
         }
     }
 
@@ -82,6 +103,20 @@ impl Config {
     pub fn has(&self, flag: u64) -> bool {
         self.flags & flag != 0
     }
+
+    /// The datapath's clock at `jiffies`, when the tick clock is set up ([`Config::tick_ns`]).
+    #[inline(always)]
+    pub fn tick_clock_ns(&self, jiffies: u64) -> Option<u64> {
+        if self.tick_ns == 0 {
+            None
+        } else {
+            Some(
+                jiffies
+                    .wrapping_mul(self.tick_ns)
+                    .wrapping_add(self.tick_offset_ns),
+            )
+        }
+    }
 }
 
 impl Default for Config {
@@ -92,3 +127,5 @@ impl Default for Config {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Config {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ClockSample {}

@@ -2,12 +2,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use kubesg_common::{
-    config::{timeout, Config, CFG_DENY_EVENTS, CFG_RECHECK_ON_POLICY_CHANGE},
+    config::{timeout, ClockSample, Config, CFG_DENY_EVENTS, CFG_RECHECK_ON_POLICY_CHANGE},
     conntrack::{
         icmp_kind, is_icmp, track_new, track_packet, CtKey, CtState, IcmpKind, Segment, Step,
     },
@@ -21,8 +21,8 @@ use kubesg_common::{
 };
 
 use crate::maps::{
-    CONFIG, CONNTRACK, COUNTERS, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE, FRAGMENTS, POLICY_HOSTS,
-    POLICY_PEERS, POLICY_PORTS,
+    CLOCK, CONFIG, CONNTRACK, COUNTERS, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE, FRAGMENTS,
+    POLICY_HOSTS, POLICY_PEERS, POLICY_PORTS,
 };
 
 /// Accept, and let any later program on the hook have its say (tcx: TCX_NEXT; clsact: continue).
@@ -86,7 +86,7 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
         }
     };
     let v = if pkt.frag == FRAG_LATER {
-        later_fragment(&ep, ifindex, &pkt)
+        later_fragment(&ep, ifindex, &pkt, cfg)
     } else {
         let v = if ep.is_stateless() {
             stateless(&ep, dir, &pkt)
@@ -99,6 +99,35 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
         v
     };
     finish(v, &ep, ifindex, dir, Some(&pkt), cfg)
+}
+
+/// The datapath's clock (CLOCK_MONOTONIC_COARSE as the agent set up the tick clock, see
+/// [`Config::tick_ns`]): one load of `jiffies_64`, which the verifier inlines, rather than a
+/// helper call on every packet.
+#[inline(always)]
+fn now(cfg: &Config) -> u64 {
+    // SAFETY: reading the clocks has no preconditions.
+    match cfg.tick_clock_ns(unsafe { bpf_jiffies64() }) {
+        Some(t) => t,
+        None => unsafe { bpf_ktime_get_coarse_ns() },
+    }
+}
+
+/// Reads both clocks into `CLOCK`, for the agent (the `clock` program, run with
+/// BPF_PROG_TEST_RUN, never attached).
+#[inline(always)]
+pub fn sample_clock() -> i32 {
+    if let Some(slot) = CLOCK.get_ptr_mut(0) {
+        // SAFETY: reading the clocks has no preconditions; the slot is a live map value.
+        unsafe {
+            let jiffies = bpf_jiffies64();
+            *slot = ClockSample {
+                jiffies,
+                coarse_ns: bpf_ktime_get_coarse_ns(),
+            };
+        }
+    }
+    ACCEPT
 }
 
 /// The endpoint on `ifindex`: from its cache slot when it owns it (an inlined array access),
@@ -168,7 +197,7 @@ fn finish(
     match v {
         Verdict::Drop(reason) => {
             if cfg.flags & CFG_DENY_EVENTS != 0 {
-                report(ep, ifindex, dir, pkt, reason);
+                report(ep, ifindex, dir, pkt, reason, cfg);
             }
             DROP
         }
@@ -233,15 +262,14 @@ fn stateful<F: Frame>(
     if is_icmp(pkt.family, pkt.proto) {
         match icmp_kind(pkt.family, pkt.icmp_type) {
             IcmpKind::Untracked => return Verdict::Accept,
-            IcmpKind::Error => return related(frame, ep, ifindex, dir, pkt),
+            IcmpKind::Error => return related(frame, ep, ifindex, dir, pkt, cfg),
             IcmpKind::Other => return invalid(ep, DenyReason::Invalid),
             IcmpKind::Request(_) | IcmpKind::Reply(_) => {}
         }
     }
     let key = CtKey::for_packet(ifindex, dir, pkt);
     let seg = Segment::of(pkt);
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now(cfg);
     if let Some(slot) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: the pointer is to a live map value; a concurrent update on another CPU can at
         // worst make us work on a torn copy, as with any conntrack in eBPF.
@@ -323,6 +351,7 @@ fn related<F: Frame>(
     ifindex: u32,
     dir: Direction,
     pkt: &Packet,
+    cfg: &Config,
 ) -> Verdict {
     let inner = match parse_icmp_error_inner(frame, pkt) {
         Some(i) => i,
@@ -334,8 +363,7 @@ fn related<F: Frame>(
         return invalid(ep, DenyReason::UnrelatedIcmp);
     }
     let key = CtKey::for_packet(ifindex, dir.reverse(), &inner);
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now(cfg);
     // SAFETY: the value is plain data, read once.
     match unsafe { CONNTRACK.get(key) } {
         Some(e) if !e.expired(now) => Verdict::AcceptRelated,
@@ -361,8 +389,7 @@ fn frag_key(ifindex: u32, pkt: &Packet) -> FragKey {
 
 #[inline(always)]
 fn remember_fragment(ifindex: u32, pkt: &Packet, v: Verdict, cfg: &Config) {
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = now(cfg);
     let accepted = !matches!(v, Verdict::Drop(_));
     let verdict = FragVerdict {
         expires_ns: now.saturating_add(cfg.timeout(timeout::FRAGMENT)),
@@ -372,9 +399,8 @@ fn remember_fragment(ifindex: u32, pkt: &Packet, v: Verdict, cfg: &Config) {
 }
 
 #[inline(always)]
-fn later_fragment(ep: &Endpoint, ifindex: u32, pkt: &Packet) -> Verdict {
-    // SAFETY: reading the clock has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+fn later_fragment(ep: &Endpoint, ifindex: u32, pkt: &Packet, cfg: &Config) -> Verdict {
+    let now = now(cfg);
     // SAFETY: the value is plain data, read once.
     match unsafe { FRAGMENTS.get(frag_key(ifindex, pkt)) } {
         Some(v) if v.expires_ns > now => {
@@ -420,14 +446,20 @@ fn count(counter_slot: u32, dir: Direction, v: Verdict) {
 }
 
 #[inline(always)]
-fn report(ep: &Endpoint, ifindex: u32, dir: Direction, pkt: Option<&Packet>, reason: DenyReason) {
+fn report(
+    ep: &Endpoint,
+    ifindex: u32,
+    dir: Direction,
+    pkt: Option<&Packet>,
+    reason: DenyReason,
+    cfg: &Config,
+) {
     let mut slot = match DENY_EVENTS.reserve::<DenyEvent>(0) {
         Some(s) => s,
         None => return,
     };
     let mut ev = DenyEvent {
-        // SAFETY: reading the clock has no preconditions.
-        ts_ns: unsafe { bpf_ktime_get_coarse_ns() },
+        ts_ns: now(cfg),
         ifindex,
         policy_id: ep.policy_id,
         direction: dir as u8,

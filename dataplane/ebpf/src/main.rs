@@ -2,7 +2,8 @@
 //!
 //! `from_pod` runs at tc ingress of that interface (what the pod sends: its egress rules),
 //! `to_pod` at tc egress (what the pod receives: its ingress rules). `parse_only` and
-//! `parse_lookup` are never attached: they are the benchmark's baselines.
+//! `parse_lookup` are never attached: they are the benchmark's baselines; nor is `clock`, which the
+//! agent runs to set up the datapath's clock.
 #![no_std]
 #![no_main]
 
@@ -34,6 +35,12 @@ pub fn parse_only(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn parse_lookup(ctx: TcContext) -> i32 {
     datapath::parse_lookup(&ctx)
+}
+
+/// Reads the kernel's clocks for the agent: never attached.
+#[classifier]
+pub fn clock(_ctx: TcContext) -> i32 {
+    datapath::sample_clock()
 }
 
 #[cfg(not(test))]

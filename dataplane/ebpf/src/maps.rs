@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use kubesg_common::{
-    config::Config,
+    config::{ClockSample, Config},
     conntrack::{CtEntry, CtKey},
     endpoint::{CachedEndpoint, Endpoint},
     event::Counters,
@@ -54,6 +54,10 @@ pub static FRAGMENTS: LruHashMap<FragKey, FragVerdict> =
 /// Settings (one element).
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// The `clock` program's last reading (one element): how the agent sets up the tick clock.
+#[map]
+pub static CLOCK: Array<ClockSample> = Array::with_max_entries(1, 0);
 
 /// Counters: slot `2 * counter_slot + direction`; the last two slots count interfaces that carry
 /// the programs but have no endpoint record.
