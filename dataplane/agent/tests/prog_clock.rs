@@ -6,6 +6,7 @@
 use std::{process::Command, time::Duration};
 
 use kubesg_agent::clock;
+use kubesg_common::config::Config;
 use kubesg_testkit::{family::Family, ipv4_and_ipv6, loopback::LoopbackDatapath};
 
 ipv4_and_ipv6!(
@@ -21,6 +22,17 @@ fn kernel_hz() -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("CONFIG_HZ="))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Changes CONFIG directly in the map, which `Datapath::set_config` would not let through.
+fn tamper_with_config(dp: &mut LoopbackDatapath, change: impl FnOnce(&mut Config)) {
+    let mut cfg = dp.datapath.config().expect("reading the config");
+    change(&mut cfg);
+    dp.datapath
+        .maps_mut()
+        .config
+        .set(0, cfg, 0)
+        .expect("writing CONFIG behind the datapath's back");
 }
 
 /// Sends a UDP query and returns when its entry says it was created, with the window of
@@ -59,14 +71,10 @@ fn timestamps_read_as_the_coarse_clock_within_a_tick(f: Family) {
 
 fn without_a_tick_clock_timestamps_come_from_the_coarse_clock_helper(f: Family) {
     let mut dp = LoopbackDatapath::load(None);
-    let mut cfg = dp.datapath.config().expect("reading the config");
-    cfg.tick_ns = 0;
-    cfg.tick_offset_ns = 12_345;
-    dp.datapath
-        .maps_mut()
-        .config
-        .set(0, cfg, 0)
-        .expect("writing CONFIG behind the datapath's back");
+    tamper_with_config(&mut dp, |cfg| {
+        cfg.tick_ns = 0;
+        cfg.tick_offset_ns = 12_345;
+    });
     let (created, (before, after)) = created_at(&dp, f);
     // The helper reads CLOCK_MONOTONIC_COARSE itself: no tick of slack.
     assert!(
@@ -77,13 +85,9 @@ fn without_a_tick_clock_timestamps_come_from_the_coarse_clock_helper(f: Family) 
 
 fn sync_clock_puts_a_drifted_clock_back_in_line(f: Family) {
     let mut dp = LoopbackDatapath::load(None);
-    let mut cfg = dp.datapath.config().expect("reading the config");
-    cfg.tick_offset_ns = cfg.tick_offset_ns.wrapping_add(5_000_000_000);
-    dp.datapath
-        .maps_mut()
-        .config
-        .set(0, cfg, 0)
-        .expect("writing CONFIG behind the datapath's back");
+    tamper_with_config(&mut dp, |cfg| {
+        cfg.tick_offset_ns = cfg.tick_offset_ns.wrapping_add(5_000_000_000)
+    });
     let (drifted, (_, after)) = created_at(&dp, f);
     assert!(
         drifted > after + 4_000_000_000,
