@@ -1,7 +1,12 @@
 //! A pin directory of a test's own under `/sys/fs/bpf`, so tests that pin maps and links (as the
 //! agent does) run in parallel without colliding and leave nothing behind.
 
-use std::path::{Path, PathBuf};
+use std::{
+    ffi::CString,
+    io,
+    os::{fd::FromRawFd, unix::ffi::OsStrExt},
+    path::{Path, PathBuf},
+};
 
 use crate::netns::unique_name;
 
@@ -35,4 +40,49 @@ impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Creates an array map of one `value_size`-byte element and pins it at `path`, as a map left by
+/// another build would be: the agent must notice that it does not fit.
+pub fn pin_foreign_array(path: &Path, value_size: u32) -> io::Result<()> {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, then
+    // fields that stay zero.
+    let mut create = [0u32; 32];
+    create[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, value_size, 1]);
+    // SAFETY: a zeroed bpf_attr prefix of the size passed, with the four fields set.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_mut_ptr(),
+            std::mem::size_of_val(&create),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; the OwnedFd closes it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let name = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // union bpf_attr for BPF_OBJ_PIN: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut pin = [0u64; 2];
+    pin[0] = name.as_ptr() as u64;
+    pin[1] = std::os::fd::AsRawFd::as_raw_fd(&fd) as u64;
+    // SAFETY: the attr carries a NUL-terminated path that outlives the call and an open map fd.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            pin.as_mut_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

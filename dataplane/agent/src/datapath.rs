@@ -31,6 +31,7 @@ use crate::{
     bpffs,
     clock::{consensus, TickClock},
     maps::{map_pin_path, names, Maps, MapsError},
+    pin_compat,
     policy::CompiledPolicy,
     tables::{self, TablesError},
 };
@@ -115,6 +116,9 @@ pub enum DatapathError {
     /// A policy that endpoints still use cannot be removed.
     #[error("policy {0} is still used by endpoint(s) {1:?}")]
     PolicyInUse(u32, Vec<u32>),
+    /// Pinned maps of another build could not be checked or replaced.
+    #[error("pinned maps: {0}")]
+    PinnedMaps(String),
     /// The `clock` program could not read the kernel's clocks.
     #[error("reading the kernel clocks: {0}")]
     Clock(String),
@@ -168,6 +172,15 @@ impl Datapath {
             }
             None => Vec::new(),
         };
+        if !pin_paths.is_empty() {
+            let expected = pin_compat::shapes(OBJECT, &[names::CONNTRACK])
+                .map_err(|e| DatapathError::PinnedMaps(format!("reading the object: {e}")))?;
+            let replaced = pin_compat::unpin_incompatible(&expected, &pin_paths)
+                .map_err(|e| DatapathError::PinnedMaps(format!("unpinning: {e}")))?;
+            if replaced.contains(&names::CONNTRACK) {
+                warn!("the conntrack table is new: connections tracked before are not known");
+            }
+        }
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -23,6 +23,7 @@ pub mod maps;
 pub mod metrics;
 pub mod node;
 pub mod operator_link;
+pub mod pin_compat;
 pub mod policy;
 pub mod tables;
 pub mod testrun;

@@ -1,5 +1,6 @@
 //! Pinned datapath: maps and attachments outlive the agent, a restarted agent reuses them, and the
-//! CLI reads the pinned maps. tcx (this kernel's default) and clsact (older kernels) both.
+//! CLI reads the pinned maps. tcx (this kernel's default) and clsact (older kernels) both. A map
+//! pinned by a build with another layout is replaced rather than reused.
 
 use std::{
     io::{Read, Write},
@@ -8,14 +9,17 @@ use std::{
     time::Duration,
 };
 
+use aya::maps::MapInfo;
 use kubesg_agent::{
     attach::{link_pin_path, AttachMode, Hook},
     conntrack,
     datapath::{Datapath, DatapathOptions},
+    maps::{map_pin_path, names},
     policy::{CompiledPolicy, Protocol},
 };
+use kubesg_common::config::Config;
 use kubesg_testkit::{
-    pins::PinDir,
+    pins::{pin_foreign_array, PinDir},
     pods::client_and_server,
     require_privileged,
     rules::{cidr, egress, ingress, port, rule_with},
@@ -213,4 +217,38 @@ fn cli_reports_a_missing_datapath_clearly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the datapath is not loaded"), "{err}");
+}
+
+/// A map pinned by another build with another layout (here CONFIG with 8-byte values) is
+/// replaced at load, where aya alone would hand it to programs that read past its values; the
+/// maps that fit are reused as they are.
+#[test]
+fn a_pinned_map_of_another_layout_is_replaced_and_the_others_reused() {
+    require_privileged!();
+    let pins = PinDir::new();
+    let dir = pins.path();
+    let conntrack_id = {
+        let dp = Datapath::load(&opts(dir, AttachMode::Tcx)).expect("first load");
+        drop(dp);
+        MapInfo::from_pin(map_pin_path(dir, names::CONNTRACK))
+            .expect("pinned CONNTRACK")
+            .id()
+    };
+    let config = map_pin_path(dir, names::CONFIG);
+    std::fs::remove_file(&config).expect("unpinning CONFIG");
+    pin_foreign_array(&config, 8).expect("pinning a CONFIG of another layout");
+
+    let dp = Datapath::load(&opts(dir, AttachMode::Tcx)).expect("load over the foreign pin");
+    let pinned = MapInfo::from_pin(&config).expect("CONFIG pinned again");
+    assert_eq!(pinned.value_size() as usize, std::mem::size_of::<Config>());
+    assert_eq!(
+        dp.config().expect("reading the settings").flags,
+        Config::defaults().flags
+    );
+    let reused = MapInfo::from_pin(map_pin_path(dir, names::CONNTRACK)).expect("CONNTRACK");
+    assert_eq!(
+        reused.id(),
+        conntrack_id,
+        "a fitting map is reused, not recreated"
+    );
 }
