@@ -231,10 +231,7 @@ impl Datapath {
             tick: None,
         };
         match dp.measure_tick_clock() {
-            Ok(tick) => {
-                debug!(hz = tick.hz, "datapath clock: jiffies");
-                dp.tick = Some(tick);
-            }
+            Ok(tick) => dp.tick = Some(tick),
             Err(e) => warn!(
                 error = %e,
                 "datapath clock: falling back to a helper call per packet"
@@ -246,6 +243,7 @@ impl Datapath {
             pinned = ?dp.pin_dir,
             mode = ?dp.mode,
             next_policy_id = dp.next_policy_id,
+            clock = %dp.tick.map_or("coarse-clock helper".to_string(), |t| format!("jiffies, HZ={}", t.hz)),
             "datapath loaded"
         );
         Ok(dp)
