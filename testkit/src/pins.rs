@@ -52,18 +52,8 @@ pub fn pin_foreign_array(path: &Path, value_size: u32) -> io::Result<()> {
     // fields that stay zero.
     let mut create = [0u32; 32];
     create[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, value_size, 1]);
-    // SAFETY: a zeroed bpf_attr prefix of the size passed, with the four fields set.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            create.as_mut_ptr(),
-            std::mem::size_of_val(&create),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: a zeroed bpf_attr prefix with the four fields set.
+    let fd = unsafe { bpf(BPF_MAP_CREATE, &mut create)? };
     // SAFETY: the kernel just returned this descriptor; the OwnedFd closes it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     let name = CString::new(path.as_os_str().as_bytes())
@@ -73,16 +63,22 @@ pub fn pin_foreign_array(path: &Path, value_size: u32) -> io::Result<()> {
     pin[0] = name.as_ptr() as u64;
     pin[1] = std::os::fd::AsRawFd::as_raw_fd(&fd) as u64;
     // SAFETY: the attr carries a NUL-terminated path that outlives the call and an open map fd.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            pin.as_mut_ptr(),
-            std::mem::size_of_val(&pin),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    unsafe { bpf(BPF_OBJ_PIN, &mut pin)? };
     Ok(())
+}
+
+/// The `bpf(2)` system call with `attr` as its `union bpf_attr` prefix; the returned value, or the
+/// error it signalled.
+///
+/// # Safety
+///
+/// `attr` must be a valid `bpf_attr` prefix for `cmd`, and any pointers in it must outlive the call.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
+    // SAFETY: as the caller promises; the size passed is the attr's own.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
