@@ -10,14 +10,18 @@
 //! A change flows through fixed stages, each marking work for the later ones only:
 //!
 //! 1. membership: which pods are members of which groups (a pod's labels, a group's selector);
-//! 2. rules: each group's rules with peers resolved ([`crate::peers`]): redone for the groups
-//!    whose peers the change touched (a member of a group they name, a pod their selectors
-//!    match, a namespace their namespace selectors match);
-//! 3. classes: pods with the same groups and named-port numbers share a class;
-//! 4. policies: each touched class's policy and content-derived id ([`crate::policy`]);
-//! 5. placement: each touched pod's entry in its node's plan, and the node's policies
-//!    (reference-counted, so a policy leaves a node with its last pod);
-//! 6. reports: members and nodes of each touched group.
+//! 2. rules: each group's rules with peers resolved ([`crate::peers`]) to address blocks and
+//!    address sets: redone when the group or a group it names changes (and, for groups with
+//!    egress named ports, which resolve on the peer pods, when a peer pod changes);
+//! 3. sets: the addresses of each address set ([`crate::sets`]) whose pods the change touched
+//!    (a member of its group, a pod its selectors match, a namespace its namespace selector
+//!    matches), rewritten in the plans of the nodes holding it;
+//! 4. classes: pods with the same groups and named-port numbers share a class;
+//! 5. policies: each touched class's policy and content-derived id ([`crate::policy`]);
+//! 6. placement: each touched pod's entry in its node's plan, and the node's policies and the
+//!    sets they name (reference-counted, so a policy leaves a node with its last pod, a set
+//!    with the last policy naming it);
+//! 7. reports: members and nodes of each touched group.
 //!
 //! Pure: no I/O, no clock; the same objects always compile to the same plan.
 
@@ -37,7 +41,8 @@ use crate::{
     peers::{self, GroupRules},
     plan::{GroupReport, NodePlan, Plan, PlannedPolicy, PodPlan, PolicyId},
     policy::{self, ClassKey},
-    validate::{validate, CheckedPeer},
+    sets::{NodeEdge, SetSlot, SetSource, SetTable},
+    validate::{validate, CheckedPeer, CheckedPort},
 };
 
 /// What a change did to the plan: the nodes whose [`NodePlan`] changed (created, changed or
@@ -93,6 +98,7 @@ struct Dirty {
     /// need their rules redone.
     peer_changed: HashSet<PodId>,
     rules: HashSet<GroupId>,
+    sets: HashSet<SetSlot>,
     class_of: HashSet<PodId>,
     policies: HashSet<ClassId>,
     placement: HashSet<PodId>,
@@ -103,6 +109,7 @@ struct Dirty {
 #[derive(Debug, Default)]
 pub struct Compiler {
     ix: Index,
+    sets: SetTable,
     classes: Slab<ClassEntry>,
     class_ids: HashMap<ClassKey, ClassId>,
     nodes: BTreeSet<String>,
@@ -269,7 +276,14 @@ impl Compiler {
     fn stage_upsert_pod(&mut self, key: ObjectKey, pod: Pod) {
         let pod = StoredPod::from(pod);
         let Some(&id) = self.ix.pod_ids.get(&key) else {
-            mark_peer_relevance(&self.ix, &mut self.dirty, &key.namespace, None, Some(&pod));
+            mark_peer_relevance(
+                &self.ix,
+                &self.sets,
+                &mut self.dirty,
+                &key.namespace,
+                None,
+                Some(&pod),
+            );
             let id = self.ix.pods.insert(PodEntry {
                 key: key.clone(),
                 pod,
@@ -293,7 +307,14 @@ impl Compiler {
         }
         let was_deleted = entry.deleted;
         let old = (!was_deleted).then_some(&entry.pod);
-        mark_peer_relevance(&self.ix, &mut self.dirty, &key.namespace, old, Some(&pod));
+        mark_peer_relevance(
+            &self.ix,
+            &self.sets,
+            &mut self.dirty,
+            &key.namespace,
+            old,
+            Some(&pod),
+        );
         // A pod deleted earlier in the same batch still holds its memberships: the groups
         // naming them see it as it was before the deletion.
         let old_contributes = contributes(&entry.pod);
@@ -347,6 +368,7 @@ impl Compiler {
         }
         mark_peer_relevance(
             &self.ix,
+            &self.sets,
             &mut self.dirty,
             &key.namespace,
             Some(&entry.pod),
@@ -392,7 +414,16 @@ impl Compiler {
             } else {
                 sel.matching.remove(name);
             }
-            self.dirty.rules.extend(sel.groups.keys().copied());
+            let users: Vec<GroupId> = sel.groups.keys().copied().collect();
+            let selector = sel.selector.clone();
+            self.dirty.rules.extend(
+                users
+                    .into_iter()
+                    .filter(|&g| self.ix.group(g).is_some_and(|e| e.inline_peers)),
+            );
+            self.dirty
+                .sets
+                .extend(self.sets.using_ns_selector(&selector));
             let ns = self.ix.ns_mut(name);
             if now {
                 ns.selected_by.insert(sid);
@@ -423,6 +454,8 @@ impl Compiler {
                     registered: false,
                     named: Vec::new(),
                     pod_peers: Vec::new(),
+                    sets: Vec::new(),
+                    inline_peers: false,
                     members: HashSet::new(),
                     member_nodes: HashMap::new(),
                     report_nodes: HashMap::new(),
@@ -492,6 +525,13 @@ impl Compiler {
         }
         let mut named = Vec::new();
         let mut selector_peers = Vec::new();
+        let mut sources = Vec::new();
+        let inline_peers = checked.egress.iter().flatten().any(|r| {
+            r.ports
+                .iter()
+                .flatten()
+                .any(|p| matches!(p, CheckedPort::Named(_)))
+        });
         for rule in checked
             .ingress
             .iter()
@@ -499,6 +539,7 @@ impl Compiler {
             .flatten()
         {
             for peer in rule.peers.iter().flatten() {
+                sources.extend(SetSource::of_peer(&e.key.namespace, peer));
                 match peer {
                     CheckedPeer::Group(k) => named.push(k.clone()),
                     CheckedPeer::Pods { namespaces, pods } => {
@@ -510,6 +551,8 @@ impl Compiler {
         }
         named.sort();
         named.dedup();
+        sources.sort();
+        sources.dedup();
         let ns = e.key.namespace.clone();
         let member_nodes: Vec<NodeId> = e.member_nodes.keys().copied().collect();
         let mut pod_peers = Vec::new();
@@ -535,9 +578,19 @@ impl Compiler {
                 }
             }
         }
+        let mut sets = Vec::with_capacity(sources.len());
+        for source in sources {
+            let (slot, fresh) = self.sets.acquire(source);
+            if fresh {
+                self.dirty.sets.insert(slot);
+            }
+            sets.push(slot);
+        }
         if let Some(e) = self.ix.groups.get_mut(id) {
             e.named = named;
             e.pod_peers = pod_peers;
+            e.sets = sets;
+            e.inline_peers = inline_peers;
             e.registered = true;
         }
     }
@@ -553,6 +606,11 @@ impl Compiler {
         e.registered = false;
         let named = mem::take(&mut e.named);
         let pod_peers = mem::take(&mut e.pod_peers);
+        let sets = mem::take(&mut e.sets);
+        e.inline_peers = false;
+        for slot in sets {
+            self.sets.release(slot);
+        }
         let ns = e.key.namespace.clone();
         let member_nodes: Vec<NodeId> = e.member_nodes.keys().copied().collect();
         for t in &named {
@@ -590,12 +648,15 @@ impl Compiler {
             let Some(e) = self.ix.pod(p) else { continue };
             for &g in &e.member_of {
                 if let Some(ge) = self.ix.group(g) {
-                    mark_referrers(&self.ix, &mut self.dirty, &ge.key);
+                    mark_peer_group(&self.ix, &self.sets, &mut self.dirty, &ge.key);
                 }
             }
         }
         for g in mem::take(&mut self.dirty.rules) {
             self.recompute_rules(g);
+        }
+        for s in mem::take(&mut self.dirty.sets) {
+            self.refresh_set(s);
         }
         for p in mem::take(&mut self.dirty.class_of) {
             self.reclass(p);
@@ -626,6 +687,7 @@ impl Compiler {
                 }
             }
         }
+        self.sets.collect_unused();
         mem::take(&mut self.changes)
     }
 
@@ -717,7 +779,51 @@ impl Compiler {
         }
         self.dirty.reports.insert(g);
         self.dirty.class_of.insert(p);
-        mark_referrers(&self.ix, &mut self.dirty, &key);
+        mark_peer_group(&self.ix, &self.sets, &mut self.dirty, &key);
+    }
+
+    /// Recomputes an address set and rewrites it in the plans of the nodes holding it.
+    fn refresh_set(&mut self, s: SetSlot) {
+        let Some(content) = self.sets.refresh(&self.ix, s) else {
+            return;
+        };
+        let Some(e) = self.sets.get(s) else { return };
+        for &node in e.nodes.keys() {
+            let name = self.ix.nodes.name(node);
+            if let Some(plan) = self.plan.nodes.get_mut(name) {
+                plan.sets.insert(e.id.clone(), content.clone());
+                self.changes.nodes.insert(name.to_string());
+            }
+        }
+    }
+
+    /// Counts `node`'s use of the sets `policy` names in or out, adding them to or removing
+    /// them from the node's plan on the first or last use.
+    fn set_refs(&mut self, node: NodeId, policy: &PlannedPolicy, add: bool) {
+        let mut ids: Vec<&String> = policy
+            .ingress
+            .iter()
+            .chain(&policy.egress)
+            .flat_map(|r| &r.sets)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let name = self.ix.nodes.name(node);
+        for id in ids {
+            match self.sets.node_ref(id, node, add) {
+                NodeEdge::None => {}
+                NodeEdge::Added(content) => {
+                    if let Some(plan) = self.plan.nodes.get_mut(name) {
+                        plan.sets.insert(id.clone(), content);
+                    }
+                }
+                NodeEdge::Removed => {
+                    if let Some(plan) = self.plan.nodes.get_mut(name) {
+                        plan.sets.remove(id);
+                    }
+                }
+            }
+        }
     }
 
     fn recompute_rules(&mut self, g: GroupId) {
@@ -895,7 +1001,8 @@ impl Compiler {
                             .entry(id.clone())
                             .or_insert_with(|| Arc::new(policy::build(ix, &class.key)))
                             .clone();
-                        plan.policies.insert(id.clone(), shared);
+                        plan.policies.insert(id.clone(), shared.clone());
+                        self.set_refs(node, &shared, true);
                     }
                 }
             }
@@ -906,8 +1013,13 @@ impl Compiler {
                 });
                 if gone {
                     state.policies.remove(id);
-                    if let Some(plan) = self.plan.nodes.get_mut(name) {
-                        plan.policies.remove(id);
+                    let dropped = self
+                        .plan
+                        .nodes
+                        .get_mut(name)
+                        .and_then(|plan| plan.policies.remove(id));
+                    if let Some(p) = dropped {
+                        self.set_refs(node, &p, false);
                     }
                     // The last node let go of it: only the cache holds it now.
                     if self
@@ -970,10 +1082,24 @@ impl Compiler {
     }
 }
 
-/// Marks the rules of every group naming `key` as a peer.
+/// Marks the rules of every group naming `key` as a peer (the group itself changed: its
+/// generation is in their policies).
 fn mark_referrers(ix: &Index, dirty: &mut Dirty, key: &ObjectKey) {
     if let Some(refs) = ix.referrers.get(key) {
         dirty.rules.extend(refs.iter().copied());
+    }
+}
+
+/// Group `key`'s members changed (who they are, or their addresses or ports): its address
+/// set, and the rules of the groups naming it that resolve peers inline.
+fn mark_peer_group(ix: &Index, sets: &SetTable, dirty: &mut Dirty, key: &ObjectKey) {
+    dirty.sets.extend(sets.of_group(key));
+    if let Some(refs) = ix.referrers.get(key) {
+        dirty.rules.extend(
+            refs.iter()
+                .copied()
+                .filter(|&g| ix.group(g).is_some_and(|e| e.inline_peers)),
+        );
     }
 }
 
@@ -1043,16 +1169,19 @@ fn report_node_change(ix: &mut Index, dirty: &mut Dirty, g: GroupId, node: NodeI
     }
 }
 
-/// Marks the rules of the groups whose selector peers a pod change can affect: the pod
-/// starts or stops matching one of their peers, or it matches and its addresses or ports
-/// changed. (Peers given as groups are traced through membership instead.)
+/// Marks the address sets a pod change can affect, and the rules of the groups resolving
+/// selector peers inline it can affect: the pod starts or stops matching one of their peers,
+/// or it matches and its addresses or ports changed. (Peers given as groups are traced
+/// through membership instead.)
 fn mark_peer_relevance(
     ix: &Index,
+    sets: &SetTable,
     dirty: &mut Dirty,
     ns: &str,
     old: Option<&StoredPod>,
     new: Option<&StoredPod>,
 ) {
+    sets.affected_by_pod(ix, ns, old, new, &mut dirty.sets);
     let old = old.filter(|p| contributes(p));
     let new = new.filter(|p| contributes(p));
     let data_changed = match (old, new) {
@@ -1078,7 +1207,9 @@ fn mark_peer_relevance(
         if dirty.rules.contains(&g) {
             continue;
         }
-        let Some(ge) = ix.group(g) else { continue };
+        let Some(ge) = ix.group(g).filter(|ge| ge.inline_peers) else {
+            continue;
+        };
         let relevant = ge.pod_peers.iter().any(|pp| {
             let applies = match pp.namespaces {
                 None => ge.key.namespace == ns,
@@ -1108,6 +1239,8 @@ pub struct CompileStats {
     pub classes: usize,
     /// Distinct policies (classes whose policies came out identical share one).
     pub policies: usize,
+    /// Address sets (distinct pod peers some group names).
+    pub sets: usize,
 }
 
 impl Compiler {
@@ -1123,6 +1256,7 @@ impl Compiler {
             }
         }
         stats.policies = ids.len();
+        stats.sets = self.sets.len();
         stats
     }
 }

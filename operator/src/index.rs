@@ -272,6 +272,11 @@ pub(crate) struct GroupEntry {
     pub named: Vec<ObjectKey>,
     /// Peers given by selectors (while registered).
     pub pod_peers: Vec<PodPeer>,
+    /// The address sets its rules name (while registered), one entry per use.
+    pub sets: Vec<crate::sets::SetSlot>,
+    /// Some egress rule uses named ports: those resolve on each peer pod, inline in the rule,
+    /// so a change to a peer pod redoes this group's rules (other peers go through sets).
+    pub inline_peers: bool,
     pub members: HashSet<PodId>,
     /// node → members on it.
     pub member_nodes: HashMap<NodeId, u32>,

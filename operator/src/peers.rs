@@ -8,9 +8,11 @@
 //!   the rule is split per resolved number, each part allowing only the peers whose port of that
 //!   name has that number (as Kubernetes NetworkPolicy resolves egress named ports). An ipBlock
 //!   peer has no container ports: named ports never match it.
-//! - Peers resolve to /32 and /128 blocks of the selected pods' addresses (both families, so
-//!   dual-stack pods are reachable on either); a rule whose peers resolve to nothing keeps no
-//!   peers and matches nobody, never everybody.
+//! - Pod peers (groups, selectors) resolve to address sets ([`crate::sets`]) named in the rule,
+//!   whose /32 and /128 blocks (both families, so dual-stack pods are reachable on either) are
+//!   kept apart; address blocks stay in the rule. Only the parts of egress rules split per named
+//!   port list their peers' addresses inline. A rule whose peers resolve to nothing (no blocks,
+//!   empty sets) matches nobody, never everybody.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,7 +25,8 @@ use crate::{
     fingerprint::{Fingerprint, Hasher},
     index::{GroupEntry, Index, PodId},
     model::PortProtocol,
-    plan::{GroupGeneration, PeerBlock, PlannedRule, PortSpec, RuleProtocol},
+    plan::{GroupGeneration, PeerBlock, PlannedRule, PortSpec, RuleProtocol, SetId},
+    sets::SetSource,
     validate::{CheckedPeer, CheckedPort, CheckedRule},
 };
 
@@ -53,6 +56,7 @@ pub(crate) struct IngressTemplate {
     /// `None`: every port.
     pub ports: Option<Vec<TemplatePort>>,
     pub peers: Vec<PeerBlock>,
+    pub sets: Vec<SetId>,
     pub peers_fingerprint: Fingerprint,
     pub origin: String,
 }
@@ -86,15 +90,18 @@ pub(crate) fn rule_fingerprint(
     h.finish()
 }
 
-/// The fingerprint of a list of peer blocks.
-pub(crate) fn peers_fingerprint(peers: &[PeerBlock]) -> Fingerprint {
+/// The fingerprint of a rule's peers: its blocks and the ids of its sets.
+pub(crate) fn peers_fingerprint(peers: &[PeerBlock], sets: &[SetId]) -> Fingerprint {
     let mut h = Hasher::new("peers");
-    h.peers(peers);
+    h.peers(peers).count(sets.len());
+    for s in sets {
+        h.str(s);
+    }
     h.finish()
 }
 
 fn fingerprinted(rule: PlannedRule) -> FingerprintedRule {
-    let pf = peers_fingerprint(&rule.peers);
+    let pf = peers_fingerprint(&rule.peers, &rule.sets);
     let fingerprint = rule_fingerprint(rule.protocol, &rule.ports, &pf, &rule.origin);
     FingerprintedRule { rule, fingerprint }
 }
@@ -131,25 +138,34 @@ pub(crate) fn host_block(ip: IpAddr) -> PeerBlock {
     }
 }
 
-/// A rule's peers: selected pods (for egress named ports) and address blocks.
-struct Resolved {
-    pods: Vec<PodId>,
+/// A rule's peers as a rule names them: address blocks, and the sets of its pod peers.
+struct RulePeers {
     blocks: Vec<PeerBlock>,
+    sets: Vec<SetId>,
 }
 
-impl Resolved {
-    /// Every block: the address blocks and each pod's addresses, sorted, without duplicates.
-    fn all_blocks(&self, ix: &Index) -> Vec<PeerBlock> {
-        let mut out = self.blocks.clone();
-        for &id in &self.pods {
-            if let Some(p) = ix.pod(id) {
-                out.extend(p.pod.ips.iter().map(|&ip| host_block(ip)));
-            }
+/// The peers of one rule of group `g`: omitted → anyone; a block → itself; pods → their set.
+fn rule_peers(g: &GroupEntry, rule: &CheckedRule) -> RulePeers {
+    let Some(peers) = &rule.peers else {
+        return RulePeers {
+            blocks: anyone(),
+            sets: Vec::new(),
+        };
+    };
+    let mut blocks = Vec::new();
+    let mut sets = Vec::new();
+    for peer in peers {
+        match (peer, SetSource::of_peer(&g.key.namespace, peer)) {
+            (CheckedPeer::Block(b), _) => blocks.push(b.clone()),
+            (_, Some(source)) => sets.push(source.id()),
+            (_, None) => {}
         }
-        out.sort();
-        out.dedup();
-        out
     }
+    blocks.sort();
+    blocks.dedup();
+    sets.sort();
+    sets.dedup();
+    RulePeers { blocks, sets }
 }
 
 /// Resolves the rules of group `g` against the cluster as the index holds it now.
@@ -197,7 +213,7 @@ pub(crate) fn resolve(ix: &Index, g: &GroupEntry) -> GroupRules {
         .flatten()
         .enumerate()
         .map(|(i, rule)| {
-            let peers = resolve_peers(ix, g, rule).all_blocks(ix);
+            let RulePeers { blocks, sets } = rule_peers(g, rule);
             let ports = rule.ports.as_ref().map(|items| {
                 items
                     .iter()
@@ -227,8 +243,9 @@ pub(crate) fn resolve(ix: &Index, g: &GroupEntry) -> GroupRules {
             IngressTemplate {
                 protocol: rule.protocol,
                 ports,
-                peers_fingerprint: peers_fingerprint(&peers),
-                peers,
+                peers_fingerprint: peers_fingerprint(&blocks, &sets),
+                peers: blocks,
+                sets,
                 origin: format!("{key} ingress[{i}]"),
             }
         })
@@ -239,6 +256,7 @@ pub(crate) fn resolve(ix: &Index, g: &GroupEntry) -> GroupRules {
             protocol: RuleProtocol::Any,
             ports: Vec::new(),
             peers: anyone(),
+            sets: Vec::new(),
             origin: format!("{key} egress (omitted: all)"),
         })],
         Some(rules) => {
@@ -270,12 +288,13 @@ fn egress_rules(
     origin: String,
     out: &mut Vec<FingerprintedRule>,
 ) {
-    let resolved = resolve_peers(ix, g, rule);
+    let named = rule_peers(g, rule);
     let Some(items) = &rule.ports else {
         out.push(fingerprinted(PlannedRule {
             protocol: rule.protocol,
             ports: Vec::new(),
-            peers: resolved.all_blocks(ix),
+            peers: named.blocks,
+            sets: named.sets,
             origin,
         }));
         return;
@@ -301,7 +320,8 @@ fn egress_rules(
         out.push(fingerprinted(PlannedRule {
             protocol: rule.protocol,
             ports: numeric,
-            peers: resolved.all_blocks(ix),
+            peers: named.blocks,
+            sets: named.sets,
             origin: origin.clone(),
         }));
     }
@@ -312,7 +332,7 @@ fn egress_rules(
         return;
     }
     let mut by_number: BTreeMap<u16, Vec<PeerBlock>> = BTreeMap::new();
-    for &id in &resolved.pods {
+    for id in peer_pods(ix, g, rule) {
         let Some(p) = ix.pod(id) else { continue };
         for np in &p.pod.ports {
             if np.protocol == proto && names.contains(&np.name.as_str()) {
@@ -333,21 +353,19 @@ fn egress_rules(
                 last: port,
             }],
             peers,
+            sets: Vec::new(),
             origin: origin.clone(),
         }));
     }
 }
 
-/// The peers of one rule of group `g`: omitted → anyone; each peer → its pods or block.
-fn resolve_peers(ix: &Index, g: &GroupEntry, rule: &CheckedRule) -> Resolved {
+/// The pods the peers of one rule of group `g` select (address blocks select none: they have
+/// no container ports).
+fn peer_pods(ix: &Index, g: &GroupEntry, rule: &CheckedRule) -> Vec<PodId> {
     let Some(peers) = &rule.peers else {
-        return Resolved {
-            pods: Vec::new(),
-            blocks: anyone(),
-        };
+        return Vec::new();
     };
     let mut pods = Vec::new();
-    let mut blocks = Vec::new();
     let mut take = |id: PodId, p: &crate::index::PodEntry| {
         if p.enforced() && !p.pod.ips.is_empty() {
             pods.push(id);
@@ -393,10 +411,10 @@ fn resolve_peers(ix: &Index, g: &GroupEntry, rule: &CheckedRule) -> Resolved {
                     }
                 }
             },
-            CheckedPeer::Block(b) => blocks.push(b.clone()),
+            CheckedPeer::Block(_) => {}
         }
     }
     pods.sort_unstable();
     pods.dedup();
-    Resolved { pods, blocks }
+    pods
 }

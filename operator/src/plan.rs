@@ -16,6 +16,13 @@ use crate::model::ObjectKey;
 /// share one policy, and an unchanged policy keeps its id across recompiles (nothing to push).
 pub type PolicyId = String;
 
+/// An address set's id: derived from what the set selects (a group's members, or the pods a
+/// selector pair matches), so it stays put while the addresses in it change.
+pub type SetId = String;
+
+/// The addresses of an address set (/32 and /128 blocks of pods), sorted, without duplicates.
+pub type AddressSet = Vec<IpNet>;
+
 /// The protocol of a compiled rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RuleProtocol {
@@ -68,8 +75,12 @@ pub struct PlannedRule {
     pub protocol: RuleProtocol,
     /// Empty: every port of the protocol.
     pub ports: Vec<PortSpec>,
-    /// Empty: nobody (unresolved peers never widen access).
+    /// Address blocks (ipBlocks, or everyone). Empty, with no sets: nobody (unresolved peers
+    /// never widen access).
     pub peers: Vec<PeerBlock>,
+    /// Address sets whose addresses are peers too, sorted: pod peers go through sets, so a
+    /// pod's address change rewrites a set, not the policies that name it.
+    pub sets: Vec<SetId>,
     /// Where it comes from, e.g. `shop/web ingress[0]`, for `kubesg-agent explain`.
     pub origin: String,
 }
@@ -115,6 +126,44 @@ pub struct NodePlan {
     /// Shared: a policy used on many nodes is kept once (150 000 pods with 9 200 distinct
     /// policies would otherwise hold 150 000 copies).
     pub policies: BTreeMap<PolicyId, Arc<PlannedPolicy>>,
+    /// The address sets those policies' rules name. Shared like the policies.
+    pub sets: BTreeMap<SetId, Arc<AddressSet>>,
+}
+
+impl NodePlan {
+    /// Policy `id` with its rules' sets replaced by their addresses: what the agent enforces
+    /// (tests and tools compare verdicts on it). A set the plan lacks adds nothing.
+    pub fn resolved_policy(&self, id: &str) -> Option<PlannedPolicy> {
+        let p = self.policies.get(id)?;
+        let resolve = |rules: &[PlannedRule]| -> Vec<PlannedRule> {
+            rules
+                .iter()
+                .map(|r| {
+                    let mut peers = r.peers.clone();
+                    for s in &r.sets {
+                        if let Some(set) = self.sets.get(s) {
+                            peers.extend(set.iter().map(|&cidr| PeerBlock {
+                                cidr,
+                                except: Vec::new(),
+                            }));
+                        }
+                    }
+                    peers.sort();
+                    peers.dedup();
+                    PlannedRule {
+                        peers,
+                        sets: Vec::new(),
+                        ..r.clone()
+                    }
+                })
+                .collect()
+        };
+        Some(PlannedPolicy {
+            ingress: resolve(&p.ingress),
+            egress: resolve(&p.egress),
+            groups: p.groups.clone(),
+        })
+    }
 }
 
 /// What a group's status reports.

@@ -169,6 +169,7 @@ pub(crate) fn build(ix: &Index, key: &ClassKey) -> PlannedPolicy {
                     protocol: t.protocol,
                     ports,
                     peers: t.peers.clone(),
+                    sets: t.sets.clone(),
                     origin: t.origin.clone(),
                 });
             }

@@ -5,8 +5,9 @@
 //!
 //! A delta from `old` to `new` carries exactly the differences: the policies that are new or
 //! changed in any way (rules or the group generations they list, so the status can see a new
-//! generation acked even when the rules did not move), the ids no longer used, the pods that are
-//! new or changed (policy or uid), and the pods gone. Applied on top of `old` by the agent
+//! generation acked even when the rules did not move), the ids no longer used, the address sets
+//! that are new or changed (whole) and the set ids no longer used, the pods that are new or
+//! changed (policy or uid), and the pods gone. Applied on top of `old` by the agent
 //! (`kubesg_agent::desired::DesiredState::apply`), it gives the same state as a snapshot of
 //! `new`.
 
@@ -14,7 +15,10 @@ use kubesg_proto::v1alpha1 as pb;
 
 use crate::{
     model::ObjectKey,
-    plan::{NodePlan, PeerBlock, PlannedPolicy, PlannedRule, PodPlan, PortSpec, RuleProtocol},
+    plan::{
+        AddressSet, NodePlan, PeerBlock, PlannedPolicy, PlannedRule, PodPlan, PortSpec,
+        RuleProtocol,
+    },
 };
 
 /// A full snapshot of `plan` at `version`: it replaces everything the agent had. Carries the
@@ -38,6 +42,8 @@ pub fn snapshot(
             .collect(),
         remove_pods: Vec::new(),
         settings: Some(*settings),
+        upsert_sets: plan.sets.iter().map(|(id, s)| set(id, s)).collect(),
+        remove_sets: Vec::new(),
     }
 }
 
@@ -70,6 +76,18 @@ pub fn delta(
         .filter(|(key, pod)| old.pods.get(*key) != Some(*pod))
         .map(|(key, pod)| pod_policy(key, pod))
         .collect();
+    let upsert_sets = new
+        .sets
+        .iter()
+        .filter(|(id, s)| old.sets.get(*id) != Some(*s))
+        .map(|(id, s)| set(id, s))
+        .collect();
+    let remove_sets = old
+        .sets
+        .keys()
+        .filter(|id| !new.sets.contains_key(*id))
+        .cloned()
+        .collect();
     let remove_pods = old
         .pods
         .iter()
@@ -85,6 +103,8 @@ pub fn delta(
         upsert_pods,
         remove_pods,
         settings: None,
+        upsert_sets,
+        remove_sets,
     })
 }
 
@@ -116,6 +136,15 @@ pub fn rule(r: &PlannedRule) -> pb::Rule {
         ports: r.ports.iter().map(port).collect(),
         peers: r.peers.iter().map(peer).collect(),
         origin: r.origin.clone(),
+        peer_sets: r.sets.clone(),
+    }
+}
+
+/// The wire form of one address set.
+pub fn set(id: &str, s: &AddressSet) -> pb::AddressSet {
+    pb::AddressSet {
+        id: id.to_owned(),
+        cidrs: s.iter().map(|n| n.to_string()).collect(),
     }
 }
 
@@ -179,6 +208,7 @@ mod tests {
             "p1".into(),
             std::sync::Arc::new(PlannedPolicy {
                 ingress: vec![PlannedRule {
+                    sets: vec!["group:shop/lb".into()],
                     protocol: RuleProtocol::Tcp,
                     ports: vec![PortSpec::Range {
                         first: 80,
@@ -191,6 +221,7 @@ mod tests {
                     origin: "shop/web ingress[0]".into(),
                 }],
                 egress: vec![PlannedRule {
+                    sets: Vec::new(),
                     protocol: RuleProtocol::Icmpv6,
                     ports: vec![PortSpec::Icmp {
                         icmp_type: 128,
@@ -207,6 +238,13 @@ mod tests {
                     generation: 3,
                 }]),
             }),
+        );
+        plan.sets.insert(
+            "group:shop/lb".into(),
+            std::sync::Arc::new(vec![
+                "10.0.0.7/32".parse().unwrap(),
+                "fd00::7/128".parse().unwrap(),
+            ]),
         );
         plan.pods.insert(
             ObjectKey::new("shop", "web-1"),
@@ -256,6 +294,14 @@ mod tests {
         assert_eq!(r.peers[0].cidr, "10.0.0.0/8");
         assert_eq!(r.peers[0].except, vec!["10.1.0.0/16".to_owned()]);
         assert_eq!(r.origin, "shop/web ingress[0]");
+        assert_eq!(r.peer_sets, vec!["group:shop/lb".to_owned()]);
+        assert_eq!(
+            u.upsert_sets,
+            vec![pb::AddressSet {
+                id: "group:shop/lb".into(),
+                cidrs: vec!["10.0.0.7/32".into(), "fd00::7/128".into()],
+            }]
+        );
         let e = &p.egress[0];
         assert_eq!(e.protocol, pb::Protocol::Icmpv6 as i32);
         assert_eq!(
@@ -305,5 +351,23 @@ mod tests {
         assert_eq!(d.remove_pods.len(), 1);
         assert_eq!(d.remove_pods[0].name, "batch");
         assert_eq!(d.settings, None);
+        assert!(d.upsert_sets.is_empty() && d.remove_sets.is_empty());
+    }
+
+    #[test]
+    fn delta_carries_a_changed_set_alone_and_drops_unused_ones() {
+        let old = plan();
+        let mut new = plan();
+        new.sets.insert(
+            "group:shop/lb".into(),
+            std::sync::Arc::new(vec!["10.0.0.8/32".parse().unwrap()]),
+        );
+        let d = delta(&old, &new, 1, 2).unwrap();
+        assert!(d.upsert_policies.is_empty(), "the rules did not move");
+        assert_eq!(d.upsert_sets.len(), 1);
+        assert_eq!(d.upsert_sets[0].cidrs, vec!["10.0.0.8/32".to_owned()]);
+        new.sets.clear();
+        let d = delta(&old, &new, 1, 2).unwrap();
+        assert_eq!(d.remove_sets, vec!["group:shop/lb".to_owned()]);
     }
 }

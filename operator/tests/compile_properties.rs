@@ -369,11 +369,12 @@ fn cluster() -> impl Strategy<Value = Cluster> {
 // ---------------------------------------------------------------------------------------------
 // The compiled side.
 
-fn planned_policy<'a>(plan: &'a Plan, c: &Cluster, pod: &ObjectKey) -> Option<&'a PlannedPolicy> {
+/// The pod's policy with its address sets resolved, as the agent enforces it.
+fn planned_policy(plan: &Plan, c: &Cluster, pod: &ObjectKey) -> Option<PlannedPolicy> {
     let node = c.pods[pod].node.as_ref()?;
     let np = plan.nodes.get(node)?;
     let id = np.pods.get(pod)?.policy.as_ref()?;
-    np.policies.get(id).map(|v| &**v)
+    np.resolved_policy(id)
 }
 
 fn to_agent(r: &PlannedRule) -> agent::Rule {
@@ -503,6 +504,15 @@ fn check_structure(c: &Cluster, plan: &Plan) -> Result<(), TestCaseError> {
         let used: BTreeSet<_> = np.pods.values().filter_map(|p| p.policy.clone()).collect();
         let held: BTreeSet<_> = np.policies.keys().cloned().collect();
         prop_assert_eq!(used, held, "node {}", node);
+        // The node holds exactly the address sets its policies name.
+        let named: BTreeSet<_> = np
+            .policies
+            .values()
+            .flat_map(|p| p.ingress.iter().chain(&p.egress))
+            .flat_map(|r| r.sets.iter().cloned())
+            .collect();
+        let held_sets: BTreeSet<_> = np.sets.keys().cloned().collect();
+        prop_assert_eq!(named, held_sets, "sets of node {}", node);
         for pp in np.pods.values() {
             if let Some(id) = &pp.policy {
                 for g in &np.policies[id].groups {

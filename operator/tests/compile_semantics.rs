@@ -447,12 +447,8 @@ fn egress_named_ports_resolve_on_each_peer() {
         !sends(&plan, &web, TCP, 5432, "192.0.2.9"),
         "an ipBlock has no named ports"
     );
-    let origins: Vec<_> = policy_of(&plan, &web)
-        .unwrap()
-        .egress
-        .iter()
-        .map(|r| r.origin.as_str())
-        .collect();
+    let policy = policy_of(&plan, &web).unwrap();
+    let origins: Vec<_> = policy.egress.iter().map(|r| r.origin.as_str()).collect();
     assert_eq!(origins, vec!["shop/web egress[0]"; 3]);
 }
 
@@ -636,17 +632,23 @@ fn pods_with_the_same_groups_share_a_policy_whose_id_survives_unrelated_changes(
         again.nodes["n1"].pods[&key("shop", "web")].policy.as_ref(),
         Some(&id)
     );
-    // A new lb address changes the policy (and only n1, where web runs, changes).
+    // A new lb address changes the address set the policy names, not the policy (and only
+    // n1, where web runs, changes).
+    let sets_before = c.plan().nodes["n1"].sets.clone();
     let mut moved = w.cluster.pods[&key("shop", "lb")].clone();
     moved.ips = vec![ip("10.0.1.3")];
     let changes = c.upsert_pod(key("shop", "lb"), moved);
     assert_eq!(changes.nodes.iter().collect::<Vec<_>>(), vec!["n1"]);
-    assert_ne!(
+    assert_eq!(
         c.plan().nodes["n1"].pods[&key("shop", "web")]
             .policy
             .as_ref(),
         Some(&id)
     );
+    assert_eq!(c.plan().nodes["n1"].policies.len(), 1);
+    let sets_after = &c.plan().nodes["n1"].sets;
+    assert_eq!(sets_after.len(), 1);
+    assert_ne!(sets_after, &sets_before, "the lb set moved");
     assert!(accepts(c.plan(), &key("shop", "web"), TCP, 443, "10.0.1.3"));
     assert!(!accepts(
         c.plan(),

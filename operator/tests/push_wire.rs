@@ -18,19 +18,33 @@ const SETTINGS: pb::DatapathSettings = pb::DatapathSettings {
     recheck_on_policy_change: true,
 };
 
-/// A random plan: up to 4 policies (ids p0..p3 with varying rules and generations) and up to
-/// 6 pods (with varying uids), each using one of the plan's policies or none.
+/// A random plan: up to 4 policies (ids p0..p3 with varying rules and generations, some
+/// naming one of 3 address sets), the sets they name (with varying addresses), and up to 6
+/// pods (with varying uids), each using one of the plan's policies or none.
 fn plans() -> impl Strategy<Value = NodePlan> {
-    let policies = proptest::collection::btree_map(0u8..4, (1u16..4, 1i64..3), 0..=4);
+    let policies = proptest::collection::btree_map(
+        0u8..4,
+        (1u16..4, 1i64..3, proptest::option::of(0u8..3)),
+        0..=4,
+    );
+    let contents = proptest::collection::vec(proptest::collection::btree_set(1u8..5, 0..3), 3);
     let pods =
         proptest::collection::btree_map(0u8..6, (0u8..2, any::<prop::sample::Index>()), 0..=6);
-    (policies, pods).prop_map(|(policies, pods)| {
+    (policies, contents, pods).prop_map(|(policies, contents, pods)| {
         let mut plan = NodePlan::default();
-        for (id, (port, generation)) in policies {
-            plan.policies.insert(
-                format!("p{id}"),
-                std::sync::Arc::new(web_policy(port, generation)),
-            );
+        for (id, (port, generation, set)) in policies {
+            let mut policy = web_policy(port, generation);
+            if let Some(set) = set {
+                let name = format!("set{set}");
+                policy.ingress[0].sets.push(name.clone());
+                let addrs = contents[usize::from(set)]
+                    .iter()
+                    .map(|a| format!("192.0.2.{a}/32").parse().unwrap())
+                    .collect();
+                plan.sets.insert(name, std::sync::Arc::new(addrs));
+            }
+            plan.policies
+                .insert(format!("p{id}"), std::sync::Arc::new(policy));
         }
         let ids: Vec<String> = plan.policies.keys().cloned().collect();
         for (pod, (uid, pick)) in pods {
@@ -89,6 +103,12 @@ proptest! {
             }
             for id in &delta.remove_policies {
                 prop_assert!(!new.policies.contains_key(id));
+            }
+            for s in &delta.upsert_sets {
+                prop_assert_ne!(old.sets.get(&s.id), new.sets.get(&s.id));
+            }
+            for id in &delta.remove_sets {
+                prop_assert!(!new.sets.contains_key(id));
             }
         }
     }

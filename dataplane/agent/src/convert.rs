@@ -5,8 +5,10 @@
 use ipnet::IpNet;
 use kubesg_proto::v1alpha1 as pb;
 
+use std::collections::BTreeMap;
+
 use crate::{
-    desired::{Update, UpdateError},
+    desired::{PolicySets, Update, UpdateError},
     endpoints::{EndpointKey, EndpointRecord, PodRef},
     policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule},
 };
@@ -15,6 +17,7 @@ use crate::{
 pub fn update(u: &pb::PolicyUpdate) -> Result<Update, UpdateError> {
     let invalid = UpdateError::Invalid;
     let mut policies = Vec::with_capacity(u.upsert_policies.len());
+    let mut policy_sets = BTreeMap::new();
     for p in &u.upsert_policies {
         if p.id.is_empty() {
             return Err(invalid("a policy without id".into()));
@@ -23,6 +26,32 @@ pub fn update(u: &pb::PolicyUpdate) -> Result<Update, UpdateError> {
             p.id.clone(),
             policy(p).map_err(|e| invalid(format!("policy {}: {e}", p.id)))?,
         ));
+        let named = |rules: &[pb::Rule]| rules.iter().map(|r| r.peer_sets.clone()).collect();
+        let sets = PolicySets {
+            ingress: named(&p.ingress),
+            egress: named(&p.egress),
+        };
+        if sets
+            .ingress
+            .iter()
+            .chain(&sets.egress)
+            .any(|s| !s.is_empty())
+        {
+            policy_sets.insert(p.id.clone(), sets);
+        }
+    }
+    let mut upsert_sets = Vec::with_capacity(u.upsert_sets.len());
+    for s in &u.upsert_sets {
+        if s.id.is_empty() {
+            return Err(invalid("an address set without id".into()));
+        }
+        let addrs = s
+            .cidrs
+            .iter()
+            .map(|c| cidr(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(format!("address set {}: {e}", s.id)))?;
+        upsert_sets.push((s.id.clone(), addrs));
     }
     let mut pods = Vec::with_capacity(u.upsert_pods.len());
     for pp in &u.upsert_pods {
@@ -42,6 +71,9 @@ pub fn update(u: &pb::PolicyUpdate) -> Result<Update, UpdateError> {
         base_version: u.base_version,
         upsert_policies: policies,
         remove_policies: u.remove_policies.clone(),
+        policy_sets,
+        upsert_sets,
+        remove_sets: u.remove_sets.clone(),
         upsert_pods: pods,
         remove_pods,
         recheck_on_policy_change: u.settings.as_ref().map(|s| s.recheck_on_policy_change),
@@ -306,5 +338,32 @@ mod tests {
             let err = update(&update_with(rule)).unwrap_err().to_string();
             assert!(err.contains(why), "{err} should mention {why}");
         }
+    }
+
+    #[test]
+    fn address_sets_and_the_sets_rules_name_convert() {
+        let mut u = update_with(pb::Rule {
+            peer_sets: vec!["group:shop/lb".into()],
+            ..tcp_rule(vec![])
+        });
+        u.upsert_sets = vec![pb::AddressSet {
+            id: "group:shop/lb".into(),
+            cidrs: vec!["10.0.0.7/32".into(), "fd00::7/128".into()],
+        }];
+        u.remove_sets = vec!["gone".into()];
+        let c = update(&u).unwrap();
+        assert_eq!(c.policy_sets["p"].ingress, vec![vec!["group:shop/lb"]]);
+        assert_eq!(c.upsert_sets[0].0, "group:shop/lb");
+        assert_eq!(c.upsert_sets[0].1[1].to_string(), "fd00::7/128");
+        assert_eq!(c.remove_sets, vec!["gone"]);
+        // A policy naming no set has no entry.
+        let plain = update(&update_with(tcp_rule(vec![]))).unwrap();
+        assert!(plain.policy_sets.is_empty());
+        // A set with a bad address or without id is refused, naming it.
+        u.upsert_sets[0].cidrs.push("10.0.0.300/32".into());
+        let err = update(&u).unwrap_err().to_string();
+        assert!(err.contains("address set group:shop/lb"), "{err}");
+        u.upsert_sets[0].id.clear();
+        assert!(update(&u).unwrap_err().to_string().contains("without id"));
     }
 }

@@ -1,12 +1,47 @@
 //! What the operator wants on this node: its compiled policies and which policy each pod uses,
 //! at a version. Updates (snapshots and deltas) are applied here as pure functions, so a bad
 //! update is refused whole before the datapath is touched.
+//!
+//! The operator sends the addresses of pod peers as address sets, apart from the rules that
+//! name them (one set changes when a peer pod's address does, not every policy admitting it).
+//! They are folded into the rules here: [`DesiredState::policies`] holds every policy with its
+//! sets' addresses among its peers, which is what the datapath and `explain` use; a set's
+//! change re-folds the policies naming it, so they are replaced like any changed policy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::{endpoints::PodRef, policy::CompiledPolicy};
+use crate::{
+    endpoints::PodRef,
+    policy::{CompiledPolicy, PeerBlock, Rule},
+};
+
+/// The address sets each rule of a policy names, by rule index (the operator's `peer_sets`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySets {
+    /// Per ingress rule (missing or empty: none).
+    pub ingress: Vec<Vec<String>>,
+    /// Per egress rule (missing or empty: none).
+    pub egress: Vec<Vec<String>>,
+}
+
+impl PolicySets {
+    /// Every set named.
+    fn ids(&self) -> impl Iterator<Item = &String> {
+        self.ingress.iter().chain(&self.egress).flatten()
+    }
+}
+
+/// A policy whose rules name address sets, as received.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetPolicy {
+    /// The rules with their own peers only.
+    pub rules: CompiledPolicy,
+    /// The sets they name.
+    pub sets: PolicySets,
+}
 
 /// The policy a pod uses, as the operator says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +77,12 @@ pub struct DesiredState {
     pub pods: BTreeMap<(String, String), PodAssignment>,
     /// Cut tracked connections the new rules refuse (Neutron) or let them live (AWS).
     pub recheck_on_policy_change: bool,
+    /// Address sets by id.
+    #[serde(default)]
+    pub sets: BTreeMap<String, Vec<IpNet>>,
+    /// The policies whose rules name sets, as received: a set's change folds them again.
+    #[serde(default)]
+    pub set_policies: BTreeMap<String, SetPolicy>,
 }
 
 /// `DesiredState::pods` as JSON: `[{"namespace", "name", "uid", "policy"}, …]`.
@@ -99,8 +140,15 @@ pub struct Update {
     pub snapshot: bool,
     /// The version a delta applies on top of.
     pub base_version: u64,
-    /// Policies to add or replace.
+    /// Policies to add or replace (their rules' own peers; the sets they name are in
+    /// `policy_sets`).
     pub upsert_policies: Vec<(String, CompiledPolicy)>,
+    /// The sets the rules of upserted policies name, for the policies that name some.
+    pub policy_sets: BTreeMap<String, PolicySets>,
+    /// Address sets to add or replace.
+    pub upsert_sets: Vec<(String, Vec<IpNet>)>,
+    /// Address sets to drop.
+    pub remove_sets: Vec<String>,
     /// Policies to drop.
     pub remove_policies: Vec<String>,
     /// Pods and their policies.
@@ -140,6 +188,14 @@ pub enum UpdateError {
         /// The missing policy.
         policy: String,
     },
+    /// A rule names an address set the agent does not have.
+    #[error("policy {policy} names address set {set:?}, which is not defined")]
+    UnknownSet {
+        /// The policy.
+        policy: String,
+        /// The missing set.
+        set: String,
+    },
     /// The update could not be converted from the wire.
     #[error("invalid update: {0}")]
     Invalid(String),
@@ -177,11 +233,53 @@ impl DesiredState {
             self.clone()
         };
         next.version = update.version;
+        let mut changed_sets: BTreeSet<&str> = BTreeSet::new();
+        for id in &update.remove_sets {
+            next.sets.remove(id);
+            changed_sets.insert(id);
+        }
+        for (id, addrs) in &update.upsert_sets {
+            next.sets.insert(id.clone(), addrs.clone());
+            changed_sets.insert(id);
+        }
         for id in &update.remove_policies {
             next.policies.remove(id);
+            next.set_policies.remove(id);
         }
+        let mut upserted: BTreeSet<&str> = BTreeSet::new();
         for (id, p) in &update.upsert_policies {
-            next.policies.insert(id.clone(), p.clone());
+            upserted.insert(id);
+            match update.policy_sets.get(id) {
+                Some(sets) => {
+                    let sp = SetPolicy {
+                        rules: p.clone(),
+                        sets: sets.clone(),
+                    };
+                    next.policies.insert(id.clone(), fold(id, &sp, &next.sets)?);
+                    next.set_policies.insert(id.clone(), sp);
+                }
+                None => {
+                    next.set_policies.remove(id);
+                    next.policies.insert(id.clone(), p.clone());
+                }
+            }
+        }
+        if !changed_sets.is_empty() {
+            let refold: Vec<String> = next
+                .set_policies
+                .iter()
+                .filter(|(id, sp)| {
+                    !upserted.contains(id.as_str())
+                        && sp.sets.ids().any(|s| changed_sets.contains(s.as_str()))
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in refold {
+                if let Some(sp) = next.set_policies.get(&id) {
+                    let folded = fold(&id, sp, &next.sets)?;
+                    next.policies.insert(id, folded);
+                }
+            }
         }
         for pod in &update.remove_pods {
             next.pods.remove(&(pod.namespace.clone(), pod.name.clone()));
@@ -211,6 +309,19 @@ impl DesiredState {
         Ok(next)
     }
 
+    /// The address sets some policy names (`explain` shows them).
+    pub fn sets_of(&self, policy: &str) -> Vec<&str> {
+        let mut ids: Vec<&str> = self
+            .set_policies
+            .get(policy)
+            .into_iter()
+            .flat_map(|sp| sp.sets.ids().map(String::as_str))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     /// The policy of `pod`. A uid known on both sides must match: a pod recreated under the
     /// same name is another pod until the operator says otherwise.
     pub fn assignment(&self, pod: &PodRef) -> Assignment {
@@ -225,6 +336,38 @@ impl DesiredState {
             }) => Assignment::Member(p.clone()),
         }
     }
+}
+
+/// Policy `id` with the addresses of the sets its rules name among their peers.
+fn fold(
+    id: &str,
+    sp: &SetPolicy,
+    sets: &BTreeMap<String, Vec<IpNet>>,
+) -> Result<CompiledPolicy, UpdateError> {
+    let rules = |rules: &[Rule], named: &[Vec<String>]| -> Result<Vec<Rule>, UpdateError> {
+        rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut r = r.clone();
+                for set in named.get(i).into_iter().flatten() {
+                    let addrs = sets.get(set).ok_or_else(|| UpdateError::UnknownSet {
+                        policy: id.to_string(),
+                        set: set.clone(),
+                    })?;
+                    r.peers.extend(addrs.iter().map(|&a| PeerBlock::cidr(a)));
+                }
+                r.peers.sort();
+                r.peers.dedup();
+                Ok(r)
+            })
+            .collect()
+    };
+    Ok(CompiledPolicy {
+        ingress: rules(&sp.rules.ingress, &sp.sets.ingress)?,
+        egress: rules(&sp.rules.egress, &sp.sets.egress)?,
+        stateless: sp.rules.stateless,
+    })
 }
 
 #[cfg(test)]
@@ -369,5 +512,100 @@ mod tests {
             s.assignment(&pod("web", "")),
             Assignment::Member("p1".into())
         );
+    }
+
+    fn set_delta(version: u64, sets: &[(&str, &[&str])]) -> Update {
+        Update {
+            version,
+            base_version: version - 1,
+            upsert_sets: sets
+                .iter()
+                .map(|(id, addrs)| {
+                    (
+                        id.to_string(),
+                        addrs.iter().map(|a| a.parse().unwrap()).collect(),
+                    )
+                })
+                .collect(),
+            ..Update::default()
+        }
+    }
+
+    fn allows(s: &DesiredState, policy: &str, from: &str) -> bool {
+        s.policies[policy]
+            .ingress
+            .iter()
+            .any(|r| r.allows(6, 80, from.parse().unwrap()))
+    }
+
+    #[test]
+    fn sets_are_folded_into_the_rules_naming_them_and_a_set_change_refolds_them() {
+        let mut update = snapshot(1);
+        update.policy_sets.insert(
+            "p1".into(),
+            PolicySets {
+                ingress: vec![vec!["lb".into()]],
+                egress: vec![],
+            },
+        );
+        update.upsert_sets = vec![("lb".into(), vec!["192.0.2.1/32".parse().unwrap()])];
+        let s = DesiredState::default().apply(&update).unwrap();
+        assert!(allows(&s, "p1", "192.0.2.1"), "the set's address");
+        assert!(allows(&s, "p1", "10.1.2.3"), "the rule's own block");
+        assert!(!allows(&s, "p1", "192.0.2.2"));
+        assert_eq!(s.sets_of("p1"), vec!["lb"]);
+        // The set moves: the policy follows without being sent again.
+        let s = s
+            .apply(&set_delta(2, &[("lb", &["192.0.2.2/32"])]))
+            .unwrap();
+        assert!(allows(&s, "p1", "192.0.2.2"));
+        assert!(!allows(&s, "p1", "192.0.2.1"));
+        assert!(allows(&s, "p1", "10.1.2.3"));
+        // It survives the state file.
+        let json = serde_json::to_vec(&s).unwrap();
+        assert_eq!(serde_json::from_slice::<DesiredState>(&json).unwrap(), s);
+        // Replaced by a policy naming no set: the set no longer applies to it.
+        let plain = Update {
+            version: 3,
+            base_version: 2,
+            upsert_policies: vec![("p1".into(), policy(false))],
+            ..Update::default()
+        };
+        let s = s.apply(&plain).unwrap();
+        assert!(!allows(&s, "p1", "192.0.2.2"));
+        assert!(s.set_policies.is_empty());
+    }
+
+    #[test]
+    fn a_rule_naming_a_missing_set_refuses_the_whole_update() {
+        let mut update = snapshot(1);
+        update.policy_sets.insert(
+            "p1".into(),
+            PolicySets {
+                ingress: vec![vec!["lb".into()]],
+                egress: vec![],
+            },
+        );
+        assert_eq!(
+            DesiredState::default().apply(&update),
+            Err(UpdateError::UnknownSet {
+                policy: "p1".into(),
+                set: "lb".into()
+            })
+        );
+        update.upsert_sets = vec![("lb".into(), vec![])];
+        let s = DesiredState::default().apply(&update).unwrap();
+        assert!(!allows(&s, "p1", "192.0.2.1"), "an empty set adds nobody");
+        // Dropping a set a policy still names is refused too.
+        let drop = Update {
+            version: 2,
+            base_version: 1,
+            remove_sets: vec!["lb".into()],
+            ..Update::default()
+        };
+        assert!(matches!(
+            s.apply(&drop),
+            Err(UpdateError::UnknownSet { .. })
+        ));
     }
 }

@@ -133,19 +133,31 @@ pub fn rule_allows(r: &PlannedRule, proto: u8, port: u16, remote: IpAddr) -> boo
     proto_ok && port_ok && peer_ok
 }
 
-/// The pod's entry in the plan: its node's policy, `None` for a non-member. Panics when the
-/// pod is on no node's plan.
-pub fn policy_of<'a>(plan: &'a Plan, pod: &ObjectKey) -> Option<&'a PlannedPolicy> {
+/// The pod's entry in the plan: its node's policy with the address sets its rules name
+/// resolved (what the agent enforces), `None` for a non-member. Panics when the pod is on no
+/// node's plan or its policy is missing there.
+pub fn policy_of(plan: &Plan, pod: &ObjectKey) -> Option<PlannedPolicy> {
     let (node, pp) = plan
         .nodes
         .iter()
         .find_map(|(n, np)| np.pods.get(pod).map(|pp| (n, pp)))
         .unwrap_or_else(|| panic!("{pod} is on no node's plan"));
     pp.policy.as_ref().map(|id| {
-        plan.nodes[node]
+        let np = &plan.nodes[node];
+        for r in np
             .policies
             .get(id)
-            .map(|p| &**p)
+            .iter()
+            .flat_map(|p| p.ingress.iter().chain(&p.egress))
+        {
+            for s in &r.sets {
+                assert!(
+                    np.sets.contains_key(s),
+                    "set {s} of policy {id} is missing on {node}"
+                );
+            }
+        }
+        np.resolved_policy(id)
             .unwrap_or_else(|| panic!("policy {id} of {pod} is missing on {node}"))
     })
 }

@@ -320,6 +320,7 @@ pub fn web_policy_id(port: u16) -> String {
 pub fn web_policy(port: u16, generation: i64) -> PlannedPolicy {
     PlannedPolicy {
         ingress: vec![PlannedRule {
+            sets: Vec::new(),
             protocol: RuleProtocol::Tcp,
             ports: vec![PortSpec::Range {
                 first: port,
@@ -338,6 +339,7 @@ pub fn web_policy(port: u16, generation: i64) -> PlannedPolicy {
             origin: "shop/web ingress[0]".into(),
         }],
         egress: vec![PlannedRule {
+            sets: Vec::new(),
             protocol: RuleProtocol::Icmp,
             ports: vec![PortSpec::Icmp {
                 icmp_type: 8,

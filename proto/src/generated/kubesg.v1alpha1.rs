@@ -66,6 +66,24 @@ pub struct PolicyUpdate {
     /// Node-wide datapath settings; absent in a delta: unchanged.
     #[prost(message, optional, tag = "8")]
     pub settings: ::core::option::Option<DatapathSettings>,
+    /// Address sets to add or replace (by id), whole: the rules of this node's policies name them.
+    #[prost(message, repeated, tag = "9")]
+    pub upsert_sets: ::prost::alloc::vec::Vec<AddressSet>,
+    /// Address set ids no policy of this node names any more.
+    #[prost(string, repeated, tag = "10")]
+    pub remove_sets: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+/// The addresses of the pods a peer selects (the members of a group, or the pods a pod and
+/// namespace selector match), kept apart from the rules that name it: a pod's address change
+/// rewrites one set, not every policy that admits the pod.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AddressSet {
+    /// Chosen by the operator from what the set selects, stable while that does not change.
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Addresses and blocks (e.g. "10.0.0.7/32", "fd00::7/128"), sorted, without duplicates.
+    #[prost(string, repeated, tag = "2")]
+    pub cidrs: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// The compiled rules shared by every pod with the same set of security groups.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -105,12 +123,16 @@ pub struct Rule {
     /// Empty: every port (or ICMP message) of the protocol.
     #[prost(message, repeated, tag = "3")]
     pub ports: ::prost::alloc::vec::Vec<PortMatch>,
-    /// Empty: nobody (a rule whose peers resolve to nothing allows nothing).
+    /// Empty (and no peer_sets): nobody (a rule whose peers resolve to nothing allows nothing).
     #[prost(message, repeated, tag = "4")]
     pub peers: ::prost::alloc::vec::Vec<PeerBlock>,
     /// Where the rule comes from, e.g. "shop/web ingress\[0\]", for `kubesg-agent explain`.
     #[prost(string, tag = "5")]
     pub origin: ::prost::alloc::string::String,
+    /// More peers: the addresses of these sets (PolicyUpdate.upsert_sets), in addition to `peers`.
+    /// The agent refuses an update whose rules name a set it does not have.
+    #[prost(string, repeated, tag = "6")]
+    pub peer_sets: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PortMatch {
