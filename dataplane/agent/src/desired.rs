@@ -309,19 +309,6 @@ impl DesiredState {
         Ok(next)
     }
 
-    /// The address sets some policy names (`explain` shows them).
-    pub fn sets_of(&self, policy: &str) -> Vec<&str> {
-        let mut ids: Vec<&str> = self
-            .set_policies
-            .get(policy)
-            .into_iter()
-            .flat_map(|sp| sp.sets.ids().map(String::as_str))
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
-    }
-
     /// The policy of `pod`. A uid known on both sides must match: a pod recreated under the
     /// same name is another pod until the operator says otherwise.
     pub fn assignment(&self, pod: &PodRef) -> Assignment {
@@ -553,7 +540,6 @@ mod tests {
         assert!(allows(&s, "p1", "192.0.2.1"), "the set's address");
         assert!(allows(&s, "p1", "10.1.2.3"), "the rule's own block");
         assert!(!allows(&s, "p1", "192.0.2.2"));
-        assert_eq!(s.sets_of("p1"), vec!["lb"]);
         // The set moves: the policy follows without being sent again.
         let s = s
             .apply(&set_delta(2, &[("lb", &["192.0.2.2/32"])]))
