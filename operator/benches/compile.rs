@@ -525,14 +525,18 @@ fn main() {
     }));
     // The widest fan-out: every pod's policy admits the monitoring pods, so moving one changes
     // what every node holds: the monitoring address set (policies name it, they do not move).
-    rows.push(measure("monitoring pod IP change (every node)", runs, |i| {
-        let k = key(0, 0, i % 15);
-        let mut p = cluster.pods[&k].clone();
-        p.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 253, 0, i as u8))];
-        let t = Instant::now();
-        let ch = compiler.upsert_pod(k, p);
-        (t.elapsed(), ch.nodes.len())
-    }));
+    rows.push(measure(
+        "monitoring pod IP change (every node)",
+        runs,
+        |i| {
+            let k = key(0, 0, i % 15);
+            let mut p = cluster.pods[&k].clone();
+            p.ips = vec![IpAddr::V4(Ipv4Addr::new(10, 253, 0, i as u8))];
+            let t = Instant::now();
+            let ch = compiler.upsert_pod(k, p);
+            (t.elapsed(), ch.nodes.len())
+        },
+    ));
 
     println!();
     println!("| measure | value |");

@@ -791,7 +791,13 @@ impl Compiler {
         for &node in e.nodes.keys() {
             let name = self.ix.nodes.name(node);
             if let Some(plan) = self.plan.nodes.get_mut(name) {
-                plan.sets.insert(e.id.clone(), content.clone());
+                // The node holds the set already: replace the content, keep the key.
+                match plan.sets.get_mut(&e.id) {
+                    Some(held) => *held = content.clone(),
+                    None => {
+                        plan.sets.insert(e.id.clone(), content.clone());
+                    }
+                }
                 self.changes.nodes.insert(name.to_string());
             }
         }
