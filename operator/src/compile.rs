@@ -1203,12 +1203,16 @@ fn mark_peer_relevance(
     let Some(entry) = ix.namespaces.get(ns) else {
         return;
     };
-    let mut candidates: HashSet<GroupId> = entry.local_peer_groups.clone();
-    for &sid in &entry.selected_by {
-        if let Some(sel) = ix.ns_selectors.get(sid) {
-            candidates.extend(sel.groups.keys().copied());
-        }
-    }
+    // Not collected first: with a namespace every group's peers select (monitoring), that
+    // would build a set of every group for each change of a pod there. A group met twice is
+    // judged twice, harmlessly.
+    let candidates = entry.local_peer_groups.iter().copied().chain(
+        entry
+            .selected_by
+            .iter()
+            .filter_map(|&sid| ix.ns_selectors.get(sid))
+            .flat_map(|sel| sel.groups.keys().copied()),
+    );
     for g in candidates {
         if dirty.rules.contains(&g) {
             continue;
