@@ -362,57 +362,18 @@ fn egress_rules(
 /// The pods the peers of one rule of group `g` select (address blocks select none: they have
 /// no container ports).
 fn peer_pods(ix: &Index, g: &GroupEntry, rule: &CheckedRule) -> Vec<PodId> {
-    let Some(peers) = &rule.peers else {
-        return Vec::new();
-    };
     let mut pods = Vec::new();
-    let mut take = |id: PodId, p: &crate::index::PodEntry| {
-        if p.enforced() && !p.pod.ips.is_empty() {
-            pods.push(id);
-        }
-    };
-    for peer in peers {
-        match peer {
-            CheckedPeer::Group(k) => {
-                if let Some(t) = ix.group_ids.get(k).and_then(|&t| ix.group(t)) {
-                    if t.accepted() {
-                        for &id in &t.members {
-                            if let Some(p) = ix.pod(id) {
-                                take(id, p);
-                            }
-                        }
-                    }
-                }
+    for source in rule
+        .peers
+        .iter()
+        .flatten()
+        .filter_map(|peer| SetSource::of_peer(&g.key.namespace, peer))
+    {
+        source.for_each_pod(ix, |id, p| {
+            if p.enforced() && !p.pod.ips.is_empty() {
+                pods.push(id);
             }
-            CheckedPeer::Pods {
-                namespaces: None,
-                pods: sel,
-            } => ix.for_each_pod_matching(&g.key.namespace, sel.as_ref(), &mut take),
-            CheckedPeer::Pods {
-                namespaces: Some(ns_sel),
-                pods: sel,
-            } => match ix
-                .ns_selector_ids
-                .get(ns_sel)
-                .and_then(|&id| ix.ns_selectors.get(id))
-            {
-                Some(entry) => {
-                    for ns in &entry.matching {
-                        ix.for_each_pod_matching(ns, sel.as_ref(), &mut take);
-                    }
-                }
-                // Every accepted group's namespace selectors are registered; scanning keeps
-                // this correct should one not be.
-                None => {
-                    for (name, ns) in &ix.namespaces {
-                        if ns.labels.as_ref().is_some_and(|l| ns_sel.matches(l)) {
-                            ix.for_each_pod_matching(name, sel.as_ref(), &mut take);
-                        }
-                    }
-                }
-            },
-            CheckedPeer::Block(_) => {}
-        }
+        });
     }
     pods.sort_unstable();
     pods.dedup();

@@ -18,7 +18,7 @@ use std::{
 
 use crate::{
     fingerprint::{hex, Hasher},
-    index::{contributes, Index, NodeId, PodEntry, Slab, StoredPod},
+    index::{contributes, Index, NodeId, PodEntry, PodId, Slab, StoredPod},
     model::ObjectKey,
     plan::{AddressSet, SetId},
     selector::Selector,
@@ -105,28 +105,23 @@ impl SetSource {
         applies && pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
     }
 
-    /// The addresses the set holds in the cluster as the index has it now.
-    pub fn content(&self, ix: &Index) -> AddressSet {
-        let mut out = Vec::new();
-        let mut take = |_: usize, p: &PodEntry| {
-            if p.enforced() {
-                out.extend(p.pod.ips.iter().map(|&ip| ipnet::IpNet::from(ip)));
-            }
-        };
+    /// Calls `f` for every pod the set selects, as the index has the cluster now (pods
+    /// without addresses or not enforced included: the caller decides).
+    pub fn for_each_pod(&self, ix: &Index, mut f: impl FnMut(PodId, &PodEntry)) {
         match self {
             SetSource::Group(k) => {
                 if let Some(g) = ix.group_ids.get(k).and_then(|&g| ix.group(g)) {
                     if g.accepted() {
                         for &id in &g.members {
                             if let Some(p) = ix.pod(id) {
-                                take(id, p);
+                                f(id, p);
                             }
                         }
                     }
                 }
             }
             SetSource::Local { namespace, pods } => {
-                ix.for_each_pod_matching(namespace, pods.as_ref(), take)
+                ix.for_each_pod_matching(namespace, pods.as_ref(), f)
             }
             SetSource::Selected { namespaces, pods } => {
                 match ix
@@ -136,7 +131,7 @@ impl SetSource {
                 {
                     Some(entry) => {
                         for ns in &entry.matching {
-                            ix.for_each_pod_matching(ns, pods.as_ref(), &mut take);
+                            ix.for_each_pod_matching(ns, pods.as_ref(), &mut f);
                         }
                     }
                     // Every registered group's namespace selectors are in the index; scanning
@@ -144,13 +139,23 @@ impl SetSource {
                     None => {
                         for (name, ns) in &ix.namespaces {
                             if ns.labels.as_ref().is_some_and(|l| namespaces.matches(l)) {
-                                ix.for_each_pod_matching(name, pods.as_ref(), &mut take);
+                                ix.for_each_pod_matching(name, pods.as_ref(), &mut f);
                             }
                         }
                     }
                 }
             }
         }
+    }
+
+    /// The addresses the set holds in the cluster as the index has it now.
+    pub fn content(&self, ix: &Index) -> AddressSet {
+        let mut out = Vec::new();
+        self.for_each_pod(ix, |_, p| {
+            if p.enforced() {
+                out.extend(p.pod.ips.iter().map(|&ip| ipnet::IpNet::from(ip)));
+            }
+        });
         out.sort_unstable();
         out.dedup();
         out

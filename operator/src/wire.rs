@@ -11,6 +11,8 @@
 //! (`kubesg_agent::desired::DesiredState::apply`), it gives the same state as a snapshot of
 //! `new`.
 
+use std::collections::BTreeMap;
+
 use kubesg_proto::v1alpha1 as pb;
 
 use crate::{
@@ -58,54 +60,46 @@ pub fn delta(
     if old == new {
         return None;
     }
-    let upsert_policies = new
-        .policies
-        .iter()
-        .filter(|(id, p)| old.policies.get(*id) != Some(*p))
-        .map(|(id, p)| policy(id, p))
-        .collect();
-    let remove_policies = old
-        .policies
-        .keys()
-        .filter(|id| !new.policies.contains_key(*id))
-        .cloned()
-        .collect();
-    let upsert_pods = new
-        .pods
-        .iter()
-        .filter(|(key, pod)| old.pods.get(*key) != Some(*pod))
-        .map(|(key, pod)| pod_policy(key, pod))
-        .collect();
-    let upsert_sets = new
-        .sets
-        .iter()
-        .filter(|(id, s)| old.sets.get(*id) != Some(*s))
-        .map(|(id, s)| set(id, s))
-        .collect();
-    let remove_sets = old
-        .sets
-        .keys()
-        .filter(|id| !new.sets.contains_key(*id))
-        .cloned()
-        .collect();
-    let remove_pods = old
-        .pods
-        .iter()
-        .filter(|(key, _)| !new.pods.contains_key(*key))
-        .map(|(key, pod)| pod_ref(key, &pod.uid))
-        .collect();
     Some(pb::PolicyUpdate {
         version,
         snapshot: false,
         base_version,
-        upsert_policies,
-        remove_policies,
-        upsert_pods,
-        remove_pods,
+        upsert_policies: changed(&old.policies, &new.policies)
+            .map(|(id, p)| policy(id, p))
+            .collect(),
+        remove_policies: gone(&old.policies, &new.policies)
+            .map(|(id, _)| id.clone())
+            .collect(),
+        upsert_pods: changed(&old.pods, &new.pods)
+            .map(|(key, pod)| pod_policy(key, pod))
+            .collect(),
+        remove_pods: gone(&old.pods, &new.pods)
+            .map(|(key, pod)| pod_ref(key, &pod.uid))
+            .collect(),
         settings: None,
-        upsert_sets,
-        remove_sets,
+        upsert_sets: changed(&old.sets, &new.sets)
+            .map(|(id, s)| set(id, s))
+            .collect(),
+        remove_sets: gone(&old.sets, &new.sets)
+            .map(|(id, _)| id.clone())
+            .collect(),
     })
+}
+
+/// The entries of `new` that `old` lacks or holds with another value.
+fn changed<'a, K: Ord, V: PartialEq>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = (&'a K, &'a V)> {
+    new.iter().filter(move |(k, v)| old.get(*k) != Some(*v))
+}
+
+/// The entries of `old` that `new` lacks.
+fn gone<'a, K: Ord, V>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = (&'a K, &'a V)> {
+    old.iter().filter(move |(k, _)| !new.contains_key(*k))
 }
 
 /// The wire form of one policy.
