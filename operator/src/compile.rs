@@ -94,8 +94,8 @@ struct NodeState {
 struct Dirty {
     group_members: HashSet<GroupId>,
     pod_members: HashSet<PodId>,
-    /// Pods whose addresses or ports changed while members: the groups naming their groups
-    /// need their rules redone.
+    /// Pods whose addresses or ports changed while members: their groups' address sets need
+    /// recomputing (and the rules of groups naming them inline, with egress named ports).
     peer_changed: HashSet<PodId>,
     rules: HashSet<GroupId>,
     sets: HashSet<SetSlot>,
