@@ -152,8 +152,8 @@ pub struct Datapath {
     tick: Option<TickClock>,
 }
 
-/// How long [`Datapath::load`] waits for the two ticks that measure the tick rate (two ticks take
-/// 20 ms at the slowest rate, HZ=100).
+/// How long [`Datapath::load`] waits for the readings that measure the tick rate (they must be
+/// [`crate::clock::MIN_SPAN_NS`], 50 ms, apart).
 const TICK_MEASURE_LIMIT: Duration = Duration::from_secs(1);
 
 impl Datapath {
@@ -346,14 +346,14 @@ impl Datapath {
         let first = self.read_clocks()?;
         let deadline = Instant::now() + TICK_MEASURE_LIMIT;
         loop {
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(10));
             let last = self.read_clocks()?;
             if let Some(tick) = TickClock::measure(first, last) {
                 return Ok(tick);
             }
             if Instant::now() > deadline {
                 return Err(DatapathError::Clock(format!(
-                    "jiffies did not advance two ticks in {TICK_MEASURE_LIMIT:?} ({first:?} → {last:?})"
+                    "jiffies did not advance two ticks over 50 ms in {TICK_MEASURE_LIMIT:?} ({first:?} → {last:?})"
                 )));
             }
         }
