@@ -11,7 +11,8 @@ footprint() {
   {
     ip netns list | awk '{print "netns " $1}'
     find /sys/fs/bpf -mindepth 1 -maxdepth 1 -printf 'bpffs %f\n'
-    pgrep -a -f 'kubesg-(agent|operator|cni) ' | sed 's/^[0-9]* /process /' || true
+    # By process name: a command line that only mentions them (cargo test -p kubesg-agent) is not one.
+    pgrep -a -x 'kubesg-(agent|operator|cni)' | sed 's/^[0-9]* /process /' || true
     # The demo's temporary directories (manifests, statuses, PKI, IPAM, the agents' and the
     # operator's), all named kubesg-*; other files in /tmp are not the demo's.
     find "${TMPDIR:-/tmp}" -mindepth 1 -maxdepth 1 -type d -newer "$stamp" -name 'kubesg-*' \

@@ -5,8 +5,10 @@
 //! of a version carrying the change.
 //!
 //! Scenarios: every node's plan changes at once (a pod added on each of the 200 nodes, the worst
-//! burst a cluster-wide group change causes), repeated for several rounds; and one node changing
-//! at a time on an otherwise idle server.
+//! burst a cluster-wide group change causes), repeated for several rounds; one node changing
+//! at a time on an otherwise idle server; and the widest pod change, a scraper pod's new address
+//! in the address set every policy of every node names (only the set travels; the agent refolds
+//! the three policies naming it).
 //!
 //! `cargo bench -p kubesg-operator --bench push` (prints a table; not a test: no assertion).
 
@@ -32,6 +34,9 @@ const ROUNDS: usize = 20;
 const SINGLE_CHANGES: usize = 200;
 /// Pods per node before the rounds add one each.
 const PODS: usize = 30;
+/// The set every policy names (the monitoring pods that scrape every pod) and its size.
+const SCRAPERS_SET: &str = "pods:monitoring:scrapers";
+const SCRAPERS: usize = 15;
 
 /// Collects the server's latency observations.
 struct Collector {
@@ -58,19 +63,27 @@ impl Collector {
     }
 }
 
-/// A node's plan: `PODS + extra` pods over three policies (two groups' rules each).
-fn node_plan(node: usize, extra: usize) -> NodePlan {
+/// A node's plan: `PODS + extra` pods over three policies (two groups' rules each), each
+/// admitting the scraper set too, whose last address is 10.200.1.`moved` (`moved` < 256).
+fn node_plan(node: usize, extra: usize, moved: usize) -> NodePlan {
     let names: Vec<String> = (0..PODS + extra)
         .map(|i| format!("n{node}-pod{i}"))
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut plan = web_plan(&refs, 443, 1);
     for (port, generation) in [(8080, 2), (5432, 3)] {
-        plan.policies.insert(
-            web_policy_id(port),
-            std::sync::Arc::new(web_policy(port, generation)),
-        );
+        plan.policies
+            .insert(web_policy_id(port), Arc::new(web_policy(port, generation)));
     }
+    for policy in plan.policies.values_mut() {
+        Arc::make_mut(policy).ingress[0].sets = vec![SCRAPERS_SET.into()];
+    }
+    let scrapers = (1..SCRAPERS)
+        .map(|i| format!("10.200.0.{i}/32"))
+        .chain(std::iter::once(format!("10.200.1.{moved}/32")))
+        .map(|a| a.parse().expect("an address"));
+    plan.sets
+        .insert(SCRAPERS_SET.into(), Arc::new(scrapers.collect()));
     let ids: Vec<String> = plan.policies.keys().cloned().collect();
     for (i, name) in names.iter().enumerate() {
         plan.pods.insert(
@@ -122,7 +135,7 @@ async fn bench() {
     let s = TestServer::start(&pki, server, "127.0.0.1:0".parse().unwrap()).await;
     let nodes: Vec<String> = (0..AGENTS).map(|i| format!("node-{i:03}")).collect();
     for (i, node) in nodes.iter().enumerate() {
-        s.server.set_node_plan(node, node_plan(i, 0));
+        s.server.set_node_plan(node, node_plan(i, 0, 0));
     }
     let started = Instant::now();
     let agents: Vec<TestAgent> = nodes
@@ -139,7 +152,7 @@ async fn bench() {
     for round in 1..=ROUNDS {
         let started = Instant::now();
         for (i, node) in nodes.iter().enumerate() {
-            s.server.set_node_plan(node, node_plan(i, round));
+            s.server.set_node_plan(node, node_plan(i, round, 0));
         }
         total += AGENTS;
         burst.extend(collector.take(total).await);
@@ -148,12 +161,23 @@ async fn bench() {
 
     // One node at a time.
     let mut single = Vec::new();
+    let mut extra = vec![ROUNDS; AGENTS];
     for k in 0..SINGLE_CHANGES {
         let i = k % AGENTS;
-        s.server
-            .set_node_plan(&nodes[i], node_plan(i, ROUNDS + 1 + k / AGENTS));
+        extra[i] = ROUNDS + 1 + k / AGENTS;
+        s.server.set_node_plan(&nodes[i], node_plan(i, extra[i], 0));
         total += 1;
         single.extend(collector.take(total).await);
+    }
+
+    // A scraper moves: every node's set changes at once, nothing else does.
+    let mut moved = Vec::new();
+    for round in 1..=ROUNDS {
+        for (i, node) in nodes.iter().enumerate() {
+            s.server.set_node_plan(node, node_plan(i, extra[i], round));
+        }
+        total += AGENTS;
+        moved.extend(collector.take(total).await);
     }
 
     for (node, agent) in nodes.iter().zip(&agents) {
@@ -185,6 +209,10 @@ async fn bench() {
         burst,
     );
     row("one node changes at a time", single);
+    row(
+        &format!("scraper set moves on all {AGENTS} ({ROUNDS} rounds)"),
+        moved,
+    );
     round_times.sort();
     println!();
     println!(
