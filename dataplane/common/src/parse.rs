@@ -124,6 +124,22 @@ pub fn parse<F: Frame + ?Sized>(f: &F) -> Result<Option<Packet>, Malformed> {
     }
 }
 
+/// Parses through `head`, a frame that may end before the packet does (an skb's linear part, read
+/// in place: the datapath's fast way), and again through `whole` when that came to
+/// [`Malformed::Truncated`]. A read past `head`'s end is `None`, which the parser only ever turns
+/// into `Truncated`, and every other outcome rests on reads that succeeded: the result is always
+/// `parse(whole)`'s.
+#[inline(always)]
+pub fn parse_head_first<H: Frame + ?Sized, W: Frame + ?Sized>(
+    head: &H,
+    whole: &W,
+) -> Result<Option<Packet>, Malformed> {
+    match parse(head) {
+        Err(Malformed::Truncated) => parse(whole),
+        parsed => parsed,
+    }
+}
+
 #[inline(always)]
 fn parse_ipv4<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
     let off = ETH_HLEN;
@@ -580,6 +596,96 @@ mod tests {
                         "{len} of {} bytes parsed",
                         f.len()
                     );
+                }
+            }
+        }
+    }
+
+    /// The first `readable` bytes of a frame, as an skb's linear part: its length is the whole
+    /// frame's, reads past `readable` are `None`.
+    struct Head<'a> {
+        frame: &'a [u8],
+        readable: usize,
+    }
+
+    impl Frame for Head<'_> {
+        fn len(&self) -> usize {
+            self.frame.len()
+        }
+
+        fn read<T: Copy>(&self, off: usize) -> Option<T> {
+            self.frame[..self.readable].read(off)
+        }
+    }
+
+    /// A whole frame that counts the reads made through it.
+    struct Counted<'a> {
+        frame: &'a [u8],
+        reads: core::cell::Cell<usize>,
+    }
+
+    impl Frame for Counted<'_> {
+        fn len(&self) -> usize {
+            self.frame.len()
+        }
+
+        fn read<T: Copy>(&self, off: usize) -> Option<T> {
+            self.reads.set(self.reads.get() + 1);
+            self.frame.read(off)
+        }
+    }
+
+    #[test]
+    fn parsing_the_head_first_gives_the_whole_frames_result_wherever_the_head_ends() {
+        let mut frames = Vec::new();
+        for (pod, peer) in families() {
+            let tcp = packet::tcp(pod, peer, 1, 2, TcpFlags::SYN);
+            let udp = packet::udp(pod, peer, 1, 2, b"abcdefgh");
+            frames.extend([
+                tcp.clone(),
+                udp.clone(),
+                packet::tcp(pod, peer, 3, 4, TcpFlags::ACK),
+                packet::icmp_echo_request(pod, peer, 1, 1),
+                packet::icmp_error(peer, &tcp, IcmpError::PortUnreachable),
+                packet::ip_raw(pod, peer, 132, &[0; 16]),
+                packet::fragment(&udp, 8, 7)[0].clone(),
+                packet::fragment(&udp, 8, 7)[1].clone(),
+                packet::truncated(&tcp, tcp.len() - 1),
+                packet::truncated_in_l4(&tcp, 10),
+                packet::with_tcp_data_offset(tcp.clone(), 4),
+                packet::with_tcp_data_offset(tcp.clone(), 15),
+                packet::with_udp_len(udp.clone(), 3),
+                packet::with_vlan(&tcp, 5),
+            ]);
+        }
+        let v4 = packet::tcp(ip(POD4), ip(PEER4), 1, 2, TcpFlags::SYN);
+        let v6 = packet::udp(ip(POD6), ip(PEER6), 1, 2, b"");
+        frames.extend([
+            packet::with_ipv4_options(&v4, &[1, 1, 1, 1]),
+            packet::with_ipv4_ihl(v4.clone(), 4),
+            packet::with_ipv4_total_len(v4.clone(), 1000),
+            packet::with_ipv6_extensions(&v6, &[Ipv6Ext::HopByHop, Ipv6Ext::Routing]),
+            packet::with_ipv6_payload_len(v6.clone(), 1000),
+            packet::ipv6_atomic_fragment(&v6, 9),
+            packet::arp_request("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()),
+            packet::with_byte(v4, ETH_LEN, 0x65),
+        ]);
+        for frame in &frames {
+            let expected = parse(&frame[..]);
+            for readable in 0..=frame.len() {
+                let head = Head { frame, readable };
+                let whole = Counted {
+                    frame,
+                    reads: core::cell::Cell::new(0),
+                };
+                assert_eq!(
+                    parse_head_first(&head, &whole),
+                    expected,
+                    "{readable} of {} bytes readable in place",
+                    frame.len()
+                );
+                if readable == frame.len() && expected != Err(Malformed::Truncated) {
+                    assert_eq!(whole.reads.get(), 0, "a linear frame is read in place only");
                 }
             }
         }
