@@ -200,6 +200,7 @@ impl Datapath {
             // The verifier gives up with EAGAIN when a signal is pending on the loading thread
             // (e.g. a SIGCHLD queued while another thread spawns a process); like libbpf, retry.
             let mut attempts = 0;
+            let started = Instant::now();
             loop {
                 match prog.load() {
                     Err(ProgramError::LoadError { io_error, .. })
@@ -213,6 +214,14 @@ impl Datapath {
                     }
                 }
             }
+            // What the verifier walked (the kernel's budget is 1 000 000 instructions): the
+            // margin left to a change that makes the programs harder to verify.
+            debug!(
+                program = name,
+                verified_insns = ?prog.info().ok().and_then(|i| i.verified_instruction_count()),
+                load_ms = started.elapsed().as_millis() as u64,
+                "program loaded"
+            );
         }
         let (maps, events) = Maps::take(&mut ebpf)?;
         let clock_map = ebpf
