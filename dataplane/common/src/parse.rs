@@ -641,6 +641,7 @@ mod tests {
         for (pod, peer) in families() {
             let tcp = packet::tcp(pod, peer, 1, 2, TcpFlags::SYN);
             let udp = packet::udp(pod, peer, 1, 2, b"abcdefgh");
+            let [first_fragment, later_fragment] = packet::fragment(&udp, 8, 7);
             frames.extend([
                 tcp.clone(),
                 udp.clone(),
@@ -648,8 +649,8 @@ mod tests {
                 packet::icmp_echo_request(pod, peer, 1, 1),
                 packet::icmp_error(peer, &tcp, IcmpError::PortUnreachable),
                 packet::ip_raw(pod, peer, 132, &[0; 16]),
-                packet::fragment(&udp, 8, 7)[0].clone(),
-                packet::fragment(&udp, 8, 7)[1].clone(),
+                first_fragment,
+                later_fragment,
                 packet::truncated(&tcp, tcp.len() - 1),
                 packet::truncated_in_l4(&tcp, 10),
                 packet::with_tcp_data_offset(tcp.clone(), 4),
