@@ -44,8 +44,8 @@ pub struct LoopbackDatapath {
     /// The endpoint's policy, `None` for a non-member.
     policy: Option<PolicyHandle>,
     events: RingBuf<MapData>,
-    /// CLOCK_MONOTONIC_COARSE just before and after the last run: the datapath's `now` lies
-    /// within, give or take a tick.
+    /// CLOCK_MONOTONIC just before and after the last run: the datapath's `now` is not after
+    /// the second and a tick or so before the first (`kubesg_agent::clock`).
     window: Cell<(u64, u64)>,
 }
 
@@ -169,28 +169,34 @@ impl LoopbackDatapath {
         d[0].clone()
     }
 
-    /// Asserts that `c` expires `timeout` after the last run: the run's clock reading lies
-    /// between the instants taken around it, give or take the one tick by which the datapath's
-    /// tick clock may differ from CLOCK_MONOTONIC_COARSE (`kubesg_agent::clock`).
+    /// Asserts that `c` expires `timeout` after the last run: the run's clock reading is not
+    /// after the instant taken just after it (the datapath's clock is never ahead of
+    /// CLOCK_MONOTONIC) and at most [`clock::MAX_LAG_TICKS`] ticks before the instant taken
+    /// just before it (`kubesg_agent::clock`).
     #[track_caller]
     pub fn assert_expires_in(&self, c: &Connection, timeout: Duration) {
         let timeout_ns = u64::try_from(timeout.as_nanos()).expect("a timeout within u64 ns");
         let (before, after) = self.window.get();
-        let tick = self.datapath.tick_clock().map_or(0, |t| t.tick_ns);
+        let tick = self
+            .datapath
+            .tick_clock()
+            .expect("the tick clock is calibrated")
+            .tick_ns;
+        let lag = clock::MAX_LAG_TICKS * tick;
         let e = c.entry.expires_ns;
         assert!(
-            before + timeout_ns <= e + tick && e <= after + timeout_ns + tick,
-            "expires_ns {e} is not last run + {timeout_ns} ns ({before}..{after}, ± {tick} ns)"
+            before + timeout_ns <= e + lag && e <= after + timeout_ns,
+            "expires_ns {e} is not last run + {timeout_ns} ns ({before}..{after}, the clock up to {lag} ns behind)"
         );
     }
 
-    /// CLOCK_MONOTONIC_COARSE just before and just after the last run.
+    /// CLOCK_MONOTONIC just before and just after the last run.
     pub fn last_run_window(&self) -> (u64, u64) {
         self.window.get()
     }
 }
 
-/// Lets the datapath's clock (CLOCK_MONOTONIC_COARSE, one tick of resolution) move on, so that a
+/// Lets the datapath's clock (CLOCK_MONOTONIC truncated to the tick) move on, so that a
 /// timeout the next packet renews differs from the one before it.
 pub fn next_tick() {
     std::thread::sleep(Duration::from_millis(20));

@@ -269,8 +269,9 @@ pub struct Sweeper {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// See [`Sweeper::start`]: ten ticks at HZ=1000, one at HZ=100.
-const SWEEP_GRACE_NS: u64 = 10_000_000;
+/// See [`Sweeper::start`]: the most the datapath's clock can be behind CLOCK_MONOTONIC
+/// ([`crate::clock::MAX_LAG_TICKS`] ticks) at the slowest tick rate, HZ=100, with margin.
+const SWEEP_GRACE_NS: u64 = 100_000_000;
 
 impl Sweeper {
     /// Starts sweeping `maps` every `interval`.
@@ -281,10 +282,10 @@ impl Sweeper {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
-            // Entries are removed a little after they expire: the datapath's tick clock may run
-            // up to a few milliseconds behind CLOCK_MONOTONIC_COARSE between re-alignments
-            // (`Datapath::sync_clock`), and an entry must never go while it still counts as live
-            // there. Expired entries are absent to the datapath either way.
+            // Entries are removed a little after they expire: the datapath's clock is behind
+            // CLOCK_MONOTONIC by up to a tick (a few more when the kernel stalls jiffies,
+            // `crate::clock`), and an entry must never go while it still counts as live there.
+            // Expired entries are absent to the datapath either way.
             let now = crate::clock::now_ns().saturating_sub(SWEEP_GRACE_NS);
             match sweep(&mut maps, now) {
                 Ok(0) => {}

@@ -126,6 +126,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let pending_task = tokio::spawn({
         let node = node.clone();
         let stop = stop.clone();
+        let metrics = metrics.clone();
         async move {
             let mut tick = tokio::time::interval(PENDING_DELETES_INTERVAL);
             loop {
@@ -136,10 +137,11 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 if let Err(e) = node.with(|e| e.apply_pending_deletes()).await {
                     warn!(error = %e, "applying queued CNI DELs");
                 }
-                // Keep the datapath's tick clock on CLOCK_MONOTONIC_COARSE, which the sweep
-                // and `ct list` read (NTP slews one against the other).
-                if let Err(e) = node.with(|e| Ok(e.datapath_mut().sync_clock()?)).await {
-                    warn!(error = %e, "re-aligning the datapath clock");
+                // The datapath's tick clock against CLOCK_MONOTONIC, which the sweep and
+                // `ct list` read: measured, exported, calibrated again if out of its bound.
+                match node.with(|e| Ok(e.datapath_mut().check_clock()?)).await {
+                    Ok(check) => metrics.clock_checked(&check),
+                    Err(e) => warn!(error = %e, "checking the datapath clock"),
                 }
             }
         }

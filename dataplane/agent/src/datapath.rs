@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::{
     attach::{self, AttachError, AttachMode, Hook},
     bpffs,
-    clock::{consensus, TickClock},
+    clock::{self, TickClock},
     maps::{map_pin_path, names, Maps, MapsError},
     pin_compat,
     policy::CompiledPolicy,
@@ -147,14 +147,34 @@ pub struct Datapath {
     next_policy_id: u32,
     /// Where the `clock` program leaves its readings (private to this process, never pinned).
     clock_map: Array<MapData, ClockSample>,
-    /// The datapath's tick clock; `None`: it could not be set up and the datapath calls the
+    /// The datapath's tick clock; `None`: it could not be calibrated and the datapath calls the
     /// coarse-clock helper per packet.
     tick: Option<TickClock>,
+    /// How far ahead of CLOCK_MONOTONIC the tick clock may read ([`clock::Calibration::lead_ns`]).
+    tick_lead_ns: u64,
 }
 
-/// How long [`Datapath::load`] waits for the readings that measure the tick rate (they must be
-/// [`crate::clock::MIN_SPAN_NS`], 50 ms, apart).
-const TICK_MEASURE_LIMIT: Duration = Duration::from_secs(1);
+/// How many times a calibration is tried before the datapath falls back to the helper clock.
+const CALIBRATION_ATTEMPTS: usize = 3;
+
+/// How long one calibration may take to gather its readings (it needs
+/// [`clock::CALIBRATION_SPAN_NS`], 100 ms, of them; a starved sampler gets ten times that).
+const CALIBRATION_LIMIT: Duration = Duration::from_secs(1);
+
+/// How many back-to-back readings a clock check takes; the lowest lag counts (the others may
+/// have met jiffies a moment before the kernel advanced them).
+const CHECK_READINGS: usize = 8;
+
+/// What [`Datapath::check_clock`] measured and did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockCheck {
+    /// How far the datapath's clock was behind CLOCK_MONOTONIC (negative: ahead), in ns.
+    pub lag_ns: i64,
+    /// The tick rate the datapath's clock runs at; 0: it reads the coarse-clock helper.
+    pub hz: u64,
+    /// Whether the lag was out of bounds, so the clock was calibrated again.
+    pub recalibrated: bool,
+}
 
 impl Datapath {
     /// Loads the programs, creating the maps or, when pinned maps exist under the pin directory,
@@ -238,14 +258,9 @@ impl Datapath {
             next_policy_id: 1,
             clock_map,
             tick: None,
+            tick_lead_ns: 0,
         };
-        match dp.measure_tick_clock() {
-            Ok(tick) => dp.tick = Some(tick),
-            Err(e) => warn!(
-                error = %e,
-                "datapath clock: falling back to a helper call per packet"
-            ),
-        }
+        dp.calibrate_clock()?;
         dp.set_config(&opts.config)?;
         dp.next_policy_id = dp.highest_policy_id()?.saturating_add(1).max(1);
         info!(
@@ -327,64 +342,132 @@ impl Datapath {
         self.tick
     }
 
-    /// Both kernel clocks, read together by the `clock` program: three readings taken back to
-    /// back, and the one at least two agree on (see [`consensus`]).
+    /// Both kernel clocks, read together by the `clock` program.
     pub fn read_clocks(&self) -> Result<ClockSample, DatapathError> {
         let fd = self.program_fd("clock")?;
-        for _ in 0..5 {
-            let mut samples = [ClockSample::default(); 3];
-            for s in &mut samples {
-                // The shortest frame BPF_PROG_TEST_RUN takes: an Ethernet header.
-                crate::testrun::test_run(fd, &[0u8; 14], 1, 1)
-                    .map_err(|e| DatapathError::Clock(e.to_string()))?;
-                *s = self
-                    .clock_map
-                    .get(&0, 0)
-                    .map_err(map_err("reading CLOCK"))?;
-            }
-            if let Some(s) = consensus(&samples) {
-                return Ok(s);
-            }
-        }
-        Err(DatapathError::Clock(
-            "no two of three readings agreed, five times".into(),
-        ))
+        // The shortest frame BPF_PROG_TEST_RUN takes: an Ethernet header.
+        crate::testrun::test_run(fd, &[0u8; 14], 1, 1)
+            .map_err(|e| DatapathError::Clock(e.to_string()))?;
+        self.clock_map.get(&0, 0).map_err(map_err("reading CLOCK"))
     }
 
-    fn measure_tick_clock(&self) -> Result<TickClock, DatapathError> {
-        let first = self.read_clocks()?;
-        let deadline = Instant::now() + TICK_MEASURE_LIMIT;
+    /// Readings for a calibration: at least [`clock::MIN_SAMPLES`] over at least
+    /// [`clock::CALIBRATION_SPAN_NS`], spaced unevenly so that they fall at every phase of the
+    /// tick (one early in its tick gives the offset exactly).
+    fn calibration_readings(&self) -> Result<Vec<ClockSample>, DatapathError> {
+        let deadline = Instant::now() + CALIBRATION_LIMIT;
+        let mut samples = vec![self.read_clocks()?];
         loop {
-            std::thread::sleep(Duration::from_millis(10));
-            let last = self.read_clocks()?;
-            if let Some(tick) = TickClock::measure(first, last) {
-                return Ok(tick);
+            let span = samples[samples.len() - 1]
+                .mono_ns
+                .saturating_sub(samples[0].mono_ns);
+            if samples.len() >= clock::MIN_SAMPLES && span >= clock::CALIBRATION_SPAN_NS {
+                return Ok(samples);
             }
             if Instant::now() > deadline {
-                return Err(DatapathError::Clock(format!(
-                    "jiffies did not advance two ticks over 50 ms in {TICK_MEASURE_LIMIT:?} ({first:?} → {last:?})"
-                )));
+                return Ok(samples); // calibrate() says what is missing
             }
+            // 0.6 to 2.4 ms: never a multiple of any tick, so the phases spread.
+            let step = 600 + (samples.len() as u64 * 1_237) % 1_800;
+            std::thread::sleep(Duration::from_micros(step));
+            samples.push(self.read_clocks()?);
         }
     }
 
-    /// Re-aligns the datapath's clock on CLOCK_MONOTONIC_COARSE, which NTP slews against the tick
-    /// count; the agent does it every few seconds. A no-op without a tick clock.
-    pub fn sync_clock(&mut self) -> Result<(), DatapathError> {
-        let Some(tick) = self.tick else {
-            return Ok(());
-        };
-        let aligned = tick.aligned(self.read_clocks()?);
-        if aligned != tick {
-            debug!(
-                drift_ns = aligned.offset_ns.wrapping_sub(tick.offset_ns) as i64,
-                "datapath clock re-aligned"
-            );
+    /// Calibrates the tick clock (`kubesg_agent::clock`), or falls back to the coarse-clock
+    /// helper when [`CALIBRATION_ATTEMPTS`] calibrations fail, saying why in the log. Only a
+    /// failure to read the clocks at all is an error.
+    fn calibrate_clock(&mut self) -> Result<(), DatapathError> {
+        let started = Instant::now();
+        let mut why = Vec::new();
+        for _ in 0..CALIBRATION_ATTEMPTS {
+            let samples = self.calibration_readings()?;
+            match TickClock::calibrate(&samples) {
+                Ok(cal) => {
+                    info!(
+                        hz = cal.clock.hz,
+                        readings = cal.samples,
+                        span_ms = cal.span_ns / 1_000_000,
+                        on_grid = cal.on_grid,
+                        phase_ns = cal.phase_ns,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "datapath clock calibrated: jiffies × {} ns, never ahead of CLOCK_MONOTONIC{}, behind it by under one tick (up to {} when the kernel stalls jiffies)",
+                        cal.clock.tick_ns,
+                        if cal.on_grid { "" } else { " by a tick or more (the kernel's tick is off the TICK_NSEC grid)" },
+                        clock::MAX_LAG_TICKS,
+                    );
+                    self.tick = Some(cal.clock);
+                    self.tick_lead_ns = cal.lead_ns();
+                    return Ok(());
+                }
+                Err(e) => why.push(e.to_string()),
+            }
         }
-        self.tick = Some(aligned);
-        // Written even when unchanged: it also repairs a CONFIG someone else wrote.
-        let cfg = self.config()?;
-        self.set_config(&cfg)
+        warn!(
+            attempts = CALIBRATION_ATTEMPTS,
+            why = ?why,
+            "datapath clock: no calibration could be trusted; the datapath reads CLOCK_MONOTONIC_COARSE with a helper call per packet (about 20 ns more per packet)"
+        );
+        self.tick = None;
+        self.tick_lead_ns = 0;
+        Ok(())
+    }
+
+    /// Checks the datapath's clock against CLOCK_MONOTONIC (the agent does it every few
+    /// seconds): puts the clock fields of CONFIG back if someone else wrote them, measures the
+    /// lag, and calibrates again when it is out of the bound the calibration promised (a
+    /// kernel whose jiffies lost ticks). With the helper clock, the lag is measured only.
+    pub fn check_clock(&mut self) -> Result<ClockCheck, DatapathError> {
+        let mut cfg = self.config()?;
+        let want = {
+            let mut w = cfg;
+            TickClock::install(self.tick, &mut w);
+            w
+        };
+        if (cfg.tick_ns, cfg.tick_offset_ns) != (want.tick_ns, want.tick_offset_ns) {
+            warn!(
+                found = ?(cfg.tick_ns, cfg.tick_offset_ns),
+                want = ?(want.tick_ns, want.tick_offset_ns),
+                "the datapath clock's settings were changed behind the agent's back; restored"
+            );
+            cfg = want;
+            self.set_config(&cfg)?;
+        }
+        let mut lag = i64::MAX;
+        for _ in 0..CHECK_READINGS {
+            let s = self.read_clocks()?;
+            let l = match self.tick {
+                Some(t) => t.lag_ns(&s),
+                None => s.mono_ns.wrapping_sub(s.coarse_ns) as i64,
+            };
+            lag = lag.min(l);
+        }
+        let Some(tick) = self.tick else {
+            return Ok(ClockCheck {
+                lag_ns: lag,
+                hz: 0,
+                recalibrated: false,
+            });
+        };
+        if tick.lag_within_bound(lag, self.tick_lead_ns) {
+            return Ok(ClockCheck {
+                lag_ns: lag,
+                hz: tick.hz,
+                recalibrated: false,
+            });
+        }
+        warn!(
+            lag_ns = lag,
+            hz = tick.hz,
+            "the datapath clock is out of its bound against CLOCK_MONOTONIC; calibrating again"
+        );
+        self.calibrate_clock()?;
+        self.set_config(&cfg)?;
+        Ok(ClockCheck {
+            lag_ns: lag,
+            hz: self.tick.map_or(0, |t| t.hz),
+            recalibrated: true,
+        })
     }
 
     /// Attaches both programs to the pod interface `ifindex`. Packets cross it unjudged until the

@@ -17,7 +17,7 @@ use crate::tables::ip_of;
 /// One dropped packet, as a flow log reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Denial {
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) when it was dropped.
+    /// The datapath clock (CLOCK_MONOTONIC, truncated to the tick) when it was dropped.
     pub ts_ns: u64,
     /// The endpoint's interface.
     pub ifindex: u32,

@@ -639,8 +639,54 @@ fn read_settled(path: &Path) -> Result<String, InstallError> {
     Ok(text)
 }
 
+/// Swaps `content` into `path` with `renameat2(RENAME_EXCHANGE)` and returns what it displaced
+/// (`None`: the filesystem has no exchange and a plain rename was done instead).
+fn exchange(path: &Path, content: &str) -> Result<Option<String>, InstallError> {
+    let like = fs::metadata(path).map_err(io_err(path))?;
+    let tmp = write_temp(path, content.as_bytes(), Some(&like), 0o644)?;
+    match renameat2(AT_FDCWD, &tmp, AT_FDCWD, path, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => {}
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+            // A filesystem without exchange: a plain rename, which a concurrent writer can
+            // lose to; the watch loop re-inserts on its next pass.
+            let r = fs::rename(&tmp, path);
+            if r.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            r.map_err(io_err(path))?;
+            sync_dir(path);
+            return Ok(None);
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(path)(io::Error::from(e)));
+        }
+    }
+    // `tmp` now holds what `path` held; a writer still filling that file in place (rather than
+    // renaming) is waited for until it parses.
+    let displaced = read(&tmp).and_then(|d| {
+        if serde_json::from_str::<Value>(&d).is_ok() {
+            Ok(d)
+        } else {
+            read_settled(&tmp)
+        }
+    });
+    let _ = fs::remove_file(&tmp);
+    sync_dir(path);
+    displaced.map(Some)
+}
+
 /// Applies `edit` to the file at `path` atomically without losing a concurrent writer's version
 /// (module documentation). Returns whether the file was changed.
+///
+/// Every exchange puts one version in place and takes one out. When what it took out is not the
+/// version that was expected there, the primary wrote in between, and the version taken out is
+/// the newest: it is never dropped. Up to [`MAX_REBASES`] times the edit is redone on it; after
+/// that (or when it cannot be chained) it is put back unedited, with the same exchange and the
+/// same check, until an exchange displaces exactly what it expected. Only then does this
+/// return `Conflict` (or the edit's error), with the primary's newest version in place for the
+/// watch loop's next pass. A writer that never pauses for the length of one exchange keeps
+/// this loop going; any pause ends it.
 fn rewrite(
     path: &Path,
     edit: impl Fn(&str) -> Result<Option<String>, ConfError>,
@@ -653,59 +699,47 @@ fn rewrite(
     let Some(mut desired) = edit(&expected).map_err(conf_err)? else {
         return Ok(false);
     };
-    for _ in 0..MAX_REBASES {
-        let like = fs::metadata(path).map_err(io_err(path))?;
-        let tmp = write_temp(path, desired.as_bytes(), Some(&like), 0o644)?;
-        match renameat2(AT_FDCWD, &tmp, AT_FDCWD, path, RenameFlags::RENAME_EXCHANGE) {
-            Ok(()) => {}
-            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
-                // A filesystem without exchange: a plain rename, which a concurrent writer can
-                // lose to; the watch loop re-inserts on its next pass.
-                let r = fs::rename(&tmp, path);
-                if r.is_err() {
-                    let _ = fs::remove_file(&tmp);
-                }
-                r.map_err(io_err(path))?;
-                sync_dir(path);
-                return Ok(true);
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(io_err(path)(io::Error::from(e)));
-            }
-        }
-        // `tmp` now holds what `path` held.
-        let displaced = read(&tmp)?;
+    let mut rebases = 0;
+    // Set once the newest version is being put back unedited: why it could not be chained.
+    let mut giving_up: Option<InstallError> = None;
+    loop {
+        let Some(displaced) = exchange(path, &desired)? else {
+            return match giving_up {
+                Some(e) => Err(e),
+                None => Ok(true),
+            };
+        };
         if displaced == expected {
-            let _ = fs::remove_file(&tmp);
-            sync_dir(path);
-            return Ok(true);
+            return match giving_up {
+                Some(e) => Err(e),
+                None => Ok(true),
+            };
         }
-        // Someone wrote `path` between our read and the exchange: redo the edit on their version
-        // (waiting for an in-place writer to finish it), and swap again. `path` now holds our
-        // edit of the stale version.
-        let theirs = if serde_json::from_str::<Value>(&displaced).is_ok() {
-            displaced
-        } else {
-            read_settled(&tmp)?
-        };
-        let _ = fs::remove_file(&tmp);
-        expected = desired;
-        desired = match edit(&theirs) {
-            Ok(Some(d)) => d,
-            Ok(None) => theirs,
+        // Someone wrote `path` between our read and the exchange: `path` now holds our version
+        // of a stale one, and `displaced` is theirs, the newest.
+        let theirs = displaced;
+        expected = std::mem::replace(&mut desired, theirs.clone());
+        if giving_up.is_some() {
+            continue;
+        }
+        if rebases == MAX_REBASES {
+            giving_up = Some(InstallError::Conflict(format!(
+                "{}: rewritten concurrently more than {MAX_REBASES} times in a row; \
+                 the newest version is back in place, chaining it on the next pass",
+                path.display()
+            )));
+            continue;
+        }
+        rebases += 1;
+        match edit(&theirs) {
+            Ok(Some(d)) => desired = d,
+            Ok(None) => {} // theirs is chained already: put it back as it is
             Err(e) => {
-                // Put their version back as it is and report.
                 warn!(path = %path.display(), error = %e, "a concurrent rewrite cannot be chained; restoring it");
-                replace_file(path, &theirs, 0o644)?;
-                return Err(conf_err(e));
+                giving_up = Some(conf_err(e));
             }
-        };
+        }
     }
-    Err(InstallError::Conflict(format!(
-        "{}: rewritten concurrently more than {MAX_REBASES} times in a row; retrying later",
-        path.display()
-    )))
 }
 
 /// What [`CniInstaller::ensure_chained`] found or did.
@@ -1057,5 +1091,112 @@ mod tests {
         assert_eq!(v["plugins"][0]["type"], "bridge");
         assert_eq!(v["plugins"][1], entry().to_value());
         assert!(out.contains("\n        \"type\": \"bridge\"\n"), "{out}");
+    }
+
+    /// A directory of its own under the system's temporary directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(test: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!(
+                "kubesg-rewrite-{test}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ));
+            fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn version(mtu: usize) -> String {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","plugins":[{{"type":"bridge","mtu":{mtu}}}]}}"#
+        )
+    }
+
+    /// Puts `content` at `path` by rename, as a primary CNI rewrites its file.
+    fn primary_writes(path: &Path, content: &str) {
+        let tmp = path.with_extension("primary-tmp");
+        fs::write(&tmp, content).unwrap();
+        fs::rename(&tmp, path).unwrap();
+    }
+
+    /// `rewrite` with a primary that writes its next version (from `versions`) each time the
+    /// edit runs, i.e. between each read and the exchange that follows it: the worst
+    /// interleaving, made deterministic. Returns the result and what the file holds after.
+    fn rewrite_under_a_writer(
+        test: &str,
+        versions: &[String],
+    ) -> (Result<bool, InstallError>, String) {
+        let dir = Scratch::new(test);
+        let path = dir.0.join("10-net.conflist");
+        fs::write(&path, version(1000)).unwrap();
+        let next = std::cell::Cell::new(0);
+        let result = rewrite(&path, |text| {
+            if let Some(v) = versions.get(next.get()) {
+                primary_writes(&path, v);
+                next.set(next.get() + 1);
+            }
+            insert_entry(text, &entry())
+        });
+        assert_eq!(next.get(), versions.len(), "every version was written");
+        let left: Vec<_> = fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["10-net.conflist"], "temporary files left behind");
+        (result, fs::read_to_string(&path).unwrap())
+    }
+
+    #[test]
+    fn a_rewrite_redone_on_each_concurrent_version_chains_the_last() {
+        let versions: Vec<_> = (1..MAX_REBASES).map(|i| version(1000 + i)).collect();
+        let (result, file) = rewrite_under_a_writer("rebase", &versions);
+        assert!(matches!(result, Ok(true)), "{result:?}");
+        let last = versions.last().unwrap();
+        assert_eq!(file, insert_entry(last, &entry()).unwrap().unwrap());
+    }
+
+    #[test]
+    fn more_concurrent_versions_than_rebases_leave_the_newest_in_place() {
+        // The edit runs once on the original and once per rebase, writing a version each time:
+        // the exchange after the last rebase displaces the newest, which must go back, not be
+        // dropped (the CI flake of `concurrent_rewrites_by_the_primary_are_never_lost`).
+        let versions: Vec<_> = (0..=MAX_REBASES).map(|i| version(2000 + i)).collect();
+        let (result, file) = rewrite_under_a_writer("give-up", &versions);
+        assert!(
+            matches!(result, Err(InstallError::Conflict(_))),
+            "{result:?}"
+        );
+        assert_eq!(
+            &file,
+            versions.last().unwrap(),
+            "the primary's newest version"
+        );
+    }
+
+    #[test]
+    fn an_unchainable_concurrent_version_is_put_back_as_it_was() {
+        let old = r#"{"cniVersion":"0.2.0","name":"n","plugins":[{"type":"bridge"}]}"#.to_string();
+        let (result, file) = rewrite_under_a_writer("unchainable", &[version(1001), old.clone()]);
+        assert!(
+            matches!(
+                result,
+                Err(InstallError::Conf {
+                    source: ConfError::UnsupportedVersion(_),
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(file, old);
     }
 }

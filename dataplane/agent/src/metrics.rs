@@ -6,7 +6,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
 };
@@ -20,7 +20,7 @@ use prometheus_client::{
 };
 use tracing::info;
 
-use crate::enforcer::Enforcer;
+use crate::{datapath::ClockCheck, enforcer::Enforcer};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CniLabels {
@@ -40,6 +40,9 @@ pub struct Metrics {
     updates: Family<UpdateLabels, Counter>,
     applied_version: Gauge,
     operator_connected: Gauge,
+    clock_hz: Gauge,
+    clock_lag_seconds: Gauge<f64, AtomicU64>,
+    clock_recalibrations: Counter,
     ready: Arc<AtomicBool>,
 }
 
@@ -76,6 +79,17 @@ impl Metrics {
         self.operator_connected.set(up as i64);
     }
 
+    /// Records a check of the datapath's clock against CLOCK_MONOTONIC: a node whose lag leaves
+    /// 0..one tick, or whose rate is 0 (the helper clock), shifts conntrack timeouts or pays a
+    /// helper call per packet, and an alert can say so.
+    pub fn clock_checked(&self, check: &ClockCheck) {
+        self.clock_hz.set(check.hz as i64);
+        self.clock_lag_seconds.set(check.lag_ns as f64 / 1e9);
+        if check.recalibrated {
+            self.clock_recalibrations.inc();
+        }
+    }
+
     /// Marks the agent ready (datapath loaded, CNI socket serving).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
@@ -103,6 +117,21 @@ impl Metrics {
             "operator_connected",
             "1 while the stream to the operator is up",
             self.operator_connected.clone(),
+        );
+        r.register(
+            "datapath_clock_hz",
+            "The kernel tick rate the datapath's clock counts (jiffies); 0 when calibration failed and it reads CLOCK_MONOTONIC_COARSE with a helper call per packet",
+            self.clock_hz.clone(),
+        );
+        r.register(
+            "datapath_clock_lag_seconds",
+            "How far the datapath's clock was behind CLOCK_MONOTONIC at the last check (never negative, under one tick normally)",
+            self.clock_lag_seconds.clone(),
+        );
+        r.register(
+            "datapath_clock_recalibrations",
+            "Times a clock check found the datapath's clock out of its bound and calibrated it again",
+            self.clock_recalibrations.clone(),
         );
         r.register_collector(Box::new(DatapathCollector { enforcer }));
         r

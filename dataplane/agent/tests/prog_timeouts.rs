@@ -194,7 +194,7 @@ fn sweep_keeps_an_entry_refreshed_before_its_timeout(f: Family) {
     let mut dp = LoopbackDatapath::load(Some(&client()));
     dp.pod_sends(&f.udp_out(53, b"query"));
     let first = dp.conn().entry.expires_ns;
-    // Let the datapath's coarse clock tick, so that the refresh moves the deadline.
+    // Let the datapath's clock tick, so that the refresh moves the deadline.
     std::thread::sleep(Duration::from_millis(20));
     dp.pod_sends(&f.udp_out(53, b"query"));
     let refreshed = dp.conn().entry.expires_ns;

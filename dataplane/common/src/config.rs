@@ -44,15 +44,17 @@ pub struct Config {
     /// Nanoseconds per kernel tick (`1e9 / CONFIG_HZ`), or 0. When set, the datapath's clock is
     /// `jiffies × tick_ns + tick_offset_ns`: `bpf_jiffies64()` is inlined by the verifier into one
     /// load, where `bpf_ktime_get_coarse_ns()` is a helper call, the largest fixed cost of the
-    /// established fast path. The agent measures both and sets them so that the sum reads as
-    /// CLOCK_MONOTONIC_COARSE (see `kubesg_agent::clock`). 0: the datapath calls the helper.
+    /// established fast path. The agent calibrates both so that the sum reads as
+    /// CLOCK_MONOTONIC at the start of the current tick (see `kubesg_agent::clock`). 0: the
+    /// datapath calls the coarse-clock helper.
     pub tick_ns: u64,
-    /// See [`Config::tick_ns`]: CLOCK_MONOTONIC_COARSE minus `jiffies × tick_ns`, wrapping.
+    /// See [`Config::tick_ns`]: CLOCK_MONOTONIC at a tick's start minus `jiffies × tick_ns`,
+    /// wrapping.
     pub tick_offset_ns: u64,
 }
 
-/// One reading of both kernel clocks, taken by the `clock` program in one run so that the agent
-/// can relate jiffies to CLOCK_MONOTONIC_COARSE (the value of the one-element `CLOCK` map).
+/// One reading of the kernel's clocks, taken by the `clock` program in one run so that the agent
+/// can relate jiffies to CLOCK_MONOTONIC (the value of the one-element `CLOCK` map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ClockSample {
@@ -60,6 +62,8 @@ pub struct ClockSample {
     pub jiffies: u64,
     /// `bpf_ktime_get_coarse_ns()`, read right after.
     pub coarse_ns: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC), read right after.
+    pub mono_ns: u64,
 }
 
 impl Config {

@@ -152,7 +152,7 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_coarse_ns()` after which the entry is dead (treated as absent, then swept).
+    /// The datapath clock (CLOCK_MONOTONIC) after which the entry is dead (absent, then swept).
     pub expires_ns: u64,
     /// When the first packet was seen (the UDP 2-second stream rule counts from it).
     pub created_ns: u64,

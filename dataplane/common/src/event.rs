@@ -82,7 +82,7 @@ impl DenyReason {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DenyEvent {
-    /// `bpf_ktime_get_coarse_ns()` when it was dropped.
+    /// The datapath clock (CLOCK_MONOTONIC at the tick's start) when it was dropped.
     pub ts_ns: u64,
     /// The endpoint's interface.
     pub ifindex: u32,

@@ -28,7 +28,7 @@ pub struct FragKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FragVerdict {
-    /// After this `bpf_ktime_get_coarse_ns()` the record is stale.
+    /// After this datapath clock reading (CLOCK_MONOTONIC) the record is stale.
     pub expires_ns: u64,
     /// 1 when the first fragment was let through.
     pub accepted: u64,

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -150,9 +150,9 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
     finish(v, &ep, ifindex, dir, Some(&pkt), cfg)
 }
 
-/// The datapath's clock (CLOCK_MONOTONIC_COARSE as the agent set up the tick clock, see
-/// [`Config::tick_ns`]): one load of `jiffies_64`, which the verifier inlines, rather than a
-/// helper call on every packet.
+/// The datapath's clock (CLOCK_MONOTONIC at the start of the tick, as the agent calibrated the
+/// tick clock, see [`Config::tick_ns`]): one load of `jiffies_64`, which the verifier inlines,
+/// rather than a helper call on every packet.
 #[inline(always)]
 fn now(cfg: &Config) -> u64 {
     // SAFETY: reading the clocks has no preconditions.
@@ -162,7 +162,7 @@ fn now(cfg: &Config) -> u64 {
     }
 }
 
-/// Reads both clocks into `CLOCK`, for the agent (the `clock` program, run with
+/// Reads the kernel's clocks into `CLOCK`, for the agent (the `clock` program, run with
 /// BPF_PROG_TEST_RUN, never attached).
 #[inline(always)]
 pub fn sample_clock() -> i32 {
@@ -173,6 +173,7 @@ pub fn sample_clock() -> i32 {
             *slot = ClockSample {
                 jiffies,
                 coarse_ns: bpf_ktime_get_coarse_ns(),
+                mono_ns: bpf_ktime_get_ns(),
             };
         }
     }
