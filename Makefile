@@ -1,5 +1,5 @@
 # The two commands of the README: `make test` runs every test; `make demo` runs kubesg locally.
-.PHONY: test demo bootstrap bench image chart
+.PHONY: test demo bootstrap bench image chart cluster cluster-down
 
 test:
 	scripts/test.sh
@@ -33,3 +33,13 @@ image:
 chart:
 	scripts/bootstrap.sh
 	scripts/check-chart.sh
+
+# A real one-node Kubernetes cluster on this machine (as root), from the components
+# scripts/k8s/build.sh builds: prints the admin kubeconfig's path last. `make cluster-down`
+# removes everything it created.
+cluster:
+	scripts/bootstrap.sh
+	scripts/k8s/cluster.sh up
+
+cluster-down:
+	scripts/k8s/cluster.sh down

@@ -37,11 +37,11 @@ pub struct SecurityGroupSpec {
     /// Connections members may accept. Omitted: this group allows no ingress (other groups of
     /// the pod may).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = crate::validate::MAX_RULES))]
     pub ingress: Option<Vec<IngressRule>>,
     /// Connections members may open. Omitted: this group allows all egress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = crate::validate::MAX_RULES))]
     pub egress: Option<Vec<EgressRule>>,
 }
 
@@ -132,10 +132,11 @@ pub struct GroupRef {
 ]))]
 pub struct IpBlock {
     /// The block, e.g. `10.0.0.0/8` or `fd00::/8`.
+    #[schemars(length(max = crate::validate::MAX_CIDR_LEN))]
     pub cidr: String,
     /// Blocks inside `cidr` that are not allowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = crate::validate::MAX_EXCEPT), inner(length(max = crate::validate::MAX_CIDR_LEN)))]
     pub except: Option<Vec<String>>,
 }
 
@@ -174,15 +175,15 @@ pub struct IngressRule {
     pub protocol: Protocol,
     /// Destination ports (on the member); omitted: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 128))]
+    #[schemars(length(max = crate::validate::MAX_PORTS))]
     pub ports: Option<Vec<Port>>,
     /// ICMP messages; omitted: every type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = crate::validate::MAX_ICMP_TYPES))]
     pub icmp_types: Option<Vec<IcmpType>>,
     /// Who may connect; omitted: anyone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 128))]
+    #[schemars(length(max = crate::validate::MAX_PEERS))]
     pub from: Option<Vec<Peer>>,
 }
 
@@ -200,15 +201,15 @@ pub struct EgressRule {
     /// Destination ports (on the peer; a named port is looked up on each peer pod); omitted:
     /// every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 128))]
+    #[schemars(length(max = crate::validate::MAX_PORTS))]
     pub ports: Option<Vec<Port>>,
     /// ICMP messages; omitted: every type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = crate::validate::MAX_ICMP_TYPES))]
     pub icmp_types: Option<Vec<IcmpType>>,
     /// Whom members may connect to; omitted: anyone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 128))]
+    #[schemars(length(max = crate::validate::MAX_PEERS))]
     pub to: Option<Vec<Peer>>,
 }
 

@@ -11,7 +11,10 @@ use std::{
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -431,9 +434,24 @@ fn concurrent_rewrites_by_the_primary_are_never_lost() {
     );
 }
 
+/// Forks of this test process against the writing of an installed plugin. A child forked while
+/// a thread holds the plugin's temporary file open for writing keeps that descriptor until it
+/// execs, and running the plugin meanwhile fails with ETXTBSY ("Text file busy"; it did, 2 runs
+/// in 30 of `scripts/flake-check.sh` with both cores busy). A runtime on a node runs the plugin
+/// from another process, which inherits nothing of install-cni's: the race is this test
+/// process's own, so the tests that fork take this lock shared and the plugin is written under
+/// it exclusively.
+static FORKS: RwLock<()> = RwLock::new(());
+
+/// The installed-chain tests, one at a time: they fork (agent, plugins, `ip`) without taking
+/// [`FORKS`], so two of them must not overlap.
+static CHAINS: Mutex<()> = Mutex::new(());
+
 /// Runs the real `kubesg-agent install-cni` on the node's directories with `args`.
 fn spawn_install_cni(node: &Node, args: &[&str]) -> Child {
-    Command::new(&binaries().expect("building kubesg-agent").agent)
+    let agent = &binaries().expect("building kubesg-agent").agent;
+    let _fork = FORKS.read().unwrap_or_else(|p| p.into_inner());
+    Command::new(agent)
         .arg("install-cni")
         .arg("--cni-conf-dir")
         .arg(node.conf.path())
@@ -581,6 +599,7 @@ fn the_init_container_fails_on_a_network_it_cannot_chain() {
 /// the fixture (with their state redirected into the test's directories) and the installed
 /// `kubesg-cni`, which registers the pod with a real agent.
 fn installed_chain_runs_for_real(dir: &str, name: &str) {
+    let _one_at_a_time = CHAINS.lock().unwrap_or_else(|p| p.into_inner());
     let node_ns = CniNode::new().expect("node namespace");
     let agent = AgentProcess::start(node_ns.name(), AgentConfig::new("node-a", Startup::Allow))
         .expect("starting kubesg-agent");
@@ -590,9 +609,12 @@ fn installed_chain_runs_for_real(dir: &str, name: &str) {
         agent_socket: agent.socket().display().to_string(),
         timeout_seconds: 10,
     };
-    node.installer
-        .install_binary()
-        .expect("installing the plugin");
+    {
+        let _no_fork = FORKS.write().unwrap_or_else(|p| p.into_inner());
+        node.installer
+            .install_binary()
+            .expect("installing the plugin");
+    }
     let file = match node.installer.ensure_chained().expect("chaining") {
         Chained::Inserted(p) | Chained::Already(p) => p,
         Chained::Converted { conflist, .. } => conflist,

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Builds the upstream components of the kubesg test cluster from their Go modules, at the
+# versions of scripts/k8s/versions.env, into one folder, and prints that folder on stdout:
+#
+#   kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl
+#   etcd etcdctl  containerd containerd-shim-runc-v2 ctr  runc
+#   agnhost (the e2e test image's binary, k8s.io/kubernetes/test/images/agnhost; cluster.sh
+#   puts it into the test cluster's workload image)
+#
+# Usage: scripts/k8s/build.sh [--force]
+#   KUBESG_K8S_BIN  the output folder (default ${KUBESG_K8S_DIR:-/var/cache/kubesg/k8s}/<k8s version>/bin)
+#   --force         rebuild even when the stamp says the binaries are current
+#
+# Idempotent: when every binary exists and the stamp file records the same versions, the same
+# build inputs (this script, versions.env, the go.mod/go.sum files, our main packages) and the
+# same Go, it exits at once. GOMODCACHE and GOCACHE are go's defaults unless set, so a rebuild
+# after a change only compiles what changed. Run as root on Debian (runc needs libseccomp-dev,
+# which this script installs when it is missing). Logs go to stderr.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+log() { printf '[k8s-build] %s\n' "$*" >&2; }
+
+force=0
+for arg in "$@"; do
+  case "$arg" in
+    --force) force=1 ;;
+    *) echo "usage: $0 [--force]" >&2; exit 2 ;;
+  esac
+done
+
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+out="${KUBESG_K8S_BIN:-${KUBESG_K8S_DIR:-/var/cache/kubesg/k8s}/$KUBERNETES_VERSION/bin}"
+
+k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd etcdctl agnhost)
+containerd_bins=(containerd ctr)
+shim_bins=(containerd-shim-runc-v2)
+runc_bins=(runc)
+all_bins=("${k8s_bins[@]}" "${containerd_bins[@]}" "${shim_bins[@]}" "${runc_bins[@]}")
+
+# Go as the machine has it (preinstalled in /usr/local/go; a shell that did not source the
+# profile may lack it on PATH).
+if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then
+  export PATH="$PATH:/usr/local/go/bin"
+fi
+command -v go >/dev/null || { log "no go command: install Go (1.26.6 or newer)"; exit 1; }
+
+# The machine's Go only (go1.26.8 here; containerd's go.mod wants >= 1.26.6): no silent toolchain
+# download. A caller that needs another approved toolchain exports GOTOOLCHAIN itself.
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+
+inputs=(
+  "$here/build.sh" "$here/versions.env"
+  "$here/kubernetes/go.mod" "$here/kubernetes/go.sum" "$here/kubernetes/etcd/main.go"
+  "$here/containerd/go.mod" "$here/containerd/go.sum"
+  "$here/runc/go.mod" "$here/runc/go.sum"
+)
+stamp_text() {
+  printf 'kubernetes=%s etcd=%s containerd=%s runc=%s\n' \
+    "$KUBERNETES_VERSION" "$ETCD_VERSION" "$CONTAINERD_VERSION" "$RUNC_VERSION"
+  printf 'go=%s\n' "$(go env GOVERSION)"
+  (cd "$here" && sha256sum "${inputs[@]#"$here/"}")
+}
+
+current() {
+  [[ -f "$out/.stamp" ]] || return 1
+  local b
+  for b in "${all_bins[@]}"; do [[ -x "$out/$b" ]] || return 1; done
+  [[ "$(cat "$out/.stamp")" == "$(stamp_text)" ]]
+}
+
+if ((force == 0)) && current; then
+  log "up to date: $out"
+  echo "$out"
+  exit 0
+fi
+
+# versions.env and the go.mod files must agree, or the stamp would lie.
+require_line() { # file, module, version
+  grep -qE "^[[:space:]]*(require[[:space:]]+)?$2 $3( |$)" "$here/$1" ||
+    { log "$1 does not require $2 $3 (versions.env): update one of them"; exit 1; }
+}
+require_line kubernetes/go.mod k8s.io/kubernetes "$KUBERNETES_VERSION"
+require_line kubernetes/go.mod go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
+require_line kubernetes/go.mod go.etcd.io/etcd/etcdctl/v3 "$ETCD_VERSION"
+require_line containerd/go.mod github.com/containerd/containerd/v2 "$CONTAINERD_VERSION"
+require_line runc/go.mod github.com/opencontainers/runc "$RUNC_VERSION"
+staging="v0.${KUBERNETES_VERSION#v1.}"
+if grep -E '^[[:space:]]*k8s\.io/[a-z-]+ => ' "$here/kubernetes/go.mod" | grep -vq " $staging\$"; then
+  log "kubernetes/go.mod replaces a k8s.io staging module with a version other than $staging"
+  exit 1
+fi
+
+if ! pkg-config --exists libseccomp 2>/dev/null; then
+  log "installing libseccomp-dev (runc is built with seccomp support)"
+  apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libseccomp-dev pkg-config >&2
+fi
+
+mkdir -p "$out"
+exec 9>"$out/.lock"
+flock 9
+partial="$out/.partial"
+rm -rf "$partial"
+mkdir -p "$partial"
+
+# Another developer compiles on the same 2 cores: every go command runs niced.
+go_build() { # module folder, then go build arguments
+  local dir="$1"
+  shift
+  nice -n 10 go build -C "$here/$dir" -mod=readonly -buildvcs=false -trimpath -o "$partial/" "$@"
+}
+
+start=$SECONDS
+# What hack/lib/version.sh stamps, so that kubectl version, the kubelet and the apiserver report
+# the release. buildDate stays at its fixed default: a changing value would relink every binary.
+k8s_minor="${KUBERNETES_VERSION#v1.}"
+k8s_minor="${k8s_minor%%.*}"
+k8s_ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  k8s_ldflags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$k8s_minor"
+  k8s_ldflags+=" -X $pkg.gitTreeState=clean"
+done
+# agnhost's Makefile stamps main.Version with its VERSION file; no other main package here has a
+# main.Version, and the linker ignores -X for symbols that do not exist.
+k8s_src="$(cd "$here/kubernetes" && go mod download k8s.io/kubernetes && go list -m -f '{{.Dir}}' k8s.io/kubernetes)"
+k8s_ldflags+=" -X main.Version=$(cat "$k8s_src/test/images/agnhost/VERSION")"
+log "building Kubernetes $KUBERNETES_VERSION (with agnhost) and etcd $ETCD_VERSION"
+# Kubernetes builds its server binaries and kubectl with cgo off (static), and so do we.
+CGO_ENABLED=0 go_build kubernetes -ldflags "$k8s_ldflags" tool ./etcd
+
+# containerd's Makefile: urfave_cli_no_docs for all, no_grpc and cgo off for the shim. cgo off for
+# containerd too drops only the btrfs snapshotter (overlayfs is what the test cluster uses).
+cd_ldflags="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
+log "building containerd $CONTAINERD_VERSION"
+CGO_ENABLED=0 go_build containerd -tags urfave_cli_no_docs -ldflags "$cd_ldflags" \
+  github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr
+CGO_ENABLED=0 go_build containerd -tags "urfave_cli_no_docs no_grpc" -ldflags "$cd_ldflags" \
+  github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
+
+# runc's Makefile: cgo (nsenter), PIE, tags seccomp and urfave_cli_no_docs; we leave out
+# libpathrs (not packaged in bookworm). The version comes from runc's embedded VERSION file.
+log "building runc $RUNC_VERSION"
+CGO_ENABLED=1 go_build runc -buildmode=pie -tags "seccomp urfave_cli_no_docs" -ldflags "-s -w" \
+  github.com/opencontainers/runc
+
+for b in "${all_bins[@]}"; do
+  [[ -x "$partial/$b" ]] || { log "go build did not produce $b"; exit 1; }
+  mv -f "$partial/$b" "$out/$b"
+done
+rmdir "$partial"
+stamp_text >"$out/.stamp"
+log "built ${#all_bins[@]} binaries in $((SECONDS - start)) s into $out"
+echo "$out"
