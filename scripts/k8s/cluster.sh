@@ -115,14 +115,18 @@ need_root() { [[ $EUID -eq 0 ]] || { echo "cluster.sh must run as root" >&2; exi
 
 kc() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 
-# PIDs of processes whose command line names a path in the cluster dir: every daemon we start
-# does (its config, data dir or socket), and so do containerd's shims (-address). Other users of
-# the same binaries (e.g. a test's own etcd) never match.
+# PIDs of our daemons: one of the cluster's programs whose command line names a path in the
+# cluster dir, as every daemon we start does (its config, data dir or socket) and containerd's
+# shims (-address). Other users of the same binaries (a test's own etcd) and clients (kubectl,
+# a `tail -f` of a log) never match.
+DAEMONS=" etcd kube-apiserver kube-controller-manager kube-scheduler containerd containerd-shim-runc-v2 runc kubelet kube-proxy "
 our_pids() {
-  local p
+  local p exe
   for p in /proc/[0-9]*; do
     p=${p#/proc/}
-    [[ $p == "$$" || $p == "$BASHPID" ]] && continue
+    exe=$(readlink "/proc/$p/exe" 2>/dev/null) || continue
+    exe=${exe% (deleted)} # a binary that build.sh replaced since
+    [[ "$DAEMONS" == *" ${exe##*/} "* ]] || continue
     tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline" | grep -qF -- "$DIR/" && echo "$p"
   done
   return 0
@@ -130,7 +134,8 @@ our_pids() {
 
 # PIDs in the kubelet's pod cgroups (the containers: pause, agnhost, ...), in any hierarchy.
 pod_pids() {
-  find /sys/fs/cgroup -path '*kubepods*' -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u
+  # (find fails when a cgroup goes away under it: not an error here)
+  { find /sys/fs/cgroup -path '*kubepods*' -name cgroup.procs -exec cat {} + 2>/dev/null || true; } | sort -u
 }
 
 alive() { # component name: its pid file names a live process of ours
@@ -387,7 +392,7 @@ images() {
   stamp=$(
     echo "$PAUSE_IMAGE $AGNHOST_IMAGE $(gcc --version | head -1) $(buildah --version)"
     sha256sum "$src/build/pause/linux/pause.c" "$BIN/agnhost"
-    sed -n '/^images() {/,/^}/p' "$0" | sha256sum
+    sed -n '/^images() {/,/^}/p' "${BASH_SOURCE[0]}" | sha256sum
   )
   if [[ -f "$IMAGES/pause.tar" && -f "$IMAGES/agnhost.tar" && "$(cat "$IMAGES/.stamp" 2>/dev/null)" == "$stamp" ]]; then
     return 0
@@ -662,7 +667,7 @@ up() {
   fi
   if [[ -e "$DIR" ]]; then
     log "$DIR exists (a partial or stopped cluster): running down first"
-    down
+    (down) # a subshell: down turns errexit off
   fi
   detect_node
   preflight
@@ -875,17 +880,17 @@ kill_pids() { # signal, pids...: the pids still ours are signalled
   for p in "$@"; do kill "-$sig" "$p" 2>/dev/null || true; done
 }
 
-stop_component() { # name: TERM, up to 10 s, then KILL
-  local pid
-  alive "$1" || return 0
-  pid=$(cat "$RUN/$1.pid")
-  kill -TERM "$pid" 2>/dev/null || true
-  local i
-  for i in $(seq 1 20); do
-    alive "$1" || return 0
-    sleep 0.5
+stop_components() { # names: TERM to all, up to 10 s, then KILL
+  local c i left
+  for c in "$@"; do alive "$c" && kill -TERM "$(cat "$RUN/$c.pid")" 2>/dev/null; done
+  for i in $(seq 1 50); do
+    left=0
+    for c in "$@"; do alive "$c" && left=1; done
+    ((left)) || return 0
+    sleep 0.2
   done
-  kill -KILL "$pid" 2>/dev/null || true
+  for c in "$@"; do alive "$c" && kill -KILL "$(cat "$RUN/$c.pid")" 2>/dev/null; done
+  return 0
 }
 
 # Removes the iptables rules and chains of kube-proxy, the kubelet (KUBE-*) and the bridge and
@@ -903,12 +908,11 @@ clean_iptables() { # iptables | ip6tables
       # the saved line is shell-quoted (comments with spaces)
       eval "\"\$cmd\" -w -t \"\$table\" -D ${line#-A }" || true
     done <<<"$rules"
-    for chain in $(awk '$1 == "-N" && ($2 ~ /^KUBE-/ || $2 ~ /^CNI-/) {print $2}' <<<"$rules"); do
-      "$cmd" -w -t "$table" -F "$chain" 2>/dev/null || true
-    done
-    for chain in $(awk '$1 == "-N" && ($2 ~ /^KUBE-/ || $2 ~ /^CNI-/) {print $2}' <<<"$rules"); do
-      "$cmd" -w -t "$table" -X "$chain" 2>/dev/null || true
-    done
+    # all flushed before any is deleted: they jump to each other
+    local ours
+    mapfile -t ours < <(awk '$1 == "-N" && ($2 ~ /^KUBE-/ || $2 ~ /^CNI-/) {print $2}' <<<"$rules")
+    for chain in "${ours[@]}"; do "$cmd" -w -t "$table" -F "$chain" 2>/dev/null || true; done
+    for chain in "${ours[@]}"; do "$cmd" -w -t "$table" -X "$chain" 2>/dev/null || true; done
   done
 }
 
@@ -943,12 +947,14 @@ clean_netfilter() {
 
 down() {
   need_root
+  # Best effort, to the end: a step that fails (a process that exits under us, a cgroup that
+  # vanishes) must not leave the later steps undone. check-clean verifies the result.
+  set +e
   local t0=$SECONDS
   log "tearing down the cluster in $DIR"
   # 1. the node agents first, so nothing restarts containers; then the containers (every process
   #    in the kubelet's cgroups), containerd's shims, containerd, the control plane and etcd.
-  local c
-  for c in kubelet kube-proxy; do stop_component "$c"; done
+  stop_components kubelet kube-proxy
   local i pids
   for i in 1 2 3 4 5; do
     pids=$(pod_pids)
@@ -957,18 +963,21 @@ down() {
     kill_pids KILL $pids
     sleep 0.3
   done
-  for c in containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_component "$c"; done
+  stop_components containerd kube-scheduler kube-controller-manager kube-apiserver
+  stop_components etcd # after the apiserver, which removes its endpoint lease on the way out
   # whatever else still names the cluster dir (shims, a daemon without pid file)
   for i in 1 2 3; do
     pids=$(our_pids)
     [[ -n "$pids" ]] || break
     # shellcheck disable=SC2086
     kill_pids TERM $pids
-    sleep 1
+    sleep "0.$((i * 3))"
+    pids=$(our_pids)
     # shellcheck disable=SC2086
-    kill_pids KILL $(our_pids)
+    kill_pids KILL $pids
   done
   [[ -z "$(our_pids)" ]] || log "WARNING: processes still running: $(our_pids | tr '\n' ' ')"
+  log "processes stopped"
 
   # 2. mounts under the cluster dir (overlay rootfs, shm, the kubelet's volumes, netns), deepest
   #    first; the network namespaces containerd created (cni-*, not there before up).
@@ -993,6 +1002,7 @@ down() {
 
   # 4. netfilter state
   clean_netfilter
+  log "mounts, network namespaces, $CNI_BRIDGE, iptables/nft rules removed"
 
   # 5. the CNI files we installed, host-local's leases and the CNI result cache of our network
   if [[ -f "$DIR/cni-installed" ]]; then
@@ -1015,9 +1025,9 @@ down() {
 
   # 6. the kubelet's pod cgroups, in every hierarchy, children first
   local d
-  for d in $(find /sys/fs/cgroup -mindepth 2 -maxdepth 2 -type d -name 'kubepods*' 2>/dev/null); do
-    find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null || true
-  done
+  while read -r d; do
+    find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null
+  done < <(find /sys/fs/cgroup -mindepth 2 -maxdepth 2 -type d -name 'kubepods*' 2>/dev/null)
 
   # 7. the kernel settings recorded before up
   if [[ -f "$SNAP/sysctls" ]]; then
