@@ -242,10 +242,13 @@ def the_agent_runs_on_every_node_with_the_documented_capabilities_and_no_api_acc
     agent = agent_container(docs)["securityContext"]
     assert agent["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}, agent
     assert not agent.get("privileged") and agent["allowPrivilegeEscalation"] is False
+    # The API server refuses a pod whose init containers and containers share a name.
+    names = [c["name"] for c in spec["initContainers"] + spec["containers"]]
+    assert len(names) == len(set(names)), names
     for c in spec["initContainers"] + spec["containers"]:
         if c["name"] == "mount-bpffs":
             assert c["securityContext"]["privileged"] is True and c["args"] == ["mount-bpffs"]
-        elif c["name"] == "install-cni":
+        elif c["name"] in ("install-cni", "cni-watch"):
             assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}, c
     mounts = {m["mountPath"]: m for m in agent_container(docs)["volumeMounts"]}
     assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
@@ -296,10 +299,10 @@ def settings_reach_the_command_lines():
     assert "--recheck-on-policy-change=false" in op["spec"]["template"]["spec"]["containers"][0]["args"]
     single = find(render(CHART / "ci" / "single-operator-values.yaml"), "Deployment", "kubesg-operator")
     assert "--no-leader-election" in single["spec"]["template"]["spec"]["containers"][0]["args"]
-    default_watch = agent_container(render(), "install-cni")["args"]
+    default_watch = agent_container(render(), "cni-watch")["args"]
     assert "--watch" in default_watch and "--uninstall-on-exit" not in default_watch
     docs = render(CHART / "ci" / "cni-uninstall-values.yaml")
-    watch = agent_container(docs, "install-cni")["args"]
+    watch = agent_container(docs, "cni-watch")["args"]
     assert "--uninstall-on-exit" in watch and "--poll-interval=500" in watch
     spec = find(docs, "DaemonSet", "kubesg-agent")["spec"]["template"]["spec"]
     assert {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}["cni-conf"] == \

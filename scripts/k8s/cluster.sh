@@ -211,7 +211,7 @@ snapshot() {
   iptables-save 2>/dev/null | sed -E '/^#/d; s/\[[0-9]+:[0-9]+\]/[-]/' >"$out/iptables"
   ip6tables-save 2>/dev/null | sed -E '/^#/d; s/\[[0-9]+:[0-9]+\]/[-]/' >"$out/ip6tables"
   nft list ruleset 2>/dev/null | sed -E 's/counter packets [0-9]+ bytes [0-9]+/counter/' >"$out/nft"
-  findmnt -rn -o TARGET,FSTYPE | grep -Ev '^/run/netns/[^c]|^/run/netns/c[^n]' | sort >"$out/mounts"
+  findmnt -rn -o TARGET,FSTYPE,PROPAGATION | grep -Ev '^/run/netns/[^c]|^/run/netns/c[^n]' | sort >"$out/mounts"
   # (find fails on the folders that do not exist)
   { find /etc/cni /opt/cni /var/lib/cni /run/netns -printf '%p %s\n' 2>/dev/null || true; } |
     grep -Ev '^/run/netns/[^c]|^/run/netns/c[^n]' | sort >"$out/cni-files"
@@ -689,6 +689,13 @@ up() {
   sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
   ((IPV6 == 0)) || sysctl -qw net.ipv6.conf.all.forwarding=1 net.bridge.bridge-nf-call-ip6tables=1
 
+  # The bpf filesystem as a node with systemd has it: mounted, and shared (systemd makes every
+  # mount shared at boot). kubesg's chart mounts it into the agent with Bidirectional
+  # propagation (its mount-bpffs init container), which containerd allows only on a shared
+  # mount. `down` puts the propagation back as the snapshot found it.
+  mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+  mount --make-shared /sys/fs/bpf
+
   start etcd "$BIN/etcd" --name "$NODE_NAME" --data-dir "$DIR/etcd" \
     --listen-client-urls "https://127.0.0.1:$ETCD_CLIENT_PORT" \
     --advertise-client-urls "https://127.0.0.1:$ETCD_CLIENT_PORT" \
@@ -1036,6 +1043,16 @@ down() {
       [[ "$eq" == "=" ]] || continue
       [[ "$(sysctl -n "$key" 2>/dev/null)" == "$val" ]] || sysctl -qw "$key=$val" 2>/dev/null || true
     done <"$SNAP/sysctls"
+  fi
+
+  # 7b. the bpf filesystem's propagation, as the snapshot found it (up made it shared)
+  if [[ -f "$SNAP/mounts" ]] && mountpoint -q /sys/fs/bpf; then
+    local was
+    was=$(awk '$1 == "/sys/fs/bpf" {print $3}' "$SNAP/mounts")
+    case "$was" in
+      private) mount --make-private /sys/fs/bpf ;;
+      slave) mount --make-slave /sys/fs/bpf ;;
+    esac
   fi
 
   # 8. the cluster dir; --one-file-system: never follow into a mount that survived step 2
