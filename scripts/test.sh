@@ -46,6 +46,8 @@ else
   trap 'scripts/k8s/cluster.sh down >&2 || true' EXIT
   KUBESG_KUBECONFIG=$(scripts/k8s/cluster.sh up | tail -n 1)
   KUBESG_KUBECTL="$(scripts/k8s/build.sh)/kubectl"
+  # The image `scripts/image.sh build` made above, for the chart's pods (no registry).
+  scripts/k8s/cluster.sh import-image "localhost/kubesg:$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
   export KUBESG_KUBECONFIG KUBESG_KUBECTL
   cargo test -p kubesg-cluster-e2e --locked -- --test-threads="${KUBESG_TEST_THREADS:-4}"
   trap - EXIT

@@ -68,6 +68,11 @@ impl Kube {
         kube
     }
 
+    /// The admin kubeconfig (for tools other than kubectl, e.g. helm).
+    pub fn kubeconfig(&self) -> &std::path::Path {
+        &self.kubeconfig
+    }
+
     /// Runs `kubectl ARGS` against the cluster.
     pub fn kubectl(&self, args: &[&str]) -> Kubectl {
         self.kubectl_with_input(args, None)
