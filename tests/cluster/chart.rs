@@ -276,4 +276,9 @@ fn the_chart_installs_upgrades_and_uninstalls_as_the_readme_says() {
             ))
         }
     });
+    // What the README leaves on the node for the user to remove: the plugin binary (once no pod
+    // set up with it remains), the pins and the agent's socket directory.
+    fs::remove_file("/opt/cni/bin/kubesg-cni").expect("the plugin binary was left in place");
+    fs::remove_dir_all("/sys/fs/bpf/kubesg").expect("the pins were left in place");
+    let _ = fs::remove_dir_all("/var/run/kubesg");
 }
