@@ -391,9 +391,9 @@ impl Datapath {
                         on_grid = cal.on_grid,
                         phase_ns = cal.phase_ns,
                         took_ms = started.elapsed().as_millis() as u64,
-                        "datapath clock calibrated: jiffies × {} ns, never ahead of CLOCK_MONOTONIC{}, behind it by under one tick (up to {} when the kernel stalls jiffies)",
+                        "datapath clock calibrated: jiffies × {} ns, {} CLOCK_MONOTONIC, behind it by under one tick (up to {} when the kernel stalls jiffies)",
                         cal.clock.tick_ns,
-                        if cal.on_grid { "" } else { " by a tick or more (the kernel's tick is off the TICK_NSEC grid)" },
+                        if cal.on_grid { "never ahead of" } else { "ahead by less than a tick (the kernel's tick is off the TICK_NSEC grid) or" },
                         clock::MAX_LAG_TICKS,
                     );
                     self.tick = Some(cal.clock);
@@ -406,7 +406,7 @@ impl Datapath {
         warn!(
             attempts = CALIBRATION_ATTEMPTS,
             why = ?why,
-            "datapath clock: no calibration could be trusted; the datapath reads CLOCK_MONOTONIC_COARSE with a helper call per packet (about 20 ns more per packet)"
+            "datapath clock: no calibration could be trusted; the datapath reads CLOCK_MONOTONIC_COARSE with a helper call per packet (slower: README, datapath speed)"
         );
         self.tick = None;
         self.tick_lead_ns = 0;
