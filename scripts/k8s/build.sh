@@ -6,6 +6,7 @@
 #   etcd etcdctl  containerd containerd-shim-runc-v2 ctr  runc
 #   agnhost (the e2e test image's binary, k8s.io/kubernetes/test/images/agnhost; cluster.sh
 #   puts it into the test cluster's workload image)
+#   coredns (the cluster DNS; cluster.sh makes its image)
 #
 # Usage: scripts/k8s/build.sh [--force]
 #   KUBESG_K8S_BIN  the output folder (default ${KUBESG_K8S_DIR:-/var/cache/kubesg/k8s}/<k8s version>/bin)
@@ -38,7 +39,8 @@ k8s_bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-pro
 containerd_bins=(containerd ctr)
 shim_bins=(containerd-shim-runc-v2)
 runc_bins=(runc)
-all_bins=("${k8s_bins[@]}" "${containerd_bins[@]}" "${shim_bins[@]}" "${runc_bins[@]}")
+coredns_bins=(coredns)
+all_bins=("${k8s_bins[@]}" "${containerd_bins[@]}" "${shim_bins[@]}" "${runc_bins[@]}" "${coredns_bins[@]}")
 
 # Go as the machine has it (preinstalled in /usr/local/go; a shell that did not source the
 # profile may lack it on PATH).
@@ -56,10 +58,11 @@ inputs=(
   "$here/kubernetes/go.mod" "$here/kubernetes/go.sum" "$here/kubernetes/etcd/main.go"
   "$here/containerd/go.mod" "$here/containerd/go.sum"
   "$here/runc/go.mod" "$here/runc/go.sum"
+  "$here/coredns/go.mod" "$here/coredns/go.sum"
 )
 stamp_text() {
-  printf 'kubernetes=%s etcd=%s containerd=%s runc=%s\n' \
-    "$KUBERNETES_VERSION" "$ETCD_VERSION" "$CONTAINERD_VERSION" "$RUNC_VERSION"
+  printf 'kubernetes=%s etcd=%s containerd=%s runc=%s coredns=%s\n' \
+    "$KUBERNETES_VERSION" "$ETCD_VERSION" "$CONTAINERD_VERSION" "$RUNC_VERSION" "$COREDNS_VERSION"
   printf 'go=%s\n' "$(go env GOVERSION)"
   (cd "$here" && sha256sum "${inputs[@]#"$here/"}")
 }
@@ -87,6 +90,7 @@ require_line kubernetes/go.mod go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 require_line kubernetes/go.mod go.etcd.io/etcd/etcdctl/v3 "$ETCD_VERSION"
 require_line containerd/go.mod github.com/containerd/containerd/v2 "$CONTAINERD_VERSION"
 require_line runc/go.mod github.com/opencontainers/runc "$RUNC_VERSION"
+require_line coredns/go.mod github.com/coredns/coredns "$COREDNS_VERSION"
 staging="v0.${KUBERNETES_VERSION#v1.}"
 if grep -E '^[[:space:]]*k8s\.io/[a-z-]+ => ' "$here/kubernetes/go.mod" | grep -vq " $staging\$"; then
   log "kubernetes/go.mod replaces a k8s.io staging module with a version other than $staging"
@@ -145,6 +149,13 @@ CGO_ENABLED=0 go_build containerd -tags "urfave_cli_no_docs no_grpc" -ldflags "$
 log "building runc $RUNC_VERSION"
 CGO_ENABLED=1 go_build runc -buildmode=pie -tags "seccomp urfave_cli_no_docs" -ldflags "-s -w" \
   github.com/opencontainers/runc
+
+# CoreDNS's Makefile: cgo off, tag grpcnotrace, GitCommit stamped (its version is a constant of
+# coremain). The root package of the module is its main package (coredns.go: every plugin of
+# plugin.cfg, then coremain.Run), built through the `tool` line of coredns/go.mod.
+log "building CoreDNS $COREDNS_VERSION"
+CGO_ENABLED=0 go_build coredns -tags grpcnotrace \
+  -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" tool
 
 for b in "${all_bins[@]}"; do
   [[ -x "$partial/$b" ]] || { log "go build did not produce $b"; exit 1; }

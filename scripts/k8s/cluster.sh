@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # A real one-node Kubernetes cluster on this machine, from the binaries of scripts/k8s/build.sh:
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd + runc, the kubelet,
-# kube-proxy and a bridge CNI network. No image registry: the pause and agnhost images are built
-# here with buildah and imported into containerd. Run as root.
+# kube-proxy, a bridge CNI network and CoreDNS (the cluster DNS, deployed as kubeadm does). No
+# image registry: the pause, agnhost and coredns images are built here with buildah and imported
+# into containerd. Run as root.
 #
-#   cluster.sh up                  start everything, check that pods run and reach each other and
-#                                  a Service, print the admin kubeconfig path (last stdout line)
+#   cluster.sh up                  start everything, check that pods run and reach each other,
+#                                  a Service and the cluster DNS (also from a hostNetwork pod),
+#                                  print the admin kubeconfig path (last stdout line)
 #   cluster.sh down                stop and remove everything `up` created (also after a failed
 #                                  or partial `up`); idempotent
 #   cluster.sh status              processes, node and pods
@@ -13,7 +15,7 @@
 #                                  changed anything (links, netns, iptables/nft, mounts, CNI
 #                                  files, cgroups, sysctls, processes, files); exit 1 on a diff
 #   cluster.sh smoke               run the pod/Service check of `up` again
-#   cluster.sh images              build the pause and agnhost image archives (cached)
+#   cluster.sh images              build the pause, agnhost and coredns image archives (cached)
 #   cluster.sh import-image X      import X into the cluster's containerd: a docker/OCI archive
 #                                  file, or a tag in scripts/image.sh's buildah storage (e.g.
 #                                  localhost/kubesg:0.1.0)
@@ -63,6 +65,10 @@ API_SVC_IP=10.96.0.1
 CLUSTER_CIDR6=fd00:10:244::/56 # ULA; the node gets the first /64
 POD_CIDR6=fd00:10:244::/64
 SVC_CIDR6=fd00:10:96::/112
+# The cluster DNS Service (kube-system/kube-dns): kubeadm's choice, the 10th address of the range
+DNS_SVC_IP=10.96.0.10
+DNS_SVC_IP6=fd00:10:96::a
+CLUSTER_DOMAIN=cluster.local
 API_PORT=6443
 ETCD_CLIENT_PORT=2379
 ETCD_PEER_PORT=2380
@@ -77,6 +83,7 @@ CNI_SRC=/usr/lib/cni # Debian's containernetworking-plugins
 AGNHOST_VERSION="" # set by images()
 PAUSE_IMAGE=""
 AGNHOST_IMAGE=""
+COREDNS_IMAGE="registry.k8s.io/coredns/coredns:$COREDNS_VERSION"
 
 # The kernel settings the components change (the bridge plugin: forwarding; the kubelet, unless
 # protectKernelDefaults: panic, overcommit, keys; kube-proxy: conntrack, route_localnet). The
@@ -375,12 +382,16 @@ pki() {
 
 k8s_src() { (cd "$here/kubernetes" && go mod download k8s.io/kubernetes && go list -m -f '{{.Dir}}' k8s.io/kubernetes); }
 
-# Two archives, cached in $IMAGES and rebuilt only when their inputs change:
+# Three archives, cached in $IMAGES and rebuilt only when their inputs change:
 #   registry.k8s.io/pause:<tag>  build/pause/linux/pause.c of the release, static, as upstream
 #                                (FROM scratch, USER 65535, ENTRYPOINT /pause): the sandbox image
 #   registry.k8s.io/e2e-test-images/agnhost:<VERSION>  the static agnhost of build.sh (upstream
 #                                adds Alpine tools; this one is the binary alone)
-# The upstream names make e2e manifests work unchanged with imagePullPolicy IfNotPresent.
+#   registry.k8s.io/coredns/coredns:<COREDNS_VERSION>  the static coredns of build.sh, as
+#                                upstream's Dockerfile has it (distroless static, USER nonroot
+#                                65532, /coredns with file capability cap_net_bind_service)
+# The upstream names make e2e (and kubeadm) manifests work unchanged with imagePullPolicy
+# IfNotPresent.
 images() {
   local src pause_tag
   src=$(k8s_src)
@@ -390,14 +401,15 @@ images() {
   AGNHOST_IMAGE="registry.k8s.io/e2e-test-images/agnhost:$AGNHOST_VERSION"
   local stamp
   stamp=$(
-    echo "$PAUSE_IMAGE $AGNHOST_IMAGE $(gcc --version | head -1) $(buildah --version)"
-    sha256sum "$src/build/pause/linux/pause.c" "$BIN/agnhost"
+    echo "$PAUSE_IMAGE $AGNHOST_IMAGE $COREDNS_IMAGE $(gcc --version | head -1) $(buildah --version)"
+    sha256sum "$src/build/pause/linux/pause.c" "$BIN/agnhost" "$BIN/coredns"
     sed -n '/^images() {/,/^}/p' "${BASH_SOURCE[0]}" | sha256sum
   )
-  if [[ -f "$IMAGES/pause.tar" && -f "$IMAGES/agnhost.tar" && "$(cat "$IMAGES/.stamp" 2>/dev/null)" == "$stamp" ]]; then
+  if [[ -f "$IMAGES/pause.tar" && -f "$IMAGES/agnhost.tar" && -f "$IMAGES/coredns.tar" &&
+    "$(cat "$IMAGES/.stamp" 2>/dev/null)" == "$stamp" ]]; then
     return 0
   fi
-  log "building images $PAUSE_IMAGE and $AGNHOST_IMAGE"
+  log "building images $PAUSE_IMAGE, $AGNHOST_IMAGE and $COREDNS_IMAGE"
   mkdir -p "$IMAGES"
   local work
   work=$(mktemp -d "$IMAGES/build.XXXXXX")
@@ -431,6 +443,30 @@ images() {
   bah rm "$c" >/dev/null
   rm -f "$IMAGES/agnhost.tar"
   bah push -q "$AGNHOST_IMAGE" "docker-archive:$IMAGES/agnhost.tar:$AGNHOST_IMAGE" >/dev/null
+
+  # upstream: gcr.io/distroless/static-debian12:nonroot + /coredns (setcap cap_net_bind_service
+  # =+ep: the non-root process binds port 53; the Deployment adds NET_BIND_SERVICE to its
+  # capability sets, the file capability makes it effective across execve). Distroless' passwd,
+  # group and /tmp; no CA bundle (the kubernetes plugin uses the ServiceAccount's ca.crt).
+  mkdir -p "$work/coredns/etc" "$work/coredns/tmp"
+  chmod 1777 "$work/coredns/tmp"
+  cp "$BIN/coredns" "$work/coredns/coredns"
+  setcap cap_net_bind_service=+ep "$work/coredns/coredns"
+  printf 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' >"$work/coredns/etc/passwd"
+  printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' >"$work/coredns/etc/group"
+  c=$(bah from scratch)
+  bah copy "$c" "$work/coredns/" / >/dev/null
+  bah config --user 65532:65532 --workingdir / --entrypoint '["/coredns"]' --port 53 --port 53/udp \
+    --os linux --arch amd64 "$c"
+  bah commit -q "$c" "$COREDNS_IMAGE" >/dev/null
+  bah rm "$c" >/dev/null
+  rm -f "$IMAGES/coredns.tar"
+  bah push -q "$COREDNS_IMAGE" "docker-archive:$IMAGES/coredns.tar:$COREDNS_IMAGE" >/dev/null
+  # the capability must have survived buildah's copy and the archive (or CoreDNS cannot bind 53)
+  tar -xOf "$IMAGES/coredns.tar" "$(tar -xOf "$IMAGES/coredns.tar" manifest.json | jq -r '.[0].Layers[-1]')" |
+    { mkdir "$work/check" && tar --xattrs --xattrs-include='security.*' -xf - -C "$work/check" coredns; }
+  getcap "$work/check/coredns" | grep -q cap_net_bind_service ||
+    die "the coredns image lost the file capability of /coredns (buildah copy dropped the xattr)"
   rm -rf "$work"
   echo "$stamp" >"$IMAGES/.stamp"
 }
@@ -599,7 +635,10 @@ tlsPrivateKeyFile: $PKI/kubelet-server.key
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
 healthzPort: 10248
-clusterDomain: cluster.local
+# the cluster DNS (CoreDNS, Service kube-system/kube-dns); its own pods use dnsPolicy Default,
+# the node's resolv.conf, which it forwards the other names to
+clusterDNS: [$DNS_SVC_IP]
+clusterDomain: $CLUSTER_DOMAIN
 resolvConf: /etc/resolv.conf
 podLogsDir: $DIR/pod-logs
 imageGCHighThresholdPercent: 100
@@ -654,6 +693,231 @@ preflight() {
 
 node_ready() {
   [[ "$(kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]
+}
+
+# The cluster DNS as kubeadm deploys it (cmd/kubeadm/app/phases/addons/dns/manifests.go of the
+# release): ServiceAccount coredns, ClusterRole/Binding system:coredns, ConfigMap coredns
+# (kubeadm's Corefile), Deployment coredns (1 replica here: one node) and Service kube-dns at
+# $DNS_SVC_IP (plus $DNS_SVC_IP6 when dual-stack). Left out of kubeadm's: the Service's
+# resourceVersion "0" (for its updates only).
+dns_deploy() {
+  local family_policy=SingleStack cluster_ips="[$DNS_SVC_IP]"
+  if ((IPV6)); then
+    family_policy=PreferDualStack
+    cluster_ips="[$DNS_SVC_IP, $DNS_SVC_IP6]"
+  fi
+  log "deploying CoreDNS ($COREDNS_IMAGE), Service kube-system/kube-dns $cluster_ips"
+  kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: coredns
+  namespace: kube-system
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: system:coredns
+rules:
+- apiGroups: [""]
+  resources: [endpoints, services, pods, namespaces]
+  verbs: [list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: system:coredns
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: system:coredns
+subjects:
+- kind: ServiceAccount
+  name: coredns
+  namespace: kube-system
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: coredns
+  namespace: kube-system
+data:
+  Corefile: |
+    .:53 {
+        errors
+        health {
+           lameduck 5s
+        }
+        ready
+        kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
+           pods insecure
+           fallthrough in-addr.arpa ip6.arpa
+           ttl 30
+        }
+        prometheus :9153
+        forward . /etc/resolv.conf {
+           max_concurrent 1000
+        }
+        cache 30 {
+           disable success $CLUSTER_DOMAIN
+           disable denial $CLUSTER_DOMAIN
+        }
+        loop
+        reload
+        loadbalance
+    }
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: coredns
+  namespace: kube-system
+  labels:
+    k8s-app: kube-dns
+spec:
+  replicas: 1
+  strategy:
+    type: RollingUpdate
+    rollingUpdate:
+      maxUnavailable: 1
+  selector:
+    matchLabels:
+      k8s-app: kube-dns
+  template:
+    metadata:
+      labels:
+        k8s-app: kube-dns
+    spec:
+      priorityClassName: system-cluster-critical
+      serviceAccountName: coredns
+      affinity:
+        podAntiAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            podAffinityTerm:
+              labelSelector:
+                matchExpressions:
+                - key: k8s-app
+                  operator: In
+                  values: ["kube-dns"]
+              topologyKey: kubernetes.io/hostname
+      tolerations:
+      - key: CriticalAddonsOnly
+        operator: Exists
+      - key: node-role.kubernetes.io/control-plane
+        effect: NoSchedule
+      nodeSelector:
+        kubernetes.io/os: linux
+      containers:
+      - name: coredns
+        image: $COREDNS_IMAGE
+        imagePullPolicy: IfNotPresent
+        resources:
+          limits:
+            memory: 170Mi
+          requests:
+            cpu: 100m
+            memory: 70Mi
+        args: [ "-conf", "/etc/coredns/Corefile" ]
+        volumeMounts:
+        - name: config-volume
+          mountPath: /etc/coredns
+          readOnly: true
+        ports:
+        - containerPort: 53
+          name: dns
+          protocol: UDP
+        - containerPort: 53
+          name: dns-tcp
+          protocol: TCP
+        - containerPort: 9153
+          name: metrics
+          protocol: TCP
+        - containerPort: 8080
+          name: liveness-probe
+          protocol: TCP
+        - containerPort: 8181
+          name: readiness-probe
+          protocol: TCP
+        livenessProbe:
+          httpGet:
+            path: /health
+            port: liveness-probe
+            scheme: HTTP
+          initialDelaySeconds: 60
+          timeoutSeconds: 5
+          successThreshold: 1
+          failureThreshold: 5
+        readinessProbe:
+          httpGet:
+            path: /ready
+            port: readiness-probe
+            scheme: HTTP
+        securityContext:
+          allowPrivilegeEscalation: false
+          capabilities:
+            add:
+            - NET_BIND_SERVICE
+            drop:
+            - ALL
+          readOnlyRootFilesystem: true
+      dnsPolicy: Default
+      volumes:
+        - name: config-volume
+          configMap:
+            name: coredns
+            items:
+            - key: Corefile
+              path: Corefile
+---
+apiVersion: v1
+kind: Service
+metadata:
+  labels:
+    k8s-app: kube-dns
+    kubernetes.io/cluster-service: "true"
+    kubernetes.io/name: "CoreDNS"
+  name: kube-dns
+  namespace: kube-system
+  annotations:
+    prometheus.io/port: "9153"
+    prometheus.io/scrape: "true"
+spec:
+  clusterIP: $DNS_SVC_IP
+  clusterIPs: $cluster_ips
+  ipFamilyPolicy: $family_policy
+  ports:
+  - name: dns
+    port: 53
+    protocol: UDP
+    targetPort: 53
+  - name: dns-tcp
+    port: 53
+    protocol: TCP
+    targetPort: 53
+  - name: metrics
+    port: 9153
+    protocol: TCP
+    targetPort: 9153
+  selector:
+    k8s-app: kube-dns
+EOF
+}
+
+# CoreDNS Ready: its ready plugin answers once the kubernetes plugin has synced with the
+# apiserver (through the kubernetes Service, so kube-proxy's rules work too).
+dns_wait() {
+  [[ -n "${BIN:-}" ]] || bins
+  current=kubelet
+  kc -n kube-system rollout status deployment/coredns --timeout 120s >&2 || {
+    kc -n kube-system describe pods -l k8s-app=kube-dns >&2 || true
+    kc -n kube-system logs -l k8s-app=kube-dns --tail 30 >&2 || true
+    die "CoreDNS did not become ready"
+  }
+  log "CoreDNS ready"
 }
 
 up() {
@@ -730,6 +994,9 @@ up() {
     --proxy-client-key-file "$PKI/front-proxy-client.key"
   wait_until "kube-apiserver /readyz" 120 kc get --raw /readyz
 
+  # (the IPv6 mask size only when dual-stack: a single-stack IPv4 controller-manager refuses it)
+  local cidr_mask6=()
+  ((IPV6 == 0)) || cidr_mask6=(--node-cidr-mask-size-ipv6 64)
   start kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$DIR/kubeconfigs/controller-manager.conf" \
     --authentication-kubeconfig "$DIR/kubeconfigs/controller-manager.conf" \
@@ -738,9 +1005,8 @@ up() {
     --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --use-service-account-credentials=true \
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
-    --allocate-node-cidrs=true --cluster-cidr "$CLUSTER_CIDRS" \
-    --node-cidr-mask-size-ipv4 24 --node-cidr-mask-size-ipv6 64 \
-    --service-cluster-ip-range "$SVC_CIDRS"
+    --allocate-node-cidrs=true --cluster-cidr "$CLUSTER_CIDRS" --node-cidr-mask-size-ipv4 24 \
+    "${cidr_mask6[@]}" --service-cluster-ip-range "$SVC_CIDRS"
   start kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$DIR/kubeconfigs/scheduler.conf" \
     --authentication-kubeconfig "$DIR/kubeconfigs/scheduler.conf" \
     --authorization-kubeconfig "$DIR/kubeconfigs/scheduler.conf" \
@@ -755,6 +1021,7 @@ up() {
   wait_until "containerd" 60 "$BIN/ctr" --address "$SOCK" version
   import_archive "$IMAGES/pause.tar"
   import_archive "$IMAGES/agnhost.tar"
+  import_archive "$IMAGES/coredns.tar"
 
   mkdir -p "$DIR/kubelet" "$DIR/pod-logs"
   start kubelet "$BIN/kubelet" --config "$CONF/kubelet.yaml" \
@@ -765,8 +1032,13 @@ up() {
   start kube-proxy "$BIN/kube-proxy" --config "$CONF/kube-proxy.yaml"
   wait_until "kube-proxy /healthz" 60 curl -sf http://127.0.0.1:10256/healthz
 
+  dns_deploy
   current=kube-controller-manager
   wait_until "the default ServiceAccount" 60 kc -n default get serviceaccount default
+  # The smoke test waits for CoreDNS to be Ready (dns_wait) before its DNS checks, after its
+  # address checks: CoreDNS's first readiness probe comes up to 10 s (its periodSeconds) after
+  # the container started, because the kubelet delays the first probe of every worker by a
+  # random part of the period while it is younger than that period itself.
   smoke
   touch "$DIR/up.done"
   trap - ERR
@@ -786,7 +1058,7 @@ smoke() {
   current=kubelet
   local ns=kubesg-smoke family_policy=SingleStack
   ((IPV6 == 0)) || family_policy=PreferDualStack
-  log "smoke test: Deployment of 2 agnhost netexec pods + ClusterIP Service in namespace $ns"
+  log "smoke test: Deployment of 2 agnhost netexec pods + ClusterIP Service + a hostNetwork pod in namespace $ns"
   kc apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Namespace
@@ -828,6 +1100,22 @@ spec:
   ipFamilyPolicy: $family_policy
   ports:
   - {name: http, port: 80, targetPort: 8080}
+---
+# as kubesg's agent: host network, cluster DNS (ClusterFirstWithHostNet)
+apiVersion: v1
+kind: Pod
+metadata:
+  name: hostnet
+  namespace: $ns
+spec:
+  terminationGracePeriodSeconds: 1
+  hostNetwork: true
+  dnsPolicy: ClusterFirstWithHostNet
+  containers:
+  - name: agnhost
+    image: $AGNHOST_IMAGE
+    imagePullPolicy: Never
+    args: [pause]
 EOF
   kc -n "$ns" rollout status deployment/netexec --timeout 120s >&2 ||
     { kc -n "$ns" describe pods >&2 || true; die "the smoke Deployment did not become ready"; }
@@ -851,7 +1139,12 @@ EOF
   done
   for ip in $svc_ips; do
     [[ $ip == *:* ]] && ip="[$ip]"
-    # node -> Service (kube-proxy's rules)
+    # node -> Service (kube-proxy's rules). kube-proxy programs the endpoints of the just-ready
+    # pods up to a second or so later (iptables minSyncPeriod: 1 s after its previous sync, e.g.
+    # CoreDNS's), rejecting connections until then: wait for that first.
+    current=kube-proxy
+    wait_until "kube-proxy's rules for Service $ip:80" 30 http_get "http://$ip:80/hostname"
+    current=kubelet
     got=$(http_get "http://$ip:80/hostname") || die "node -> Service $ip:80 failed"
     [[ " ${pods[*]} " == *" $got "* ]] || die "Service $ip:80 answered '$got'"
     log "  node -> Service $ip:80 ok ($got)"
@@ -872,6 +1165,40 @@ EOF
   kc -n "$ns" exec "${pods[0]}" -- /agnhost connect --timeout 5s "$API_SVC_IP:443" >&2 ||
     die "pod -> kubernetes Service $API_SVC_IP:443 failed"
   log "  pod ${pods[0]} -> Service kubernetes $API_SVC_IP:443 ok"
+
+  # The cluster DNS. agnhost connect resolves first (its error then starts with "DNS:"), then
+  # connects: the name resolved to the Service. Names: a full one, the pod's own namespace through
+  # the search list (ndots:5), and the kubelet's nameserver line.
+  dns_wait
+  local dest out
+  out=$(kc -n "$ns" exec "${pods[0]}" -- /agnhost dns-server-list 2>&1) || die "dns-server-list failed: $out"
+  [[ "$out" == "$DNS_SVC_IP" ]] || die "pod ${pods[0]} has nameservers '$out', not $DNS_SVC_IP"
+  for dest in "kubernetes.default.svc.$CLUSTER_DOMAIN:443" "netexec.$ns.svc.$CLUSTER_DOMAIN:80" netexec:80; do
+    kc -n "$ns" exec "${pods[0]}" -- /agnhost connect --timeout 5s "$dest" >&2 ||
+      die "pod ${pods[0]} -> $dest (by DNS name) failed"
+    log "  pod ${pods[0]} -> $dest ok (resolved by CoreDNS, connected)"
+  done
+  got=$(http_get "http://$first_ip:8080/dial?request=hostname&protocol=http&host=netexec.$ns.svc&port=80&tries=1") ||
+    die "pod -> Service netexec.$ns.svc dial failed"
+  [[ "$got" == *"\"${pods[0]}\""* || "$got" == *"\"${pods[1]}\""* ]] ||
+    die "pod ${pods[0]} -> http://netexec.$ns.svc:80 answered $got"
+  log "  pod ${pods[0]} -> http://netexec.$ns.svc:80 ok ($got)"
+  if ((IPV6)); then
+    kc -n "$ns" exec "${pods[0]}" -- /agnhost connect --timeout 5s "[$DNS_SVC_IP6]:53" >&2 ||
+      die "pod ${pods[0]} -> kube-dns [$DNS_SVC_IP6]:53/tcp failed"
+    log "  pod ${pods[0]} -> Service kube-dns [$DNS_SVC_IP6]:53/tcp ok"
+  fi
+  # ... and from the host network (kubesg's agent: kubesg-operator.kube-system.svc)
+  kc -n "$ns" wait --for=condition=Ready pod/hostnet --timeout 60s >/dev/null ||
+    die "the hostNetwork smoke pod did not become ready"
+  out=$(kc -n "$ns" exec hostnet -- /agnhost dns-server-list 2>&1) || die "dns-server-list failed: $out"
+  [[ "$out" == "$DNS_SVC_IP" ]] || die "hostNetwork pod has nameservers '$out', not $DNS_SVC_IP"
+  for dest in kubernetes.default.svc:443 "netexec.$ns.svc:80"; do
+    kc -n "$ns" exec hostnet -- /agnhost connect --timeout 5s "$dest" >&2 ||
+      die "hostNetwork pod (ClusterFirstWithHostNet) -> $dest failed"
+    log "  hostNetwork pod (ClusterFirstWithHostNet) -> $dest ok"
+  done
+
   # The workload is gone again, so tests start from an empty cluster (not waited for).
   kc delete namespace "$ns" --wait=false >/dev/null
   log "smoke test passed"
