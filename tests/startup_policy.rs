@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{data_gets_through, hosts, policy, snapshot, tcp, Cluster, NEVER};
+use common::{data_gets_through, hosts, policy, snapshot, tcp, Cluster, NAMESPACE, NEVER};
 use kubesg_proto::v1alpha1 as pb;
 use kubesg_testkit::{agent::Startup, cni::CniPod};
 
@@ -214,4 +214,87 @@ fn wait_without_rules_fails_the_add_with_code_11_at_the_timeout_and_leaves_nothi
         .pinned_links(ifindex)
         .expect("links")
         .is_empty());
+}
+
+/// The operator's own pods (`--startup-exempt`, set by the chart) get `allow` under `deny`:
+/// their rules can only come from a running operator, so denying them would keep the cluster
+/// without one for ever. Other pods of the node still get `deny`, and once the exempt pod's
+/// rules arrive they judge it like any other.
+#[test]
+fn an_exempt_pod_gets_allow_under_deny_while_the_others_get_deny() {
+    kubesg_testkit::require_privileged!();
+    let cluster = Cluster::start(Startup::Deny, |_, c| {
+        c.extra_args
+            .push(format!("--startup-exempt={NAMESPACE}/operator-"));
+    });
+    cluster.hello();
+    let operator = cluster.add_pod("operator-7d9f8-x2v4q", 38);
+    let other = cluster.add_pod("other", 39);
+    let peer = cluster.add_pod("peer", 40);
+    // Only the peer is classified (a member of no group): the other two are pending.
+    cluster.push(snapshot(1, vec![], &[(&peer, None)]));
+    assert_pending(&cluster, &operator);
+    assert_pending(&cluster, &other);
+
+    let (mut op_c, mut op_s) = cluster.assert_opens(&operator, &peer, false, 9090);
+    cluster.assert_opens(&peer, &operator, true, 7000);
+    std::thread::scope(|s| {
+        let (c, other, peer) = (&cluster, &other, &peer);
+        for v6 in [false, true] {
+            s.spawn(move || c.assert_dropped(other, peer, v6, 9090));
+            s.spawn(move || c.assert_dropped(peer, other, v6, 7000));
+        }
+    });
+
+    // Its rules arrive: the operator may open 8080 only; its connection to 9090 is cut.
+    cluster.push(snapshot(
+        2,
+        vec![policy("op", vec![], vec![tcp(&[8080], hosts(&[&peer]))])],
+        &[(&peer, None), (&operator, Some("op"))],
+    ));
+    assert!(
+        !data_gets_through(&mut op_c, &mut op_s),
+        "the exempt pod's connection to 9090 is cut by its rules\n{}",
+        cluster.dump()
+    );
+    cluster.assert_opens(&operator, &peer, false, 8080);
+    cluster.assert_dropped(&operator, &peer, true, 9090);
+}
+
+/// Under `wait` an exempt pod's ADD returns at once, before any rules (a pod that is not
+/// exempt fails after the timeout: `wait_without_rules_fails_the_add…`).
+#[test]
+fn wait_does_not_hold_the_add_of_an_exempt_pod() {
+    kubesg_testkit::require_privileged!();
+    let cluster = Cluster::start(Startup::Wait, |_, c| {
+        c.wait_timeout = Some(Duration::from_secs(2));
+        c.extra_args
+            .push(format!("--startup-exempt={NAMESPACE}/operator-"));
+    });
+    cluster.hello();
+    let operator = cluster.pod("operator-7d9f8-x2v4q", 41);
+    if let Err(e) = cluster.try_add(&operator) {
+        panic!("the exempt pod's ADD failed: {e}\n{}", cluster.dump());
+    }
+    assert_pending(&cluster, &operator);
+    let peer = cluster.pod("peer", 42);
+    cluster.push(snapshot(1, vec![], &[(&peer, None)]));
+    cluster.try_add(&peer).expect("ADD of the classified peer");
+    cluster.assert_opens(&operator, &peer, false, 9090);
+}
+
+/// A malformed `--startup-exempt` stops the agent before it serves, naming the value.
+#[test]
+fn a_malformed_startup_exemption_is_refused_at_start() {
+    let out =
+        std::process::Command::new(&kubesg_testkit::agent::binaries().expect("binaries").agent)
+            .args(["run", "--node-name=n", "--startup-exempt=kube-system/"])
+            .output()
+            .expect("running kubesg-agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kube-system/") && err.contains("the name prefix is empty"),
+        "{err}"
+    );
 }

@@ -293,8 +293,12 @@ def settings_reach_the_command_lines():
     wait = agent_container(render(CHART / "ci" / "startup-wait-values.yaml"))["args"]
     for arg in ["--startup-policy=wait", "--wait-timeout=20", "--conntrack-timeout=tcp_timeout_established=86400",
                 "--conntrack-timeout=udp_timeout=20", "--conntrack-entries=262144", "--sweep-interval=5",
-                "--attach-mode=clsact", "--flow-logs", "--log=debug"]:
+                "--attach-mode=clsact", "--flow-logs", "--log=debug",
+                "--startup-exempt=kube-system/kubesg-operator-", "--startup-exempt=kube-system/coredns-"]:
         assert arg in wait, (arg, wait)
+    # The operator's own pods are exempt from the startup policy in any namespace (their rules
+    # only a running operator can send).
+    assert "--startup-exempt=kubesg/kubesg-operator-" in agent_container(render(namespace="kubesg"))["args"]
     op = find(render(CHART / "ci" / "startup-wait-values.yaml"), "Deployment", "kubesg-operator")
     assert "--recheck-on-policy-change=false" in op["spec"]["template"]["spec"]["containers"][0]["args"]
     single = find(render(CHART / "ci" / "single-operator-values.yaml"), "Deployment", "kubesg-operator")

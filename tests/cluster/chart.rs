@@ -2,13 +2,10 @@
 //! a cluster", "Upgrade", "Uninstall"), with the image settings only: the operator runs two
 //! replicas of which one leads and is Ready, the agent DaemonSet becomes Ready and chains
 //! kubesg into the node's real CNI configuration, the agent reaches the operator by its
-//! Service's name (cluster DNS), `helm upgrade` keeps the certificates, the operator meets no 403
-//! under the chart's RBAC, and the documented uninstall gives the CNI configuration back byte for
-//! byte.
-//!
-//! Not here yet: traffic between pods the kubelet starts once kubesg is chained. A first try
-//! (commit "Chart test: a SecurityGroup enforced on pods the kubelet starts") found that a pod in
-//! no group could not reach another before any group existed (issue #12's notes).
+//! Service's name (cluster DNS), the operator meets no 403 under the chart's RBAC, `helm upgrade`
+//! keeps the certificates and the running operators, operators recreated while kubesg is chained
+//! lead again (the startup policy exempts them), a SecurityGroup is enforced on pods the kubelet
+//! starts, and the documented uninstall gives the CNI configuration back byte for byte.
 
 use std::{
     collections::BTreeMap,
@@ -93,6 +90,36 @@ fn operator_pods(kube: &Kube) -> Vec<(String, bool)> {
     .filter_map(|l| l.split_once(' '))
     .map(|(name, ready)| (name.to_string(), ready == "True"))
     .collect()
+}
+
+/// The agent's log (the one node's).
+fn agent_log(kube: &Kube) -> String {
+    kube.must(&[
+        "-n",
+        "kube-system",
+        "logs",
+        "daemonset/kubesg-agent",
+        "-c",
+        "agent",
+    ])
+}
+
+/// How many times the agent has connected to an operator.
+fn agent_connections(kube: &Kube) -> usize {
+    agent_log(kube).matches("connected to the operator").count()
+}
+
+/// The operator Deployment's generation: it changes with its pod template.
+fn operator_generation(kube: &Kube) -> String {
+    kube.must(&[
+        "-n",
+        "kube-system",
+        "get",
+        "deployment",
+        "kubesg-operator",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ])
 }
 
 /// The data of the chart's four certificate Secrets.
@@ -198,24 +225,19 @@ fn the_chart_installs_upgrades_and_uninstalls_as_the_readme_says() {
     assert!(Path::new("/opt/cni/bin/kubesg-cni").is_file());
 
     // The agent reaches the operator through its Service, by name, over mTLS.
-    eventually("the agent connected to the operator", || {
-        let log = kube.must(&[
-            "-n",
-            "kube-system",
-            "logs",
-            "daemonset/kubesg-agent",
-            "-c",
-            "agent",
-        ]);
-        if log.contains("connected to the operator") {
-            Ok(())
-        } else {
-            Err(log.lines().last().unwrap_or_default().to_string())
-        }
-    });
+    eventually(
+        "the agent connected to the operator",
+        || match agent_connections(&kube) {
+            0 => Err(agent_log(&kube)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string()),
+            _ => Ok(()),
+        },
+    );
 
-    // Under the chart's RBAC alone the operators met no refusal (read before the upgrade, which
-    // may recreate them: the first upgrade changes their certificates annotation).
+    // Under the chart's RBAC alone the operators met no refusal.
     for (pod, _) in operator_pods(&kube) {
         let log = kube.must(&["-n", "kube-system", "logs", &pod]);
         assert!(
@@ -224,8 +246,10 @@ fn the_chart_installs_upgrades_and_uninstalls_as_the_readme_says() {
         );
     }
 
-    // An upgrade keeps the certificates (the chart's `lookup` path).
+    // An upgrade keeps the certificates (the chart's `lookup` path), and with them the running
+    // operators: their pod template, certificates annotation included, is unchanged.
     let certs = certificates(&kube);
+    let generation = operator_generation(&kube);
     helm(
         &kubeconfig,
         &[
@@ -242,6 +266,58 @@ fn the_chart_installs_upgrades_and_uninstalls_as_the_readme_says() {
         certs,
         "helm upgrade replaced certificates"
     );
+    assert_eq!(
+        operator_generation(&kube),
+        generation,
+        "an upgrade that keeps the certificates changed the operators' Deployment: {}",
+        kube.must(&[
+            "-n",
+            "kube-system",
+            "get",
+            "deployment",
+            "kubesg-operator",
+            "-o",
+            "yaml"
+        ])
+    );
+
+    // Operator pods created while kubesg is chained and no operator runs (a reboot, a drain, an
+    // upgrade that recreates them) get no rules until an operator leads: the startup policy
+    // exempts them (`--startup-exempt`), so they reach the API server and one leads again.
+    let connections = agent_connections(&kube);
+    let old: Vec<String> = operator_pods(&kube).into_iter().map(|(p, _)| p).collect();
+    kube.must(&[
+        "-n",
+        "kube-system",
+        "delete",
+        "pod",
+        "-l",
+        "app.kubernetes.io/component=operator",
+        "--wait=true",
+    ]);
+    eventually(
+        "one Ready operator of two, after both were recreated",
+        || {
+            let pods = operator_pods(&kube);
+            let ready = pods.iter().filter(|(_, r)| *r).count();
+            if pods.len() == 2 && ready == 1 && pods.iter().all(|(p, _)| !old.contains(p)) {
+                Ok(())
+            } else {
+                Err(format!("{pods:?}"))
+            }
+        },
+    );
+    eventually("the agent reconnected to the new leader", || {
+        let now = agent_connections(&kube);
+        if now > connections {
+            Ok(())
+        } else {
+            Err(format!("{now} connections"))
+        }
+    });
+
+    // With kubesg installed, pods the kubelet starts are enforced.
+    enforces_a_security_group_on_pods_the_kubelet_starts(&kube);
 
     // Uninstall as the README says; the CNI configuration comes back byte for byte.
     helm(
@@ -287,4 +363,121 @@ fn the_chart_installs_upgrades_and_uninstalls_as_the_readme_says() {
     fs::remove_file("/opt/cni/bin/kubesg-cni").expect("the plugin binary was left in place");
     fs::remove_dir_all("/sys/fs/bpf/kubesg").expect("the pins were left in place");
     let _ = fs::remove_dir_all("/var/run/kubesg");
+}
+/// The test workload image `make cluster` builds and imports (scripts/k8s/cluster.sh `images`).
+const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.63.0";
+
+/// Starts pod `name` labelled `app=<name>` running `agnhost ARGS` in `ns`.
+fn agnhost_pod(kube: &Kube, ns: &str, name: &str, args: &[&str]) {
+    let mut cmd = vec![
+        "-n",
+        ns,
+        "run",
+        name,
+        "--image",
+        AGNHOST,
+        "--image-pull-policy=Never",
+        "--restart=Never",
+    ];
+    let labels = format!("--labels=app={name}");
+    cmd.push(&labels);
+    cmd.push("--");
+    cmd.extend_from_slice(args);
+    kube.must(&cmd);
+}
+
+/// Whether `from` (a pod in `ns`) opens a TCP connection to `to` within 3 s (agnhost connect:
+/// exit 0 on a connection, non-zero on a timeout or a refusal).
+fn connects(kube: &Kube, ns: &str, from: &str, to: &str) -> Result<(), String> {
+    let out = kube.kubectl(&[
+        "-n",
+        ns,
+        "exec",
+        from,
+        "--",
+        "/agnhost",
+        "connect",
+        "--timeout=3s",
+        to,
+    ]);
+    if out.ok {
+        Ok(())
+    } else {
+        Err(format!("{}{}", out.stdout, out.stderr).trim().to_string())
+    }
+}
+
+/// A SecurityGroup on a server admits one client and not another, on pods the kubelet starts
+/// through containerd and the chained kubesg-cni; its status says Accepted and Programmed for
+/// its generation, and `kubectl describe` shows them.
+fn enforces_a_security_group_on_pods_the_kubelet_starts(kube: &Kube) {
+    let ns = kube.namespace("sg-enforce-");
+    let n = ns.name.as_str();
+    agnhost_pod(kube, n, "server", &["netexec", "--http-port=8080"]);
+    agnhost_pod(kube, n, "allowed", &["pause"]);
+    agnhost_pod(kube, n, "other", &["pause"]);
+    kube.must(&[
+        "-n",
+        n,
+        "wait",
+        "--for=condition=Ready",
+        "pod/server",
+        "pod/allowed",
+        "pod/other",
+        &format!("--timeout={}s", PATIENCE.as_secs()),
+    ]);
+    let server_ip = kube.must(&[
+        "-n",
+        n,
+        "get",
+        "pod",
+        "server",
+        "-o",
+        "jsonpath={.status.podIP}",
+    ]);
+    let server = format!("{server_ip}:8080");
+    // Before any group, nothing is filtered.
+    eventually("other reaches the server before any group", || {
+        connects(kube, n, "other", &server)
+    });
+
+    kube.must_apply(&format!(
+        "apiVersion: kubesg.io/v1alpha1\nkind: SecurityGroup\nmetadata:\n  name: server\n  namespace: {n}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - protocol: TCP\n    ports: [{{port: 8080}}]\n    from:\n    - podSelector: {{matchLabels: {{app: allowed}}}}\n"
+    ));
+    kube.must(&[
+        "-n",
+        n,
+        "wait",
+        "--for=condition=Programmed",
+        "sg/server",
+        &format!("--timeout={}s", PATIENCE.as_secs()),
+    ]);
+    connects(kube, n, "allowed", &server).expect("the allowed client connects");
+    let refused = connects(kube, n, "other", &server);
+    assert!(
+        refused.is_err(),
+        "the other client connected despite the group"
+    );
+
+    let status = kube.must(&[
+        "-n",
+        n,
+        "get",
+        "sg",
+        "server",
+        "-o",
+        "jsonpath={.metadata.generation} {.status.observedGeneration} {.status.members} {.status.nodes.programmed}/{.status.nodes.total}",
+    ]);
+    let fields: Vec<&str> = status.split_whitespace().collect();
+    assert_eq!(fields.len(), 4, "{status}");
+    assert_eq!(
+        fields[0], fields[1],
+        "observedGeneration is the generation: {status}"
+    );
+    assert_eq!(fields[2], "1", "one member: {status}");
+    assert_eq!(fields[3], "1/1", "programmed on the node: {status}");
+    let described = kube.must(&["-n", n, "describe", "sg", "server"]);
+    for want in ["Accepted", "Programmed", "Observed Generation"] {
+        assert!(described.contains(want), "no {want} in:\n{described}");
+    }
 }

@@ -38,6 +38,27 @@ Whether this render keeps the operator and agent certificates it finds in the cl
 ("true") or issues new ones (""): used by the Secrets and by the operator's restart annotation,
 which must agree.
 */}}
+{{- /*
+The operator Deployment's kubesg.io/certificates annotation: it changes, restarting the
+operators, exactly when the chart issues new certificates (first install, renewal, rotation).
+When the certificates are kept it keeps the value the running Deployment has, so an upgrade
+that keeps them leaves the operators running (the install's value is a timestamp: the new
+certificates' data is not visible from this template); with no Deployment to read, a hash of
+the kept certificate stands in.
+*/ -}}
+{{- define "kubesg.certificatesAnnotation" -}}
+{{- if include "kubesg.keepCertificates" . -}}
+{{- $dep := lookup "apps/v1" "Deployment" .Release.Namespace "kubesg-operator" -}}
+{{- $running := "" -}}
+{{- if $dep -}}
+{{- $running = index ($dep.spec.template.metadata.annotations | default dict) "kubesg.io/certificates" | default "" -}}
+{{- end -}}
+{{- $running | default ((lookup "v1" "Secret" .Release.Namespace "kubesg-operator-tls").data | toJson | sha256sum | trunc 16) -}}
+{{- else -}}
+{{- now | date "20060102T150405Z" -}}
+{{- end -}}
+{{- end }}
+
 {{- define "kubesg.keepCertificates" -}}
 {{- $op := lookup "v1" "Secret" .Release.Namespace "kubesg-operator-tls" -}}
 {{- $ag := lookup "v1" "Secret" .Release.Namespace "kubesg-agent-tls" -}}

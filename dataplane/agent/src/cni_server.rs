@@ -90,7 +90,8 @@ impl CniBackend for CniService {
             .map_err(status_of);
         self.node.metrics.cni_request("add", state.is_ok());
         let mut state = state?;
-        if state == Enforcement::Pending && self.node.startup() == StartupPolicy::Wait {
+        if state == Enforcement::Pending && self.node.startup().for_pod(&pod) == StartupPolicy::Wait
+        {
             // Answer before the caller gives up (tonic cancels this call at the deadline the
             // caller sent): a failed ADD must not leave its endpoint behind, and only an answer
             // lets this call undo it in order. Any other cancellation is undone by the guard.

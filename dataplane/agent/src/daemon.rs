@@ -15,11 +15,12 @@ use crate::{
     cni_server::CniService,
     conntrack::Sweeper,
     datapath::DatapathOptions,
-    enforcer::{Enforcer, EnforcerOptions, StartupPolicy},
+    enforcer::{Enforcer, EnforcerOptions},
     events,
     metrics::{self, Metrics},
     node::Node,
     operator_link::{self, LinkSettings},
+    startup::Startup,
     timeouts,
 };
 
@@ -36,8 +37,8 @@ pub struct RunSettings {
     /// The CNI socket.
     pub socket: PathBuf,
     /// What a pod gets before its rules arrive.
-    pub startup: StartupPolicy,
-    /// How long a CNI ADD waits for rules under [`StartupPolicy::Wait`].
+    pub startup: Startup,
+    /// How long a CNI ADD waits for rules under [`crate::enforcer::StartupPolicy::Wait`].
     pub wait_timeout: Duration,
     /// `NAME=SECONDS` conntrack timeouts to apply at start.
     pub timeouts: Vec<String>,
@@ -62,7 +63,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let opts = EnforcerOptions {
         datapath,
         state_dir: settings.state_dir.clone(),
-        startup: settings.startup,
+        startup: settings.startup.clone(),
         pending_deletes: kubesg_proto::pending_deletes::dir_beside(&settings.socket),
     };
     let mut enforcer = tokio::task::spawn_blocking(move || Enforcer::open(opts))
@@ -91,7 +92,14 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
                 .await
         }
     });
-    info!(socket = %settings.socket.display(), startup = ?settings.startup, "serving CNI");
+    let exempt: Vec<String> = settings
+        .startup
+        .exempt
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    info!(socket = %settings.socket.display(), startup = ?settings.startup.policy,
+          exempt = ?exempt, "serving CNI");
 
     let registry = metrics.registry(node.enforcer());
     let http_task = tokio::spawn({

@@ -23,6 +23,7 @@ use crate::{
     desired::{Assignment, DesiredState, Update, UpdateError},
     endpoints::{write_atomically, EndpointKey, EndpointRecord, EndpointStore, InvalidEndpoint},
     policy::CompiledPolicy,
+    startup::Startup,
 };
 
 /// What a pod gets between its CNI ADD and the arrival of its rules.
@@ -80,7 +81,7 @@ pub struct EnforcerOptions {
     /// Where endpoint records and the last applied state are kept.
     pub state_dir: PathBuf,
     /// What a pod gets before its rules arrive.
-    pub startup: StartupPolicy,
+    pub startup: Startup,
     /// Where `kubesg-cni` queues the DELs it could not deliver (beside the CNI socket, see
     /// [`kubesg_proto::pending_deletes`]).
     pub pending_deletes: PathBuf,
@@ -91,7 +92,7 @@ pub struct Enforcer {
     dp: Datapath,
     store: EndpointStore,
     state_file: PathBuf,
-    startup: StartupPolicy,
+    startup: Startup,
     pending_deletes: PathBuf,
     endpoints: BTreeMap<EndpointKey, EndpointRecord>,
     desired: DesiredState,
@@ -199,9 +200,9 @@ impl Enforcer {
         &mut self.dp
     }
 
-    /// The startup policy in force.
-    pub fn startup_policy(&self) -> StartupPolicy {
-        self.startup
+    /// The startup policy in force, with its exemptions.
+    pub fn startup(&self) -> &Startup {
+        &self.startup
     }
 
     /// Every registered endpoint.
@@ -395,7 +396,9 @@ impl Enforcer {
                         needed.insert(id, p);
                     }
                 }
-                Assignment::Unknown => any_pending = true,
+                Assignment::Unknown => {
+                    any_pending |= self.startup.for_pod(&rec.pod) != StartupPolicy::Allow
+                }
                 Assignment::NonMember => {}
             }
         }
@@ -418,7 +421,7 @@ impl Enforcer {
                 },
             }
         }
-        if any_pending && self.startup != StartupPolicy::Allow && self.deny_all.is_none() {
+        if any_pending && self.deny_all.is_none() {
             match self.dp.install_policy(&CompiledPolicy::default()) {
                 Ok(h) => self.deny_all = Some(h),
                 Err(e) => {
@@ -436,7 +439,7 @@ impl Enforcer {
                     // Always present: DesiredState::apply checked every reference.
                     Assignment::Member(id) => Some(*handles.get(&id)?),
                     Assignment::NonMember => None,
-                    Assignment::Unknown => match self.startup {
+                    Assignment::Unknown => match self.startup.for_pod(&rec.pod) {
                         StartupPolicy::Allow => None,
                         StartupPolicy::Deny | StartupPolicy::Wait => self.deny_all,
                     },

@@ -25,6 +25,7 @@ pub mod node;
 pub mod operator_link;
 pub mod pin_compat;
 pub mod policy;
+pub mod startup;
 pub mod tables;
 pub mod testrun;
 pub mod timeouts;

@@ -14,6 +14,7 @@ use kubesg_agent::{
     events, explain, inspect,
     maps::Maps,
     operator_link::LinkSettings,
+    startup::{PodPattern, Startup},
     timeouts,
     tls::{ClientTlsFiles, DEFAULT_OPERATOR_SERVER_NAME},
 };
@@ -181,6 +182,11 @@ struct RunArgs {
     /// What a pod gets between its CNI ADD and the arrival of its rules.
     #[arg(long, value_enum, default_value = "deny")]
     startup_policy: StartupPolicy,
+    /// Pods that get `allow` whatever the startup policy, NAMESPACE/NAME-PREFIX (repeatable):
+    /// the operator's own pods, whose rules only a running operator can send (the chart sets
+    /// it), and anything else the agent needs to reach it.
+    #[arg(long = "startup-exempt", value_name = "NAMESPACE/NAME-PREFIX")]
+    startup_exempt: Vec<PodPattern>,
     /// How long a CNI ADD waits for the pod's rules under `--startup-policy wait` (less when
     /// the plugin's own timeout is shorter: the agent answers, and undoes the ADD, before it).
     #[arg(long, default_value = "30", value_name = "SECONDS")]
@@ -289,7 +295,10 @@ fn run_agent(args: RunArgs, pin_dir: PathBuf, state_dir: PathBuf) -> Result<()> 
         },
         state_dir,
         socket: args.socket,
-        startup: args.startup_policy,
+        startup: Startup {
+            policy: args.startup_policy,
+            exempt: args.startup_exempt,
+        },
         wait_timeout: Duration::from_secs(args.wait_timeout),
         timeouts: args.conntrack_timeouts,
         sweep_interval: Duration::from_secs(args.sweep_interval.max(1)),

@@ -10,16 +10,17 @@ use tracing::warn;
 
 use crate::{
     convert,
-    enforcer::{Enforcer, EnforcerError, StartupPolicy},
+    enforcer::{Enforcer, EnforcerError},
     metrics::Metrics,
     operator_link::UpdateSink,
+    startup::Startup,
 };
 
 /// The node's enforcement as the daemon's tasks share it.
 pub struct Node {
     enforcer: Arc<Mutex<Enforcer>>,
     versions: watch::Sender<u64>,
-    startup: StartupPolicy,
+    startup: Startup,
     /// The agent's metrics.
     pub metrics: Metrics,
 }
@@ -28,7 +29,7 @@ impl Node {
     /// Shares `enforcer`.
     pub fn new(enforcer: Enforcer, metrics: Metrics) -> Arc<Self> {
         let (versions, _) = watch::channel(enforcer.applied_version());
-        let startup = enforcer.startup_policy();
+        let startup = enforcer.startup().clone();
         Arc::new(Node {
             enforcer: Arc::new(Mutex::new(enforcer)),
             versions,
@@ -67,9 +68,9 @@ impl Node {
         self.versions.subscribe()
     }
 
-    /// The startup policy.
-    pub fn startup(&self) -> StartupPolicy {
-        self.startup
+    /// The startup policy, with its exemptions.
+    pub fn startup(&self) -> &Startup {
+        &self.startup
     }
 }
 
