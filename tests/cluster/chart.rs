@@ -1,21 +1,34 @@
 //! The Helm chart installed into the real cluster as a user installs it (README: "Install into
-//! a cluster", "Upgrade", "Uninstall"), with the image settings only: the operator runs two
-//! replicas of which one leads and is Ready, the agent DaemonSet becomes Ready and chains
-//! kubesg into the node's real CNI configuration, the agent reaches the operator by its
-//! Service's name (cluster DNS), the operator meets no 403 under the chart's RBAC, `helm upgrade`
-//! keeps the certificates and the running operators, operators recreated while kubesg is chained
-//! lead again (the startup policy exempts them), a SecurityGroup is enforced on pods the kubelet
-//! starts, and the documented uninstall gives the CNI configuration back byte for byte.
+//! a cluster", "Upgrade", "Uninstall"), with the image settings only, and what a user then sees
+//! happen to kubesg in that cluster.
+//!
+//! One release serves every test, so they run one after another in the order below (this file
+//! is its own test harness: `harness = false`, libtest-mimic), each named for what it checks:
+//! the install (two operators, one leader holding the Lease, the agent Ready and chained into
+//! the node's real CNI configuration, connected to the operator through its Service's name),
+//! a SecurityGroup enforced on pods the kubelet starts, the agent replaced under load with no
+//! failed request, a pod created while the agent is away, leader failover, operators recreated
+//! while kubesg is chained, an upgrade that keeps the certificates and the running operators, no
+//! 403 for the operators under the chart's RBAC for the whole run, and the documented uninstall
+//! giving the CNI configuration back byte for byte. The release is uninstalled at the end
+//! whatever happened.
 
 use std::{
     collections::BTreeMap,
     fs,
-    path::Path,
-    process::Command,
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
-use kubesg_testkit::{kube::Kube, require_privileged};
+use kubesg_testkit::{kube::Kube, netns::in_named};
+use libtest_mimic::{Arguments, Trial};
 
 /// The node's CNI configuration directory (the cluster's containerd reads it).
 const CNI_CONF_DIR: &str = "/etc/cni/net.d";
@@ -24,6 +37,598 @@ const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 const PATIENCE: Duration = Duration::from_secs(180);
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../charts/kubesg");
+
+/// The test workload image `make cluster` builds and imports (scripts/k8s/cluster.sh `images`).
+const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.63.0";
+
+/// What the tests share: the cluster, and what they learn as they go.
+struct Run {
+    kube: Kube,
+    /// The CNI configuration directory before the install.
+    cni_before: BTreeMap<String, Vec<u8>>,
+    /// The logs of operator pods the tests deleted, read just before (the 403 check reads them
+    /// with the live ones at the end).
+    operator_logs: Mutex<Vec<(String, String)>>,
+}
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    // One release for all: the tests run in order, never side by side.
+    args.test_threads = Some(1);
+    if !kubesg_testkit::privileged::check() {
+        return ExitCode::SUCCESS;
+    }
+    let kube = Kube::from_env();
+    // The CRD first, as the other cluster tests apply it too (Helm skips a CRD that exists).
+    kube.apply_crds();
+    let run = Arc::new(Run {
+        cni_before: cni_files(),
+        kube,
+        operator_logs: Mutex::new(Vec::new()),
+    });
+    let _release = Release(run.kube.kubeconfig().to_path_buf());
+    let trial = |name: &str, test: fn(&Run)| {
+        let run = run.clone();
+        Trial::test(name, move || {
+            test(&run);
+            Ok(())
+        })
+    };
+    let trials = vec![
+        trial(
+            "the_chart_installs_with_the_image_settings_only",
+            the_chart_installs_with_the_image_settings_only,
+        ),
+        trial(
+            "a_security_group_is_enforced_on_pods_the_kubelet_starts",
+            a_security_group_is_enforced_on_pods_the_kubelet_starts,
+        ),
+        trial(
+            "the_agent_is_replaced_under_load_with_zero_failed_requests",
+            the_agent_is_replaced_under_load_with_zero_failed_requests,
+        ),
+        trial(
+            "a_pod_created_while_the_agent_is_away_is_set_up_once_it_is_back_and_enforced",
+            a_pod_created_while_the_agent_is_away_is_set_up_once_it_is_back_and_enforced,
+        ),
+        trial(
+            "the_other_replica_leads_when_the_leader_is_deleted_and_programs_later_changes",
+            the_other_replica_leads_when_the_leader_is_deleted_and_programs_later_changes,
+        ),
+        trial(
+            "operators_recreated_while_kubesg_is_chained_lead_again",
+            operators_recreated_while_kubesg_is_chained_lead_again,
+        ),
+        trial(
+            "an_upgrade_keeps_the_certificates_and_the_running_operators",
+            an_upgrade_keeps_the_certificates_and_the_running_operators,
+        ),
+        trial(
+            "the_operators_met_no_refusal_under_the_charts_rbac_for_the_whole_run",
+            the_operators_met_no_refusal_under_the_charts_rbac_for_the_whole_run,
+        ),
+        trial(
+            "the_documented_uninstall_restores_the_cni_configuration_byte_for_byte",
+            the_documented_uninstall_restores_the_cni_configuration_byte_for_byte,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// Uninstalls the release when the run ends, whatever happened.
+struct Release(PathBuf);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = Command::new("helm")
+            .arg("--kubeconfig")
+            .arg(&self.0)
+            .args([
+                "uninstall",
+                "kubesg",
+                "-n",
+                "kube-system",
+                "--ignore-not-found",
+                "--wait",
+            ])
+            .output();
+    }
+}
+
+fn the_chart_installs_with_the_image_settings_only(run: &Run) {
+    let kube = &run.kube;
+    assert!(
+        !run.cni_before.is_empty(),
+        "the cluster has a primary CNI network"
+    );
+    let tag = env!("CARGO_PKG_VERSION");
+    helm(
+        kube,
+        &[
+            "install",
+            "kubesg",
+            CHART,
+            "-n",
+            "kube-system",
+            "--set",
+            "image.repository=localhost/kubesg",
+            "--set",
+            &format!("image.tag={tag}"),
+        ],
+    );
+    agent_rollout(kube);
+
+    // Two operator replicas, one leader, which alone is Ready and holds the Lease.
+    let leader = one_leader_of_two(kube, &[]);
+    assert_eq!(
+        lease_holder(kube),
+        leader,
+        "the Ready replica holds the Lease"
+    );
+
+    // install-cni made kubesg the last plugin of the node's primary network.
+    let chained = cni_files();
+    let (primary, text) = chained.iter().next().expect("a primary network");
+    let conf: serde_json::Value = serde_json::from_slice(text).expect("the primary is JSON");
+    let plugins = conf["plugins"].as_array().expect("a conflist");
+    assert_eq!(
+        plugins.last().map(|p| &p["type"]),
+        Some(&serde_json::json!("kubesg-cni")),
+        "{primary}: {conf}"
+    );
+    assert!(Path::new("/opt/cni/bin/kubesg-cni").is_file());
+
+    // The agent reaches the operator through its Service, by name, over mTLS.
+    eventually(
+        "the agent connected to the operator",
+        || match agent_connections(kube) {
+            0 => Err(agent_log(kube)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string()),
+            _ => Ok(()),
+        },
+    );
+}
+
+/// A SecurityGroup on a server admits one client and not another, on pods the kubelet starts
+/// through containerd and the chained kubesg-cni; its status says Accepted and Programmed for
+/// its generation, and `kubectl describe` shows them and the Programmed Event.
+fn a_security_group_is_enforced_on_pods_the_kubelet_starts(run: &Run) {
+    let kube = &run.kube;
+    let ns = kube.namespace("sg-enforce-");
+    let n = ns.name.as_str();
+    agnhost_pod(kube, n, "server", &["netexec", "--http-port=8080"]);
+    agnhost_pod(kube, n, "allowed", &["pause"]);
+    agnhost_pod(kube, n, "other", &["pause"]);
+    wait_ready(kube, n, &["server", "allowed", "other"]);
+    let server = format!("{}:8080", pod_ip(kube, n, "server"));
+    // Before any group, nothing is filtered.
+    eventually("other reaches the server before any group", || {
+        connects(kube, n, "other", &server)
+    });
+
+    apply_group(kube, n, "server", "server", &ingress_from("allowed", 8080));
+    wait_programmed(kube, n, "server");
+    connects(kube, n, "allowed", &server).expect("the allowed client connects");
+    assert!(
+        connects(kube, n, "other", &server).is_err(),
+        "the other client connected despite the group"
+    );
+
+    let status = kube.must(&[
+        "-n",
+        n,
+        "get",
+        "sg",
+        "server",
+        "-o",
+        "jsonpath={.status.members} {.status.nodes.programmed}/{.status.nodes.total}",
+    ]);
+    assert_eq!(status, "1 1/1", "one member, programmed on the node");
+    let described = kube.must(&["-n", n, "describe", "sg", "server"]);
+    for want in ["Accepted", "Programmed", "Observed Generation", "Events:"] {
+        assert!(described.contains(want), "no {want} in:\n{described}");
+    }
+    let events = kube.must(&[
+        "-n",
+        n,
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.kind=SecurityGroup,involvedObject.name=server",
+        "-o",
+        "jsonpath={range .items[*]}{.type} {.reason}{\"\\n\"}{end}",
+    ]);
+    assert!(
+        events.lines().any(|l| l == "Normal Programmed"),
+        "no Programmed event:\n{events}"
+    );
+}
+
+/// A held TCP connection and a loop of new connections between two pods, each in a group that
+/// admits exactly that traffic, live through `kubectl rollout restart daemonset/kubesg-agent`
+/// with zero failed requests: the pinned programs judge every packet while the agent pod is
+/// replaced. (One node: the pods share it; the cluster has no second node.)
+fn the_agent_is_replaced_under_load_with_zero_failed_requests(run: &Run) {
+    let kube = &run.kube;
+    let ns = kube.namespace("sg-load-");
+    let n = ns.name.as_str();
+    agnhost_pod(kube, n, "server", &["netexec", "--http-port=8080"]);
+    agnhost_pod(kube, n, "client", &["pause"]);
+    wait_ready(kube, n, &["server", "client"]);
+    apply_group(kube, n, "server", "server", &ingress_from("client", 8080));
+    apply_group(kube, n, "client", "client", &egress_to("server", 8080));
+    wait_programmed(kube, n, "server");
+    wait_programmed(kube, n, "client");
+    let server: SocketAddr = format!("{}:8080", pod_ip(kube, n, "server"))
+        .parse()
+        .expect("the server's address");
+    let client_netns = netns_of(&pod_ip(kube, n, "client"));
+    let agent_before = agent_pod(kube);
+
+    let mut held = HttpConn::open(&client_netns, server).expect("the held connection opens");
+    held.echo("held-0").expect("the held connection works");
+    let stop = AtomicBool::new(false);
+    let outcomes: Mutex<Vec<Result<(), String>>> = Mutex::new(Vec::new());
+    let count = |ok: bool| {
+        outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|o| o.is_ok() == ok)
+            .count()
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let msg = format!("req-{i}");
+                let fresh = HttpConn::open(&client_netns, server)
+                    .and_then(|mut c| c.echo(&msg))
+                    .map_err(|e| format!("new connection {i}: {e}"));
+                let kept = held
+                    .echo(&format!("held-{i}"))
+                    .map_err(|e| format!("held connection, request {i}: {e}"));
+                let mut log = outcomes.lock().unwrap_or_else(|p| p.into_inner());
+                log.push(fresh);
+                log.push(kept);
+                drop(log);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let wait_for = |n: usize| {
+            eventually(&format!("{n} successful requests"), || {
+                if count(true) >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{} ok, {} failed", count(true), count(false)))
+                }
+            })
+        };
+        wait_for(20);
+        kube.must(&[
+            "-n",
+            "kube-system",
+            "rollout",
+            "restart",
+            "daemonset/kubesg-agent",
+        ]);
+        agent_rollout(kube);
+        let after = count(true);
+        wait_for(after + 20);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let outcomes = outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
+    let failed: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the agent's replacement: {failed:?}",
+        failed.len(),
+        outcomes.len()
+    );
+    assert_ne!(agent_pod(kube), agent_before, "the agent pod was replaced");
+    eprintln!(
+        "agent replaced under load: {} requests, 0 failed",
+        outcomes.len()
+    );
+}
+
+/// While the agent is away from the node (its DaemonSet steered off it), a new pod's network
+/// setup fails with kubesg-cni's "try again later" and the kubelet retries it; once the agent
+/// is back the pod starts, gets its group's rules, and is enforced by them.
+fn a_pod_created_while_the_agent_is_away_is_set_up_once_it_is_back_and_enforced(run: &Run) {
+    let kube = &run.kube;
+    let ns = kube.namespace("sg-away-");
+    let n = ns.name.as_str();
+    agnhost_pod(kube, n, "allowed", &["pause"]);
+    agnhost_pod(kube, n, "other", &["pause"]);
+    wait_ready(kube, n, &["allowed", "other"]);
+    apply_group(kube, n, "late", "late", &ingress_from("allowed", 8080));
+
+    {
+        let _away = AgentAway::start(kube);
+        eventually("the agent gone from the node", || match agent_pod(kube) {
+            None => Ok(()),
+            Some(p) => Err(p),
+        });
+        agnhost_pod(kube, n, "late", &["netexec", "--http-port=8080"]);
+        let messages = eventually("the late pod's network setup refused", || {
+            let events = kube.must(&[
+                "-n",
+                n,
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=late,reason=FailedCreatePodSandBox",
+                "-o",
+                "jsonpath={.items[*].message}",
+            ]);
+            if events.contains("kubesg-cni") {
+                Ok(events)
+            } else {
+                Err(events)
+            }
+        });
+        assert!(messages.contains("agent"), "{messages}");
+        let phase = kube.must(&[
+            "-n",
+            n,
+            "get",
+            "pod",
+            "late",
+            "-o",
+            "jsonpath={.status.phase}",
+        ]);
+        assert_eq!(phase, "Pending", "the pod did not start without the agent");
+    }
+    agent_rollout(kube);
+    wait_ready(kube, n, &["late"]);
+    wait_programmed(kube, n, "late");
+    let late = format!("{}:8080", pod_ip(kube, n, "late"));
+    connects(kube, n, "allowed", &late).expect("the allowed client connects");
+    assert!(
+        connects(kube, n, "other", &late).is_err(),
+        "the other client connected despite the group"
+    );
+}
+
+/// Steers the agent's DaemonSet off every node (a nodeSelector no node matches) until dropped,
+/// then puts it back as the chart made it.
+struct AgentAway<'a>(&'a Kube);
+
+impl<'a> AgentAway<'a> {
+    fn start(kube: &'a Kube) -> Self {
+        kube.must(&[
+            "-n",
+            "kube-system",
+            "patch",
+            "daemonset",
+            "kubesg-agent",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"template":{"spec":{"nodeSelector":{"kubesg.io/e2e-no-agent":"true"}}}}}"#,
+        ]);
+        AgentAway(kube)
+    }
+}
+
+impl Drop for AgentAway<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kubectl(&[
+            "-n",
+            "kube-system",
+            "patch",
+            "daemonset",
+            "kubesg-agent",
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/template/spec/nodeSelector/kubesg.io~1e2e-no-agent"}]"#,
+        ]);
+    }
+}
+
+/// Deleting the leader: the other replica takes the Lease and alone is Ready, the agent
+/// reconnects to it, and a SecurityGroup changed afterwards is programmed at its new generation.
+fn the_other_replica_leads_when_the_leader_is_deleted_and_programs_later_changes(run: &Run) {
+    let kube = &run.kube;
+    let ns = kube.namespace("sg-failover-");
+    let n = ns.name.as_str();
+    agnhost_pod(kube, n, "member", &["pause"]);
+    wait_ready(kube, n, &["member"]);
+    apply_group(kube, n, "member", "member", &ingress_from("client", 8080));
+    wait_programmed(kube, n, "member");
+
+    let leader = lease_holder(kube);
+    let follower = operator_pods(kube)
+        .into_iter()
+        .map(|(p, _)| p)
+        .find(|p| *p != leader)
+        .expect("a second replica");
+    let connections = agent_connections(kube);
+    run.save_operator_logs(std::slice::from_ref(&leader));
+    let deleted = Instant::now();
+    kube.must(&[
+        "-n",
+        "kube-system",
+        "delete",
+        "pod",
+        &leader,
+        "--wait=false",
+    ]);
+    let holder = eventually("another replica holds the Lease", || {
+        match lease_holder(kube) {
+            h if !h.is_empty() && h != leader => Ok(h),
+            h => Err(h),
+        }
+    });
+    eprintln!(
+        "failover: {holder} holds the Lease {:?} after {leader} was deleted (the follower was {follower})",
+        deleted.elapsed()
+    );
+    assert_eq!(
+        one_leader_of_two(kube, std::slice::from_ref(&leader)),
+        holder,
+        "the Lease holder is the Ready replica"
+    );
+    eventually("the agent reconnected to the new leader", || {
+        let now = agent_connections(kube);
+        if now > connections {
+            Ok(())
+        } else {
+            Err(format!("{now} connections"))
+        }
+    });
+
+    // A change after the failover is programmed at its new generation.
+    apply_group(kube, n, "member", "member", &ingress_from("client", 9090));
+    wait_programmed(kube, n, "member");
+}
+
+/// Operator pods created while kubesg is chained and no operator runs (a reboot, a drain, an
+/// upgrade that recreates them) get no rules until an operator leads: the startup policy exempts
+/// them (`--startup-exempt`), so they reach the API server and one leads again.
+fn operators_recreated_while_kubesg_is_chained_lead_again(run: &Run) {
+    let kube = &run.kube;
+    let connections = agent_connections(kube);
+    let old: Vec<String> = operator_pods(kube).into_iter().map(|(p, _)| p).collect();
+    run.save_operator_logs(&old);
+    kube.must(&[
+        "-n",
+        "kube-system",
+        "delete",
+        "pod",
+        "-l",
+        "app.kubernetes.io/component=operator",
+        "--wait=true",
+    ]);
+    let leader = one_leader_of_two(kube, &old);
+    assert_eq!(
+        lease_holder(kube),
+        leader,
+        "the Ready replica holds the Lease"
+    );
+    eventually("the agent reconnected to the new leader", || {
+        let now = agent_connections(kube);
+        if now > connections {
+            Ok(())
+        } else {
+            Err(format!("{now} connections"))
+        }
+    });
+}
+
+/// An upgrade keeps the certificates (the chart's `lookup` path), and with them the running
+/// operators: their pod template, certificates annotation included, is unchanged.
+fn an_upgrade_keeps_the_certificates_and_the_running_operators(run: &Run) {
+    let kube = &run.kube;
+    let certs = certificates(kube);
+    let generation = operator_generation(kube);
+    helm(
+        kube,
+        &[
+            "upgrade",
+            "kubesg",
+            CHART,
+            "-n",
+            "kube-system",
+            "--reuse-values",
+        ],
+    );
+    assert_eq!(
+        certificates(kube),
+        certs,
+        "helm upgrade replaced certificates"
+    );
+    assert_eq!(
+        operator_generation(kube),
+        generation,
+        "an upgrade that keeps the certificates changed the operators' Deployment: {}",
+        kube.must(&[
+            "-n",
+            "kube-system",
+            "get",
+            "deployment",
+            "kubesg-operator",
+            "-o",
+            "yaml"
+        ])
+    );
+}
+
+/// Every operator pod of the run, deleted or alive, logged no refusal from the API server.
+fn the_operators_met_no_refusal_under_the_charts_rbac_for_the_whole_run(run: &Run) {
+    let live: Vec<String> = operator_pods(&run.kube)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    run.save_operator_logs(&live);
+    let logs = run.operator_logs.lock().unwrap_or_else(|p| p.into_inner());
+    // The first two replicas, the deleted leader's replacement, and the two recreated ones.
+    assert!(logs.len() >= 4, "only {} operator logs read", logs.len());
+    for (pod, log) in logs.iter() {
+        let lower = log.to_lowercase();
+        assert!(
+            !lower.contains("forbidden") && !lower.contains(" 403"),
+            "{pod} was refused something:\n{log}"
+        );
+    }
+}
+
+/// Uninstall as the README says; the CNI configuration comes back byte for byte.
+fn the_documented_uninstall_restores_the_cni_configuration_byte_for_byte(run: &Run) {
+    let kube = &run.kube;
+    helm(
+        kube,
+        &[
+            "upgrade",
+            "kubesg",
+            CHART,
+            "-n",
+            "kube-system",
+            "--reuse-values",
+            "--set",
+            "cni.uninstall=true",
+        ],
+    );
+    agent_rollout(kube);
+    helm(
+        kube,
+        &["uninstall", "kubesg", "-n", "kube-system", "--wait"],
+    );
+    eventually("the CNI configuration restored byte for byte", || {
+        let now = cni_files();
+        if now == run.cni_before {
+            Ok(())
+        } else {
+            Err(format!(
+                "{:?}",
+                now.iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(v).into_owned()))
+                    .collect::<Vec<_>>()
+            ))
+        }
+    });
+    // What the README leaves on the node for the user to remove: the plugin binary (once no pod
+    // set up with it remains), the pins and the agent's socket directory.
+    fs::remove_file("/opt/cni/bin/kubesg-cni").expect("the plugin binary was left in place");
+    fs::remove_dir_all("/sys/fs/bpf/kubesg").expect("the pins were left in place");
+    let _ = fs::remove_dir_all("/var/run/kubesg");
+}
+
+impl Run {
+    /// Reads the logs of operator `pods` (before they are deleted).
+    fn save_operator_logs(&self, pods: &[String]) {
+        let mut logs = self.operator_logs.lock().unwrap_or_else(|p| p.into_inner());
+        for pod in pods {
+            let log = self.kube.must(&["-n", "kube-system", "logs", pod]);
+            logs.retain(|(p, _)| p != pod);
+            logs.push((pod.clone(), log));
+        }
+    }
+}
 
 /// Every file of the CNI configuration directory, with its bytes (but libcni's lock file, which
 /// the runtime creates and keeps empty).
@@ -43,10 +648,10 @@ fn cni_files() -> BTreeMap<String, Vec<u8>> {
 
 /// Runs `helm ARGS` against the cluster; fails the test with helm's error.
 #[track_caller]
-fn helm(kubeconfig: &Path, args: &[&str]) -> String {
+fn helm(kube: &Kube, args: &[&str]) -> String {
     let out = Command::new("helm")
         .arg("--kubeconfig")
-        .arg(kubeconfig)
+        .arg(kube.kubeconfig())
         .args(args)
         .output()
         .expect("running helm (scripts/bootstrap.sh installs it)");
@@ -59,7 +664,7 @@ fn helm(kubeconfig: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Polls `check` until it returns `Some`, or fails with `what` and the last state.
+/// Polls `check` until it returns `Ok`, or fails with `what` and the last state.
 #[track_caller]
 fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + PATIENCE;
@@ -72,6 +677,19 @@ fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T 
             Err(_) => std::thread::sleep(Duration::from_secs(1)),
         }
     }
+}
+
+/// Waits until the agent DaemonSet's rollout is complete.
+#[track_caller]
+fn agent_rollout(kube: &Kube) {
+    kube.must(&[
+        "-n",
+        "kube-system",
+        "rollout",
+        "status",
+        "daemonset/kubesg-agent",
+        &format!("--timeout={}s", PATIENCE.as_secs()),
+    ]);
 }
 
 /// The operator pods' names and readiness.
@@ -90,6 +708,47 @@ fn operator_pods(kube: &Kube) -> Vec<(String, bool)> {
     .filter_map(|l| l.split_once(' '))
     .map(|(name, ready)| (name.to_string(), ready == "True"))
     .collect()
+}
+
+/// Waits until two operator pods run, none of them in `gone`, exactly one Ready; its name.
+#[track_caller]
+fn one_leader_of_two(kube: &Kube, gone: &[String]) -> String {
+    eventually("one Ready operator of two", || {
+        let pods = operator_pods(kube);
+        let ready: Vec<_> = pods.iter().filter(|(_, r)| *r).collect();
+        match (pods.len(), &ready[..]) {
+            (2, [(name, _)]) if pods.iter().all(|(p, _)| !gone.contains(p)) => Ok(name.clone()),
+            _ => Err(format!("{pods:?}")),
+        }
+    })
+}
+
+/// Who holds the operators' Lease.
+fn lease_holder(kube: &Kube) -> String {
+    kube.must(&[
+        "-n",
+        "kube-system",
+        "get",
+        "lease",
+        "kubesg-operator",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ])
+}
+
+/// The agent pod on the node, if any.
+fn agent_pod(kube: &Kube) -> Option<String> {
+    let pods = kube.must(&[
+        "-n",
+        "kube-system",
+        "get",
+        "pods",
+        "-l",
+        "app.kubernetes.io/component=agent",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ]);
+    pods.split_whitespace().next().map(str::to_owned)
 }
 
 /// The agent's log (the one node's).
@@ -138,237 +797,9 @@ fn certificates(kube: &Kube) -> String {
     ])
 }
 
-/// Uninstalls the release if the test leaves it behind (it failed half-way).
-struct Release<'a>(&'a Path);
-
-impl Drop for Release<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("helm")
-            .arg("--kubeconfig")
-            .arg(self.0)
-            .args([
-                "uninstall",
-                "kubesg",
-                "-n",
-                "kube-system",
-                "--ignore-not-found",
-            ])
-            .output();
-    }
-}
-
-#[test]
-fn the_chart_installs_upgrades_and_uninstalls_as_the_readme_says() {
-    require_privileged!();
-    let kube = Kube::from_env();
-    let kubeconfig = kube.kubeconfig().to_path_buf();
-    // The CRD first, as the other cluster tests apply it too (Helm skips a CRD that exists).
-    kube.apply_crds();
-    let before = cni_files();
-    assert!(!before.is_empty(), "the cluster has a primary CNI network");
-
-    let tag = env!("CARGO_PKG_VERSION");
-    let _release = Release(&kubeconfig);
-    helm(
-        &kubeconfig,
-        &[
-            "install",
-            "kubesg",
-            CHART,
-            "-n",
-            "kube-system",
-            "--set",
-            "image.repository=localhost/kubesg",
-            "--set",
-            &format!("image.tag={tag}"),
-        ],
-    );
-    kube.must(&[
-        "-n",
-        "kube-system",
-        "rollout",
-        "status",
-        "daemonset/kubesg-agent",
-        &format!("--timeout={}s", PATIENCE.as_secs()),
-    ]);
-
-    // Two operator replicas, one leader, which alone is Ready and holds the Lease.
-    let leader = eventually("one Ready operator of two", || {
-        let pods = operator_pods(&kube);
-        let ready: Vec<_> = pods.iter().filter(|(_, r)| *r).collect();
-        match (pods.len(), &ready[..]) {
-            (2, [(name, _)]) => Ok(name.clone()),
-            _ => Err(format!("{pods:?}")),
-        }
-    });
-    let holder = kube.must(&[
-        "-n",
-        "kube-system",
-        "get",
-        "lease",
-        "kubesg-operator",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ]);
-    assert_eq!(holder, leader, "the Ready replica holds the Lease");
-
-    // install-cni made kubesg the last plugin of the node's primary network.
-    let chained = cni_files();
-    let (primary, text) = chained.iter().next().expect("a primary network");
-    let conf: serde_json::Value = serde_json::from_slice(text).expect("the primary is JSON");
-    let plugins = conf["plugins"].as_array().expect("a conflist");
-    assert_eq!(
-        plugins.last().map(|p| &p["type"]),
-        Some(&serde_json::json!("kubesg-cni")),
-        "{primary}: {conf}"
-    );
-    assert!(Path::new("/opt/cni/bin/kubesg-cni").is_file());
-
-    // The agent reaches the operator through its Service, by name, over mTLS.
-    eventually(
-        "the agent connected to the operator",
-        || match agent_connections(&kube) {
-            0 => Err(agent_log(&kube)
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .to_string()),
-            _ => Ok(()),
-        },
-    );
-
-    // Under the chart's RBAC alone the operators met no refusal.
-    for (pod, _) in operator_pods(&kube) {
-        let log = kube.must(&["-n", "kube-system", "logs", &pod]);
-        assert!(
-            !log.to_lowercase().contains("forbidden"),
-            "{pod} was refused something:\n{log}"
-        );
-    }
-
-    // An upgrade keeps the certificates (the chart's `lookup` path), and with them the running
-    // operators: their pod template, certificates annotation included, is unchanged.
-    let certs = certificates(&kube);
-    let generation = operator_generation(&kube);
-    helm(
-        &kubeconfig,
-        &[
-            "upgrade",
-            "kubesg",
-            CHART,
-            "-n",
-            "kube-system",
-            "--reuse-values",
-        ],
-    );
-    assert_eq!(
-        certificates(&kube),
-        certs,
-        "helm upgrade replaced certificates"
-    );
-    assert_eq!(
-        operator_generation(&kube),
-        generation,
-        "an upgrade that keeps the certificates changed the operators' Deployment: {}",
-        kube.must(&[
-            "-n",
-            "kube-system",
-            "get",
-            "deployment",
-            "kubesg-operator",
-            "-o",
-            "yaml"
-        ])
-    );
-
-    // Operator pods created while kubesg is chained and no operator runs (a reboot, a drain, an
-    // upgrade that recreates them) get no rules until an operator leads: the startup policy
-    // exempts them (`--startup-exempt`), so they reach the API server and one leads again.
-    let connections = agent_connections(&kube);
-    let old: Vec<String> = operator_pods(&kube).into_iter().map(|(p, _)| p).collect();
-    kube.must(&[
-        "-n",
-        "kube-system",
-        "delete",
-        "pod",
-        "-l",
-        "app.kubernetes.io/component=operator",
-        "--wait=true",
-    ]);
-    eventually(
-        "one Ready operator of two, after both were recreated",
-        || {
-            let pods = operator_pods(&kube);
-            let ready = pods.iter().filter(|(_, r)| *r).count();
-            if pods.len() == 2 && ready == 1 && pods.iter().all(|(p, _)| !old.contains(p)) {
-                Ok(())
-            } else {
-                Err(format!("{pods:?}"))
-            }
-        },
-    );
-    eventually("the agent reconnected to the new leader", || {
-        let now = agent_connections(&kube);
-        if now > connections {
-            Ok(())
-        } else {
-            Err(format!("{now} connections"))
-        }
-    });
-
-    // With kubesg installed, pods the kubelet starts are enforced.
-    enforces_a_security_group_on_pods_the_kubelet_starts(&kube);
-
-    // Uninstall as the README says; the CNI configuration comes back byte for byte.
-    helm(
-        &kubeconfig,
-        &[
-            "upgrade",
-            "kubesg",
-            CHART,
-            "-n",
-            "kube-system",
-            "--reuse-values",
-            "--set",
-            "cni.uninstall=true",
-        ],
-    );
-    kube.must(&[
-        "-n",
-        "kube-system",
-        "rollout",
-        "status",
-        "daemonset/kubesg-agent",
-        &format!("--timeout={}s", PATIENCE.as_secs()),
-    ]);
-    helm(
-        &kubeconfig,
-        &["uninstall", "kubesg", "-n", "kube-system", "--wait"],
-    );
-    eventually("the CNI configuration restored byte for byte", || {
-        let now = cni_files();
-        if now == before {
-            Ok(())
-        } else {
-            Err(format!(
-                "{:?}",
-                now.iter()
-                    .map(|(k, v)| (k, String::from_utf8_lossy(v).into_owned()))
-                    .collect::<Vec<_>>()
-            ))
-        }
-    });
-    // What the README leaves on the node for the user to remove: the plugin binary (once no pod
-    // set up with it remains), the pins and the agent's socket directory.
-    fs::remove_file("/opt/cni/bin/kubesg-cni").expect("the plugin binary was left in place");
-    fs::remove_dir_all("/sys/fs/bpf/kubesg").expect("the pins were left in place");
-    let _ = fs::remove_dir_all("/var/run/kubesg");
-}
-/// The test workload image `make cluster` builds and imports (scripts/k8s/cluster.sh `images`).
-const AGNHOST: &str = "registry.k8s.io/e2e-test-images/agnhost:2.63.0";
-
 /// Starts pod `name` labelled `app=<name>` running `agnhost ARGS` in `ns`.
 fn agnhost_pod(kube: &Kube, ns: &str, name: &str, args: &[&str]) {
+    let labels = format!("--labels=app={name}");
     let mut cmd = vec![
         "-n",
         ns,
@@ -378,12 +809,78 @@ fn agnhost_pod(kube: &Kube, ns: &str, name: &str, args: &[&str]) {
         AGNHOST,
         "--image-pull-policy=Never",
         "--restart=Never",
+        &labels,
+        "--",
     ];
-    let labels = format!("--labels=app={name}");
-    cmd.push(&labels);
-    cmd.push("--");
     cmd.extend_from_slice(args);
     kube.must(&cmd);
+}
+
+/// Waits until `pods` of `ns` are Ready.
+#[track_caller]
+fn wait_ready(kube: &Kube, ns: &str, pods: &[&str]) {
+    let mut cmd = vec!["-n", ns, "wait", "--for=condition=Ready"];
+    let pods: Vec<String> = pods.iter().map(|p| format!("pod/{p}")).collect();
+    cmd.extend(pods.iter().map(String::as_str));
+    let timeout = format!("--timeout={}s", PATIENCE.as_secs());
+    cmd.push(&timeout);
+    kube.must(&cmd);
+}
+
+/// A pod's (first) IP.
+fn pod_ip(kube: &Kube, ns: &str, pod: &str) -> String {
+    kube.must(&[
+        "-n",
+        ns,
+        "get",
+        "pod",
+        pod,
+        "-o",
+        "jsonpath={.status.podIP}",
+    ])
+}
+
+/// One TCP ingress rule: port `port` from the pods labelled `app=<from>`.
+fn ingress_from(from: &str, port: u16) -> String {
+    format!(
+        "  ingress:\n  - protocol: TCP\n    ports: [{{port: {port}}}]\n    from:\n    - podSelector: {{matchLabels: {{app: {from}}}}}\n"
+    )
+}
+
+/// One TCP egress rule: port `port` to the pods labelled `app=<to>`.
+fn egress_to(to: &str, port: u16) -> String {
+    format!(
+        "  egress:\n  - protocol: TCP\n    ports: [{{port: {port}}}]\n    to:\n    - podSelector: {{matchLabels: {{app: {to}}}}}\n"
+    )
+}
+
+/// Applies SecurityGroup `name` selecting the pods labelled `app=<app>` with `rules`.
+#[track_caller]
+fn apply_group(kube: &Kube, ns: &str, name: &str, app: &str, rules: &str) {
+    kube.must_apply(&format!(
+        "apiVersion: kubesg.io/v1alpha1\nkind: SecurityGroup\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n{rules}"
+    ));
+}
+
+/// Waits until group `name` is Programmed at its current generation.
+#[track_caller]
+fn wait_programmed(kube: &Kube, ns: &str, name: &str) {
+    eventually(&format!("{ns}/{name} Programmed at its generation"), || {
+        let s = kube.must(&[
+            "-n",
+            ns,
+            "get",
+            "sg",
+            name,
+            "-o",
+            "jsonpath={.metadata.generation} {.status.observedGeneration} {.status.conditions[?(@.type==\"Programmed\")].status} {.status.conditions[?(@.type==\"Programmed\")].observedGeneration}",
+        ]);
+        let f: Vec<&str> = s.split_whitespace().collect();
+        match f[..] {
+            [g, o, "True", c] if g == o && g == c => Ok(()),
+            _ => Err(s),
+        }
+    });
 }
 
 /// Whether `from` (a pod in `ns`) opens a TCP connection to `to` within 3 s (agnhost connect:
@@ -407,77 +904,75 @@ fn connects(kube: &Kube, ns: &str, from: &str, to: &str) -> Result<(), String> {
     }
 }
 
-/// A SecurityGroup on a server admits one client and not another, on pods the kubelet starts
-/// through containerd and the chained kubesg-cni; its status says Accepted and Programmed for
-/// its generation, and `kubectl describe` shows them.
-fn enforces_a_security_group_on_pods_the_kubelet_starts(kube: &Kube) {
-    let ns = kube.namespace("sg-enforce-");
-    let n = ns.name.as_str();
-    agnhost_pod(kube, n, "server", &["netexec", "--http-port=8080"]);
-    agnhost_pod(kube, n, "allowed", &["pause"]);
-    agnhost_pod(kube, n, "other", &["pause"]);
-    kube.must(&[
-        "-n",
-        n,
-        "wait",
-        "--for=condition=Ready",
-        "pod/server",
-        "pod/allowed",
-        "pod/other",
-        &format!("--timeout={}s", PATIENCE.as_secs()),
-    ]);
-    let server_ip = kube.must(&[
-        "-n",
-        n,
-        "get",
-        "pod",
-        "server",
-        "-o",
-        "jsonpath={.status.podIP}",
-    ]);
-    let server = format!("{server_ip}:8080");
-    // Before any group, nothing is filtered.
-    eventually("other reaches the server before any group", || {
-        connects(kube, n, "other", &server)
-    });
+/// The network namespace (under /run/netns, where containerd's CNI setup names them) holding
+/// the pod address `ip`.
+fn netns_of(ip: &str) -> String {
+    let needle = format!(" {ip}/");
+    fs::read_dir("/run/netns")
+        .expect("listing /run/netns")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| {
+            Command::new("ip")
+                .args(["-n", name, "-o", "addr", "show"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&needle))
+        })
+        .unwrap_or_else(|| panic!("no network namespace holds {ip}"))
+}
 
-    kube.must_apply(&format!(
-        "apiVersion: kubesg.io/v1alpha1\nkind: SecurityGroup\nmetadata:\n  name: server\n  namespace: {n}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - protocol: TCP\n    ports: [{{port: 8080}}]\n    from:\n    - podSelector: {{matchLabels: {{app: allowed}}}}\n"
-    ));
-    kube.must(&[
-        "-n",
-        n,
-        "wait",
-        "--for=condition=Programmed",
-        "sg/server",
-        &format!("--timeout={}s", PATIENCE.as_secs()),
-    ]);
-    connects(kube, n, "allowed", &server).expect("the allowed client connects");
-    let refused = connects(kube, n, "other", &server);
-    assert!(
-        refused.is_err(),
-        "the other client connected despite the group"
-    );
+/// An HTTP/1.1 keep-alive connection to agnhost netexec, opened from inside a pod's network
+/// namespace: its traffic crosses the pod's interface as the pod's own would.
+struct HttpConn {
+    reader: BufReader<TcpStream>,
+}
 
-    let status = kube.must(&[
-        "-n",
-        n,
-        "get",
-        "sg",
-        "server",
-        "-o",
-        "jsonpath={.metadata.generation} {.status.observedGeneration} {.status.members} {.status.nodes.programmed}/{.status.nodes.total}",
-    ]);
-    let fields: Vec<&str> = status.split_whitespace().collect();
-    assert_eq!(fields.len(), 4, "{status}");
-    assert_eq!(
-        fields[0], fields[1],
-        "observedGeneration is the generation: {status}"
-    );
-    assert_eq!(fields[2], "1", "one member: {status}");
-    assert_eq!(fields[3], "1/1", "programmed on the node: {status}");
-    let described = kube.must(&["-n", n, "describe", "sg", "server"]);
-    for want in ["Accepted", "Programmed", "Observed Generation"] {
-        assert!(described.contains(want), "no {want} in:\n{described}");
+impl HttpConn {
+    fn open(netns: &str, addr: SocketAddr) -> io::Result<Self> {
+        let stream = in_named(netns, || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        })??;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        Ok(HttpConn {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// `GET /echo?msg=MSG`: the server must answer 200 with MSG.
+    fn echo(&mut self, msg: &str) -> io::Result<()> {
+        write!(
+            self.reader.get_mut(),
+            "GET /echo?msg={msg} HTTP/1.1\r\nHost: server\r\n\r\n"
+        )?;
+        let mut status = String::new();
+        self.reader.read_line(&mut status)?;
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(io::Error::other("the server closed the connection"));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let length = length.ok_or_else(|| io::Error::other(format!("no length: {status}")))?;
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body)?;
+        if !status.contains(" 200 ") || body != msg.as_bytes() {
+            return Err(io::Error::other(format!(
+                "{}: {:?}",
+                status.trim(),
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        Ok(())
     }
 }
