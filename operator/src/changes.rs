@@ -2,7 +2,7 @@
 //! compiler consumes. The API source turns watch events into changes directly; the manifests
 //! source diffs the directory's cluster against the previous one.
 
-use crate::model::{Cluster, Group, Namespace, ObjectKey, Pod};
+use crate::model::{Cluster, Group, Namespace, ObjectKey, Pod, Service};
 
 /// One object added, changed or removed.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +23,10 @@ pub enum ClusterChange {
     UpsertGroup(ObjectKey, Group),
     /// A group is gone.
     DeleteGroup(ObjectKey),
+    /// A Service appeared or changed.
+    UpsertService(ObjectKey, Service),
+    /// A Service is gone.
+    DeleteService(ObjectKey),
 }
 
 impl Cluster {
@@ -53,6 +57,12 @@ impl Cluster {
             ClusterChange::DeleteGroup(k) => {
                 self.groups.remove(k);
             }
+            ClusterChange::UpsertService(k, s) => {
+                self.services.insert(k.clone(), s.clone());
+            }
+            ClusterChange::DeleteService(k) => {
+                self.services.remove(k);
+            }
         }
     }
 }
@@ -65,6 +75,12 @@ pub fn diff(old: &Cluster, new: &Cluster) -> Vec<ClusterChange> {
             .keys()
             .filter(|k| !new.groups.contains_key(*k))
             .map(|k| ClusterChange::DeleteGroup(k.clone())),
+    );
+    out.extend(
+        old.services
+            .keys()
+            .filter(|k| !new.services.contains_key(*k))
+            .map(|k| ClusterChange::DeleteService(k.clone())),
     );
     out.extend(
         old.pods
@@ -103,6 +119,12 @@ pub fn diff(old: &Cluster, new: &Cluster) -> Vec<ClusterChange> {
             .map(|(k, v)| ClusterChange::UpsertPod(k.clone(), v.clone())),
     );
     out.extend(
+        new.services
+            .iter()
+            .filter(|(k, v)| old.services.get(*k) != Some(*v))
+            .map(|(k, v)| ClusterChange::UpsertService(k.clone(), v.clone())),
+    );
+    out.extend(
         new.groups
             .iter()
             .filter(|(k, v)| old.groups.get(*k) != Some(*v))
@@ -122,12 +144,22 @@ mod tests {
         old.namespaces.insert("a".into(), Namespace::default());
         old.pods.insert(ObjectKey::new("a", "p"), Pod::default());
         old.pods.insert(ObjectKey::new("a", "gone"), Pod::default());
+        old.services
+            .insert(ObjectKey::new("a", "old-svc"), Service::default());
         let mut new = old.clone();
         new.nodes.insert("n2".into());
         new.pods.remove(&ObjectKey::new("a", "gone"));
         new.pods.get_mut(&ObjectKey::new("a", "p")).unwrap().uid = "changed".into();
+        new.services.remove(&ObjectKey::new("a", "old-svc"));
+        new.services.insert(
+            ObjectKey::new("a", "svc"),
+            Service {
+                cluster_ips: vec!["10.96.0.1".parse().unwrap()],
+                ..Service::default()
+            },
+        );
         let changes = diff(&old, &new);
-        assert_eq!(changes.len(), 3);
+        assert_eq!(changes.len(), 5);
         let mut applied = old.clone();
         for c in &changes {
             applied.apply(c);

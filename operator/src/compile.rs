@@ -12,7 +12,9 @@
 //! 1. membership: which pods are members of which groups (a pod's labels, a group's selector);
 //! 2. rules: each group's rules with peers resolved ([`crate::peers`]) to address blocks and
 //!    address sets: redone when the group or a group it names changes (and, for groups with
-//!    egress named ports, which resolve on the peer pods, when a peer pod changes);
+//!    egress named ports, which resolve on the peer pods, when a peer pod changes; for groups
+//!    whose egress rules can reach a namespace's Services ([`crate::services`]), when one of
+//!    them, a pod they select or the namespace's labels change);
 //! 3. sets: the addresses of each address set ([`crate::sets`]) whose pods the change touched
 //!    (a member of its group, a pod its selectors match, a namespace its namespace selector
 //!    matches), rewritten in the plans of the nodes holding it;
@@ -34,13 +36,14 @@ use std::{
 use crate::{
     changes::ClusterChange,
     index::{
-        contributes, ClassId, GroupEntry, GroupId, Index, NodeId, Placement, PodEntry, PodId,
-        PodPeer, Slab, StoredPod,
+        contributes, ClassId, EgressReach, GroupEntry, GroupId, Index, NodeId, Placement, PodEntry,
+        PodId, PodPeer, ServiceEntry, Slab, StoredPod,
     },
-    model::{Cluster, Group, Namespace, ObjectKey, Pod},
+    model::{Cluster, Group, Namespace, ObjectKey, Pod, Service},
     peers::{self, GroupRules},
     plan::{GroupReport, NodePlan, Plan, PlannedPolicy, PodPlan, PolicyId},
     policy::{self, ClassKey},
+    services,
     sets::{NodeEdge, SetSlot, SetSource, SetTable},
     validate::{validate, CheckedPeer, CheckedPort},
 };
@@ -138,6 +141,13 @@ impl Compiler {
         for (key, group) in &cluster.groups {
             c.stage_upsert_group(key.clone(), group.clone());
         }
+        // Every group's rules are marked already: the Services only need to be in the index.
+        for (key, service) in &cluster.services {
+            c.ix.ns_mut(&key.namespace)
+                .services
+                .insert(key.name.clone(), ServiceEntry::new(service.clone()));
+            c.ix.service_namespaces.insert(key.namespace.clone());
+        }
         // Pods go in without per-pod membership and peer checks: every group's membership
         // and rules are already marked, and computing membership per group uses the label
         // index instead of matching every pod against every group of its namespace.
@@ -211,6 +221,18 @@ impl Compiler {
         self.flush()
     }
 
+    /// A Service appeared or changed.
+    pub fn upsert_service(&mut self, key: ObjectKey, service: Service) -> PlanChanges {
+        self.stage_service(&key, Some(service));
+        self.flush()
+    }
+
+    /// A Service is gone.
+    pub fn delete_service(&mut self, key: &ObjectKey) -> PlanChanges {
+        self.stage_service(key, None);
+        self.flush()
+    }
+
     /// A node appeared: it gets a plan (empty until pods run there).
     pub fn upsert_node(&mut self, name: &str) -> PlanChanges {
         if self.nodes.insert(name.to_string()) {
@@ -267,6 +289,39 @@ impl Compiler {
             }
             ClusterChange::UpsertGroup(k, g) => self.stage_upsert_group(k.clone(), g.clone()),
             ClusterChange::DeleteGroup(k) => self.stage_delete_group(k),
+            ClusterChange::UpsertService(k, svc) => self.stage_service(k, Some(svc.clone())),
+            ClusterChange::DeleteService(k) => self.stage_service(k, None),
+        }
+    }
+
+    /// Records a Service (`None`: deleted) and marks the rules of the groups that may admit the
+    /// Services of its namespace.
+    fn stage_service(&mut self, key: &ObjectKey, service: Option<Service>) {
+        let ns = self.ix.ns_mut(&key.namespace);
+        let old = ns.services.get(&key.name);
+        if old.map(|e| &e.service) == service.as_ref() {
+            return;
+        }
+        let mattered = old.is_some_and(|e| e.resolvable().is_some());
+        let matters = match service {
+            Some(s) => {
+                let e = ServiceEntry::new(s);
+                let matters = e.resolvable().is_some();
+                ns.services.insert(key.name.clone(), e);
+                matters
+            }
+            None => {
+                ns.services.remove(&key.name);
+                false
+            }
+        };
+        if ns.services.is_empty() {
+            self.ix.service_namespaces.remove(&key.namespace);
+        } else {
+            self.ix.service_namespaces.insert(key.namespace.clone());
+        }
+        if mattered || matters {
+            services::mark_reaching(&self.ix, &mut self.dirty.rules, &key.namespace);
         }
     }
 
@@ -405,6 +460,13 @@ impl Compiler {
                 (was != now).then_some((sid, now))
             })
             .collect();
+        // The pods of a namespace with Services start or stop being peers of the egress rules
+        // using a flipped selector: what those rules admit of its Services may change.
+        if !flips.is_empty() && services::has_resolvable(&self.ix, name) {
+            for &(sid, _) in &flips {
+                services::mark_selector_users(&self.ix, &mut self.dirty.rules, sid);
+            }
+        }
         for (sid, now) in flips {
             let Some(sel) = self.ix.ns_selectors.get_mut(sid) else {
                 continue;
@@ -456,6 +518,7 @@ impl Compiler {
                     pod_peers: Vec::new(),
                     sets: Vec::new(),
                     inline_peers: false,
+                    egress_reach: EgressReach::default(),
                     members: HashSet::new(),
                     member_nodes: HashMap::new(),
                     report_nodes: HashMap::new(),
@@ -570,6 +633,16 @@ impl Compiler {
         if local {
             self.ix.ns_mut(&ns).local_peer_groups.insert(id);
         }
+        let egress_reach = match self.ix.group(id).and_then(|e| e.checked.as_ref().ok()) {
+            Some(checked) => services::reach(&self.ix, &ns, checked.egress.as_ref()),
+            None => EgressReach::default(),
+        };
+        if egress_reach.everywhere {
+            self.ix.egress_everywhere.insert(id);
+        }
+        for n in &egress_reach.namespaces {
+            self.ix.ns_mut(n).egress_reach.insert(id);
+        }
         for t in &named {
             self.ix.referrers.entry(t.clone()).or_default().insert(id);
             if let Some(&tid) = self.ix.group_ids.get(t) {
@@ -591,6 +664,7 @@ impl Compiler {
             e.pod_peers = pod_peers;
             e.sets = sets;
             e.inline_peers = inline_peers;
+            e.egress_reach = egress_reach;
             e.registered = true;
         }
     }
@@ -608,6 +682,7 @@ impl Compiler {
         let pod_peers = mem::take(&mut e.pod_peers);
         let sets = mem::take(&mut e.sets);
         e.inline_peers = false;
+        let egress_reach = mem::take(&mut e.egress_reach);
         for slot in sets {
             self.sets.release(slot);
         }
@@ -632,6 +707,12 @@ impl Compiler {
             }
         }
         self.ix.ns_mut(&ns).local_peer_groups.remove(&id);
+        self.ix.egress_everywhere.remove(&id);
+        for n in &egress_reach.namespaces {
+            if let Some(entry) = self.ix.namespaces.get_mut(n) {
+                entry.egress_reach.remove(&id);
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1178,7 +1259,8 @@ fn report_node_change(ix: &mut Index, dirty: &mut Dirty, g: GroupId, node: NodeI
 /// Marks the address sets a pod change can affect, and the rules of the groups resolving
 /// selector peers inline it can affect: the pod starts or stops matching one of their peers,
 /// or it matches and its addresses or ports changed. (Peers given as groups are traced
-/// through membership instead.)
+/// through membership instead.) When a Service selects the pod, the rules of the groups that
+/// may admit the Services of its namespace too.
 fn mark_peer_relevance(
     ix: &Index,
     sets: &SetTable,
@@ -1187,6 +1269,9 @@ fn mark_peer_relevance(
     old: Option<&StoredPod>,
     new: Option<&StoredPod>,
 ) {
+    if services::pod_change_matters(ix, ns, old, new) {
+        services::mark_reaching(ix, &mut dirty.rules, ns);
+    }
     sets.affected_by_pod(ix, ns, old, new, &mut dirty.sets);
     let old = old.filter(|p| contributes(p));
     let new = new.filter(|p| contributes(p));

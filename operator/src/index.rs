@@ -1,8 +1,9 @@
 //! The compiler's view of the cluster: every object once, with the indexes that let a change be
 //! traced to what it affects without scanning the cluster. Pods per namespace and per label
 //! (selectors look up candidates by their narrowest `In` requirement), the groups that select
-//! peers in a namespace, the namespaces each distinct namespace selector matches, and which
-//! groups name a group as a peer. Objects live in slabs and refer to each other by index, so the
+//! peers in a namespace, the namespaces each distinct namespace selector matches, which groups
+//! name a group as a peer, and the Services of each namespace with the groups whose egress rules
+//! can reach them. Objects live in slabs and refer to each other by index, so the
 //! indexes stay small at 150 000 pods.
 
 use std::{
@@ -12,7 +13,7 @@ use std::{
 };
 
 use crate::{
-    model::{Group, NamedPort, ObjectKey, Pod},
+    model::{Group, NamedPort, ObjectKey, Pod, Service},
     peers::GroupRules,
     plan::PolicyId,
     selector::{Labels, Selector},
@@ -246,6 +247,59 @@ pub(crate) struct NsEntry {
     pub local_peer_groups: HashSet<GroupId>,
     /// Namespace selectors (of accepted groups' peers) that match this namespace.
     pub selected_by: HashSet<NsSelectorId>,
+    /// The Services of this namespace, by name.
+    pub services: BTreeMap<String, ServiceEntry>,
+    /// Accepted groups whose egress peers name this namespace's pods directly (a pod selector
+    /// of the group's own namespace, or a group of this namespace): they may admit its
+    /// Services' ClusterIPs.
+    pub egress_reach: HashSet<GroupId>,
+}
+
+/// A Service as the compiler keeps it.
+#[derive(Debug)]
+pub(crate) struct ServiceEntry {
+    pub service: Service,
+    /// Its selector, compiled; `None` for a Service without one (its backends are not
+    /// resolved).
+    pub selector: Option<Selector>,
+}
+
+impl ServiceEntry {
+    /// The entry of a Service: `matchLabels`-style selector compiled once.
+    pub fn new(service: Service) -> Self {
+        let selector = (!service.selector.is_empty()).then(|| {
+            Selector::from_requirements(
+                service
+                    .selector
+                    .iter()
+                    .map(|(k, v)| crate::selector::Requirement::In {
+                        key: k.clone(),
+                        values: vec![v.clone()],
+                    })
+                    .collect(),
+            )
+        });
+        ServiceEntry { service, selector }
+    }
+
+    /// Its selector when its ClusterIPs can be admitted at all: it selects pods, has a
+    /// ClusterIP and a port.
+    pub fn resolvable(&self) -> Option<&Selector> {
+        self.selector
+            .as_ref()
+            .filter(|_| !self.service.cluster_ips.is_empty() && !self.service.ports.is_empty())
+    }
+}
+
+/// The namespaces whose Services a group's egress rules may admit (see [`crate::services`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct EgressReach {
+    /// Some egress rule admits addresses (an ipBlock, or anyone): Services of every namespace.
+    pub everywhere: bool,
+    /// Namespaces named directly (the group's own for a pod selector, a named group's).
+    pub namespaces: Vec<String>,
+    /// Namespace selectors of egress peers.
+    pub selectors: Vec<NsSelectorId>,
 }
 
 /// A peer given by selectors, as registered for change tracking.
@@ -277,6 +331,8 @@ pub(crate) struct GroupEntry {
     /// Some egress rule uses named ports: those resolve on each peer pod, inline in the rule,
     /// so a change to a peer pod redoes this group's rules (other peers go through sets).
     pub inline_peers: bool,
+    /// Where its egress rules may admit Services (while registered).
+    pub egress_reach: EgressReach,
     pub members: HashSet<PodId>,
     /// node → members on it.
     pub member_nodes: HashMap<NodeId, u32>,
@@ -318,6 +374,11 @@ pub(crate) struct Index {
     pub referrers: HashMap<ObjectKey, HashSet<GroupId>>,
     pub ns_selectors: Slab<NsSelectorEntry>,
     pub ns_selector_ids: HashMap<Selector, NsSelectorId>,
+    /// Accepted groups with an egress rule admitting addresses (ipBlock or anyone): they may
+    /// admit the ClusterIPs of Services in every namespace.
+    pub egress_everywhere: HashSet<GroupId>,
+    /// Namespaces with at least one Service, sorted.
+    pub service_namespaces: std::collections::BTreeSet<String>,
     pub nodes: NodeNames,
 }
 

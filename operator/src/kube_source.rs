@@ -1,11 +1,11 @@
-//! The Kubernetes API as a source: one watcher per kind (Namespace, Pod, Node, SecurityGroup),
-//! each event turned into a [`ClusterChange`]. After every (re)list a watcher reports the objects
+//! The Kubernetes API as a source: one watcher per kind (Namespace, Pod, Node, Service,
+//! SecurityGroup), each event turned into a [`ClusterChange`]. After every (re)list a watcher reports the objects
 //! it no longer sees as deleted, so a missed delete during a disconnect is caught up.
 
 use std::{collections::BTreeSet, fmt::Debug};
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod};
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod, Service};
 use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource, ResourceExt as _,
@@ -97,12 +97,29 @@ impl Kind for SecurityGroup {
     }
 }
 
+impl Kind for Service {
+    const NAME: &'static str = "Service";
+    type Key = ObjectKey;
+    fn key(obj: &Self) -> Option<ObjectKey> {
+        Some(ObjectKey::new(obj.namespace()?, obj.name_any()))
+    }
+    fn upsert(obj: &Self) -> Option<ClusterChange> {
+        objects::service(obj)
+            .ok()
+            .map(|(k, s)| ClusterChange::UpsertService(k, s))
+    }
+    fn delete(key: ObjectKey) -> ClusterChange {
+        ClusterChange::DeleteService(key)
+    }
+}
+
 /// The kinds [`run`] watches, each reported [`SourceEvent::Listed`] once listed: the runtime
 /// compiles once all of them are.
-pub const KINDS: [&str; 4] = [
+pub const KINDS: [&str; 5] = [
     <K8sNamespace as Kind>::NAME,
     <Node as Kind>::NAME,
     <K8sPod as Kind>::NAME,
+    <Service as Kind>::NAME,
     <SecurityGroup as Kind>::NAME,
 ];
 
@@ -112,6 +129,7 @@ pub async fn run(client: Client, tx: mpsc::Sender<SourceEvent>) {
         watch::<K8sNamespace>(Api::all(client.clone()), tx.clone()),
         watch::<Node>(Api::all(client.clone()), tx.clone()),
         watch::<K8sPod>(Api::all(client.clone()), tx.clone()),
+        watch::<Service>(Api::all(client.clone()), tx.clone()),
         watch::<SecurityGroup>(Api::all(client), tx),
     );
 }

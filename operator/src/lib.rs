@@ -23,6 +23,7 @@ pub mod push;
 pub mod reference;
 pub mod runtime;
 pub mod selector;
+mod services;
 mod sets;
 pub mod status;
 pub mod status_api;

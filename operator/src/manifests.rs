@@ -1,5 +1,5 @@
 //! A directory of manifests standing in for the Kubernetes API (`--manifests DIR`): Namespace,
-//! Pod, Node and SecurityGroup YAML (multi-document files and `kind: List` included), re-read
+//! Pod, Node, Service and SecurityGroup YAML (multi-document files and `kind: List` included), re-read
 //! when files change. It feeds the same model and the same compile-and-push path as the API.
 //!
 //! Nothing is lost to a bad edit: a file that does not parse is reported and its previous
@@ -14,12 +14,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod};
+use k8s_openapi::api::core::v1::{
+    Namespace as K8sNamespace, Node, Pod as K8sPod, Service as K8sService,
+};
 use serde::Deserialize;
 
 use crate::{
     crd::SecurityGroup,
-    model::{Cluster, Group, Namespace, ObjectKey, Pod},
+    model::{Cluster, Group, Namespace, ObjectKey, Pod, Service},
     objects,
 };
 
@@ -29,6 +31,7 @@ enum Object {
     Namespace(String, Namespace),
     Pod(ObjectKey, Pod),
     Node(String),
+    Service(ObjectKey, Service),
     Group(ObjectKey, Group),
 }
 
@@ -157,6 +160,7 @@ impl ManifestDir {
                     Object::Namespace(n, _) => format!("Namespace {n}"),
                     Object::Pod(k, _) => format!("Pod {k}"),
                     Object::Node(n) => format!("Node {n}"),
+                    Object::Service(k, _) => format!("Service {k}"),
                     Object::Group(k, _) => format!("SecurityGroup {k}"),
                 };
                 if let Some(first) = seen.insert(id.clone(), path.clone()) {
@@ -177,6 +181,9 @@ impl ManifestDir {
                     }
                     Object::Node(n) => {
                         cluster.nodes.insert(n.clone());
+                    }
+                    Object::Service(k, s) => {
+                        cluster.services.insert(k.clone(), s.clone());
                     }
                     Object::Group(k, g) => {
                         cluster.groups.insert(k.clone(), g.clone());
@@ -283,6 +290,14 @@ fn object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String>
             }
             out.push(Object::Node(name));
         }
+        ("v1", "Service") => {
+            let mut svc: K8sService = serde_yaml::from_value(value).map_err(typed)?;
+            if svc.metadata.namespace.is_none() {
+                svc.metadata.namespace = Some(DEFAULT_NAMESPACE.into());
+            }
+            let (key, model) = objects::service(&svc).map_err(|e| e.to_string())?;
+            out.push(Object::Service(key, model));
+        }
         ("kubesg.io/v1alpha1", "SecurityGroup") => {
             let mut sg: SecurityGroup = serde_yaml::from_value(value).map_err(typed)?;
             if sg.metadata.namespace.is_none() {
@@ -293,8 +308,8 @@ fn object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String>
         }
         (api, kind) => {
             return Err(format!(
-                "unsupported object {api} {kind}: expected v1 Namespace, Pod, Node or List, or \
-                 kubesg.io/v1alpha1 SecurityGroup"
+                "unsupported object {api} {kind}: expected v1 Namespace, Pod, Node, Service or \
+                 List, or kubesg.io/v1alpha1 SecurityGroup"
             ))
         }
     }
@@ -350,6 +365,14 @@ spec:
   ingress:
     - protocol: TCP
       ports: [ { port: http } ]
+---
+apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop }
+spec:
+  selector: { app: web }
+  clusterIPs: [ 10.96.0.20 ]
+  ports: [ { port: 80, targetPort: http } ]
 "#;
 
     #[test]
@@ -370,6 +393,12 @@ spec:
         assert_eq!(pod.uid, "u1");
         let g = &c.groups[&ObjectKey::new("shop", "web")];
         assert_eq!(g.generation, 1);
+        let svc = &c.services[&ObjectKey::new("shop", "web")];
+        assert_eq!(
+            svc.cluster_ips,
+            ["10.96.0.20".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(svc.selector["app"], "web");
         assert!(!m.scan().unwrap().changed, "nothing changed on disk");
     }
 

@@ -1,5 +1,5 @@
-//! The cluster as the compiler sees it: namespaces, pods, nodes and security groups, reduced to
-//! what decides connectivity. Both sources (the Kubernetes API and a directory of manifests) fill
+//! The cluster as the compiler sees it: namespaces, pods, nodes, services and security groups,
+//! reduced to what decides connectivity. Both sources (the Kubernetes API and a directory of manifests) fill
 //! this same model, so one compile-and-push path serves both.
 
 use std::{
@@ -84,6 +84,42 @@ pub struct Pod {
     pub terminated: bool,
 }
 
+/// Where a Service port sends its connections on a backend pod (`spec.ports[].targetPort`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetPort {
+    /// A port number (the Service port's own number when `targetPort` is omitted).
+    Number(u16),
+    /// The name of a container port, looked up on each backend pod with the Service port's
+    /// protocol (a backend without it is sent nothing on this port).
+    Name(String),
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePort {
+    /// Its protocol.
+    pub protocol: PortProtocol,
+    /// The port clients connect to on the ClusterIP.
+    pub port: u16,
+    /// Where kube-proxy forwards it on the chosen backend.
+    pub target_port: TargetPort,
+}
+
+/// A Service, as far as it decides which ClusterIP connections reach which pods: egress rules
+/// are judged on the pods behind a ClusterIP, because kube-proxy translates the destination only
+/// after the packet has left the client's interface (docs/architecture.md, "Services").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// `spec.selector`. Empty: a Service without a selector (its EndpointSlices are written by
+    /// hand or by another controller): kubesg does not resolve its backends.
+    pub selector: BTreeMap<String, String>,
+    /// `spec.clusterIPs` (both families). Empty for headless and ExternalName Services, whose
+    /// clients connect to pod addresses or names directly.
+    pub cluster_ips: Vec<IpAddr>,
+    /// Its ports.
+    pub ports: Vec<ServicePort>,
+}
+
 /// A security group as the compiler needs it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Group {
@@ -105,4 +141,6 @@ pub struct Cluster {
     pub nodes: BTreeSet<String>,
     /// Security groups by namespace/name.
     pub groups: BTreeMap<ObjectKey, Group>,
+    /// Services by namespace/name.
+    pub services: BTreeMap<ObjectKey, Service>,
 }

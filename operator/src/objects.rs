@@ -3,12 +3,17 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod};
+use k8s_openapi::{
+    api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod, Service as K8sService},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 use kube::ResourceExt as _;
 
 use crate::{
     crd::SecurityGroup,
-    model::{Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol},
+    model::{
+        Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol, Service, ServicePort, TargetPort,
+    },
 };
 
 /// Why an object cannot be used.
@@ -81,11 +86,7 @@ pub fn pod(p: &K8sPod) -> Result<(ObjectKey, Pod), ObjectError> {
                 .filter_map(|cp| {
                     let name = cp.name.clone()?;
                     let port = u16::try_from(cp.container_port).ok()?;
-                    let protocol = match cp.protocol.as_deref() {
-                        Some("UDP") => PortProtocol::Udp,
-                        Some("SCTP") => PortProtocol::Sctp,
-                        _ => PortProtocol::Tcp,
-                    };
+                    let protocol = port_protocol(cp.protocol.as_deref());
                     Some(NamedPort {
                         name,
                         port,
@@ -110,6 +111,69 @@ pub fn pod(p: &K8sPod) -> Result<(ObjectKey, Pod), ObjectError> {
     ))
 }
 
+/// A port's protocol as Kubernetes spells it (TCP when omitted).
+fn port_protocol(p: Option<&str>) -> PortProtocol {
+    match p {
+        Some("UDP") => PortProtocol::Udp,
+        Some("SCTP") => PortProtocol::Sctp,
+        _ => PortProtocol::Tcp,
+    }
+}
+
+/// A Service's key and model: its selector, its ClusterIPs (`spec.clusterIPs`, else
+/// `spec.clusterIP`; `None` — headless — and an ExternalName Service give none) and its ports,
+/// a `targetPort` defaulting to the port as the API server defaults it.
+pub fn service(s: &K8sService) -> Result<(ObjectKey, Service), ObjectError> {
+    let key = key("Service", s.namespace(), s.name_any())?;
+    let Some(spec) = s.spec.as_ref() else {
+        return Ok((key, Service::default()));
+    };
+    let external_name = spec.type_.as_deref() == Some("ExternalName");
+    let parse = |ips: &[String]| -> Vec<IpAddr> {
+        ips.iter()
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .collect()
+    };
+    let mut cluster_ips = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => parse(ips),
+        _ => parse(spec.cluster_ip.as_slice()),
+    };
+    if external_name {
+        cluster_ips.clear();
+    }
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|sp| {
+            let port = u16::try_from(sp.port).ok().filter(|&p| p != 0)?;
+            let target_port = match &sp.target_port {
+                Some(IntOrString::String(name)) if !name.is_empty() => {
+                    TargetPort::Name(name.clone())
+                }
+                Some(IntOrString::Int(n)) => match u16::try_from(*n) {
+                    Ok(n) if n != 0 => TargetPort::Number(n),
+                    _ => TargetPort::Number(port),
+                },
+                _ => TargetPort::Number(port),
+            };
+            Some(ServicePort {
+                protocol: port_protocol(sp.protocol.as_deref()),
+                port,
+                target_port,
+            })
+        })
+        .collect();
+    Ok((
+        key,
+        Service {
+            selector: spec.selector.clone().unwrap_or_default(),
+            cluster_ips,
+            ports,
+        },
+    ))
+}
+
 /// A group's key and model. Its generation is `metadata.generation` (the API server's); the
 /// manifests source, which has none, supplies its own.
 pub fn group(sg: &SecurityGroup) -> Result<(ObjectKey, Group), ObjectError> {
@@ -121,4 +185,72 @@ pub fn group(sg: &SecurityGroup) -> Result<(ObjectKey, Group), ObjectError> {
             spec: sg.spec.clone(),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service_yaml(yaml: &str) -> (ObjectKey, Service) {
+        service(&serde_yaml::from_str::<K8sService>(yaml).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_dual_stack_service_keeps_both_cluster_ips_and_its_target_ports() {
+        let (key, s) = service_yaml(
+            "metadata: { name: web, namespace: shop }\n\
+             spec:\n\
+             \x20 selector: { app: web }\n\
+             \x20 clusterIP: 10.96.0.10\n\
+             \x20 clusterIPs: [ 10.96.0.10, 'fd00:96::10' ]\n\
+             \x20 ports:\n\
+             \x20   - { port: 80, targetPort: http }\n\
+             \x20   - { port: 53, protocol: UDP, targetPort: 5353 }\n\
+             \x20   - { port: 443 }\n",
+        );
+        assert_eq!(key, ObjectKey::new("shop", "web"));
+        assert_eq!(s.selector["app"], "web");
+        assert_eq!(
+            s.cluster_ips,
+            [
+                "10.96.0.10".parse::<IpAddr>().unwrap(),
+                "fd00:96::10".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            s.ports,
+            [
+                ServicePort {
+                    protocol: PortProtocol::Tcp,
+                    port: 80,
+                    target_port: TargetPort::Name("http".into())
+                },
+                ServicePort {
+                    protocol: PortProtocol::Udp,
+                    port: 53,
+                    target_port: TargetPort::Number(5353)
+                },
+                ServicePort {
+                    protocol: PortProtocol::Tcp,
+                    port: 443,
+                    target_port: TargetPort::Number(443)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn headless_and_external_name_services_have_no_cluster_ip() {
+        let (_, headless) = service_yaml(
+            "metadata: { name: db, namespace: shop }\n\
+             spec: { selector: { app: db }, clusterIP: None, clusterIPs: [ None ], ports: [ { port: 5432 } ] }\n",
+        );
+        assert!(headless.cluster_ips.is_empty());
+        let (_, external) = service_yaml(
+            "metadata: { name: ext, namespace: shop }\n\
+             spec: { type: ExternalName, externalName: example.com, ports: [ { port: 443 } ] }\n",
+        );
+        assert!(external.cluster_ips.is_empty());
+        assert!(external.selector.is_empty());
+    }
 }

@@ -13,6 +13,8 @@
 //!   kept apart; address blocks stay in the rule. Only the parts of egress rules split per named
 //!   port list their peers' addresses inline. A rule whose peers resolve to nothing (no blocks,
 //!   empty sets) matches nobody, never everybody.
+//! - An egress rule also admits the ClusterIPs and ports of the Services whose backends it
+//!   admits, every one of them ([`crate::services`]): extra rules listing the ClusterIPs inline.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -26,6 +28,7 @@ use crate::{
     index::{GroupEntry, Index, PodId},
     model::PortProtocol,
     plan::{GroupGeneration, PeerBlock, PlannedRule, PortSpec, RuleProtocol, SetId},
+    services,
     sets::SetSource,
     validate::{CheckedPeer, CheckedPort, CheckedRule},
 };
@@ -262,7 +265,13 @@ pub(crate) fn resolve(ix: &Index, g: &GroupEntry) -> GroupRules {
         Some(rules) => {
             let mut out = Vec::new();
             for (i, rule) in rules.iter().enumerate() {
-                egress_rules(ix, g, rule, format!("{key} egress[{i}]"), &mut out);
+                let origin = format!("{key} egress[{i}]");
+                egress_rules(ix, g, rule, origin.clone(), &mut out);
+                out.extend(
+                    services::admitted(ix, g, rule, &origin)
+                        .into_iter()
+                        .map(fingerprinted),
+                );
             }
             out
         }

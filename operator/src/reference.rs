@@ -11,6 +11,11 @@
 //! only copy them). Everything else — membership, peers, named ports, address blocks, the union
 //! of groups, the default of omitted rule lists — is evaluated here on its own.
 //!
+//! Services: a connection to a ClusterIP and Service port is judged as a connection to the pods
+//! behind it (kube-proxy translates it after the client's interface): an egress rule admits it
+//! when the Service has backends of that address family and the rule admits every one of them
+//! on the port the Service sends to ([`service_admitted`]). Ingress sees the real pods.
+//!
 //! Ports: for TCP, UDP and SCTP the destination port; for ICMP and ICMPv6 `type << 8 | code`.
 //! Protocols are IANA numbers (6 TCP, 17 UDP, 132 SCTP, 1 ICMP, 58 ICMPv6).
 
@@ -20,8 +25,8 @@ use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString};
 
 use crate::{
-    crd::{IcmpType, IpBlock, Peer, Port, Protocol},
-    model::{Cluster, ObjectKey, Pod, PortProtocol},
+    crd::{EgressRule, IcmpType, IpBlock, Peer, Port, Protocol},
+    model::{Cluster, ObjectKey, Pod, PortProtocol, Service, TargetPort},
     selector::Selector,
     validate::validate,
 };
@@ -244,8 +249,9 @@ pub fn ingress_allows(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, src
 }
 
 /// Whether member `member` may open a NEW connection to `dst` on `proto`/`port`: some egress
-/// rule of some group it belongs to allows it (named ports resolve on the peer pod that owns
-/// `dst`). A pod in no group may open anything; a group that omits `egress` allows all.
+/// rule of some group it belongs to allows it, straight to `dst` or through a Service whose
+/// ClusterIP `dst` is ([`service_admitted`]). A pod in no group may open anything; a group that
+/// omits `egress` allows all.
 pub fn egress_allows(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, dst: IpAddr) -> bool {
     let groups = groups_of(c, member);
     if groups.is_empty() {
@@ -254,29 +260,112 @@ pub fn egress_allows(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, dst:
     groups.into_iter().any(|g| match &c.groups[g].spec.egress {
         None => true,
         Some(rules) => rules.iter().any(|r| {
-            let ports_ok = |on: Option<&Pod>| {
-                ports_match(
-                    r.protocol,
-                    r.ports.as_deref(),
-                    r.icmp_types.as_deref(),
-                    port,
-                    on,
-                )
-            };
-            protocol_matches(r.protocol, proto)
-                && match r.to.as_deref() {
-                    // Anyone: an address, so named ports cannot resolve.
-                    None | Some([]) => ports_ok(None),
-                    Some(peers) => peers.iter().any(|peer| match &peer.ip_block {
-                        Some(b) => block_contains(b, dst) && ports_ok(None),
-                        None => peer_pods(c, g, peer)
-                            .unwrap_or_default()
-                            .iter()
-                            .filter(|k| c.pods[**k].ips.contains(&dst))
-                            .any(|k| ports_ok(Some(&c.pods[*k]))),
-                    }),
-                }
+            egress_rule_admits(c, g, r, proto, port, dst)
+                || service_admitted(c, g, r, proto, port, dst)
         }),
+    })
+}
+
+/// Whether egress rule `r` of group `g` admits a connection straight to `dst` on
+/// `proto`/`port` (named ports resolve on the peer pod that owns `dst`).
+fn egress_rule_admits(
+    c: &Cluster,
+    g: &ObjectKey,
+    r: &EgressRule,
+    proto: u8,
+    port: u16,
+    dst: IpAddr,
+) -> bool {
+    let ports_ok = |on: Option<&Pod>| {
+        ports_match(
+            r.protocol,
+            r.ports.as_deref(),
+            r.icmp_types.as_deref(),
+            port,
+            on,
+        )
+    };
+    protocol_matches(r.protocol, proto)
+        && match r.to.as_deref() {
+            // Anyone: an address, so named ports cannot resolve.
+            None | Some([]) => ports_ok(None),
+            Some(peers) => peers.iter().any(|peer| match &peer.ip_block {
+                Some(b) => block_contains(b, dst) && ports_ok(None),
+                None => peer_pods(c, g, peer)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|k| c.pods[**k].ips.contains(&dst))
+                    .any(|k| ports_ok(Some(&c.pods[*k]))),
+            }),
+        }
+}
+
+fn protocol_number(p: PortProtocol) -> u8 {
+    match p {
+        PortProtocol::Tcp => TCP,
+        PortProtocol::Udp => UDP,
+        PortProtocol::Sctp => SCTP,
+    }
+}
+
+/// The backends of Service `s` in namespace `ns`: the pods there whose labels include every
+/// label of its selector, that are not finished and hold an address. A Service without a
+/// selector has none (its endpoints are not ours to know).
+pub fn backends<'a>(c: &'a Cluster, ns: &str, s: &Service) -> Vec<&'a ObjectKey> {
+    if s.selector.is_empty() {
+        return Vec::new();
+    }
+    c.pods
+        .iter()
+        .filter(|(k, p)| {
+            k.namespace == ns
+                && !p.terminated
+                && !p.ips.is_empty()
+                && s.selector.iter().all(|(l, v)| p.labels.get(l) == Some(v))
+        })
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// Whether egress rule `r` of group `g` admits `dst:port` over `proto` as the ClusterIP and port
+/// of some Service: for a Service with `dst` among its ClusterIPs and a port `port` of protocol
+/// `proto`, the backends with an address of `dst`'s family are not none, and the rule admits a
+/// connection straight to each such address of each of them on the Service port's target port
+/// as that backend resolves it (a named one: its container port of that name and protocol; a
+/// backend without one refuses the whole ClusterIP).
+pub fn service_admitted(
+    c: &Cluster,
+    g: &ObjectKey,
+    r: &EgressRule,
+    proto: u8,
+    port: u16,
+    dst: IpAddr,
+) -> bool {
+    c.services.iter().any(|(key, s)| {
+        s.cluster_ips.contains(&dst)
+            && s.ports.iter().any(|sp| {
+                if protocol_number(sp.protocol) != proto || sp.port != port {
+                    return false;
+                }
+                let addresses: Vec<(&Pod, IpAddr)> = backends(c, &key.namespace, s)
+                    .into_iter()
+                    .map(|k| &c.pods[k])
+                    .flat_map(|p| p.ips.iter().map(move |a| (p, *a)))
+                    .filter(|(_, a)| a.is_ipv4() == dst.is_ipv4())
+                    .collect();
+                !addresses.is_empty()
+                    && addresses.iter().all(|(p, a)| {
+                        let target = match &sp.target_port {
+                            TargetPort::Number(n) => Some(*n),
+                            TargetPort::Name(name) => p
+                                .ports
+                                .iter()
+                                .find(|np| &np.name == name && np.protocol == sp.protocol)
+                                .map(|np| np.port),
+                        };
+                        target.is_some_and(|t| egress_rule_admits(c, g, r, proto, t, *a))
+                    })
+            })
     })
 }
 

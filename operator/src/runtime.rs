@@ -44,6 +44,7 @@ struct ObjectCounts {
     pods: HashSet<ObjectKey>,
     nodes: HashSet<String>,
     groups: HashSet<ObjectKey>,
+    services: HashSet<ObjectKey>,
 }
 
 impl ObjectCounts {
@@ -73,6 +74,12 @@ impl ObjectCounts {
             ClusterChange::DeleteGroup(k) => {
                 self.groups.remove(k);
             }
+            ClusterChange::UpsertService(k, _) => {
+                self.services.insert(k.clone());
+            }
+            ClusterChange::DeleteService(k) => {
+                self.services.remove(k);
+            }
         }
     }
 
@@ -81,6 +88,7 @@ impl ObjectCounts {
         metrics.set_objects("Pod", self.pods.len());
         metrics.set_objects("Node", self.nodes.len());
         metrics.set_objects("SecurityGroup", self.groups.len());
+        metrics.set_objects("Service", self.services.len());
     }
 }
 

@@ -1,6 +1,7 @@
 //! Property tests of the compiler on random small clusters.
 //!
-//! 1. Verdicts: for random packets between pods and outside addresses, what the compiled plan
+//! 1. Verdicts: for random packets between pods, Services' ClusterIPs and outside addresses
+//!    (Services resolved to the pods behind them, every backend admitted), what the compiled plan
 //!    allows (evaluated as the agent does, and cross-checked against the agent's own
 //!    `Rule::allows`) equals the reference evaluation (`kubesg_operator::reference`), written
 //!    straight from the SecurityGroup semantics: selectors, peers and named ports read from the
@@ -29,7 +30,10 @@ use kubesg_operator::{
         EgressRule, GroupRef, IcmpType, IngressRule, IpBlock, Peer, Port, Protocol,
         SecurityGroupSpec,
     },
-    model::{Cluster, Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol},
+    model::{
+        Cluster, Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol, Service, ServicePort,
+        TargetPort,
+    },
     plan::{Plan, PlannedPolicy, PlannedRule, PortSpec, RuleProtocol},
     reference,
 };
@@ -152,6 +156,74 @@ fn pod_data(i: usize) -> impl Strategy<Value = Pod> {
 
 fn pod_key(i: usize) -> ObjectKey {
     ObjectKey::new(NAMESPACES[i % NAMESPACES.len()], format!("p{i}"))
+}
+
+/// Services per namespace.
+const SERVICES_PER_NS: usize = 2;
+
+/// Service `j` of namespace `ns` (index into [`NAMESPACES`]).
+fn service_key(ns: usize, j: usize) -> ObjectKey {
+    ObjectKey::new(NAMESPACES[ns], format!("s{j}"))
+}
+
+/// A Service's ClusterIPs, fixed by its key: 10.96.0.N and fd00:96::N (N numbers the keys),
+/// both, one or none (headless), apart from every pod and outside address.
+fn cluster_ips(ns: usize, j: usize, family: u8) -> Vec<IpAddr> {
+    let n = ns * SERVICES_PER_NS + j + 1;
+    let mut ips = Vec::new();
+    if family & 1 != 0 {
+        ips.push(format!("10.96.0.{n}").parse().unwrap());
+    }
+    if family & 2 != 0 {
+        ips.push(format!("fd00:96::{n:x}").parse().unwrap());
+    }
+    ips
+}
+
+fn service_port() -> impl Strategy<Value = ServicePort> {
+    let number = |n| TargetPort::Number(n);
+    let name = |n: &str| TargetPort::Name(n.into());
+    select(vec![
+        (PortProtocol::Tcp, 80, number(8080)),
+        (PortProtocol::Tcp, 80, name("http")),
+        (PortProtocol::Tcp, 80, number(80)),
+        (PortProtocol::Udp, 53, name("dns")),
+        (PortProtocol::Udp, 53, number(5353)),
+        (PortProtocol::Tcp, 443, number(443)),
+        (PortProtocol::Tcp, 8080, number(80)),
+        (PortProtocol::Udp, 80, name("http")),
+        (PortProtocol::Sctp, 80, number(80)),
+        (PortProtocol::Tcp, 53, name("nope")),
+    ])
+    .prop_map(|(protocol, port, target_port)| ServicePort {
+        protocol,
+        port,
+        target_port,
+    })
+}
+
+/// A Service of namespace `ns`, number `j`: a selector of pod labels (empty: selector-less),
+/// its ClusterIPs, one or two ports.
+fn service_data(ns: usize, j: usize) -> impl Strategy<Value = Service> {
+    (
+        proptest::collection::btree_map(
+            select(&POD_KEYS[..]).prop_map(String::from),
+            select(&POD_VALUES[..]).prop_map(String::from),
+            0..=2,
+        ),
+        prop_oneof![4 => Just(3u8), 2 => Just(1), 1 => Just(2), 1 => Just(0)],
+        proptest::collection::vec(service_port(), 1..=2),
+    )
+        .prop_map(move |(selector, family, ports)| Service {
+            selector,
+            cluster_ips: cluster_ips(ns, j, family),
+            ports,
+        })
+}
+
+fn any_service() -> impl Strategy<Value = (ObjectKey, Service)> {
+    (0..NAMESPACES.len(), 0..SERVICES_PER_NS)
+        .prop_flat_map(|(ns, j)| service_data(ns, j).prop_map(move |s| (service_key(ns, j), s)))
 }
 
 fn port_item() -> impl Strategy<Value = Port> {
@@ -346,8 +418,15 @@ fn cluster() -> impl Strategy<Value = Cluster> {
             .collect::<Vec<_>>(),
         proptest::collection::vec((group_key(), group_spec()), 0..=5),
         proptest::bool::ANY,
+        proptest::collection::vec(
+            (
+                any_service(),
+                proptest::option::weighted(0.75, (0..MAX_PODS, 1u8..4)),
+            ),
+            0..=4,
+        ),
     )
-        .prop_map(|(namespaces, pods, groups, extra_node)| {
+        .prop_map(|(namespaces, pods, groups, extra_node, services)| {
             let mut c = Cluster {
                 namespaces,
                 ..Cluster::default()
@@ -362,8 +441,47 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                 }
             }
             c.groups.extend(groups);
+            for ((key, service), backend) in services {
+                let (key, service) = match backend {
+                    Some((i, mask)) => selecting(&c, i, mask, key, service),
+                    None => (key, service),
+                };
+                c.services.insert(key, service);
+            }
             c
         })
+}
+
+/// Most Services of a random cluster select pods that exist (random selectors seldom would):
+/// the Service moves to pod `i`'s namespace and selects some of its labels (bits of `mask`
+/// pick among them; all of them when none is picked). Unchanged when the pod has no labels.
+fn selecting(
+    c: &Cluster,
+    i: usize,
+    mask: u8,
+    key: ObjectKey,
+    mut service: Service,
+) -> (ObjectKey, Service) {
+    let Some(pod) = c.pods.get(&pod_key(i)).filter(|p| !p.labels.is_empty()) else {
+        return (key, service);
+    };
+    let mut selector: BTreeMap<String, String> = pod
+        .labels
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| mask & (1 << bit) != 0)
+        .map(|(_, (k, v))| (k.clone(), v.clone()))
+        .collect();
+    if selector.is_empty() {
+        selector = pod.labels.clone();
+    }
+    let ns = i % NAMESPACES.len();
+    let j: usize = key.name[1..].parse().unwrap();
+    let family = u8::from(service.cluster_ips.iter().any(|a| a.is_ipv4()))
+        | (u8::from(service.cluster_ips.iter().any(|a| a.is_ipv6())) << 1);
+    service.selector = selector;
+    service.cluster_ips = cluster_ips(ns, j, family);
+    (service_key(ns, j), service)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,6 +566,12 @@ fn check_verdicts(c: &Cluster, plan: &Plan, packets: &[Packet]) -> Result<(), Te
         .flat_map(|p| p.ips.iter().copied())
         .collect();
     addrs.extend(OUTSIDE.iter().map(|a| a.parse::<IpAddr>().unwrap()));
+    addrs.extend(
+        c.services
+            .values()
+            .flat_map(|s| s.cluster_ips.iter().copied()),
+    );
+    let mut checks: Vec<(IpAddr, IpAddr, u8, u16)> = Vec::new();
     for &(s, d, pr, po) in packets {
         let src = addrs[s % addrs.len()];
         let same_family: Vec<IpAddr> = addrs
@@ -462,6 +586,34 @@ fn check_verdicts(c: &Cluster, plan: &Plan, packets: &[Packet]) -> Result<(), Te
         } else {
             PORTS[po % PORTS.len()]
         };
+        checks.push((src, dst, proto, port));
+    }
+    // Random packets seldom hit a ClusterIP on a Service port: every pod address tries every
+    // ClusterIP of its family on every Service port, and on the ports its targets name.
+    for p in c.pods.values() {
+        for &src in &p.ips {
+            for s in c.services.values() {
+                for &dst in s
+                    .cluster_ips
+                    .iter()
+                    .filter(|a| a.is_ipv4() == src.is_ipv4())
+                {
+                    for sp in &s.ports {
+                        let proto = match sp.protocol {
+                            PortProtocol::Tcp => TCP,
+                            PortProtocol::Udp => UDP,
+                            PortProtocol::Sctp => SCTP,
+                        };
+                        checks.push((src, dst, proto, sp.port));
+                        if let TargetPort::Number(n) = sp.target_port {
+                            checks.push((src, dst, proto, n));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (src, dst, proto, port) in checks {
         if let Some(a) = reference::endpoint(c, src) {
             let expected = reference::egress_allows(c, a, proto, port, dst);
             let got = planned_policy(plan, c, a)
@@ -574,13 +726,17 @@ fn change() -> impl Strategy<Value = ClusterChange> {
         1 => group_key().prop_map(ClusterChange::DeleteGroup),
         1 => select(&["n1", "n2", "n3"][..]).prop_map(|n| ClusterChange::UpsertNode(n.into())),
         1 => select(&["n1", "n2", "n3"][..]).prop_map(|n| ClusterChange::DeleteNode(n.into())),
+        2 => any_service().prop_map(|(k, s)| ClusterChange::UpsertService(k, s)),
+        1 => (0..NAMESPACES.len(), 0..SERVICES_PER_NS)
+            .prop_map(|(ns, j)| ClusterChange::DeleteService(service_key(ns, j))),
     ]
 }
 
 /// Changes that keep a pod's labels but move its other fields, so the sequence also exercises
-/// address, port, node and UID changes of the same pod.
+/// address, port, node, UID, phase and host-network changes of the same pod (a Service backend
+/// changing under the rules that admit it).
 fn pod_tweak() -> impl Strategy<Value = (usize, u8)> {
-    (0..MAX_PODS, 0u8..6)
+    (0..MAX_PODS, 0u8..8)
 }
 
 fn tweak(c: &Cluster, (i, what): (usize, u8)) -> Option<ClusterChange> {
@@ -598,6 +754,12 @@ fn tweak(c: &Cluster, (i, what): (usize, u8)) -> Option<ClusterChange> {
         }
         3 => p.uid.push('x'),
         4 => p.terminated = !p.terminated,
+        5 => p.host_network = !p.host_network,
+        6 => {
+            for np in p.ports.iter_mut().filter(|np| np.name == "http") {
+                np.port = if np.port == 80 { 8080 } else { 80 };
+            }
+        }
         _ => p.labels.clear(),
     }
     Some(ClusterChange::UpsertPod(key, p))
@@ -629,13 +791,24 @@ proptest! {
     #[test]
     fn incremental_compile_equals_full_compile_after_every_change(
         initial in cluster(),
-        steps in proptest::collection::vec((change(), pod_tweak(), proptest::bool::ANY), 1..16),
+        steps in proptest::collection::vec(
+            (change(), pod_tweak(), proptest::bool::ANY, (0..MAX_PODS, 1u8..4)),
+            1..16,
+        ),
     ) {
         let mut c = initial.clone();
         let mut compiler = Compiler::new(&c);
         prop_assert_eq!(compiler.plan(), &compile(&c));
-        for (change, tw, use_tweak) in steps {
-            let change = if use_tweak { tweak(&c, tw).unwrap_or(change) } else { change };
+        for (change, tw, use_tweak, (backend, mask)) in steps {
+            let change = match change {
+                _ if use_tweak => tweak(&c, tw).unwrap_or(change),
+                // A Service selecting pods that exist, so its backends' changes matter.
+                ClusterChange::UpsertService(k, s) => {
+                    let (k, s) = selecting(&c, backend, mask, k, s);
+                    ClusterChange::UpsertService(k, s)
+                }
+                change => change,
+            };
             let before = compiler.plan().clone();
             let reported = compiler.apply(&change);
             c.apply(&change);

@@ -15,7 +15,7 @@ use kubesg_operator::{
     leader::{self, Elector, LeaseSettings},
     metrics::Metrics,
     model::ObjectKey,
-    model::{NamedPort, PortProtocol},
+    model::{NamedPort, PortProtocol, Service, ServicePort, TargetPort},
     plan::GroupReport,
     push::{PushServer, PushSettings},
     status::{group_status, NodeAcks},
@@ -816,8 +816,8 @@ async fn a_leader_whose_renewals_hang_steps_down_before_the_lease_expires() {
 
 // ----- the whole operator in API mode, with leader election -----
 
-/// A fake API server for a whole operator: answers the watchers' lists (namespaces, nodes and
-/// pods empty, one SecurityGroup `shop/web`), holds their watches open, serves the Lease as the
+/// A fake API server for a whole operator: answers the watchers' lists (namespaces, nodes, pods
+/// and services empty, one SecurityGroup `shop/web`), holds their watches open, serves the Lease as the
 /// test says, and records every other request.
 struct FakeCluster {
     /// The Lease as the API server holds it; `None`: absent.
@@ -858,6 +858,7 @@ impl FakeCluster {
                 (Method::GET, "/api/v1/namespaces") => call.ok(&list("NamespaceList", json!([]))),
                 (Method::GET, "/api/v1/nodes") => call.ok(&list("NodeList", json!([]))),
                 (Method::GET, "/api/v1/pods") => call.ok(&list("PodList", json!([]))),
+                (Method::GET, "/api/v1/services") => call.ok(&list("ServiceList", json!([]))),
                 (Method::GET, "/apis/kubesg.io/v1alpha1/securitygroups") => {
                     let mut l = list("SecurityGroupList", json!([group_object(1, None)]));
                     l["apiVersion"] = json!("kubesg.io/v1alpha1");
@@ -1046,6 +1047,36 @@ fn pod_items() -> Vec<Value> {
     ]
 }
 
+/// The Services of the first service list: dual-stack with a named target port, headless, and
+/// ExternalName.
+fn service_items() -> Vec<Value> {
+    let service = |name: &str, spec: Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": name, "namespace": "shop", "resourceVersion": "6" },
+            "spec": spec
+        })
+    };
+    vec![
+        service(
+            "web",
+            json!({ "selector": { "app": "web-0" }, "clusterIP": "10.96.0.5",
+                    "clusterIPs": [ "10.96.0.5", "fd00:96::5" ], "ipFamilies": [ "IPv4", "IPv6" ],
+                    "ports": [ { "name": "http", "port": 80, "targetPort": "http", "protocol": "TCP" },
+                               { "name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP" } ] }),
+        ),
+        service(
+            "db",
+            json!({ "selector": { "app": "db" }, "clusterIP": "None", "clusterIPs": [ "None" ],
+                    "ports": [ { "port": 5432, "targetPort": 5432 } ] }),
+        ),
+        service(
+            "ext",
+            json!({ "type": "ExternalName", "externalName": "db.example.com" }),
+        ),
+    ]
+}
+
 #[tokio::test]
 async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_before_a_relist() {
     let (client, mut api) = ApiServer::client();
@@ -1094,6 +1125,7 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
                 call.ok(&list_of("v1", "Node", "4", vec![node]));
             }
             ("/api/v1/pods", false) => call.ok(&list_of("v1", "Pod", "3", pod_items())),
+            ("/api/v1/services", false) => call.ok(&list_of("v1", "Service", "6", service_items())),
             ("/apis/kubesg.io/v1alpha1/securitygroups", false) => {
                 call.ok(&list_of("kubesg.io/v1alpha1", "SecurityGroup", "5", vec![]))
             }
@@ -1105,6 +1137,7 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
     // What the source reported, until the catch-up delete.
     let mut namespaces = Vec::new();
     let mut pods = BTreeMap::new();
+    let mut services = BTreeMap::new();
     let mut listed = Vec::new();
     while !namespaces.contains(&"delete old".to_owned()) {
         let event = tokio::time::timeout(WAIT, rx.recv())
@@ -1124,6 +1157,9 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
                         ClusterChange::UpsertPod(key, pod) => {
                             pods.insert(key.name, pod);
                         }
+                        ClusterChange::UpsertService(key, service) => {
+                            services.insert(key.name, service);
+                        }
                         _ => {}
                     }
                 }
@@ -1142,7 +1178,42 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
         ]
     );
     listed.sort_unstable();
-    assert_eq!(listed, ["Namespace", "Node", "Pod", "SecurityGroup"]);
+    assert_eq!(
+        listed,
+        ["Namespace", "Node", "Pod", "SecurityGroup", "Service"]
+    );
+
+    // Services as the compiler needs them: ClusterIPs of both families, target ports; none for
+    // headless and ExternalName Services.
+    assert_eq!(
+        services["web"],
+        Service {
+            selector: BTreeMap::from([("app".to_owned(), "web-0".to_owned())]),
+            cluster_ips: vec!["10.96.0.5".parse().unwrap(), "fd00:96::5".parse().unwrap()],
+            ports: vec![
+                ServicePort {
+                    protocol: PortProtocol::Tcp,
+                    port: 80,
+                    target_port: TargetPort::Name("http".into()),
+                },
+                ServicePort {
+                    protocol: PortProtocol::Udp,
+                    port: 53,
+                    target_port: TargetPort::Number(53),
+                },
+            ],
+        }
+    );
+    assert!(
+        services["db"].cluster_ips.is_empty(),
+        "{:?}",
+        services["db"]
+    );
+    assert!(
+        services["ext"].cluster_ips.is_empty(),
+        "{:?}",
+        services["ext"]
+    );
 
     // Pods as the compiler needs them.
     let web = &pods["web-0"];
