@@ -272,7 +272,7 @@ def the_operator_has_exactly_the_permissions_it_uses():
     assert sorted((r["apiGroups"][0], tuple(r["resources"]), tuple(r["verbs"])) for r in rules) == sorted([
         ("kubesg.io", ("securitygroups",), ("get", "list", "watch")),
         ("kubesg.io", ("securitygroups/status",), ("patch",)),
-        ("", ("pods", "namespaces", "nodes"), ("list", "watch")),
+        ("", ("pods", "namespaces", "nodes", "services"), ("list", "watch")),
         ("events.k8s.io", ("events",), ("create",)),
     ]), rules
     lease = find(docs, "Role", "kubesg-operator-leader-election")
