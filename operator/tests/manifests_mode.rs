@@ -342,6 +342,101 @@ async fn manifests_reach_the_agents_and_edits_follow_with_statuses() {
     operator.stop().await.expect("the operator stops cleanly");
 }
 
+/// Whether `pod` (namespace shop) may open a TCP connection to `to:port`, by the agent's own
+/// rule evaluation.
+fn sends(state: &DesiredState, pod: &str, port: u16, to: &str) -> bool {
+    let assignment = &state.pods[&("shop".to_owned(), pod.to_owned())];
+    match &assignment.policy {
+        None => true,
+        Some(id) => state.policies[id]
+            .egress
+            .iter()
+            .any(|r| r.allows(6, port, to.parse().unwrap())),
+    }
+}
+
+/// Members of `web` may open TCP 5432 to members of `db` only.
+const SG_WEB_EGRESS: &str = r#"
+apiVersion: kubesg.io/v1alpha1
+kind: SecurityGroup
+metadata: { name: web-out, namespace: shop }
+spec:
+  podSelector: { matchLabels: { app: web } }
+  egress:
+    - protocol: TCP
+      ports: [ { port: 5432 } ]
+      to: [ { securityGroup: { name: db } } ]
+"#;
+
+const DB_CLUSTER_IP: &str = "10.96.0.50";
+
+/// Service `shop/db`: port 15432 of its ClusterIP sends to 5432 on the `tier: data` pods.
+const SVC_DB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: db, namespace: shop }
+spec:
+  selector: { tier: data }
+  clusterIP: 10.96.0.50
+  clusterIPs: [ 10.96.0.50 ]
+  ports: [ { port: 15432, targetPort: 5432 } ]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_in_the_directory_opens_its_cluster_ip_to_the_clients_of_its_pods() {
+    let c = Cluster::new();
+    // web itself allows no egress; web-out allows db on 5432.
+    c.put("sg-web.yaml", &format!("{SG_WEB}  egress: []\n"));
+    c.put("sg-web-egress.yaml", SG_WEB_EGRESS);
+    let (operator, addr) = c.start("127.0.0.1:0".parse().unwrap()).await;
+    let a = c.agent("node-a", addr);
+    let b = c.agent("node-b", addr);
+    converged(&c, &a, &b, &[("web", 2), ("web-out", 2), ("db", 1)]).await;
+    assert!(
+        sends(&a.sink.state(), "web-0", 5432, DB_0),
+        "web may reach db"
+    );
+    assert!(!sends(&a.sink.state(), "web-0", 15432, DB_CLUSTER_IP));
+
+    // The Service appears in front of db-0: its ClusterIP on its port is admitted as db-0 is.
+    c.put(
+        "db-0.yaml",
+        &pod("db-0", "node-b", "db", DB_0).replace("app: db", "app: db, tier: data"),
+    );
+    c.put("svc-db.yaml", SVC_DB);
+    converged(&c, &a, &b, &[("web", 2), ("web-out", 2), ("db", 1)]).await;
+    let (sa, sb) = (a.sink.state(), b.sink.state());
+    assert!(sends(&sa, "web-0", 15432, DB_CLUSTER_IP));
+    assert!(sends(&sb, "web-1", 15432, DB_CLUSTER_IP));
+    assert!(
+        !sends(&sa, "web-0", 5432, DB_CLUSTER_IP),
+        "only the Service port"
+    );
+
+    // A web pod labelled into the Service: it is no db member, and a connection to the
+    // ClusterIP could land on it, so the ClusterIP is refused (db-0 itself is still admitted).
+    let web_1 = pod("web-1", "node-b", "web", WEB_1);
+    c.put(
+        "web-1.yaml",
+        &web_1.replace("app: web", "app: web, tier: data"),
+    );
+    converged(&c, &a, &b, &[("web", 2), ("web-out", 2), ("db", 1)]).await;
+    let sa = a.sink.state();
+    assert!(!sends(&sa, "web-0", 15432, DB_CLUSTER_IP));
+    assert!(sends(&sa, "web-0", 5432, DB_0), "db-0 itself still");
+
+    // Out of the Service again: every backend is a db member, the ClusterIP is admitted; the
+    // Service deleted, nothing is left of it.
+    c.put("web-1.yaml", &web_1);
+    converged(&c, &a, &b, &[("web", 2), ("web-out", 2), ("db", 1)]).await;
+    assert!(sends(&a.sink.state(), "web-0", 15432, DB_CLUSTER_IP));
+    fs::remove_file(c.manifests.path().join("svc-db.yaml")).unwrap();
+    converged(&c, &a, &b, &[("web", 2), ("web-out", 2), ("db", 1)]).await;
+    assert!(!sends(&a.sink.state(), "web-0", 15432, DB_CLUSTER_IP));
+
+    operator.stop().await.expect("the operator stops cleanly");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_operator_hands_agents_exactly_what_they_had() {
     let c = Cluster::new();
