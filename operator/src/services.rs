@@ -143,18 +143,21 @@ fn backends<'a>(ix: &'a Index, ns: &str, s: &ServiceEntry) -> Vec<(PodId, &'a Po
         .collect()
 }
 
-/// The namespaces whose Services `rule` may admit: `None` for every namespace (an address
-/// block or anyone admits pods wherever they are).
-fn rule_namespaces<'a>(
-    ix: &'a Index,
-    g: &'a GroupEntry,
-    rule: &'a CheckedRule,
-) -> Option<Vec<&'a str>> {
-    let peers = rule.peers.as_ref()?;
+/// The namespaces with Services that `rule` may admit some of: every one when the rule has an
+/// address block or no peers (they admit pods wherever they are), else those its pod peers
+/// select pods in. Sorted.
+fn rule_namespaces<'a>(ix: &'a Index, g: &'a GroupEntry, rule: &'a CheckedRule) -> Vec<&'a str> {
+    let with_services = ix.service_namespaces.iter().map(String::as_str);
+    let Some(peers) = &rule.peers else {
+        return with_services.collect();
+    };
+    if peers.iter().any(|p| matches!(p, CheckedPeer::Block(_))) {
+        return with_services.collect();
+    }
     let mut out: Vec<&str> = Vec::new();
     for peer in peers {
         match peer {
-            CheckedPeer::Block(_) => return None,
+            CheckedPeer::Block(_) => {}
             CheckedPeer::Group(k) => out.push(&k.namespace),
             CheckedPeer::Pods {
                 namespaces: None, ..
@@ -163,19 +166,23 @@ fn rule_namespaces<'a>(
                 namespaces: Some(sel),
                 ..
             } => {
-                if let Some(e) = ix
-                    .ns_selector_ids
-                    .get(sel)
-                    .and_then(|&sid| ix.ns_selectors.get(sid))
-                {
-                    out.extend(e.matching.iter().map(String::as_str));
+                // The namespaces with Services are usually fewer than those a selector
+                // matches (one that matches every namespace, say).
+                if let Some(&sid) = ix.ns_selector_ids.get(sel) {
+                    out.extend(
+                        ix.service_namespaces
+                            .iter()
+                            .filter(|ns| ix.ns_selector_matches(sid, ns))
+                            .map(String::as_str),
+                    );
                 }
             }
         }
     }
+    out.retain(|ns| ix.service_namespaces.contains(*ns));
     out.sort_unstable();
     out.dedup();
-    Some(out)
+    out
 }
 
 /// The compiled rules egress rule `rule` of group `g` gains from Services: for each Service
@@ -187,12 +194,11 @@ pub(crate) fn admitted(
     rule: &CheckedRule,
     origin: &str,
 ) -> Vec<PlannedRule> {
-    let namespaces: Vec<&str> = match rule_namespaces(ix, g, rule) {
-        Some(ns) => ns,
-        None => ix.service_namespaces.iter().map(String::as_str).collect(),
-    };
     let mut out = Vec::new();
-    for ns in namespaces {
+    if ix.service_namespaces.is_empty() {
+        return out;
+    }
+    for ns in rule_namespaces(ix, g, rule) {
         let Some(entry) = ix.namespaces.get(ns) else {
             continue;
         };
