@@ -12,9 +12,9 @@
 //! 1. membership: which pods are members of which groups (a pod's labels, a group's selector);
 //! 2. rules: each group's rules with peers resolved ([`crate::peers`]) to address blocks and
 //!    address sets: redone when the group or a group it names changes (and, for groups with
-//!    egress named ports, which resolve on the peer pods, when a peer pod changes; for groups
-//!    whose egress rules can reach a namespace's Services ([`crate::services`]), when one of
-//!    them, a pod they select or the namespace's labels change);
+//!    egress named ports, which resolve on the peer pods, when a peer pod changes); what egress
+//!    rules gain from a Service ([`crate::services`]) is judged again per (group, Service)
+//!    when the Service, a pod it selects, or a namespace selector reaching it changes;
 //! 3. sets: the addresses of each address set ([`crate::sets`]) whose pods the change touched
 //!    (a member of its group, a pod its selectors match, a namespace its namespace selector
 //!    matches), rewritten in the plans of the nodes holding it;
@@ -28,7 +28,7 @@
 //! Pure: no I/O, no clock; the same objects always compile to the same plan.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     mem,
     sync::Arc,
 };
@@ -106,6 +106,8 @@ struct Dirty {
     policies: HashSet<ClassId>,
     placement: HashSet<PodId>,
     reports: HashSet<GroupId>,
+    /// (group, Service) pairs whose verdict to redo (groups whose rules are redone do all).
+    service_pairs: services::Pairs,
 }
 
 /// The incremental compiler: the cluster, its indexes and the current plan.
@@ -321,7 +323,12 @@ impl Compiler {
             self.ix.service_namespaces.insert(key.namespace.clone());
         }
         if mattered || matters {
-            services::mark_reaching(&self.ix, &mut self.dirty.rules, &key.namespace);
+            services::mark_reaching(
+                &self.ix,
+                &mut self.dirty.service_pairs,
+                &key.namespace,
+                std::slice::from_ref(&key.name),
+            );
         }
     }
 
@@ -460,11 +467,20 @@ impl Compiler {
                 (was != now).then_some((sid, now))
             })
             .collect();
-        // The pods of a namespace with Services start or stop being peers of the egress rules
-        // using a flipped selector: what those rules admit of its Services may change.
-        if !flips.is_empty() && services::has_resolvable(&self.ix, name) {
-            for &(sid, _) in &flips {
-                services::mark_selector_users(&self.ix, &mut self.dirty.rules, sid);
+        // The pods of the namespace start or stop being peers of the egress rules using a
+        // flipped selector: what those rules admit of its Services may change.
+        let in_namespace = if flips.is_empty() {
+            Vec::new()
+        } else {
+            services::resolvable_in(&self.ix, name)
+        };
+        for &(sid, _) in flips.iter().filter(|_| !in_namespace.is_empty()) {
+            for g in services::selector_users(&self.ix, sid) {
+                for svc in &in_namespace {
+                    self.dirty
+                        .service_pairs
+                        .insert((g, ObjectKey::new(name, svc.clone())));
+                }
             }
         }
         for (sid, now) in flips {
@@ -523,6 +539,7 @@ impl Compiler {
                     member_nodes: HashMap::new(),
                     report_nodes: HashMap::new(),
                     rules: Arc::new(GroupRules::default()),
+                    service_rules: BTreeMap::new(),
                     classes: HashSet::new(),
                 });
                 self.ix.group_ids.insert(key.clone(), id);
@@ -733,8 +750,14 @@ impl Compiler {
                 }
             }
         }
-        for g in mem::take(&mut self.dirty.rules) {
+        let redone = mem::take(&mut self.dirty.rules);
+        for &g in &redone {
             self.recompute_rules(g);
+        }
+        for (g, service) in mem::take(&mut self.dirty.service_pairs) {
+            if !redone.contains(&g) {
+                self.rejudge_service(g, &service);
+            }
         }
         for s in mem::take(&mut self.dirty.sets) {
             self.refresh_set(s);
@@ -913,21 +936,46 @@ impl Compiler {
         }
     }
 
+    /// Resolves group `g`'s rules again, with what they gain from every Service they reach.
     fn recompute_rules(&mut self, g: GroupId) {
         let Some(e) = self.ix.group(g) else { return };
         let rules = peers::resolve(&self.ix, e);
-        if *e.rules == rules {
+        let service_rules = services::group_service_rules(&self.ix, e);
+        let rules_changed = *e.rules != rules;
+        if !rules_changed && e.service_rules == service_rules {
             return;
         }
         let needs_changed = e.rules.named_needs != rules.named_needs;
         let Some(e) = self.ix.groups.get_mut(g) else {
             return;
         };
-        e.rules = Arc::new(rules);
+        if rules_changed {
+            e.rules = Arc::new(rules);
+        }
+        e.service_rules = service_rules;
         self.dirty.policies.extend(e.classes.iter().copied());
         if needs_changed {
             self.dirty.class_of.extend(e.members.iter().copied());
         }
+    }
+
+    /// Judges Service `service` again for group `g`'s egress rules.
+    fn rejudge_service(&mut self, g: GroupId, service: &ObjectKey) {
+        let Some(e) = self.ix.group(g) else { return };
+        let rules = services::service_rules(&self.ix, e, &service.namespace, &service.name);
+        let old = e.service_rules.get(service).map_or(&[][..], Vec::as_slice);
+        if old == rules.as_slice() {
+            return;
+        }
+        let Some(e) = self.ix.groups.get_mut(g) else {
+            return;
+        };
+        if rules.is_empty() {
+            e.service_rules.remove(service);
+        } else {
+            e.service_rules.insert(service.clone(), rules);
+        }
+        self.dirty.policies.extend(e.classes.iter().copied());
     }
 
     fn reclass(&mut self, p: PodId) {
@@ -1259,8 +1307,8 @@ fn report_node_change(ix: &mut Index, dirty: &mut Dirty, g: GroupId, node: NodeI
 /// Marks the address sets a pod change can affect, and the rules of the groups resolving
 /// selector peers inline it can affect: the pod starts or stops matching one of their peers,
 /// or it matches and its addresses or ports changed. (Peers given as groups are traced
-/// through membership instead.) When a Service selects the pod, the rules of the groups that
-/// may admit the Services of its namespace too.
+/// through membership instead.) When Services select the pod, those Services for the groups
+/// that may admit them too.
 fn mark_peer_relevance(
     ix: &Index,
     sets: &SetTable,
@@ -1269,9 +1317,8 @@ fn mark_peer_relevance(
     old: Option<&StoredPod>,
     new: Option<&StoredPod>,
 ) {
-    if services::pod_change_matters(ix, ns, old, new) {
-        services::mark_reaching(ix, &mut dirty.rules, ns);
-    }
+    let touched = services::touched_by_pod(ix, ns, old, new);
+    services::mark_reaching(ix, &mut dirty.service_pairs, ns, &touched);
     sets.affected_by_pod(ix, ns, old, new, &mut dirty.sets);
     let old = old.filter(|p| contributes(p));
     let new = new.filter(|p| contributes(p));

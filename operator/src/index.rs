@@ -14,7 +14,7 @@ use std::{
 
 use crate::{
     model::{Group, NamedPort, ObjectKey, Pod, Service},
-    peers::GroupRules,
+    peers::{FingerprintedRule, GroupRules},
     plan::PolicyId,
     selector::{Labels, Selector},
     validate::CheckedGroup,
@@ -341,6 +341,9 @@ pub(crate) struct GroupEntry {
     pub report_nodes: HashMap<NodeId, u32>,
     /// The resolved rules.
     pub rules: Arc<GroupRules>,
+    /// What its egress rules gain from Services ([`crate::services`]), per Service (only those
+    /// gaining some), kept apart so a Service is judged again alone.
+    pub service_rules: BTreeMap<ObjectKey, Vec<FingerprintedRule>>,
     /// Classes whose groups include this one.
     pub classes: HashSet<ClassId>,
 }

@@ -13,8 +13,8 @@
 //!   kept apart; address blocks stay in the rule. Only the parts of egress rules split per named
 //!   port list their peers' addresses inline. A rule whose peers resolve to nothing (no blocks,
 //!   empty sets) matches nobody, never everybody.
-//! - An egress rule also admits the ClusterIPs and ports of the Services whose backends it
-//!   admits, every one of them ([`crate::services`]): extra rules listing the ClusterIPs inline.
+//! - What egress rules gain from Services (the ClusterIPs of those whose every backend they
+//!   admit) is kept apart, per Service ([`crate::services`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -28,7 +28,6 @@ use crate::{
     index::{GroupEntry, Index, PodId},
     model::PortProtocol,
     plan::{GroupGeneration, PeerBlock, PlannedRule, PortSpec, RuleProtocol, SetId},
-    services,
     sets::SetSource,
     validate::{CheckedPeer, CheckedPort, CheckedRule},
 };
@@ -103,7 +102,8 @@ pub(crate) fn peers_fingerprint(peers: &[PeerBlock], sets: &[SetId]) -> Fingerpr
     h.finish()
 }
 
-fn fingerprinted(rule: PlannedRule) -> FingerprintedRule {
+/// A compiled rule with its fingerprint computed.
+pub(crate) fn fingerprinted(rule: PlannedRule) -> FingerprintedRule {
     let pf = peers_fingerprint(&rule.peers, &rule.sets);
     let fingerprint = rule_fingerprint(rule.protocol, &rule.ports, &pf, &rule.origin);
     FingerprintedRule { rule, fingerprint }
@@ -265,13 +265,7 @@ pub(crate) fn resolve(ix: &Index, g: &GroupEntry) -> GroupRules {
         Some(rules) => {
             let mut out = Vec::new();
             for (i, rule) in rules.iter().enumerate() {
-                let origin = format!("{key} egress[{i}]");
-                egress_rules(ix, g, rule, origin.clone(), &mut out);
-                out.extend(
-                    services::admitted(ix, g, rule, &origin)
-                        .into_iter()
-                        .map(fingerprinted),
-                );
+                egress_rules(ix, g, rule, format!("{key} egress[{i}]"), &mut out);
             }
             out
         }

@@ -1,5 +1,6 @@
-//! A pod's policy: the union of the rules of every group it is a member of, with the named ports
-//! of ingress rules resolved on the pod itself.
+//! A pod's policy: the union of the rules of every group it is a member of (with what their
+//! egress rules gain from Services), with the named ports of ingress rules resolved on the pod
+//! itself.
 //!
 //! Pods with the same groups and the same numbers for the named ports those groups' ingress rules
 //! use form a *class* and share one policy. The policy id is a fingerprint of the policy's
@@ -12,7 +13,9 @@ use std::collections::BTreeSet;
 use crate::{
     fingerprint::{hex, Hasher},
     index::{GroupEntry, GroupId, Index, PodEntry},
-    peers::{rule_fingerprint, GroupRules, IngressTemplate, NamedNeed, TemplatePort},
+    peers::{
+        rule_fingerprint, FingerprintedRule, GroupRules, IngressTemplate, NamedNeed, TemplatePort,
+    },
     plan::{GroupGeneration, PlannedPolicy, PlannedRule, PolicyId, PortSpec},
 };
 
@@ -94,6 +97,11 @@ fn ingress_ports(rules: &GroupRules, t: &IngressTemplate, key: &ClassKey) -> Opt
     Some(ports)
 }
 
+/// What a group's egress rules gain from Services, in canonical order (by Service, then rule).
+fn service_rules(g: &GroupEntry) -> impl Iterator<Item = &FingerprintedRule> {
+    g.service_rules.values().flatten()
+}
+
 /// The class's groups in canonical order (by key).
 fn sorted_groups<'a>(ix: &'a Index, key: &ClassKey) -> Vec<&'a GroupEntry> {
     let mut groups: Vec<_> = key.groups.iter().filter_map(|&g| ix.group(g)).collect();
@@ -131,6 +139,7 @@ pub(crate) fn id(ix: &Index, key: &ClassKey) -> PolicyId {
             }
         }
         egress.extend(rules.egress.iter().map(|r| r.fingerprint));
+        egress.extend(service_rules(g).map(|r| r.fingerprint));
     }
     let mut h = Hasher::new("policy");
     h.count(ingress.len());
@@ -158,7 +167,12 @@ pub(crate) fn build(ix: &Index, key: &ClassKey) -> PlannedPolicy {
     // Sized up front: every node holds its own copy, so slack capacity would be paid per node.
     let mut policy = PlannedPolicy {
         ingress: Vec::with_capacity(groups.iter().map(|g| g.rules.ingress.len()).sum()),
-        egress: Vec::with_capacity(groups.iter().map(|g| g.rules.egress.len()).sum()),
+        egress: Vec::with_capacity(
+            groups
+                .iter()
+                .map(|g| g.rules.egress.len() + service_rules(g).count())
+                .sum(),
+        ),
         groups: listed_groups(&groups),
     };
     for g in &groups {
@@ -177,6 +191,9 @@ pub(crate) fn build(ix: &Index, key: &ClassKey) -> PlannedPolicy {
         policy
             .egress
             .extend(rules.egress.iter().map(|r| r.rule.clone()));
+        policy
+            .egress
+            .extend(service_rules(g).map(|r| r.rule.clone()));
     }
     policy.ingress.shrink_to_fit();
     policy

@@ -10,8 +10,9 @@
 //! without it is not admitted). Every rather than any: kube-proxy may pick any backend for a
 //! connection, so admitting the ClusterIP when only some backends are admitted would let the
 //! client reach the others. The rule then also admits `P`'s protocol and port on that ClusterIP,
-//! as extra compiled rules of the group's own (`… egress[i] via Service ns/name`), so a
-//! Service's change redoes the rules of the groups that can reach it, nothing else.
+//! as extra compiled rules kept per group and Service (`… egress[i] via Service ns/name`;
+//! omitted where the rule admits that address and port by itself), so a Service's change, or
+//! its backends', re-judges that Service for the groups that can reach it, nothing else.
 //!
 //! Backends are the pods of the Service's namespace its selector matches that hold an address
 //! and are not finished, as the EndpointSlice controller lists them (readiness aside: a pod
@@ -20,10 +21,12 @@
 //!
 //! Which groups a change can affect: a rule with an ipBlock peer or no peers can admit the
 //! Services of every namespace; a rule with pod peers only those of the namespaces its peers
-//! select pods in. [`crate::index::EgressReach`] records that per group and
-//! [`mark_reaching`] marks the groups reaching a namespace when one of its Services changes, when
-//! a pod there that a Service selects (before or after) changes, or when a namespace selector
-//! of an egress peer starts or stops matching it.
+//! select pods in. [`crate::index::EgressReach`] records that per group, and [`mark_reaching`]
+//! marks (group, Service) pairs to judge again: a Service of a namespace with the groups
+//! reaching it when the Service changes or a pod there that it selects (before or after)
+//! changes, every Service of a namespace with the groups whose namespace selector starts or
+//! stops matching it. A group whose own rules are redone (its spec, a group it names) judges
+//! every Service it reaches again.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -35,8 +38,8 @@ use crate::{
         EgressReach, GroupEntry, GroupId, Index, NsSelectorId, PodEntry, PodId, ServiceEntry,
         StoredPod,
     },
-    model::{PortProtocol, ServicePort, TargetPort},
-    peers::host_block,
+    model::{ObjectKey, PortProtocol, ServicePort, TargetPort},
+    peers::{fingerprinted, host_block, FingerprintedRule},
     plan::{PeerBlock, PlannedRule, PortSpec, RuleProtocol},
     sets::SetSource,
     validate::{CheckedPeer, CheckedPort, CheckedRule},
@@ -128,7 +131,7 @@ fn admits(
 /// The backends of a Service: the pods of namespace `ns` its selector matches that hold an
 /// address and are not finished (host-network ones included: they are endpoints too, at the
 /// node's address).
-fn backends<'a>(ix: &'a Index, ns: &str, s: &ServiceEntry) -> Vec<(PodId, &'a PodEntry)> {
+fn backends_of<'a>(ix: &'a Index, ns: &str, s: &ServiceEntry) -> Vec<(PodId, &'a PodEntry)> {
     let mut ids = Vec::new();
     if let Some(sel) = s.resolvable() {
         ix.for_each_pod_matching(ns, Some(sel), |id, p| {
@@ -185,70 +188,172 @@ fn rule_namespaces<'a>(ix: &'a Index, g: &'a GroupEntry, rule: &'a CheckedRule) 
     out
 }
 
-/// The compiled rules egress rule `rule` of group `g` gains from Services: for each Service
-/// it admits some port of, one rule per protocol allowing those ports on the ClusterIPs
-/// admitted (named `{origin} via Service ns/name`). Sorted by Service, then protocol.
-pub(crate) fn admitted(
+/// Whether `rule` may admit port `p` at all, decided without looking at backends: the
+/// protocol matches, and the rule's ports can allow the target port (a numeric target outside
+/// every numeric port of the rule is allowed only by a named rule port resolving to it).
+fn may_admit(rule: &CheckedRule, p: &ServicePort) -> bool {
+    if rule.protocol != RuleProtocol::Any && rule.protocol != rule_protocol(p.protocol) {
+        return false;
+    }
+    match (&rule.ports, &p.target_port) {
+        (Some(items), TargetPort::Number(t)) => items.iter().any(|item| match item {
+            CheckedPort::Range { first, last } => (*first..=*last).contains(t),
+            CheckedPort::Named(_) => true,
+            CheckedPort::Icmp { .. } => false,
+        }),
+        _ => true,
+    }
+}
+
+/// Whether `rule` admits address `c` on port `p` by itself (an address block holding it, or
+/// anyone, with a numeric port allowing the Service port): a rule for it would add nothing.
+fn admits_directly(rule: &CheckedRule, c: IpAddr, p: &ServicePort) -> bool {
+    let peers_ok = rule.peers.as_ref().is_none_or(|peers| {
+        peers.iter().any(|peer| {
+            matches!(peer, CheckedPeer::Block(b)
+                if b.cidr.contains(&c) && !b.except.iter().any(|e| e.contains(&c)))
+        })
+    });
+    peers_ok && ports_allow(rule, p.port, p.protocol, None)
+}
+
+/// The compiled rules egress rule `rule` gains from Service `s` (namespace `ns`, name `name`),
+/// whose backends are `backends`: one per protocol allowing the admitted ports on the
+/// ClusterIPs admitted, named `{origin} via Service ns/name`.
+fn admitted(
     ix: &Index,
     g: &GroupEntry,
     rule: &CheckedRule,
     origin: &str,
-) -> Vec<PlannedRule> {
+    (ns, name, s): (&str, &str, &ServiceEntry),
+    backends: &[(PodId, &PodEntry)],
+    out: &mut Vec<FingerprintedRule>,
+) {
+    // (protocol, admitted ClusterIPs) → ports.
+    let mut parts: BTreeMap<(RuleProtocol, Vec<PeerBlock>), Vec<PortSpec>> = BTreeMap::new();
+    for p in s.service.ports.iter().filter(|p| may_admit(rule, p)) {
+        let mut ips: Vec<PeerBlock> = s
+            .service
+            .cluster_ips
+            .iter()
+            .filter(|c| !admits_directly(rule, **c, p))
+            .filter(|c| cluster_ip_admitted(ix, g, rule, backends, **c, p))
+            .map(|&c| host_block(c))
+            .collect();
+        if ips.is_empty() {
+            continue;
+        }
+        ips.sort();
+        ips.dedup();
+        parts
+            .entry((rule_protocol(p.protocol), ips))
+            .or_default()
+            .push(PortSpec::Range {
+                first: p.port,
+                last: p.port,
+            });
+    }
+    for ((protocol, peers), mut ports) in parts {
+        ports.sort();
+        ports.dedup();
+        out.push(fingerprinted(PlannedRule {
+            protocol,
+            ports,
+            peers,
+            sets: Vec::new(),
+            origin: format!("{origin} via Service {ns}/{name}"),
+        }));
+    }
+}
+
+/// The compiled rules the egress rules of group `g` (accepted) gain from Service `name` of
+/// namespace `ns`, in rule order; empty when it is gone or none of them admits it.
+pub(crate) fn service_rules(
+    ix: &Index,
+    g: &GroupEntry,
+    ns: &str,
+    name: &str,
+) -> Vec<FingerprintedRule> {
     let mut out = Vec::new();
-    if ix.service_namespaces.is_empty() {
+    let Some(s) = ix.namespaces.get(ns).and_then(|e| e.services.get(name)) else {
+        return out;
+    };
+    let Ok(checked) = &g.checked else {
+        return out;
+    };
+    if !g.accepted() || s.resolvable().is_none() {
         return out;
     }
-    for ns in rule_namespaces(ix, g, rule) {
+    let mut backends: Option<Vec<(PodId, &PodEntry)>> = None;
+    for (i, rule) in checked.egress.iter().flatten().enumerate() {
+        if !s.service.ports.iter().any(|p| may_admit(rule, p)) || !reaches(ix, g, rule, ns) {
+            continue;
+        }
+        let backends = backends.get_or_insert_with(|| backends_of(ix, ns, s));
+        if backends.is_empty() {
+            break;
+        }
+        let origin = format!("{} egress[{i}]", g.key);
+        admitted(ix, g, rule, &origin, (ns, name, s), backends, &mut out);
+    }
+    out
+}
+
+/// Every Service group `g` may admit, with the rules it gains from each (only those gaining
+/// some): what [`service_rules`] says for every Service of the namespaces its egress rules
+/// reach.
+pub(crate) fn group_service_rules(
+    ix: &Index,
+    g: &GroupEntry,
+) -> BTreeMap<ObjectKey, Vec<FingerprintedRule>> {
+    let mut out = BTreeMap::new();
+    let Ok(checked) = &g.checked else {
+        return out;
+    };
+    if !g.accepted() || ix.service_namespaces.is_empty() {
+        return out;
+    }
+    let mut namespaces: Vec<&str> = checked
+        .egress
+        .iter()
+        .flatten()
+        .flat_map(|rule| rule_namespaces(ix, g, rule))
+        .collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    for ns in namespaces {
         let Some(entry) = ix.namespaces.get(ns) else {
             continue;
         };
-        for (name, s) in &entry.services {
-            let backends = backends(ix, ns, s);
-            if backends.is_empty() {
-                continue;
-            }
-            // (protocol, admitted ClusterIPs) → ports.
-            let mut parts: BTreeMap<(RuleProtocol, Vec<PeerBlock>), Vec<PortSpec>> =
-                BTreeMap::new();
-            for p in &s.service.ports {
-                let protocol = rule_protocol(p.protocol);
-                if rule.protocol != RuleProtocol::Any && rule.protocol != protocol {
-                    continue;
-                }
-                let mut ips: Vec<PeerBlock> = s
-                    .service
-                    .cluster_ips
-                    .iter()
-                    .filter(|c| cluster_ip_admitted(ix, g, rule, &backends, **c, p))
-                    .map(|&c| host_block(c))
-                    .collect();
-                if ips.is_empty() {
-                    continue;
-                }
-                ips.sort();
-                ips.dedup();
-                parts
-                    .entry((protocol, ips))
-                    .or_default()
-                    .push(PortSpec::Range {
-                        first: p.port,
-                        last: p.port,
-                    });
-            }
-            for ((protocol, peers), mut ports) in parts {
-                ports.sort();
-                ports.dedup();
-                out.push(PlannedRule {
-                    protocol,
-                    ports,
-                    peers,
-                    sets: Vec::new(),
-                    origin: format!("{origin} via Service {ns}/{name}"),
-                });
+        for name in entry.services.keys() {
+            let rules = service_rules(ix, g, ns, name);
+            if !rules.is_empty() {
+                out.insert(ObjectKey::new(ns, name.clone()), rules);
             }
         }
     }
     out
+}
+
+/// Whether `rule` of group `g` may admit pods of namespace `ns`.
+fn reaches(ix: &Index, g: &GroupEntry, rule: &CheckedRule, ns: &str) -> bool {
+    let Some(peers) = &rule.peers else {
+        return true;
+    };
+    peers.iter().any(|peer| match peer {
+        CheckedPeer::Block(_) => true,
+        CheckedPeer::Group(k) => k.namespace == ns,
+        CheckedPeer::Pods {
+            namespaces: None, ..
+        } => g.key.namespace == ns,
+        CheckedPeer::Pods {
+            namespaces: Some(sel),
+            ..
+        } => ix
+            .ns_selector_ids
+            .get(sel)
+            .is_some_and(|&sid| ix.ns_selector_matches(sid, ns)),
+    })
 }
 
 /// Whether the rule admits ClusterIP `c` on port `p`: some backend has an address of `c`'s
@@ -308,46 +413,65 @@ pub(crate) fn reach(ix: &Index, namespace: &str, egress: Option<&Vec<CheckedRule
     r
 }
 
-/// Marks the rules of every group whose egress rules may admit the Services of namespace
-/// `ns`.
-pub(crate) fn mark_reaching(ix: &Index, rules: &mut HashSet<GroupId>, ns: &str) {
-    rules.extend(ix.egress_everywhere.iter().copied());
+/// (group, Service) pairs to judge again.
+pub(crate) type Pairs = HashSet<(GroupId, ObjectKey)>;
+
+/// Marks Services `names` of namespace `ns` to be judged again by every group whose egress
+/// rules may admit them.
+pub(crate) fn mark_reaching(ix: &Index, pairs: &mut Pairs, ns: &str, names: &[String]) {
+    if names.is_empty() {
+        return;
+    }
+    let mut mark = |g: GroupId| {
+        for name in names {
+            pairs.insert((g, ObjectKey::new(ns, name.clone())));
+        }
+    };
+    ix.egress_everywhere.iter().copied().for_each(&mut mark);
     let Some(entry) = ix.namespaces.get(ns) else {
         return;
     };
-    rules.extend(entry.egress_reach.iter().copied());
+    entry.egress_reach.iter().copied().for_each(&mut mark);
     for &sid in &entry.selected_by {
-        mark_selector_users(ix, rules, sid);
+        selector_users(ix, sid).for_each(&mut mark);
     }
 }
 
-/// Marks the rules of the groups whose egress peers use namespace selector `sid`.
-pub(crate) fn mark_selector_users(ix: &Index, rules: &mut HashSet<GroupId>, sid: NsSelectorId) {
-    let Some(sel) = ix.ns_selectors.get(sid) else {
-        return;
-    };
-    rules.extend(sel.groups.keys().copied().filter(|&g| {
-        ix.group(g)
-            .is_some_and(|ge| ge.egress_reach.selectors.contains(&sid))
-    }));
+/// The groups whose egress peers use namespace selector `sid`.
+pub(crate) fn selector_users(ix: &Index, sid: NsSelectorId) -> impl Iterator<Item = GroupId> + '_ {
+    ix.ns_selectors
+        .get(sid)
+        .into_iter()
+        .flat_map(|sel| sel.groups.keys().copied())
+        .filter(move |&g| {
+            ix.group(g)
+                .is_some_and(|ge| ge.egress_reach.selectors.contains(&sid))
+        })
 }
 
-/// Whether namespace `ns` has a Service whose ClusterIPs can be admitted.
-pub(crate) fn has_resolvable(ix: &Index, ns: &str) -> bool {
+/// The Services of namespace `ns` whose ClusterIPs can be admitted, by name.
+pub(crate) fn resolvable_in(ix: &Index, ns: &str) -> Vec<String> {
     ix.namespaces
         .get(ns)
-        .is_some_and(|e| e.services.values().any(|s| s.resolvable().is_some()))
+        .map(|e| {
+            e.services
+                .iter()
+                .filter(|(_, s)| s.resolvable().is_some())
+                .map(|(n, _)| n.clone())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
-/// Whether a pod change in namespace `ns` (from `old` to `new`; `None`: absent) can change
-/// what a Service there admits: something a backend is judged on changed (labels, addresses,
-/// ports, host network, finished) and some Service selects the pod before or after.
-pub(crate) fn pod_change_matters(
+/// The Services of namespace `ns` a pod change (from `old` to `new`; `None`: absent) can
+/// change the verdict on: something a backend is judged on changed (labels, addresses, ports,
+/// host network, finished), and the Service selects the pod before or after.
+pub(crate) fn touched_by_pod(
     ix: &Index,
     ns: &str,
     old: Option<&StoredPod>,
     new: Option<&StoredPod>,
-) -> bool {
+) -> Vec<String> {
     let same = match (old, new) {
         (None, None) => true,
         (Some(a), Some(b)) => {
@@ -359,16 +483,18 @@ pub(crate) fn pod_change_matters(
         }
         _ => false,
     };
-    if same {
-        return false;
-    }
-    let Some(entry) = ix.namespaces.get(ns) else {
-        return false;
+    let Some(entry) = ix.namespaces.get(ns).filter(|_| !same) else {
+        return Vec::new();
     };
-    entry.services.values().any(|s| {
-        s.resolvable().is_some_and(|sel| {
-            old.is_some_and(|p| sel.matches(&p.labels))
-                || new.is_some_and(|p| sel.matches(&p.labels))
+    entry
+        .services
+        .iter()
+        .filter(|(_, s)| {
+            s.resolvable().is_some_and(|sel| {
+                old.is_some_and(|p| sel.matches(&p.labels))
+                    || new.is_some_and(|p| sel.matches(&p.labels))
+            })
         })
-    })
+        .map(|(n, _)| n.clone())
+        .collect()
 }

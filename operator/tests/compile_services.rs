@@ -607,3 +607,26 @@ fn a_group_peer_in_another_namespace_follows_its_members_behind_a_service() {
     assert!(!sends_checked(&c, &plan, job, TCP, 5432, DB_V4));
     assert!(sends_checked(&c, &plan, job, TCP, 5432, "10.0.1.2"));
 }
+
+#[test]
+fn an_ip_block_rule_follows_backends_in_every_namespace() {
+    let mut w = db_world("  - ports: [ { port: 5432 } ]\n    to: [ { ipBlock: { cidr: 10.0.0.0/16 } } ]\n");
+    w.pod("ops", "pg", pod("n2", &[("app", "pg")], &["10.0.2.7"]));
+    let pg = service("pg", &[DB_V4], &[(PortProtocol::Tcp, 5432, number(5432))]);
+    w.cluster.services.clear();
+    let mut c = w.cluster.clone();
+    let mut compiler = Compiler::new(&c);
+    let mut step = |c: &mut Cluster, change: ClusterChange| {
+        compiler.apply(&change);
+        c.apply(&change);
+        assert_eq!(compiler.plan(), &compile(c), "after {change:?}");
+        compiler.plan().clone()
+    };
+    let plan = step(&mut c, ClusterChange::UpsertService(key("ops", "pg"), pg));
+    assert!(sends_checked(&c, &plan, CLIENT, TCP, 5432, DB_V4));
+    // Its backend moves out of the block: the ClusterIP goes.
+    let mut moved = c.pods[&key("ops", "pg")].clone();
+    moved.ips = vec![ip("10.1.0.7")];
+    let plan = step(&mut c, ClusterChange::UpsertPod(key("ops", "pg"), moved));
+    assert!(!sends_checked(&c, &plan, CLIENT, TCP, 5432, DB_V4));
+}
