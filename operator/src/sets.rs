@@ -105,19 +105,6 @@ impl SetSource {
         applies && pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
     }
 
-    /// Whether the set holds pod `id` (`p` its entry) as the index has the cluster now: a member
-    /// of its group, or an enforced pod its selectors select.
-    pub fn holds(&self, ix: &Index, id: PodId, p: &PodEntry) -> bool {
-        match self {
-            SetSource::Group(k) => ix
-                .group_ids
-                .get(k)
-                .and_then(|&g| ix.group(g))
-                .is_some_and(|g| g.accepted() && g.members.contains(&id)),
-            _ => p.enforced() && self.selects(ix, &p.key.namespace, &p.pod),
-        }
-    }
-
     /// Calls `f` for every pod the set selects, as the index has the cluster now (pods
     /// without addresses or not enforced included: the caller decides).
     pub fn for_each_pod(&self, ix: &Index, mut f: impl FnMut(PodId, &PodEntry)) {

@@ -30,6 +30,9 @@ use std::{
 use kubesg_testkit::{kube::Kube, netns::in_named};
 use libtest_mimic::{Arguments, Trial};
 
+#[path = "matrix.rs"]
+mod matrix;
+
 /// The node's CNI configuration directory (the cluster's containerd reads it).
 const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 
@@ -82,6 +85,14 @@ fn main() -> ExitCode {
         trial(
             "a_security_group_is_enforced_on_pods_the_kubelet_starts",
             a_security_group_is_enforced_on_pods_the_kubelet_starts,
+        ),
+        trial(
+            "the_demo_groups_matrix_equals_the_reference_over_pod_ips_and_cluster_ips",
+            |run| {
+                matrix::the_demo_groups_matrix_equals_the_reference_over_pod_ips_and_cluster_ips(
+                    &run.kube,
+                )
+            },
         ),
         trial(
             "the_agent_is_replaced_under_load_with_zero_failed_requests",
