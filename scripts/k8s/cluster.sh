@@ -1382,6 +1382,12 @@ down() {
     esac
   fi
 
+  # 7c. libmount's /run/mount (its utab and lock), which `mount --make-*` above and in up creates
+  # on a machine that had none: removed when the snapshot did not have it and it holds nothing
+  if [[ -f "$SNAP/files" ]] && ! grep -qx /run/mount "$SNAP/files"; then
+    rmdir /run/mount 2>/dev/null || true
+  fi
+
   # 8. the cluster dir; --one-file-system: never follow into a mount that survived step 2
   if [[ -d "$DIR" ]]; then
     rm -rf --one-file-system "$DIR" || log "WARNING: could not remove all of $DIR"
