@@ -15,7 +15,9 @@
 //! podSelector + namespaceSelector), one per tier (web ← ipBlocks, api ← web of this and the
 //! next namespace by securityGroup, db ← api, cache ← podSelector In, worker → db by a named
 //! port and → api pods of same-team same-env namespaces; DNS egress to `ns-0001/dns`), and a few
-//! small ipBlock/ICMP groups.
+//! small ipBlock/ICMP groups. A Service per app (10 000, dual-stack ClusterIPs, target ports by
+//! tier, named for web and api; `ns-0001/app-3` serves DNS): the egress rules admitting their
+//! backends admit their ClusterIPs too.
 //!
 //! Memory is counted by a counting global allocator (live bytes, peak since a reset), so the
 //! figure is the compile's own, not the process's; the process's VmHWM is printed too.
@@ -30,7 +32,10 @@ use std::{
 
 use kubesg_operator::{
     compile::{compile, Compiler},
-    model::{Cluster, Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol},
+    model::{
+        Cluster, Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol, Service, ServicePort,
+        TargetPort,
+    },
 };
 
 struct Counting;
@@ -161,6 +166,39 @@ fn pod_for(ns: usize, app: usize, replica: usize, node: usize, addr: (IpAddr, Ip
         ports,
         host_network: false,
         terminated: false,
+    }
+}
+
+/// The Service of app `app` in namespace `ns`: ports by tier (DNS for `ns-0001/app-3`).
+fn service_for(ns: usize, app: usize) -> Service {
+    let n = (ns * APPS + app + 1) as u16;
+    let port = |protocol, port, target_port| ServicePort {
+        protocol,
+        port,
+        target_port,
+    };
+    let tcp = PortProtocol::Tcp;
+    let ports = match (ns, app, TIERS[app % TIERS.len()]) {
+        (1, 3, _) => vec![
+            port(PortProtocol::Udp, 53, TargetPort::Number(53)),
+            port(tcp, 53, TargetPort::Number(53)),
+        ],
+        (_, _, "web") => vec![port(tcp, 80, TargetPort::Name("http".into()))],
+        (_, _, "api") => vec![
+            port(tcp, 9090, TargetPort::Name("grpc".into())),
+            port(tcp, 80, TargetPort::Name("http".into())),
+        ],
+        (_, _, "db") => vec![port(tcp, 5432, TargetPort::Number(5432))],
+        (_, _, "cache") => vec![port(tcp, 6379, TargetPort::Number(6379))],
+        _ => vec![port(tcp, 8080, TargetPort::Number(8080))],
+    };
+    Service {
+        selector: labels(&[("app", &format!("app-{app}"))]),
+        cluster_ips: vec![
+            IpAddr::V4(Ipv4Addr::new(10, 96, (n >> 8) as u8, n as u8)),
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, n)),
+        ],
+        ports,
     }
 }
 
@@ -342,6 +380,12 @@ fn synthetic_cluster() -> Cluster {
         for (g, spec) in groups_for(i) {
             c.groups.insert(ObjectKey::new(name.clone(), g), spec);
         }
+        for app in 0..APPS {
+            c.services.insert(
+                ObjectKey::new(name.clone(), format!("app-{app}")),
+                service_for(i, app),
+            );
+        }
     }
     c
 }
@@ -396,11 +440,12 @@ fn main() {
     let cluster = synthetic_cluster();
     let build = t.elapsed();
     println!(
-        "synthetic cluster: {} namespaces, {} pods, {} nodes, {} groups (built in {:.1} s)",
+        "synthetic cluster: {} namespaces, {} pods, {} nodes, {} groups, {} services (built in {:.1} s)",
         cluster.namespaces.len(),
         cluster.pods.len(),
         cluster.nodes.len(),
         cluster.groups.len(),
+        cluster.services.len(),
         build.as_secs_f64()
     );
 
@@ -537,6 +582,32 @@ fn main() {
             (t.elapsed(), ch.nodes.len())
         },
     ));
+
+    // A DNS pod behind the Service every group's DNS rule admits: each of those groups judges
+    // that Service again (its ClusterIPs stay admitted: nothing else changes).
+    rows.push(measure("DNS Service backend IP change", runs, |i| {
+        let k = key(1, 3, i % 15);
+        let mut p = cluster.pods[&k].clone();
+        p.ips = vec![
+            IpAddr::V4(Ipv4Addr::new(10, 254, 0, i as u8)),
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0xfe, 0, 0, 0, 0, 0, i as u16)),
+        ];
+        let t = Instant::now();
+        let ch = compiler.upsert_pod(k, p);
+        (t.elapsed(), ch.nodes.len())
+    }));
+    rows.push(measure("Service port added (api: +8443)", runs, |i| {
+        let k = ObjectKey::new(ns_name(800 + i), "app-1");
+        let mut svc = cluster.services[&k].clone();
+        svc.ports.push(ServicePort {
+            protocol: PortProtocol::Tcp,
+            port: 8443,
+            target_port: TargetPort::Name("grpc".into()),
+        });
+        let t = Instant::now();
+        let ch = compiler.upsert_service(k, svc);
+        (t.elapsed(), ch.nodes.len())
+    }));
 
     println!();
     println!("| measure | value |");

@@ -13,8 +13,9 @@
 //! 2. rules: each group's rules with peers resolved ([`crate::peers`]) to address blocks and
 //!    address sets: redone when the group or a group it names changes (and, for groups with
 //!    egress named ports, which resolve on the peer pods, when a peer pod changes); what egress
-//!    rules gain from a Service ([`crate::services`]) is judged again per (group, Service)
-//!    when the Service, a pod it selects, or a namespace selector reaching it changes;
+//!    rules gain from Services ([`crate::services`]): every Service a group reaches when the
+//!    group or a group it names changes, one Service for the groups reaching it when the
+//!    Service, a pod it selects, or a namespace selector reaching it changes;
 //! 3. sets: the addresses of each address set ([`crate::sets`]) whose pods the change touched
 //!    (a member of its group, a pod its selectors match, a namespace its namespace selector
 //!    matches), rewritten in the plans of the nodes holding it;
@@ -106,8 +107,13 @@ struct Dirty {
     policies: HashSet<ClassId>,
     placement: HashSet<PodId>,
     reports: HashSet<GroupId>,
-    /// (group, Service) pairs whose verdict to redo (groups whose rules are redone do all).
+    /// Groups that judge every Service they reach again: their spec, or a group they name,
+    /// changed.
+    all_services: HashSet<GroupId>,
+    /// (group, Service) pairs to judge again (groups in `all_services` do every one).
     service_pairs: services::Pairs,
+    /// Services whose backends to find again (before any verdict on them).
+    service_backends: HashSet<ObjectKey>,
 }
 
 /// The incremental compiler: the cluster, its indexes and the current plan.
@@ -143,12 +149,14 @@ impl Compiler {
         for (key, group) in &cluster.groups {
             c.stage_upsert_group(key.clone(), group.clone());
         }
-        // Every group's rules are marked already: the Services only need to be in the index.
+        // Every group's rules are marked already: the Services only need to be in the index,
+        // with their backends.
         for (key, service) in &cluster.services {
             c.ix.ns_mut(&key.namespace)
                 .services
                 .insert(key.name.clone(), ServiceEntry::new(service.clone()));
             c.ix.service_namespaces.insert(key.namespace.clone());
+            c.dirty.service_backends.insert(key.clone());
         }
         // Pods go in without per-pod membership and peer checks: every group's membership
         // and rules are already marked, and computing membership per group uses the label
@@ -321,6 +329,9 @@ impl Compiler {
             self.ix.service_namespaces.remove(&key.namespace);
         } else {
             self.ix.service_namespaces.insert(key.namespace.clone());
+        }
+        if matters {
+            self.dirty.service_backends.insert(key.clone());
         }
         if mattered || matters {
             services::mark_reaching(
@@ -571,6 +582,7 @@ impl Compiler {
         }
         self.dirty.group_members.insert(id);
         self.dirty.rules.insert(id);
+        self.dirty.all_services.insert(id);
         self.dirty.reports.insert(id);
         mark_referrers(&self.ix, &mut self.dirty, &key);
     }
@@ -589,6 +601,7 @@ impl Compiler {
         self.ix.ns_mut(&key.namespace).groups.remove(&id);
         self.dirty.group_members.insert(id);
         self.dirty.rules.insert(id);
+        self.dirty.all_services.insert(id);
         mark_referrers(&self.ix, &mut self.dirty, key);
         self.removed_groups.push(id);
     }
@@ -750,12 +763,18 @@ impl Compiler {
                 }
             }
         }
-        let redone = mem::take(&mut self.dirty.rules);
-        for &g in &redone {
+        for key in mem::take(&mut self.dirty.service_backends) {
+            self.refresh_backends(&key);
+        }
+        for g in mem::take(&mut self.dirty.rules) {
             self.recompute_rules(g);
         }
+        let all = mem::take(&mut self.dirty.all_services);
+        for &g in &all {
+            self.rejudge_all_services(g);
+        }
         for (g, service) in mem::take(&mut self.dirty.service_pairs) {
-            if !redone.contains(&g) {
+            if !all.contains(&g) {
                 self.rejudge_service(g, &service);
             }
         }
@@ -936,26 +955,55 @@ impl Compiler {
         }
     }
 
-    /// Resolves group `g`'s rules again, with what they gain from every Service they reach.
     fn recompute_rules(&mut self, g: GroupId) {
         let Some(e) = self.ix.group(g) else { return };
         let rules = peers::resolve(&self.ix, e);
-        let service_rules = services::group_service_rules(&self.ix, e);
-        let rules_changed = *e.rules != rules;
-        if !rules_changed && e.service_rules == service_rules {
+        if *e.rules == rules {
             return;
         }
         let needs_changed = e.rules.named_needs != rules.named_needs;
         let Some(e) = self.ix.groups.get_mut(g) else {
             return;
         };
-        if rules_changed {
-            e.rules = Arc::new(rules);
-        }
-        e.service_rules = service_rules;
+        e.rules = Arc::new(rules);
         self.dirty.policies.extend(e.classes.iter().copied());
         if needs_changed {
             self.dirty.class_of.extend(e.members.iter().copied());
+        }
+    }
+
+    /// Judges every Service group `g`'s egress rules reach again.
+    fn rejudge_all_services(&mut self, g: GroupId) {
+        let Some(e) = self.ix.group(g) else { return };
+        let service_rules = services::group_service_rules(&self.ix, e);
+        if e.service_rules == service_rules {
+            return;
+        }
+        let Some(e) = self.ix.groups.get_mut(g) else {
+            return;
+        };
+        e.service_rules = service_rules;
+        self.dirty.policies.extend(e.classes.iter().copied());
+    }
+
+    /// Finds a Service's backends again.
+    fn refresh_backends(&mut self, key: &ObjectKey) {
+        let Some(found) = self
+            .ix
+            .namespaces
+            .get(&key.namespace)
+            .and_then(|e| e.services.get(&key.name))
+            .map(|s| services::find_backends(&self.ix, &key.namespace, s))
+        else {
+            return;
+        };
+        if let Some(s) = self
+            .ix
+            .namespaces
+            .get_mut(&key.namespace)
+            .and_then(|e| e.services.get_mut(&key.name))
+        {
+            s.backends = found;
         }
     }
 
@@ -1218,10 +1266,11 @@ impl Compiler {
 }
 
 /// Marks the rules of every group naming `key` as a peer (the group itself changed: its
-/// generation is in their policies).
+/// generation is in their policies, and its members are their peers, behind Services too).
 fn mark_referrers(ix: &Index, dirty: &mut Dirty, key: &ObjectKey) {
     if let Some(refs) = ix.referrers.get(key) {
         dirty.rules.extend(refs.iter().copied());
+        dirty.all_services.extend(refs.iter().copied());
     }
 }
 
@@ -1319,6 +1368,9 @@ fn mark_peer_relevance(
 ) {
     let touched = services::touched_by_pod(ix, ns, old, new);
     services::mark_reaching(ix, &mut dirty.service_pairs, ns, &touched);
+    dirty
+        .service_backends
+        .extend(touched.into_iter().map(|name| ObjectKey::new(ns, name)));
     sets.affected_by_pod(ix, ns, old, new, &mut dirty.sets);
     let old = old.filter(|p| contributes(p));
     let new = new.filter(|p| contributes(p));

@@ -262,6 +262,29 @@ pub(crate) struct ServiceEntry {
     /// Its selector, compiled; `None` for a Service without one (its backends are not
     /// resolved).
     pub selector: Option<Selector>,
+    /// Its backends, refreshed when it or a pod it selects changes: every group reaching it
+    /// judges the same backends, so they are found once.
+    pub backends: Backends,
+}
+
+/// A Service's backends and where its ports send on them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Backends {
+    /// The backend pods, sorted.
+    pub pods: Vec<PodId>,
+    /// Per port of the Service (in its order): the target port on each backend (in `pods`
+    /// order); `None` when a backend lacks a named target port (the port is admitted by no
+    /// rule).
+    pub targets: Vec<Option<Targets>>,
+}
+
+/// The target ports of one Service port on its backends.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Targets {
+    /// On each backend, in [`Backends::pods`] order.
+    pub each: Vec<u16>,
+    /// The distinct ones, sorted.
+    pub distinct: Vec<u16>,
 }
 
 impl ServiceEntry {
@@ -279,7 +302,11 @@ impl ServiceEntry {
                     .collect(),
             )
         });
-        ServiceEntry { service, selector }
+        ServiceEntry {
+            service,
+            selector,
+            backends: Backends::default(),
+        }
     }
 
     /// Its selector when its ClusterIPs can be admitted at all: it selects pods, has a

@@ -35,13 +35,13 @@ use std::{
 
 use crate::{
     index::{
-        EgressReach, GroupEntry, GroupId, Index, NsSelectorId, PodEntry, PodId, ServiceEntry,
-        StoredPod,
+        Backends, EgressReach, GroupEntry, GroupId, Index, NsSelectorId, PodEntry, PodId,
+        ServiceEntry, StoredPod, Targets,
     },
     model::{ObjectKey, PortProtocol, ServicePort, TargetPort},
     peers::{fingerprinted, host_block, FingerprintedRule},
     plan::{PeerBlock, PlannedRule, PortSpec, RuleProtocol},
-    sets::SetSource,
+    selector::Selector,
     validate::{CheckedPeer, CheckedPort, CheckedRule},
 };
 
@@ -99,51 +99,122 @@ fn ports_allow(
         .is_none_or(|items| items.iter().any(|i| item_allows(i, port, protocol, on)))
 }
 
-/// Whether egress rule `rule` of group `g` admits a connection to address `addr` of backend
-/// `id` on port `port` with `protocol`: the same test a connection straight to the backend
-/// meets. A pod peer admits it when its set holds the backend and the rule's ports allow
-/// `port`, named ports resolved on the backend; an address block or "anyone" when it holds
-/// `addr` and the rule's numeric ports allow `port` (addresses have no named ports).
+/// A peer of an egress rule, looked up once for a whole judgement of a Service.
+enum Matcher<'a> {
+    /// An address block.
+    Block(&'a PeerBlock),
+    /// The members of a group (`None`: it does not exist or is not accepted).
+    Members(Option<&'a HashSet<PodId>>),
+    /// Enforced pods of one namespace whose labels match (`None`: every pod).
+    Local(&'a str, Option<&'a Selector>),
+    /// Enforced pods of the namespaces a selector matches (`None`: not in the index, so none).
+    Selected(Option<NsSelectorId>, Option<&'a Selector>),
+}
+
+impl Matcher<'_> {
+    /// The peers of `rule` of group `g`; `None`: anyone.
+    fn of<'a>(ix: &'a Index, g: &'a GroupEntry, rule: &'a CheckedRule) -> Option<Vec<Matcher<'a>>> {
+        let peers = rule.peers.as_ref()?;
+        Some(
+            peers
+                .iter()
+                .map(|peer| match peer {
+                    CheckedPeer::Block(b) => Matcher::Block(b),
+                    CheckedPeer::Group(k) => Matcher::Members(
+                        ix.group_ids
+                            .get(k)
+                            .and_then(|&t| ix.group(t))
+                            .filter(|t| t.accepted())
+                            .map(|t| &t.members),
+                    ),
+                    CheckedPeer::Pods {
+                        namespaces: None,
+                        pods,
+                    } => Matcher::Local(&g.key.namespace, pods.as_ref()),
+                    CheckedPeer::Pods {
+                        namespaces: Some(sel),
+                        pods,
+                    } => Matcher::Selected(ix.ns_selector_ids.get(sel).copied(), pods.as_ref()),
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether this pod peer selects backend `id` (`b` its entry); never for a block.
+    fn selects(&self, ix: &Index, id: PodId, b: &PodEntry) -> bool {
+        let selected =
+            |pods: Option<&Selector>| b.enforced() && pods.is_none_or(|s| s.matches(&b.pod.labels));
+        match self {
+            Matcher::Block(_) => false,
+            Matcher::Members(members) => members.is_some_and(|m| m.contains(&id)),
+            Matcher::Local(ns, pods) => b.key.namespace == *ns && selected(*pods),
+            Matcher::Selected(sid, pods) => {
+                sid.is_some_and(|sid| ix.ns_selector_matches(sid, &b.key.namespace))
+                    && selected(*pods)
+            }
+        }
+    }
+}
+
+/// Whether egress rule `rule`, whose peers are `peers` (`None`: anyone), admits a connection to
+/// address `addr` of backend `id` on port `port` with `protocol`: the same test a connection
+/// straight to the backend meets. A pod peer admits it when it selects the backend (as the
+/// peer's address set would hold it) and the rule's ports allow `port`, named ports resolved on
+/// the backend; an address block or anyone when it holds `addr` and the rule's numeric ports
+/// allow `port` (addresses have no named ports).
 fn admits(
     ix: &Index,
-    g: &GroupEntry,
     rule: &CheckedRule,
+    peers: Option<&[Matcher<'_>]>,
     (id, b): (PodId, &PodEntry),
     addr: IpAddr,
     protocol: PortProtocol,
     port: u16,
 ) -> bool {
-    let Some(peers) = &rule.peers else {
+    let Some(peers) = peers else {
         return ports_allow(rule, port, protocol, None);
     };
     peers.iter().any(|peer| match peer {
-        CheckedPeer::Block(block) => {
+        Matcher::Block(block) => {
             block.cidr.contains(&addr)
                 && !block.except.iter().any(|e| e.contains(&addr))
                 && ports_allow(rule, port, protocol, None)
         }
-        _ => SetSource::of_peer(&g.key.namespace, peer).is_some_and(|source| {
-            source.holds(ix, id, b) && ports_allow(rule, port, protocol, Some(&b.pod))
-        }),
+        _ => peer.selects(ix, id, b) && ports_allow(rule, port, protocol, Some(&b.pod)),
     })
 }
 
-/// The backends of a Service: the pods of namespace `ns` its selector matches that hold an
-/// address and are not finished (host-network ones included: they are endpoints too, at the
-/// node's address).
-fn backends_of<'a>(ix: &'a Index, ns: &str, s: &ServiceEntry) -> Vec<(PodId, &'a PodEntry)> {
-    let mut ids = Vec::new();
+/// The backends of Service `s` of namespace `ns`, as the index has the cluster now: the pods
+/// there its selector matches that hold an address and are not finished (host-network ones
+/// included: they are endpoints too, at the node's address), with where each port sends.
+pub(crate) fn find_backends(ix: &Index, ns: &str, s: &ServiceEntry) -> Backends {
+    let mut pods = Vec::new();
     if let Some(sel) = s.resolvable() {
         ix.for_each_pod_matching(ns, Some(sel), |id, p| {
             if !p.deleted && !p.pod.terminated && !p.pod.ips.is_empty() {
-                ids.push(id);
+                pods.push(id);
             }
         });
     }
-    ids.sort_unstable();
-    ids.into_iter()
-        .filter_map(|id| ix.pod(id).map(|p| (id, p)))
-        .collect()
+    pods.sort_unstable();
+    let targets = s
+        .service
+        .ports
+        .iter()
+        .map(|sp| {
+            let each: Option<Vec<u16>> = pods
+                .iter()
+                .map(|&id| ix.pod(id).and_then(|p| target_port(sp, &p.pod)))
+                .collect();
+            each.map(|each| {
+                let mut distinct = each.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                Targets { each, distinct }
+            })
+        })
+        .collect();
+    Backends { pods, targets }
 }
 
 /// The namespaces with Services that `rule` may admit some of: every one when the rule has an
@@ -188,21 +259,28 @@ fn rule_namespaces<'a>(ix: &'a Index, g: &'a GroupEntry, rule: &'a CheckedRule) 
     out
 }
 
-/// Whether `rule` may admit port `p` at all, decided without looking at backends: the
-/// protocol matches, and the rule's ports can allow the target port (a numeric target outside
-/// every numeric port of the rule is allowed only by a named rule port resolving to it).
-fn may_admit(rule: &CheckedRule, p: &ServicePort) -> bool {
+/// Whether `rule` may admit a Service port whose backends' target ports are `targets`,
+/// decided without judging each backend: the protocol matches, every backend has the target
+/// port, and the rule's ports can allow all of them (each numerically, unless a named rule port
+/// may resolve to it on a backend).
+fn may_admit(rule: &CheckedRule, p: &ServicePort, targets: Option<&Targets>) -> bool {
     if rule.protocol != RuleProtocol::Any && rule.protocol != rule_protocol(p.protocol) {
         return false;
     }
-    match (&rule.ports, &p.target_port) {
-        (Some(items), TargetPort::Number(t)) => items.iter().any(|item| match item {
-            CheckedPort::Range { first, last } => (*first..=*last).contains(t),
-            CheckedPort::Named(_) => true,
-            CheckedPort::Icmp { .. } => false,
-        }),
-        _ => true,
+    let Some(targets) = targets.filter(|t| !t.each.is_empty()) else {
+        return false;
+    };
+    let Some(items) = &rule.ports else {
+        return true;
+    };
+    if items.iter().any(|i| matches!(i, CheckedPort::Named(_))) {
+        return true;
     }
+    targets.distinct.iter().all(|t| {
+        items.iter().any(
+            |i| matches!(i, CheckedPort::Range { first, last } if (*first..=*last).contains(t)),
+        )
+    })
 }
 
 /// Whether `rule` admits address `c` on port `p` by itself (an address block holding it, or
@@ -229,15 +307,20 @@ fn admitted(
     backends: &[(PodId, &PodEntry)],
     out: &mut Vec<FingerprintedRule>,
 ) {
+    let peers = Matcher::of(ix, g, rule);
+    let peers = peers.as_deref();
     // (protocol, admitted ClusterIPs) → ports.
     let mut parts: BTreeMap<(RuleProtocol, Vec<PeerBlock>), Vec<PortSpec>> = BTreeMap::new();
-    for p in s.service.ports.iter().filter(|p| may_admit(rule, p)) {
+    for (p, targets) in s.service.ports.iter().zip(&s.backends.targets) {
+        let Some(targets) = targets.as_ref().filter(|t| may_admit(rule, p, Some(t))) else {
+            continue;
+        };
         let mut ips: Vec<PeerBlock> = s
             .service
             .cluster_ips
             .iter()
             .filter(|c| !admits_directly(rule, **c, p))
-            .filter(|c| cluster_ip_admitted(ix, g, rule, backends, **c, p))
+            .filter(|c| cluster_ip_admitted(ix, rule, peers, backends, &targets.each, **c, p))
             .map(|&c| host_block(c))
             .collect();
         if ips.is_empty() {
@@ -266,8 +349,8 @@ fn admitted(
     }
 }
 
-/// The compiled rules the egress rules of group `g` (accepted) gain from Service `name` of
-/// namespace `ns`, in rule order; empty when it is gone or none of them admits it.
+/// The compiled rules the egress rules of group `g` gain from Service `name` of namespace `ns`,
+/// in rule order; empty when it is gone, `g` is not accepted, or none of them admits it.
 pub(crate) fn service_rules(
     ix: &Index,
     g: &GroupEntry,
@@ -275,28 +358,56 @@ pub(crate) fn service_rules(
     name: &str,
 ) -> Vec<FingerprintedRule> {
     let mut out = Vec::new();
-    let Some(s) = ix.namespaces.get(ns).and_then(|e| e.services.get(name)) else {
-        return out;
-    };
-    let Ok(checked) = &g.checked else {
-        return out;
-    };
-    if !g.accepted() || s.resolvable().is_none() {
-        return out;
-    }
-    let mut backends: Option<Vec<(PodId, &PodEntry)>> = None;
-    for (i, rule) in checked.egress.iter().flatten().enumerate() {
-        if !s.service.ports.iter().any(|p| may_admit(rule, p)) || !reaches(ix, g, rule, ns) {
-            continue;
+    if let (Some(s), Ok(checked)) = (
+        ix.namespaces.get(ns).and_then(|e| e.services.get(name)),
+        &g.checked,
+    ) {
+        if g.accepted() {
+            judge(ix, g, checked.egress.as_deref(), (ns, name, s), &mut out);
         }
-        let backends = backends.get_or_insert_with(|| backends_of(ix, ns, s));
-        if backends.is_empty() {
-            break;
-        }
-        let origin = format!("{} egress[{i}]", g.key);
-        admitted(ix, g, rule, &origin, (ns, name, s), backends, &mut out);
     }
     out
+}
+
+/// Appends the compiled rules `egress` (the rules of accepted group `g`) gain from Service `s`
+/// (namespace `ns`, name `name`), in rule order.
+fn judge(
+    ix: &Index,
+    g: &GroupEntry,
+    egress: Option<&[CheckedRule]>,
+    (ns, name, s): (&str, &str, &ServiceEntry),
+    out: &mut Vec<FingerprintedRule>,
+) {
+    if s.resolvable().is_none() {
+        return;
+    }
+    let mut backends: Option<Option<Vec<(PodId, &PodEntry)>>> = None;
+    for (i, rule) in egress.into_iter().flatten().enumerate() {
+        let some_port = s
+            .service
+            .ports
+            .iter()
+            .zip(&s.backends.targets)
+            .any(|(p, t)| may_admit(rule, p, t.as_ref()));
+        if !some_port || !reaches(ix, g, rule, ns) {
+            continue;
+        }
+        // Refreshed in this change when any of them changed, so every one is live.
+        let Some(backends) = backends
+            .get_or_insert_with(|| {
+                s.backends
+                    .pods
+                    .iter()
+                    .map(|&id| ix.pod(id).map(|p| (id, p)))
+                    .collect()
+            })
+            .as_deref()
+        else {
+            return;
+        };
+        let origin = format!("{} egress[{i}]", g.key);
+        admitted(ix, g, rule, &origin, (ns, name, s), backends, out);
+    }
 }
 
 /// Every Service group `g` may admit, with the rules it gains from each (only those gaining
@@ -325,8 +436,9 @@ pub(crate) fn group_service_rules(
         let Some(entry) = ix.namespaces.get(ns) else {
             continue;
         };
-        for name in entry.services.keys() {
-            let rules = service_rules(ix, g, ns, name);
+        for (name, s) in &entry.services {
+            let mut rules = Vec::new();
+            judge(ix, g, checked.egress.as_deref(), (ns, name, s), &mut rules);
             if !rules.is_empty() {
                 out.insert(ObjectKey::new(ns, name.clone()), rules);
             }
@@ -356,24 +468,23 @@ fn reaches(ix: &Index, g: &GroupEntry, rule: &CheckedRule, ns: &str) -> bool {
     })
 }
 
-/// Whether the rule admits ClusterIP `c` on port `p`: some backend has an address of `c`'s
-/// family, and the rule admits every such address.
+/// Whether the rule admits ClusterIP `c` on port `p`, which sends to `targets` (in `backends`
+/// order): some backend has an address of `c`'s family, and the rule admits every such
+/// address on the backend's target port.
 fn cluster_ip_admitted(
     ix: &Index,
-    g: &GroupEntry,
     rule: &CheckedRule,
+    peers: Option<&[Matcher<'_>]>,
     backends: &[(PodId, &PodEntry)],
+    targets: &[u16],
     c: IpAddr,
     p: &ServicePort,
 ) -> bool {
     let mut some = false;
-    for &(id, b) in backends {
+    for (&(id, b), &port) in backends.iter().zip(targets) {
         for &addr in b.pod.ips.iter().filter(|a| a.is_ipv4() == c.is_ipv4()) {
             some = true;
-            let Some(port) = target_port(p, &b.pod) else {
-                return false;
-            };
-            if !admits(ix, g, rule, (id, b), addr, p.protocol, port) {
+            if !admits(ix, rule, peers, (id, b), addr, p.protocol, port) {
                 return false;
             }
         }

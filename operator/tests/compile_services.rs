@@ -610,7 +610,8 @@ fn a_group_peer_in_another_namespace_follows_its_members_behind_a_service() {
 
 #[test]
 fn an_ip_block_rule_follows_backends_in_every_namespace() {
-    let mut w = db_world("  - ports: [ { port: 5432 } ]\n    to: [ { ipBlock: { cidr: 10.0.0.0/16 } } ]\n");
+    let mut w =
+        db_world("  - ports: [ { port: 5432 } ]\n    to: [ { ipBlock: { cidr: 10.0.0.0/16 } } ]\n");
     w.pod("ops", "pg", pod("n2", &[("app", "pg")], &["10.0.2.7"]));
     let pg = service("pg", &[DB_V4], &[(PortProtocol::Tcp, 5432, number(5432))]);
     w.cluster.services.clear();
