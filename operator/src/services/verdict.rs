@@ -1,44 +1,16 @@
-//! Services: traffic to a ClusterIP is judged as traffic to the pods behind it.
-//!
-//! kube-proxy translates a ClusterIP destination after the packet has left the client's
-//! interface, so the client's egress check sees `ClusterIP:servicePort`, which no rule naming
-//! pods admits. The operator therefore resolves Services itself (as the AWS network policy
-//! agent does): an egress rule admits port `P` of Service `S` on a ClusterIP of family `F` iff
-//! `S` has at least one backend with an address of family `F` and the rule admits **every**
-//! such backend address on `P`'s protocol and on `P`'s target port as resolved on that backend
-//! (a named `targetPort` is the backend's container port of that name and protocol; a backend
-//! without it is not admitted). Every rather than any: kube-proxy may pick any backend for a
-//! connection, so admitting the ClusterIP when only some backends are admitted would let the
-//! client reach the others. The rule then also admits `P`'s protocol and port on that ClusterIP,
-//! as extra compiled rules kept per group and Service (`… egress[i] via Service ns/name`;
-//! omitted where the rule admits that address and port by itself), so a Service's change, or
-//! its backends', re-judges that Service for the groups that can reach it, nothing else.
-//!
-//! Backends are the pods of the Service's namespace its selector matches that hold an address
-//! and are not finished, as the EndpointSlice controller lists them (readiness aside: a pod
-//! about to become ready must be admitted before it gets traffic). A Service without a selector
-//! (EndpointSlices written by hand), headless and ExternalName Services resolve nothing.
-//!
-//! Which groups a change can affect: a rule with an ipBlock peer or no peers can admit the
-//! Services of every namespace; a rule with pod peers only those of the namespaces its peers
-//! select pods in. [`crate::index::EgressReach`] records that per group, and [`mark_reaching`]
-//! marks (group, Service) pairs to judge again: a Service of a namespace with the groups
-//! reaching it when the Service changes or a pod there that it selects (before or after)
-//! changes, every Service of a namespace with the groups whose namespace selector starts or
-//! stops matching it. A group whose own rules are redone (its spec, a group it names) judges
-//! every Service it reaches again.
+//! The verdict on one Service for one group: which ClusterIPs and ports its egress rules admit,
+//! every backend judged as a connection straight to it would be, and the compiled rules that
+//! admit them.
 
 use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
 };
 
+use super::reach::{reaches, rule_namespaces};
 use crate::{
-    index::{
-        Backends, EgressReach, GroupEntry, GroupId, Index, NsSelectorId, PodEntry, PodId,
-        ServiceEntry, StoredPod, Targets,
-    },
-    model::{ObjectKey, PortProtocol, ServicePort, TargetPort},
+    index::{GroupEntry, Index, NsSelectorId, PodEntry, PodId, ServiceEntry, StoredPod, Targets},
+    model::{ObjectKey, PortProtocol, ServicePort},
     peers::{fingerprinted, host_block, FingerprintedRule},
     plan::{PeerBlock, PlannedRule, PortSpec, RuleProtocol},
     selector::Selector,
@@ -51,20 +23,6 @@ fn rule_protocol(p: PortProtocol) -> RuleProtocol {
         PortProtocol::Tcp => RuleProtocol::Tcp,
         PortProtocol::Udp => RuleProtocol::Udp,
         PortProtocol::Sctp => RuleProtocol::Sctp,
-    }
-}
-
-/// The port a Service port sends to on backend `b`; `None` when a named target port is not
-/// one of the backend's container ports (with the Service port's protocol). The first
-/// container port of that name wins, as kube-proxy's endpoints take it.
-fn target_port(p: &ServicePort, b: &StoredPod) -> Option<u16> {
-    match &p.target_port {
-        TargetPort::Number(n) => Some(*n),
-        TargetPort::Name(name) => b
-            .ports
-            .iter()
-            .find(|np| np.name == *name && np.protocol == p.protocol)
-            .map(|np| np.port),
     }
 }
 
@@ -182,81 +140,6 @@ fn admits(
         }
         _ => peer.selects(ix, id, b) && ports_allow(rule, port, protocol, Some(&b.pod)),
     })
-}
-
-/// The backends of Service `s` of namespace `ns`, as the index has the cluster now: the pods
-/// there its selector matches that hold an address and are not finished (host-network ones
-/// included: they are endpoints too, at the node's address), with where each port sends.
-pub(crate) fn find_backends(ix: &Index, ns: &str, s: &ServiceEntry) -> Backends {
-    let mut pods = Vec::new();
-    if let Some(sel) = s.resolvable() {
-        ix.for_each_pod_matching(ns, Some(sel), |id, p| {
-            if !p.deleted && !p.pod.terminated && !p.pod.ips.is_empty() {
-                pods.push(id);
-            }
-        });
-    }
-    pods.sort_unstable();
-    let targets = s
-        .service
-        .ports
-        .iter()
-        .map(|sp| {
-            let each: Option<Vec<u16>> = pods
-                .iter()
-                .map(|&id| ix.pod(id).and_then(|p| target_port(sp, &p.pod)))
-                .collect();
-            each.map(|each| {
-                let mut distinct = each.clone();
-                distinct.sort_unstable();
-                distinct.dedup();
-                Targets { each, distinct }
-            })
-        })
-        .collect();
-    Backends { pods, targets }
-}
-
-/// The namespaces with Services that `rule` may admit some of: every one when the rule has an
-/// address block or no peers (they admit pods wherever they are), else those its pod peers
-/// select pods in. Sorted.
-fn rule_namespaces<'a>(ix: &'a Index, g: &'a GroupEntry, rule: &'a CheckedRule) -> Vec<&'a str> {
-    let with_services = ix.service_namespaces.iter().map(String::as_str);
-    let Some(peers) = &rule.peers else {
-        return with_services.collect();
-    };
-    if peers.iter().any(|p| matches!(p, CheckedPeer::Block(_))) {
-        return with_services.collect();
-    }
-    let mut out: Vec<&str> = Vec::new();
-    for peer in peers {
-        match peer {
-            CheckedPeer::Block(_) => {}
-            CheckedPeer::Group(k) => out.push(&k.namespace),
-            CheckedPeer::Pods {
-                namespaces: None, ..
-            } => out.push(&g.key.namespace),
-            CheckedPeer::Pods {
-                namespaces: Some(sel),
-                ..
-            } => {
-                // The namespaces with Services are usually fewer than those a selector
-                // matches (one that matches every namespace, say).
-                if let Some(&sid) = ix.ns_selector_ids.get(sel) {
-                    out.extend(
-                        ix.service_namespaces
-                            .iter()
-                            .filter(|ns| ix.ns_selector_matches(sid, ns))
-                            .map(String::as_str),
-                    );
-                }
-            }
-        }
-    }
-    out.retain(|ns| ix.service_namespaces.contains(*ns));
-    out.sort_unstable();
-    out.dedup();
-    out
 }
 
 /// Whether `rule` may admit a Service port whose backends' target ports are `targets`,
@@ -447,27 +330,6 @@ pub(crate) fn group_service_rules(
     out
 }
 
-/// Whether `rule` of group `g` may admit pods of namespace `ns`.
-fn reaches(ix: &Index, g: &GroupEntry, rule: &CheckedRule, ns: &str) -> bool {
-    let Some(peers) = &rule.peers else {
-        return true;
-    };
-    peers.iter().any(|peer| match peer {
-        CheckedPeer::Block(_) => true,
-        CheckedPeer::Group(k) => k.namespace == ns,
-        CheckedPeer::Pods {
-            namespaces: None, ..
-        } => g.key.namespace == ns,
-        CheckedPeer::Pods {
-            namespaces: Some(sel),
-            ..
-        } => ix
-            .ns_selector_ids
-            .get(sel)
-            .is_some_and(|&sid| ix.ns_selector_matches(sid, ns)),
-    })
-}
-
 /// Whether the rule admits ClusterIP `c` on port `p`, which sends to `targets` (in `backends`
 /// order): some backend has an address of `c`'s family, and the rule admits every such
 /// address on the backend's target port.
@@ -490,122 +352,4 @@ fn cluster_ip_admitted(
         }
     }
     some
-}
-
-/// Where the egress rules of a group of `namespace` may admit Services: every namespace when a
-/// rule admits addresses (an ipBlock, or anyone), else the namespaces its pod peers name
-/// (selectors as their ids, which the caller has acquired). Nowhere when `egress` is omitted:
-/// that allows everything already.
-pub(crate) fn reach(ix: &Index, namespace: &str, egress: Option<&Vec<CheckedRule>>) -> EgressReach {
-    let mut r = EgressReach::default();
-    for rule in egress.into_iter().flatten() {
-        let Some(peers) = &rule.peers else {
-            r.everywhere = true;
-            continue;
-        };
-        for peer in peers {
-            match peer {
-                CheckedPeer::Block(_) => r.everywhere = true,
-                CheckedPeer::Group(k) => r.namespaces.push(k.namespace.clone()),
-                CheckedPeer::Pods {
-                    namespaces: None, ..
-                } => r.namespaces.push(namespace.to_string()),
-                CheckedPeer::Pods {
-                    namespaces: Some(sel),
-                    ..
-                } => r.selectors.extend(ix.ns_selector_ids.get(sel).copied()),
-            }
-        }
-    }
-    r.namespaces.sort();
-    r.namespaces.dedup();
-    r.selectors.sort_unstable();
-    r.selectors.dedup();
-    r
-}
-
-/// (group, Service) pairs to judge again.
-pub(crate) type Pairs = HashSet<(GroupId, ObjectKey)>;
-
-/// Marks Services `names` of namespace `ns` to be judged again by every group whose egress
-/// rules may admit them.
-pub(crate) fn mark_reaching(ix: &Index, pairs: &mut Pairs, ns: &str, names: &[String]) {
-    if names.is_empty() {
-        return;
-    }
-    let mut mark = |g: GroupId| {
-        for name in names {
-            pairs.insert((g, ObjectKey::new(ns, name.clone())));
-        }
-    };
-    ix.egress_everywhere.iter().copied().for_each(&mut mark);
-    let Some(entry) = ix.namespaces.get(ns) else {
-        return;
-    };
-    entry.egress_reach.iter().copied().for_each(&mut mark);
-    for &sid in &entry.selected_by {
-        selector_users(ix, sid).for_each(&mut mark);
-    }
-}
-
-/// The groups whose egress peers use namespace selector `sid`.
-pub(crate) fn selector_users(ix: &Index, sid: NsSelectorId) -> impl Iterator<Item = GroupId> + '_ {
-    ix.ns_selectors
-        .get(sid)
-        .into_iter()
-        .flat_map(|sel| sel.groups.keys().copied())
-        .filter(move |&g| {
-            ix.group(g)
-                .is_some_and(|ge| ge.egress_reach.selectors.contains(&sid))
-        })
-}
-
-/// The Services of namespace `ns` whose ClusterIPs can be admitted, by name.
-pub(crate) fn resolvable_in(ix: &Index, ns: &str) -> Vec<String> {
-    ix.namespaces
-        .get(ns)
-        .map(|e| {
-            e.services
-                .iter()
-                .filter(|(_, s)| s.resolvable().is_some())
-                .map(|(n, _)| n.clone())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The Services of namespace `ns` a pod change (from `old` to `new`; `None`: absent) can
-/// change the verdict on: something a backend is judged on changed (labels, addresses, ports,
-/// host network, finished), and the Service selects the pod before or after.
-pub(crate) fn touched_by_pod(
-    ix: &Index,
-    ns: &str,
-    old: Option<&StoredPod>,
-    new: Option<&StoredPod>,
-) -> Vec<String> {
-    let same = match (old, new) {
-        (None, None) => true,
-        (Some(a), Some(b)) => {
-            a.labels == b.labels
-                && a.ips == b.ips
-                && a.ports == b.ports
-                && a.host_network == b.host_network
-                && a.terminated == b.terminated
-        }
-        _ => false,
-    };
-    let Some(entry) = ix.namespaces.get(ns).filter(|_| !same) else {
-        return Vec::new();
-    };
-    entry
-        .services
-        .iter()
-        .filter(|(_, s)| {
-            s.resolvable().is_some_and(|sel| {
-                old.is_some_and(|p| sel.matches(&p.labels))
-                    || new.is_some_and(|p| sel.matches(&p.labels))
-            })
-        })
-        .map(|(n, _)| n.clone())
-        .collect()
 }
