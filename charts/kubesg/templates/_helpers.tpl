@@ -38,6 +38,14 @@ Whether this render keeps the operator and agent certificates it finds in the cl
 ("true") or issues new ones (""): used by the Secrets and by the operator's restart annotation,
 which must agree.
 */}}
+{{- define "kubesg.keepCertificates" -}}
+{{- $op := lookup "v1" "Secret" .Release.Namespace "kubesg-operator-tls" -}}
+{{- $ag := lookup "v1" "Secret" .Release.Namespace "kubesg-agent-tls" -}}
+{{- $opCA := lookup "v1" "Secret" .Release.Namespace "kubesg-operator-ca" -}}
+{{- $agCA := lookup "v1" "Secret" .Release.Namespace "kubesg-agent-ca" -}}
+{{- if and $op $ag $opCA $agCA (not .Values.tls.renewCertificates) -}}true{{- end -}}
+{{- end }}
+
 {{- /*
 The operator Deployment's kubesg.io/certificates annotation: it changes, restarting the
 operators, exactly when the chart issues new certificates (first install, renewal, rotation).
@@ -59,10 +67,3 @@ the kept certificate stands in.
 {{- end -}}
 {{- end }}
 
-{{- define "kubesg.keepCertificates" -}}
-{{- $op := lookup "v1" "Secret" .Release.Namespace "kubesg-operator-tls" -}}
-{{- $ag := lookup "v1" "Secret" .Release.Namespace "kubesg-agent-tls" -}}
-{{- $opCA := lookup "v1" "Secret" .Release.Namespace "kubesg-operator-ca" -}}
-{{- $agCA := lookup "v1" "Secret" .Release.Namespace "kubesg-agent-ca" -}}
-{{- if and $op $ag $opCA $agCA (not .Values.tls.renewCertificates) -}}true{{- end -}}
-{{- end }}
