@@ -275,14 +275,15 @@ pub(crate) struct Backends {
     /// Per port of the Service (in its order): the target port on each backend (in `pods`
     /// order); `None` when a backend lacks a named target port (the port is admitted by no
     /// rule).
-    pub targets: Vec<Option<Targets>>,
+    pub targets: Vec<Targets>,
 }
 
 /// The target ports of one Service port on its backends.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Targets {
-    /// On each backend, in [`Backends::pods`] order.
-    pub each: Vec<u16>,
+    /// On each backend, in [`Backends::pods`] order; `None` where a named target port is not
+    /// one of the backend's (connections of its family cannot be admitted then).
+    pub each: Vec<Option<u16>>,
     /// The distinct ones, sorted.
     pub distinct: Vec<u16>,
 }

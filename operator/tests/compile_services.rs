@@ -272,6 +272,38 @@ fn each_cluster_ip_is_judged_on_the_backend_addresses_of_its_family() {
     let plan = compile(c);
     assert!(sends_checked(c, &plan, CLIENT, TCP, 5432, DB_V4));
     assert!(!sends_checked(c, &plan, CLIENT_V6, TCP, 5432, DB_V6));
+
+    // A named target port missing on an IPv4-only backend withdraws the IPv4 ClusterIP only:
+    // the IPv6 one sends to the IPv6-only backend, which has it (found by the property test).
+    let mut w = db_world("  - ports: [ { port: 5432 } ]\n    to: [ { podSelector: { matchLabels: { app: db } } } ]\n");
+    let only = |w: &mut World, name: &str, v4: bool| {
+        w.cluster
+            .pods
+            .get_mut(&key("shop", name))
+            .unwrap()
+            .ips
+            .retain(|a| a.is_ipv4() == v4);
+    };
+    only(&mut w, "db-0", false);
+    only(&mut w, "db-1", true);
+    let db0 = w.cluster.pods[&key("shop", "db-0")].clone();
+    w.pod(
+        "shop",
+        "db-0",
+        with_ports(db0, &[("pg", 5432, PortProtocol::Tcp)]),
+    );
+    w.cluster.services.insert(
+        key("shop", "db"),
+        service(
+            "db",
+            &[DB_V4, DB_V6],
+            &[(PortProtocol::Tcp, 5432, name("pg"))],
+        ),
+    );
+    let c = &w.cluster;
+    let plan = compile(c);
+    assert!(!sends_checked(c, &plan, CLIENT, TCP, 5432, DB_V4));
+    assert!(sends_checked(c, &plan, CLIENT_V6, TCP, 5432, DB_V6));
 }
 
 #[test]

@@ -39,16 +39,14 @@ pub(crate) fn find_backends(ix: &Index, ns: &str, s: &ServiceEntry) -> Backends 
         .ports
         .iter()
         .map(|sp| {
-            let each: Option<Vec<u16>> = pods
+            let each: Vec<Option<u16>> = pods
                 .iter()
                 .map(|&id| ix.pod(id).and_then(|p| target_port(sp, &p.pod)))
                 .collect();
-            each.map(|each| {
-                let mut distinct = each.clone();
-                distinct.sort_unstable();
-                distinct.dedup();
-                Targets { each, distinct }
-            })
+            let mut distinct: Vec<u16> = each.iter().flatten().copied().collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            Targets { each, distinct }
         })
         .collect();
     Backends { pods, targets }

@@ -143,16 +143,16 @@ fn admits(
 }
 
 /// Whether `rule` may admit a Service port whose backends' target ports are `targets`,
-/// decided without judging each backend: the protocol matches, every backend has the target
+/// decided without judging each backend: the protocol matches, some backend has the target
 /// port, and the rule's ports can allow all of them (each numerically, unless a named rule port
-/// may resolve to it on a backend).
-fn may_admit(rule: &CheckedRule, p: &ServicePort, targets: Option<&Targets>) -> bool {
+/// may resolve to it on a backend). Which backends count is decided per family, later.
+fn may_admit(rule: &CheckedRule, p: &ServicePort, targets: &Targets) -> bool {
     if rule.protocol != RuleProtocol::Any && rule.protocol != rule_protocol(p.protocol) {
         return false;
     }
-    let Some(targets) = targets.filter(|t| !t.each.is_empty()) else {
+    if targets.distinct.is_empty() {
         return false;
-    };
+    }
     let Some(items) = &rule.ports else {
         return true;
     };
@@ -195,9 +195,9 @@ fn admitted(
     // (protocol, admitted ClusterIPs) → ports.
     let mut parts: BTreeMap<(RuleProtocol, Vec<PeerBlock>), Vec<PortSpec>> = BTreeMap::new();
     for (p, targets) in s.service.ports.iter().zip(&s.backends.targets) {
-        let Some(targets) = targets.as_ref().filter(|t| may_admit(rule, p, Some(t))) else {
+        if !may_admit(rule, p, targets) {
             continue;
-        };
+        }
         let mut ips: Vec<PeerBlock> = s
             .service
             .cluster_ips
@@ -271,7 +271,7 @@ fn judge(
             .ports
             .iter()
             .zip(&s.backends.targets)
-            .any(|(p, t)| may_admit(rule, p, t.as_ref()));
+            .any(|(p, t)| may_admit(rule, p, t));
         if !some_port || !reaches(ix, g, rule, ns) {
             continue;
         }
@@ -332,13 +332,14 @@ pub(crate) fn group_service_rules(
 
 /// Whether the rule admits ClusterIP `c` on port `p`, which sends to `targets` (in `backends`
 /// order): some backend has an address of `c`'s family, and the rule admits every such
-/// address on the backend's target port.
+/// address on the backend's target port (a backend of that family without the target port
+/// refuses it; backends of the other family only do not count).
 fn cluster_ip_admitted(
     ix: &Index,
     rule: &CheckedRule,
     peers: Option<&[Matcher<'_>]>,
     backends: &[(PodId, &PodEntry)],
-    targets: &[u16],
+    targets: &[Option<u16>],
     c: IpAddr,
     p: &ServicePort,
 ) -> bool {
@@ -346,6 +347,9 @@ fn cluster_ip_admitted(
     for (&(id, b), &port) in backends.iter().zip(targets) {
         for &addr in b.pod.ips.iter().filter(|a| a.is_ipv4() == c.is_ipv4()) {
             some = true;
+            let Some(port) = port else {
+                return false;
+            };
             if !admits(ix, rule, peers, (id, b), addr, p.protocol, port) {
                 return false;
             }
