@@ -152,13 +152,24 @@ alive() { # component name: its pid file names a live process of ours
 }
 
 # Starts a daemon in its own session (it outlives this script), logs to $LOGS/NAME.log.
+# Returns once the daemon's program runs: until the forked shell has exec'd it, its command line
+# is this script's, which `alive` would take for a daemon that exited (a first health check that
+# fails fast, as curl on a closed port does, could read it then: CI saw "kube-proxy exited"
+# with an empty log).
 start() { # name, command...
-  local name=$1
+  local name=$1 pid i
   shift
   current=$name
   log "starting $name"
   setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$RUN/$name.pid"
+  pid=$!
+  echo "$pid" >"$RUN/$name.pid"
+  # A failed exec ends the child (gone, or a zombie until bash reaps it): 10 s bound the wait.
+  for ((i = 0; i < 1000; i++)); do
+    alive "$name" && return 0
+    [[ "$(ps -o stat= -p "$pid" 2>/dev/null)" == [^Z]* ]] || return 0
+    sleep 0.01
+  done
 }
 
 wait_until() { # what, timeout seconds, command...: polls the command, watches $current
