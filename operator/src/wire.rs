@@ -117,8 +117,12 @@ pub fn policy(id: &str, p: &PlannedPolicy) -> pb::Policy {
                 namespace: g.group.namespace.clone(),
                 name: g.group.name.clone(),
                 generation: g.generation,
+                kind: String::new(),
             })
             .collect(),
+        layered: false,
+        ingress_layers: Vec::new(),
+        egress_layers: Vec::new(),
     }
 }
 
@@ -131,6 +135,7 @@ pub fn rule(r: &PlannedRule) -> pb::Rule {
         peers: r.peers.iter().map(peer).collect(),
         origin: r.origin.clone(),
         peer_sets: r.sets.clone(),
+        layer: pb::Layer::SecurityGroups as i32,
     }
 }
 
@@ -273,7 +278,8 @@ mod tests {
             vec![pb::GroupRef {
                 namespace: "shop".into(),
                 name: "web".into(),
-                generation: 3
+                generation: 3,
+                kind: String::new(),
             }]
         );
         let r = &p.ingress[0];

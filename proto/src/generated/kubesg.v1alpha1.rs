@@ -102,7 +102,21 @@ pub struct Policy {
     /// generation as programmed once a version containing it is acked.
     #[prost(message, repeated, tag = "5")]
     pub groups: ::prost::alloc::vec::Vec<GroupRef>,
+    /// false: a NEW connection is allowed when any rule of its direction allows it (every policy
+    /// before NetworkPolicies, and still every policy of pods no NetworkPolicy selects).
+    /// true: it is allowed when, for each layer listed for its direction, a rule of that layer
+    /// allows it; a direction with no layer listed allows every connection. This is how security
+    /// groups and NetworkPolicies compose on one pod: each layer that selects the pod must agree.
+    #[prost(bool, tag = "6")]
+    pub layered: bool,
+    /// With `layered`: the layers that select the pod for connections it accepts.
+    #[prost(enumeration = "Layer", repeated, tag = "7")]
+    pub ingress_layers: ::prost::alloc::vec::Vec<i32>,
+    /// With `layered`: the layers that select the pod for connections it opens.
+    #[prost(enumeration = "Layer", repeated, tag = "8")]
+    pub egress_layers: ::prost::alloc::vec::Vec<i32>,
 }
+/// A policy object a compiled policy comes from, with the generation compiled.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GroupRef {
     #[prost(string, tag = "1")]
@@ -111,6 +125,9 @@ pub struct GroupRef {
     pub name: ::prost::alloc::string::String,
     #[prost(int64, tag = "3")]
     pub generation: i64,
+    /// Empty: a SecurityGroup. "NetworkPolicy": a networking.k8s.io/v1 NetworkPolicy.
+    #[prost(string, tag = "4")]
+    pub kind: ::prost::alloc::string::String,
 }
 /// One allow rule, with peers and ports already resolved.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -133,6 +150,9 @@ pub struct Rule {
     /// The agent refuses an update whose rules name a set it does not have.
     #[prost(string, repeated, tag = "6")]
     pub peer_sets: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The layer the rule belongs to (see Policy.layered); ignored in a policy that is not layered.
+    #[prost(enumeration = "Layer", tag = "7")]
+    pub layer: i32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PortMatch {
@@ -197,6 +217,35 @@ pub struct DatapathSettings {
     /// as Neutron) or let it live on (false, as AWS security groups).
     #[prost(bool, tag = "1")]
     pub recheck_on_policy_change: bool,
+}
+/// Where rules come from. Within a layer rules add up (a union); across layers they intersect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum Layer {
+    /// SecurityGroups.
+    SecurityGroups = 0,
+    /// Kubernetes NetworkPolicies (networking.k8s.io/v1).
+    NetworkPolicies = 1,
+}
+impl Layer {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::SecurityGroups => "LAYER_SECURITY_GROUPS",
+            Self::NetworkPolicies => "LAYER_NETWORK_POLICIES",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "LAYER_SECURITY_GROUPS" => Some(Self::SecurityGroups),
+            "LAYER_NETWORK_POLICIES" => Some(Self::NetworkPolicies),
+            _ => None,
+        }
+    }
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
