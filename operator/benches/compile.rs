@@ -206,6 +206,8 @@ fn group(spec: &str) -> Group {
     Group {
         generation: 1,
         spec: serde_yaml::from_str(spec).expect("bench group YAML"),
+        kind: kubesg_operator::model::GroupKind::SecurityGroup,
+        origins: None,
     }
 }
 

@@ -44,9 +44,10 @@ use crate::{
     peers::{self, GroupRules},
     plan::{GroupReport, NodePlan, Plan, PlannedPolicy, PodPlan, PolicyId},
     policy::{self, ClassKey},
+    selector::Selector,
     services,
     sets::{NodeEdge, SetSlot, SetSource, SetTable},
-    validate::{validate, CheckedPeer, CheckedPort},
+    validate::{validate_group, CheckedPeer, CheckedRule},
 };
 
 /// What a change did to the plan: the nodes whose [`NodePlan`] changed (created, changed or
@@ -557,7 +558,7 @@ impl Compiler {
                 (id, true)
             }
         };
-        let checked = validate(&key.namespace, &group.spec).map_err(|e| e.to_string());
+        let checked = validate_group(&key.namespace, &group).map_err(|e| e.to_string());
         if let Some(e) = self.ix.groups.get_mut(id) {
             e.group = group;
             e.checked = checked;
@@ -619,12 +620,21 @@ impl Compiler {
         let mut named = Vec::new();
         let mut selector_peers = Vec::new();
         let mut sources = Vec::new();
-        let inline_peers = checked.egress.iter().flatten().any(|r| {
-            r.ports
-                .iter()
-                .flatten()
-                .any(|p| matches!(p, CheckedPort::Named(_)))
-        });
+        let inline_peers = checked
+            .egress
+            .iter()
+            .flatten()
+            .any(CheckedRule::has_named_ports);
+        // An egress rule open to anyone resolves its named ports on every pod: registered as a
+        // peer selecting every namespace, so that pods' changes redo its rules.
+        if checked
+            .egress
+            .iter()
+            .flatten()
+            .any(|r| r.peers.is_none() && r.has_named_ports())
+        {
+            selector_peers.push((Some(Selector::everything()), None));
+        }
         for rule in checked
             .ingress
             .iter()

@@ -15,6 +15,7 @@ pub mod manifest_source;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod netpol;
 pub mod objects;
 mod peers;
 pub mod plan;

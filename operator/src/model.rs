@@ -120,13 +120,72 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
 }
 
-/// A security group as the compiler needs it.
+/// A security group as the compiler needs it, or a Kubernetes NetworkPolicy read as one
+/// (`crate::netpol`): both select members in their namespace and list allow rules with the same
+/// peers and ports, so one compiler, one set of indexes and one datapath serve both.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Group {
     /// `metadata.generation`, reported back as `status.observedGeneration`.
     pub generation: i64,
     /// The spec.
     pub spec: SecurityGroupSpec,
+    /// Which API object it is, which decides the layer its rules are in.
+    pub kind: GroupKind,
+    /// For a NetworkPolicy, the rule of the NetworkPolicy each rule of `spec` comes from (one
+    /// NetworkPolicy rule becomes one rule per protocol it names), for `kubesg-agent explain`
+    /// and the logs. `None`: the rules are the object's own.
+    pub origins: Option<RuleOrigins>,
+}
+
+/// Names of the rules a group's rules were translated from, by direction and index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleOrigins {
+    /// One per `spec.ingress` rule.
+    pub ingress: Vec<String>,
+    /// One per `spec.egress` rule.
+    pub egress: Vec<String>,
+}
+
+/// The API object a [`Group`] comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GroupKind {
+    /// A kubesg SecurityGroup: it judges both directions of its members (ingress omitted allows
+    /// none, egress omitted allows all).
+    #[default]
+    SecurityGroup,
+    /// A `networking.k8s.io/v1` NetworkPolicy: it judges only the directions its `policyTypes`
+    /// name (a pod is isolated for ingress only by policies of type Ingress), and its rules form
+    /// a layer of their own that must agree with the pod's security groups.
+    NetworkPolicy {
+        /// `policyTypes` includes Ingress.
+        ingress: bool,
+        /// `policyTypes` includes Egress.
+        egress: bool,
+    },
+}
+
+impl GroupKind {
+    /// Whether groups of this kind judge a pod's connections in `ingress` (else egress).
+    pub fn isolates(self, ingress: bool) -> bool {
+        match self {
+            GroupKind::SecurityGroup => true,
+            GroupKind::NetworkPolicy {
+                ingress: i,
+                egress: e,
+            } => {
+                if ingress {
+                    i
+                } else {
+                    e
+                }
+            }
+        }
+    }
+
+    /// Whether this is a NetworkPolicy.
+    pub fn is_network_policy(self) -> bool {
+        matches!(self, GroupKind::NetworkPolicy { .. })
+    }
 }
 
 /// Everything that decides connectivity.
@@ -139,7 +198,8 @@ pub struct Cluster {
     pub pods: BTreeMap<ObjectKey, Pod>,
     /// Nodes by name.
     pub nodes: BTreeSet<String>,
-    /// Security groups by namespace/name.
+    /// Security groups by namespace/name, and NetworkPolicies by the keys
+    /// `crate::netpol::key` gives them (a name no SecurityGroup can have).
     pub groups: BTreeMap<ObjectKey, Group>,
     /// Services by namespace/name.
     pub services: BTreeMap<ObjectKey, Service>,

@@ -12,7 +12,8 @@ use kube::ResourceExt as _;
 use crate::{
     crd::SecurityGroup,
     model::{
-        Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol, Service, ServicePort, TargetPort,
+        Group, GroupKind, NamedPort, Namespace, ObjectKey, Pod, PortProtocol, Service, ServicePort,
+        TargetPort,
     },
 };
 
@@ -30,6 +31,10 @@ pub enum ObjectError {
     /// An object without a name.
     #[error("a {0} without a name")]
     NoName(&'static str),
+    /// An object the API server would have refused (only a manifests directory can hold one):
+    /// the message names the object and the field.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 fn key(
@@ -183,6 +188,8 @@ pub fn group(sg: &SecurityGroup) -> Result<(ObjectKey, Group), ObjectError> {
         Group {
             generation: sg.metadata.generation.unwrap_or(0),
             spec: sg.spec.clone(),
+            kind: GroupKind::SecurityGroup,
+            origins: None,
         },
     ))
 }

@@ -27,7 +27,7 @@ use crate::{
     fingerprint::{Fingerprint, Hasher},
     index::{GroupEntry, Index, PodId},
     model::PortProtocol,
-    plan::{GroupGeneration, PeerBlock, PlannedRule, PortSpec, RuleProtocol, SetId},
+    plan::{GroupGeneration, Layer, PeerBlock, PlannedRule, PortSpec, RuleProtocol, SetId},
     sets::SetSource,
     validate::{CheckedPeer, CheckedPort, CheckedRule},
 };
@@ -54,6 +54,7 @@ pub(crate) enum TemplatePort {
 /// An ingress rule with its peers resolved and its named ports not yet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct IngressTemplate {
+    pub layer: Layer,
     pub protocol: RuleProtocol,
     /// `None`: every port.
     pub ports: Option<Vec<TemplatePort>>,
@@ -79,12 +80,18 @@ pub(crate) struct GroupRules {
 /// The fingerprint of a compiled rule, from its parts (the peers by their own fingerprint, so a
 /// policy's id costs a hash per rule, not per peer).
 pub(crate) fn rule_fingerprint(
+    layer: Layer,
     protocol: RuleProtocol,
     ports: &[PortSpec],
     peers_fingerprint: &Fingerprint,
     origin: &str,
 ) -> Fingerprint {
     let mut h = Hasher::new("rule");
+    // Security-group rules hash as they did before layers existed, so an operator upgrade leaves
+    // their policies' ids (and what the agents hold) untouched.
+    if layer != Layer::SecurityGroups {
+        h.str("layer:network-policies");
+    }
     h.protocol(protocol)
         .ports(ports)
         .fingerprint(peers_fingerprint)
@@ -105,7 +112,7 @@ pub(crate) fn peers_fingerprint(peers: &[PeerBlock], sets: &[SetId]) -> Fingerpr
 /// A compiled rule with its fingerprint computed.
 pub(crate) fn fingerprinted(rule: PlannedRule) -> FingerprintedRule {
     let pf = peers_fingerprint(&rule.peers, &rule.sets);
-    let fingerprint = rule_fingerprint(rule.protocol, &rule.ports, &pf, &rule.origin);
+    let fingerprint = rule_fingerprint(rule.layer, rule.protocol, &rule.ports, &pf, &rule.origin);
     FingerprintedRule { rule, fingerprint }
 }
 
@@ -244,18 +251,20 @@ pub(crate) fn resolve(ix: &Index, g: &GroupEntry) -> GroupRules {
                     .collect()
             });
             IngressTemplate {
+                layer: Layer::of(g.group.kind),
                 protocol: rule.protocol,
                 ports,
                 peers_fingerprint: peers_fingerprint(&blocks, &sets),
                 peers: blocks,
                 sets,
-                origin: format!("{key} ingress[{i}]"),
+                origin: rule_origin(g, true, i),
             }
         })
         .collect();
 
     let egress = match &checked.egress {
         None => vec![fingerprinted(PlannedRule {
+            layer: Layer::of(g.group.kind),
             protocol: RuleProtocol::Any,
             ports: Vec::new(),
             peers: anyone(),
@@ -265,7 +274,7 @@ pub(crate) fn resolve(ix: &Index, g: &GroupEntry) -> GroupRules {
         Some(rules) => {
             let mut out = Vec::new();
             for (i, rule) in rules.iter().enumerate() {
-                egress_rules(ix, g, rule, format!("{key} egress[{i}]"), &mut out);
+                egress_rules(ix, g, rule, rule_origin(g, false, i), &mut out);
             }
             out
         }
@@ -283,6 +292,17 @@ pub(crate) fn resolve(ix: &Index, g: &GroupEntry) -> GroupRules {
     }
 }
 
+/// How `explain` and the logs name rule `i` of a direction of group `g`: `shop/web ingress[0]`,
+/// or the NetworkPolicy rule it was translated from.
+pub(crate) fn rule_origin(g: &GroupEntry, ingress: bool, i: usize) -> String {
+    let direction = if ingress { "ingress" } else { "egress" };
+    g.group
+        .origins
+        .as_ref()
+        .and_then(|o| if ingress { &o.ingress } else { &o.egress }.get(i).cloned())
+        .unwrap_or_else(|| format!("{} {direction}[{i}]", g.key))
+}
+
 /// One egress rule, split per resolved named port.
 fn egress_rules(
     ix: &Index,
@@ -294,6 +314,7 @@ fn egress_rules(
     let named = rule_peers(g, rule);
     let Some(items) = &rule.ports else {
         out.push(fingerprinted(PlannedRule {
+            layer: Layer::of(g.group.kind),
             protocol: rule.protocol,
             ports: Vec::new(),
             peers: named.blocks,
@@ -321,6 +342,7 @@ fn egress_rules(
     numeric.dedup();
     if !numeric.is_empty() {
         out.push(fingerprinted(PlannedRule {
+            layer: Layer::of(g.group.kind),
             protocol: rule.protocol,
             ports: numeric,
             peers: named.blocks,
@@ -350,6 +372,7 @@ fn egress_rules(
         peers.sort();
         peers.dedup();
         out.push(fingerprinted(PlannedRule {
+            layer: Layer::of(g.group.kind),
             protocol: rule.protocol,
             ports: vec![PortSpec::Range {
                 first: port,
@@ -367,9 +390,8 @@ fn egress_rules(
 fn peer_pods(ix: &Index, g: &GroupEntry, rule: &CheckedRule) -> Vec<PodId> {
     let mut pods = Vec::new();
     for source in rule
-        .peers
+        .named_port_peers()
         .iter()
-        .flatten()
         .filter_map(|peer| SetSource::of_peer(&g.key.namespace, peer))
     {
         source.for_each_pod(ix, |id, p| {

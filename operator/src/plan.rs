@@ -68,9 +68,44 @@ pub struct PeerBlock {
     pub except: Vec<IpNet>,
 }
 
+/// Where a rule comes from, as far as composing them goes: rules of one layer add up, and on a
+/// pod that both kinds select each layer must allow a NEW connection (docs/architecture.md,
+/// "NetworkPolicies").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Layer {
+    /// SecurityGroups.
+    #[default]
+    SecurityGroups,
+    /// Kubernetes NetworkPolicies.
+    NetworkPolicies,
+}
+
+impl Layer {
+    /// The layer of a group's rules.
+    pub fn of(kind: crate::model::GroupKind) -> Layer {
+        if kind.is_network_policy() {
+            Layer::NetworkPolicies
+        } else {
+            Layer::SecurityGroups
+        }
+    }
+}
+
+/// The layers that judge a pod's connections, per direction (a layer absent from a direction
+/// does not constrain it; a direction with none allows everything).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyLayers {
+    /// For the connections the pod accepts, sorted.
+    pub ingress: Vec<Layer>,
+    /// For the connections the pod opens, sorted.
+    pub egress: Vec<Layer>,
+}
+
 /// One compiled allow rule.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PlannedRule {
+    /// The layer it belongs to.
+    pub layer: Layer,
     /// The protocol.
     pub protocol: RuleProtocol,
     /// Empty: every port of the protocol.
@@ -106,6 +141,9 @@ pub struct PlannedPolicy {
     /// the groups their rules name as peers. The status reports a generation programmed on a node
     /// once the node acked a version carrying a policy that lists it.
     pub groups: BTreeSet<GroupGeneration>,
+    /// `None` for the pods only SecurityGroups select: a NEW connection is allowed when any rule
+    /// allows it. `Some` when a NetworkPolicy selects them: each listed layer must allow it.
+    pub layers: Option<PolicyLayers>,
 }
 
 /// A pod on a node and the policy it uses.
@@ -162,6 +200,7 @@ impl NodePlan {
             ingress: resolve(&p.ingress),
             egress: resolve(&p.egress),
             groups: p.groups.clone(),
+            layers: p.layers.clone(),
         })
     }
 }

@@ -16,7 +16,7 @@ use crate::{
     peers::{
         rule_fingerprint, FingerprintedRule, GroupRules, IngressTemplate, NamedNeed, TemplatePort,
     },
-    plan::{GroupGeneration, PlannedPolicy, PlannedRule, PolicyId, PortSpec},
+    plan::{GroupGeneration, Layer, PlannedPolicy, PlannedRule, PolicyId, PolicyLayers, PortSpec},
 };
 
 /// What decides a pod's policy: its groups and the ports its named ports resolve to.
@@ -119,6 +119,29 @@ fn listed_groups(groups: &[&GroupEntry]) -> BTreeSet<GroupGeneration> {
     listed
 }
 
+/// The layers that judge the class's pods, `None` when only SecurityGroups select them (every
+/// rule of a direction then allows on its own, as before NetworkPolicies). A SecurityGroup
+/// judges both directions of its members; a NetworkPolicy the directions of its `policyTypes`.
+fn layers(groups: &[&GroupEntry]) -> Option<PolicyLayers> {
+    if !groups.iter().any(|g| g.group.kind.is_network_policy()) {
+        return None;
+    }
+    let listed = |ingress: bool| {
+        let mut layers: Vec<Layer> = groups
+            .iter()
+            .filter(|g| g.group.kind.isolates(ingress))
+            .map(|g| Layer::of(g.group.kind))
+            .collect();
+        layers.sort();
+        layers.dedup();
+        layers
+    };
+    Some(PolicyLayers {
+        ingress: listed(true),
+        egress: listed(false),
+    })
+}
+
 /// The id of a class's policy: a fingerprint of what [`build`] returns, computed from the
 /// per-rule fingerprints without building the policy. Nodes hold their own copy of each policy
 /// they use; the compiler keeps only ids and builds a copy when a node first needs one.
@@ -131,6 +154,7 @@ pub(crate) fn id(ix: &Index, key: &ClassKey) -> PolicyId {
         for t in &rules.ingress {
             if let Some(ports) = ingress_ports(rules, t, key) {
                 ingress.push(rule_fingerprint(
+                    t.layer,
                     t.protocol,
                     &ports,
                     &t.peers_fingerprint,
@@ -157,6 +181,17 @@ pub(crate) fn id(ix: &Index, key: &ClassKey) -> PolicyId {
             .str(&g.group.name)
             .i64(g.generation);
     }
+    // Only layered policies hash their layers: SecurityGroup-only policies keep the ids they had
+    // before layers existed.
+    if let Some(l) = layers(&groups) {
+        h.str("layers");
+        for list in [&l.ingress, &l.egress] {
+            h.count(list.len());
+            for layer in list {
+                h.u8(*layer as u8);
+            }
+        }
+    }
     hex(&h.finish())
 }
 
@@ -174,12 +209,14 @@ pub(crate) fn build(ix: &Index, key: &ClassKey) -> PlannedPolicy {
                 .sum(),
         ),
         groups: listed_groups(&groups),
+        layers: layers(&groups),
     };
     for g in &groups {
         let rules = &g.rules;
         for t in &rules.ingress {
             if let Some(ports) = ingress_ports(rules, t, key) {
                 policy.ingress.push(PlannedRule {
+                    layer: t.layer,
                     protocol: t.protocol,
                     ports,
                     peers: t.peers.clone(),

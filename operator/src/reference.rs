@@ -6,7 +6,7 @@
 //! clarity, not speed (every question rescans the cluster).
 //!
 //! What it shares with the compiler: label selector matching ([`crate::selector`]) and the
-//! acceptance of a spec ([`crate::validate::validate`]: an invalid group selects no member and
+//! acceptance of a spec ([`crate::validate::validate_group`]: an invalid group selects no member and
 //! allows nothing, as the compiler treats it; re-implementing the API server's checks here would
 //! only copy them). Everything else — membership, peers, named ports, address blocks, the union
 //! of groups, the default of omitted rule lists — is evaluated here on its own.
@@ -28,7 +28,7 @@ use crate::{
     crd::{EgressRule, IcmpType, IpBlock, Peer, Port, Protocol},
     model::{Cluster, ObjectKey, Pod, PortProtocol, Service, TargetPort},
     selector::Selector,
-    validate::validate,
+    validate::validate_group,
 };
 
 /// IANA protocol number of TCP.
@@ -83,7 +83,7 @@ pub fn endpoint(c: &Cluster, addr: IpAddr) -> Option<&ObjectKey> {
 pub fn accepted(c: &Cluster, g: &ObjectKey) -> bool {
     c.groups
         .get(g)
-        .is_some_and(|grp| validate(&g.namespace, &grp.spec).is_ok())
+        .is_some_and(|grp| validate_group(&g.namespace, grp).is_ok())
 }
 
 fn selector_matches(
@@ -215,16 +215,13 @@ fn ports_match(
     }
 }
 
-/// Whether member `member` may accept a NEW connection from `src` on `proto`/`port`: some
-/// ingress rule of some group it belongs to allows it (named ports resolve on the member). A pod
-/// in no group accepts everything; a group that omits `ingress` allows none.
+/// Whether member `member` may accept a NEW connection from `src` on `proto`/`port`: in each
+/// layer that judges its ingress ([`layers_agree`]), some ingress rule of some group allows it
+/// (named ports resolve on the member). A pod in no group accepts everything; a SecurityGroup
+/// that omits `ingress` allows none.
 pub fn ingress_allows(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, src: IpAddr) -> bool {
-    let groups = groups_of(c, member);
-    if groups.is_empty() {
-        return true;
-    }
     let pod = c.pods.get(member);
-    groups.into_iter().any(|g| {
+    layers_agree(c, member, true, |g| {
         c.groups[g].spec.ingress.iter().flatten().any(|r| {
             protocol_matches(r.protocol, proto)
                 && ports_match(
@@ -248,16 +245,38 @@ pub fn ingress_allows(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, src
     })
 }
 
-/// Whether member `member` may open a NEW connection to `dst` on `proto`/`port`: some egress
-/// rule of some group it belongs to allows it, straight to `dst` or through a Service whose
-/// ClusterIP `dst` is ([`service_admitted`]). A pod in no group may open anything; a group that
-/// omits `egress` allows all.
-pub fn egress_allows(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, dst: IpAddr) -> bool {
+/// The composition of the two kinds of groups on pod `member`, for one direction (`ingress`,
+/// else egress): the SecurityGroups it is a member of judge as one layer (some group's rules
+/// allow), the NetworkPolicies that select it and isolate it in that direction as another (some
+/// policy's rules allow), and the connection must pass every layer that has a group. A pod no
+/// group judges in that direction allows it. `allows` says whether one group's rules allow it.
+fn layers_agree(
+    c: &Cluster,
+    member: &ObjectKey,
+    ingress: bool,
+    allows: impl Fn(&ObjectKey) -> bool,
+) -> bool {
     let groups = groups_of(c, member);
-    if groups.is_empty() {
-        return true;
-    }
-    groups.into_iter().any(|g| match &c.groups[g].spec.egress {
+    let layer = |network_policies: bool| {
+        let judging: Vec<&ObjectKey> = groups
+            .iter()
+            .copied()
+            .filter(|g| {
+                let kind = c.groups[*g].kind;
+                kind.is_network_policy() == network_policies && kind.isolates(ingress)
+            })
+            .collect();
+        judging.is_empty() || judging.into_iter().any(&allows)
+    };
+    layer(false) && layer(true)
+}
+
+/// Whether member `member` may open a NEW connection to `dst` on `proto`/`port`: in each layer
+/// that judges its egress ([`layers_agree`]), some egress rule of some group allows it, straight
+/// to `dst` or through a Service whose ClusterIP `dst` is ([`service_admitted`]). A pod in no
+/// group may open anything; a SecurityGroup that omits `egress` allows all.
+pub fn egress_allows(c: &Cluster, member: &ObjectKey, proto: u8, port: u16, dst: IpAddr) -> bool {
+    layers_agree(c, member, false, |g| match &c.groups[g].spec.egress {
         None => true,
         Some(rules) => rules.iter().any(|r| {
             egress_rule_admits(c, g, r, proto, port, dst)
@@ -287,8 +306,20 @@ fn egress_rule_admits(
     };
     protocol_matches(r.protocol, proto)
         && match r.to.as_deref() {
-            // Anyone: an address, so named ports cannot resolve.
-            None | Some([]) => ports_ok(None),
+            // Anyone: numeric ports hold for every address; a named port resolves on the pod
+            // that owns `dst`, whichever pod of whichever namespace (one with a Namespace
+            // object, as `namespaceSelector: {}` reads it) that is.
+            None | Some([]) => {
+                ports_ok(None)
+                    || c.pods
+                        .iter()
+                        .filter(|(k, p)| {
+                            enforced(p)
+                                && p.ips.contains(&dst)
+                                && c.namespaces.contains_key(&k.namespace)
+                        })
+                        .any(|(_, p)| ports_ok(Some(p)))
+            }
             Some(peers) => peers.iter().any(|peer| match &peer.ip_block {
                 Some(b) => block_contains(b, dst) && ports_ok(None),
                 None => peer_pods(c, g, peer)
@@ -390,6 +421,8 @@ mod tests {
         Group {
             generation: 1,
             spec: serde_yaml::from_str(yaml).unwrap(),
+            kind: crate::model::GroupKind::SecurityGroup,
+            origins: None,
         }
     }
 

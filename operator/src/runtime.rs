@@ -295,6 +295,8 @@ mod tests {
                 ingress: Some(Vec::new()),
                 egress: None,
             },
+            kind: crate::model::GroupKind::SecurityGroup,
+            origins: None,
         }
     }
 

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr
 
 use crate::{
     crd::{IcmpType, IpBlock, Peer, Port, Protocol, SecurityGroupSpec},
-    model::ObjectKey,
+    model::{Group, ObjectKey},
     plan::{PeerBlock, RuleProtocol},
     selector::Selector,
 };
@@ -61,6 +61,30 @@ pub struct CheckedRule {
     pub ports: Option<Vec<CheckedPort>>,
     /// `None`: anyone (`from`/`to` omitted or empty, as Kubernetes NetworkPolicy reads them).
     pub peers: Option<Vec<CheckedPeer>>,
+}
+
+impl CheckedRule {
+    /// The peers a named port of this (egress) rule resolves on: its pod peers, or, when it
+    /// admits anyone, every pod of every namespace (as `namespaceSelector: {}` selects them):
+    /// a NetworkPolicy egress rule naming only a port, e.g. `serve-80-tcp`, admits that port of
+    /// whichever pod has it.
+    pub fn named_port_peers(&self) -> std::borrow::Cow<'_, [CheckedPeer]> {
+        match &self.peers {
+            Some(peers) => std::borrow::Cow::Borrowed(peers),
+            None => std::borrow::Cow::Owned(vec![CheckedPeer::Pods {
+                namespaces: Some(Selector::everything()),
+                pods: None,
+            }]),
+        }
+    }
+
+    /// Whether some port item is a named port.
+    pub fn has_named_ports(&self) -> bool {
+        self.ports
+            .iter()
+            .flatten()
+            .any(|p| matches!(p, CheckedPort::Named(_)))
+    }
 }
 
 /// A checked port item.
@@ -134,9 +158,21 @@ impl fmt::Display for Invalid {
 
 /// Checks the spec of a group in `namespace` (needed to default `securityGroup.namespace`).
 pub fn validate(namespace: &str, spec: &SecurityGroupSpec) -> Result<CheckedGroup, Invalid> {
+    check(namespace, spec, true)
+}
+
+/// Checks a group of either kind. A NetworkPolicy's spec is its translation
+/// (`crate::netpol`): the API server validated the NetworkPolicy itself, and the SecurityGroup
+/// CRD's size limits (there for the CEL cost budget) do not apply to it.
+pub fn validate_group(namespace: &str, group: &Group) -> Result<CheckedGroup, Invalid> {
+    check(namespace, &group.spec, !group.kind.is_network_policy())
+}
+
+fn check(namespace: &str, spec: &SecurityGroupSpec, limits: bool) -> Result<CheckedGroup, Invalid> {
     let mut v = Checker {
         namespace,
         errors: Vec::new(),
+        limits,
     };
     let pod_selector = v.selector("spec.podSelector", &spec.pod_selector);
     let ingress = spec.ingress.as_ref().map(|rules| {
@@ -198,6 +234,8 @@ pub fn rule_protocol(p: Protocol) -> RuleProtocol {
 struct Checker<'a> {
     namespace: &'a str,
     errors: Vec<FieldError>,
+    /// Whether the CRD's size limits apply (SecurityGroups; not translated NetworkPolicies).
+    limits: bool,
 }
 
 impl Checker<'_> {
@@ -209,7 +247,7 @@ impl Checker<'_> {
     }
 
     fn max_len(&mut self, path: &str, len: usize, max: usize) {
-        if len > max {
+        if self.limits && len > max {
             self.error(path, format!("{len} items, at most {max} allowed"));
         }
     }
@@ -371,6 +409,14 @@ impl Checker<'_> {
                 self.error(
                     format!("{path}.securityGroup.name"),
                     format!("{:?} must be 1-253 characters", g.name),
+                );
+                ok = false;
+            } else if g.name.contains('/') {
+                // No object name has one; NetworkPolicies' keys do (crate::netpol), and a group
+                // must not select a NetworkPolicy's pods under its name.
+                self.error(
+                    format!("{path}.securityGroup.name"),
+                    format!("{:?} is not a SecurityGroup name (no '/' allowed)", g.name),
                 );
                 ok = false;
             }

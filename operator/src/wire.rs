@@ -18,7 +18,7 @@ use kubesg_proto::v1alpha1 as pb;
 use crate::{
     model::ObjectKey,
     plan::{
-        AddressSet, NodePlan, PeerBlock, PlannedPolicy, PlannedRule, PodPlan, PortSpec,
+        AddressSet, Layer, NodePlan, PeerBlock, PlannedPolicy, PlannedRule, PodPlan, PortSpec,
         RuleProtocol,
     },
 };
@@ -113,16 +113,40 @@ pub fn policy(id: &str, p: &PlannedPolicy) -> pb::Policy {
         groups: p
             .groups
             .iter()
-            .map(|g| pb::GroupRef {
-                namespace: g.group.namespace.clone(),
-                name: g.group.name.clone(),
-                generation: g.generation,
-                kind: String::new(),
+            .map(|g| match crate::netpol::name(&g.group) {
+                Some(name) => pb::GroupRef {
+                    namespace: g.group.namespace.clone(),
+                    name: name.to_owned(),
+                    generation: g.generation,
+                    kind: "NetworkPolicy".to_owned(),
+                },
+                None => pb::GroupRef {
+                    namespace: g.group.namespace.clone(),
+                    name: g.group.name.clone(),
+                    generation: g.generation,
+                    kind: String::new(),
+                },
             })
             .collect(),
-        layered: false,
-        ingress_layers: Vec::new(),
-        egress_layers: Vec::new(),
+        layered: p.layers.is_some(),
+        ingress_layers: p
+            .layers
+            .iter()
+            .flat_map(|l| l.ingress.iter().map(|&x| layer(x) as i32))
+            .collect(),
+        egress_layers: p
+            .layers
+            .iter()
+            .flat_map(|l| l.egress.iter().map(|&x| layer(x) as i32))
+            .collect(),
+    }
+}
+
+/// The wire form of a layer.
+fn layer(l: Layer) -> pb::Layer {
+    match l {
+        Layer::SecurityGroups => pb::Layer::SecurityGroups,
+        Layer::NetworkPolicies => pb::Layer::NetworkPolicies,
     }
 }
 
@@ -135,7 +159,7 @@ pub fn rule(r: &PlannedRule) -> pb::Rule {
         peers: r.peers.iter().map(peer).collect(),
         origin: r.origin.clone(),
         peer_sets: r.sets.clone(),
-        layer: pb::Layer::SecurityGroups as i32,
+        layer: layer(r.layer) as i32,
     }
 }
 
@@ -207,6 +231,7 @@ mod tests {
             "p1".into(),
             std::sync::Arc::new(PlannedPolicy {
                 ingress: vec![PlannedRule {
+                    layer: Layer::SecurityGroups,
                     sets: vec!["group:shop/lb".into()],
                     protocol: RuleProtocol::Tcp,
                     ports: vec![PortSpec::Range {
@@ -220,6 +245,7 @@ mod tests {
                     origin: "shop/web ingress[0]".into(),
                 }],
                 egress: vec![PlannedRule {
+                    layer: Layer::SecurityGroups,
                     sets: Vec::new(),
                     protocol: RuleProtocol::Icmpv6,
                     ports: vec![PortSpec::Icmp {
@@ -236,6 +262,7 @@ mod tests {
                     group: ObjectKey::new("shop", "web"),
                     generation: 3,
                 }]),
+                layers: None,
             }),
         );
         plan.sets.insert(

@@ -31,8 +31,8 @@ use kubesg_operator::{
         SecurityGroupSpec,
     },
     model::{
-        Cluster, Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol, Service, ServicePort,
-        TargetPort,
+        Cluster, Group, GroupKind, NamedPort, Namespace, ObjectKey, Pod, PortProtocol, Service,
+        ServicePort, TargetPort,
     },
     plan::{Plan, PlannedPolicy, PlannedRule, PortSpec, RuleProtocol},
     reference,
@@ -388,6 +388,8 @@ fn group_spec() -> impl Strategy<Value = Group> {
                         .collect()
                 }),
             },
+            kind: GroupKind::SecurityGroup,
+            origins: None,
         })
 }
 

@@ -12,7 +12,7 @@ use crate::{
     index::{GroupEntry, Index, NsSelectorId, PodEntry, PodId, ServiceEntry, StoredPod, Targets},
     model::{ObjectKey, PortProtocol, ServicePort},
     peers::{fingerprinted, host_block, FingerprintedRule},
-    plan::{PeerBlock, PlannedRule, PortSpec, RuleProtocol},
+    plan::{Layer, PeerBlock, PlannedRule, PortSpec, RuleProtocol},
     selector::Selector,
     validate::{CheckedPeer, CheckedPort, CheckedRule},
 };
@@ -130,7 +130,16 @@ fn admits(
     port: u16,
 ) -> bool {
     let Some(peers) = peers else {
-        return ports_allow(rule, port, protocol, None);
+        // Anyone: numeric ports for any address; named ones on the backend, as on any pod
+        // (`CheckedRule::named_port_peers`).
+        return ports_allow(rule, port, protocol, None)
+            || (rule.has_named_ports()
+                && b.enforced()
+                && ix
+                    .namespaces
+                    .get(&b.key.namespace)
+                    .is_some_and(|n| n.labels.is_some())
+                && ports_allow(rule, port, protocol, Some(&b.pod)));
     };
     peers.iter().any(|peer| match peer {
         Matcher::Block(block) => {
@@ -223,6 +232,7 @@ fn admitted(
         ports.sort();
         ports.dedup();
         out.push(fingerprinted(PlannedRule {
+            layer: Layer::of(g.group.kind),
             protocol,
             ports,
             peers,
@@ -288,7 +298,7 @@ fn judge(
         else {
             return;
         };
-        let origin = format!("{} egress[{i}]", g.key);
+        let origin = crate::peers::rule_origin(g, false, i);
         admitted(ix, g, rule, &origin, (ns, name, s), backends, out);
     }
 }

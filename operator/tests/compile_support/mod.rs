@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use kubesg_operator::{
-    model::{Cluster, Group, NamedPort, Namespace, ObjectKey, Pod, PortProtocol},
+    model::{Cluster, Group, GroupKind, NamedPort, Namespace, ObjectKey, Pod, PortProtocol},
     plan::{Plan, PlannedPolicy, PlannedRule, PortSpec, RuleProtocol},
 };
 
@@ -42,6 +42,8 @@ pub fn group_gen(spec_yaml: &str, generation: i64) -> Group {
     Group {
         generation,
         spec: serde_yaml::from_str(spec_yaml).unwrap(),
+        kind: GroupKind::SecurityGroup,
+        origins: None,
     }
 }
 

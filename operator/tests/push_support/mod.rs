@@ -19,7 +19,7 @@ use kubesg_agent::{
 use kubesg_operator::{
     model::ObjectKey,
     plan::{
-        GroupGeneration, NodePlan, PeerBlock, PlannedPolicy, PlannedRule, PodPlan, PortSpec,
+        GroupGeneration, Layer, NodePlan, PeerBlock, PlannedPolicy, PlannedRule, PodPlan, PortSpec,
         RuleProtocol,
     },
     push::{NodeStatus, PushServer, PushSettings},
@@ -320,6 +320,7 @@ pub fn web_policy_id(port: u16) -> String {
 pub fn web_policy(port: u16, generation: i64) -> PlannedPolicy {
     PlannedPolicy {
         ingress: vec![PlannedRule {
+            layer: Layer::SecurityGroups,
             sets: Vec::new(),
             protocol: RuleProtocol::Tcp,
             ports: vec![PortSpec::Range {
@@ -339,6 +340,7 @@ pub fn web_policy(port: u16, generation: i64) -> PlannedPolicy {
             origin: "shop/web ingress[0]".into(),
         }],
         egress: vec![PlannedRule {
+            layer: Layer::SecurityGroups,
             sets: Vec::new(),
             protocol: RuleProtocol::Icmp,
             ports: vec![PortSpec::Icmp {
@@ -355,6 +357,7 @@ pub fn web_policy(port: u16, generation: i64) -> PlannedPolicy {
             group: ObjectKey::new("shop", "web"),
             generation,
         }]),
+        layers: None,
     }
 }
 
