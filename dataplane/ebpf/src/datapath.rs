@@ -311,7 +311,7 @@ fn unlayered(policy_id: u32, q: &PolicyQuery) -> bool {
 #[inline(always)]
 fn layered(policy_id: u32, q: &PolicyQuery, from_host: bool) -> bool {
     // SAFETY: the value is plain data, copied out at once.
-    let layers = match unsafe { POLICY_LAYERS.get(&LayersKey::new(policy_id, q.direction)) } {
+    let layers = match unsafe { POLICY_LAYERS.get(LayersKey::new(policy_id, q.direction)) } {
         Some(l) => *l,
         None => return false,
     };
