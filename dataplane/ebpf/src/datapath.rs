@@ -442,14 +442,18 @@ fn open(
         Some(e) => e,
         None => return invalid(ep, DenyReason::Invalid),
     };
-    // Recorded whatever the policy (one load per new connection): a connection the node opened
-    // keeps its NetworkPolicies exemption when the pod later gets a layered policy.
-    let host = packet_from_host(ctx, dir);
-    if ep.is_member() && !allowed(ep, &PolicyQuery::for_packet(dir, pkt), || host) {
+    if ep.is_member()
+        && !allowed(ep, &PolicyQuery::for_packet(dir, pkt), || {
+            packet_from_host(ctx, dir)
+        })
+    {
         // A refused connection leaves no state behind.
         return Verdict::Drop(DenyReason::Policy);
     }
-    if host {
+    // Recorded whatever the policy (one load per accepted connection; a refused one, which
+    // unlayered policies decide exactly as before, costs nothing more): a connection the node
+    // opened keeps its NetworkPolicies exemption when the pod later gets a layered policy.
+    if packet_from_host(ctx, dir) {
         entry.flags |= CT_F_FROM_HOST;
     }
     entry.policy_id = ep.policy_id;
