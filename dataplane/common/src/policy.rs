@@ -385,5 +385,9 @@ mod tests {
     fn layouts_are_fixed() {
         assert_eq!(core::mem::size_of::<LayersKey>(), 8);
         assert_eq!(core::mem::size_of::<Layers>(), 48);
+        // Layers came without changing the pinned maps' values (an upgrade keeps them): the
+        // endpoint got a flag bit, the conntrack entry a flag bit, neither a byte.
+        assert_eq!(core::mem::size_of::<crate::endpoint::Endpoint>(), 16);
+        assert_eq!(core::mem::size_of::<crate::conntrack::CtEntry>(), 24);
     }
 }
