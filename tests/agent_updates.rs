@@ -101,3 +101,101 @@ fn a_version_the_datapath_cannot_hold_is_nacked_and_the_previous_one_stays_enfor
         cluster.dump()
     );
 }
+
+/// The server's policy, layered on ingress: its security group allows `sg_ports` from the
+/// client, a NetworkPolicy `np_ports`; `layers` lists the layers required (as the operator
+/// sends them).
+fn layered_server(
+    version: u64,
+    client: &CniPod,
+    server: &CniPod,
+    sg_ports: &[u16],
+    np_ports: &[u16],
+    layers: Vec<pb::Layer>,
+) -> pb::PolicyUpdate {
+    let of = |layer: pb::Layer, ports: &[u16], origin: &str| pb::Rule {
+        layer: layer as i32,
+        origin: origin.into(),
+        ..tcp(ports, hosts(&[client]))
+    };
+    let srv = pb::Policy {
+        layered: true,
+        ingress_layers: layers.into_iter().map(|l| l as i32).collect(),
+        ..policy(
+            "srv",
+            vec![
+                of(pb::Layer::SecurityGroups, sg_ports, "shop/db ingress[0]"),
+                of(
+                    pb::Layer::NetworkPolicies,
+                    np_ports,
+                    "networkpolicy shop/allow-client ingress[0]",
+                ),
+            ],
+            vec![],
+        )
+    };
+    snapshot(version, vec![srv], &[(client, None), (server, Some("srv"))])
+}
+
+#[test]
+fn a_layered_version_is_enforced_layer_by_layer_and_a_layer_listed_twice_is_nacked() {
+    kubesg_testkit::require_privileged!();
+    use pb::Layer::{NetworkPolicies as Np, SecurityGroups as Sg};
+    let cluster = Cluster::connected(Startup::Deny);
+    let client = cluster.add_pod("client", 41);
+    let server = cluster.add_pod("server", 42);
+    // Version 1: the group allows 8080 and 9090, the NetworkPolicy 8080: only 8080 opens.
+    cluster.push(layered_server(
+        1,
+        &client,
+        &server,
+        &[8080, 9090],
+        &[8080],
+        vec![Sg, Np],
+    ));
+    let (mut held_c, mut held_s) = cluster.assert_opens(&client, &server, false, 8080);
+    for v6 in [false, true] {
+        cluster.assert_opens(&client, &server, v6, 8080);
+        cluster.assert_dropped(&client, &server, v6, 9090);
+    }
+
+    // Version 2 lists the NetworkPolicies layer twice: refused, naming why; version 1 holds.
+    let ack = cluster.push_for_answer(layered_server(
+        2,
+        &client,
+        &server,
+        &[9090],
+        &[9090],
+        vec![Np, Np],
+    ));
+    assert!(!ack.applied, "version 2 must be refused: {ack:?}");
+    assert!(ack.reason.contains("twice"), "{}", ack.reason);
+    assert_eq!(cluster.applied_version(), 1, "{}", cluster.dump());
+    cluster.assert_dropped(&client, &server, false, 9090);
+
+    // Version 3: the same rules unlayered are a union: 9090 opens too.
+    let mut flat = layered_server(3, &client, &server, &[8080, 9090], &[8080], vec![]);
+    flat.upsert_policies[0].layered = false;
+    cluster.push(flat);
+    assert_eq!(cluster.applied_version(), 3);
+    cluster.assert_opens(&client, &server, true, 9090);
+
+    // Version 4: layered again, the NetworkPolicy now allowing 9090 only: 8080 is refused and the
+    // connection version 1 allowed on it is cut (re-checked against both layers).
+    cluster.push(layered_server(
+        4,
+        &client,
+        &server,
+        &[8080, 9090],
+        &[9090],
+        vec![Sg, Np],
+    ));
+    assert_eq!(cluster.applied_version(), 4);
+    cluster.assert_opens(&client, &server, false, 9090);
+    cluster.assert_dropped(&client, &server, false, 8080);
+    assert!(
+        !common::data_gets_through(&mut held_c, &mut held_s),
+        "version 4's NetworkPolicy no longer allows 8080: the held connection is cut\n{}",
+        cluster.dump()
+    );
+}

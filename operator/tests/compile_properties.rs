@@ -524,6 +524,7 @@ fn to_agent(r: &PlannedRule) -> agent::Rule {
             })
             .collect(),
         origin: r.origin.clone(),
+        layer: agent::Layer::SecurityGroups,
     }
 }
 

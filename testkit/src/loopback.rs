@@ -12,7 +12,7 @@ use kubesg_agent::{
     datapath::{Datapath, DatapathOptions, PolicyHandle},
     events::{self, Denial},
     policy::CompiledPolicy,
-    testrun::test_run,
+    testrun::test_run_from,
 };
 use kubesg_common::{
     config::CFG_RECHECK_ON_POLICY_CHANGE,
@@ -31,6 +31,9 @@ pub const ACCEPT: i32 = -1;
 pub const DROP: i32 = 2;
 /// Loopback, where the endpoint sits: `BPF_PROG_TEST_RUN` needs no device for it.
 pub const IFINDEX: u32 = 1;
+/// The `ingress_ifindex` of a packet the pod receives from another pod or node (forwarded or
+/// bridged from that interface); [`LoopbackDatapath::host_sends`] uses 0, the node's own stack.
+pub const FORWARDED_FROM: u32 = 1000;
 /// The index of what the pod sends in [`LoopbackDatapath::counters`].
 pub const EGRESS: usize = Direction::Egress as usize;
 /// The index of what the pod receives in [`LoopbackDatapath::counters`].
@@ -105,22 +108,38 @@ impl LoopbackDatapath {
         self.datapath.set_config(&cfg).expect("writing the config");
     }
 
-    fn run(&self, prog: &'static str, frame: &[u8]) -> io::Result<i32> {
+    fn run(&self, prog: &'static str, frame: &[u8], ingress_ifindex: u32) -> io::Result<i32> {
         let fd = self.datapath.program_fd(prog).expect("program fd");
         let before = clock::now_ns();
-        let r = test_run(fd, frame, IFINDEX, 1)?;
+        let r = test_run_from(fd, frame, IFINDEX, ingress_ifindex, 1)?;
         self.window.set((before, clock::now_ns()));
         Ok(r.retval)
     }
 
-    /// Runs `frame` as sent by the pod; returns the verdict ([`ACCEPT`] or [`DROP`]).
+    /// Runs `frame` as sent by the pod (received on its interface, as the kernel marks it);
+    /// returns the verdict ([`ACCEPT`] or [`DROP`]).
     pub fn pod_sends(&self, frame: &[u8]) -> i32 {
-        self.run("from_pod", frame).expect("BPF_PROG_TEST_RUN")
+        self.run("from_pod", frame, IFINDEX)
+            .expect("BPF_PROG_TEST_RUN")
     }
 
-    /// Runs `frame` as received by the pod; returns the verdict ([`ACCEPT`] or [`DROP`]).
+    /// Runs `frame` as received by the pod from another pod or node ([`FORWARDED_FROM`]);
+    /// returns the verdict ([`ACCEPT`] or [`DROP`]).
     pub fn pod_receives(&self, frame: &[u8]) -> i32 {
-        self.run("to_pod", frame).expect("BPF_PROG_TEST_RUN")
+        self.run("to_pod", frame, FORWARDED_FROM)
+            .expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Runs `frame` as received by the pod from the node's own network stack (ingress_ifindex
+    /// 0: kubelet probes, say); returns the verdict ([`ACCEPT`] or [`DROP`]).
+    pub fn host_sends(&self, frame: &[u8]) -> i32 {
+        self.run("to_pod", frame, 0).expect("BPF_PROG_TEST_RUN")
+    }
+
+    /// Runs `frame` through `from_pod` with `ingress_ifindex` 0, as if the node had sent it:
+    /// what the pod sends is never the node's, whatever the context says.
+    pub fn pod_sends_marked_from_host(&self, frame: &[u8]) -> i32 {
+        self.run("from_pod", frame, 0).expect("BPF_PROG_TEST_RUN")
     }
 
     /// Asserts that the pod's neighbour solicitation for [`NEIGHBOR_V6`] and the neighbour's

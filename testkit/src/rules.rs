@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use kubesg_agent::policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule};
+use kubesg_agent::policy::{CompiledPolicy, Layer, PeerBlock, PortMatch, Protocol, Rule};
 
 /// Every address of both families: the peers of a rule that is about protocols and ports only.
 pub fn anywhere() -> Vec<PeerBlock> {
@@ -58,6 +58,34 @@ pub fn rule_with(protocol: Protocol, ports: Vec<PortMatch>, peers: Vec<PeerBlock
         ports,
         peers,
         origin: String::new(),
+        layer: Layer::SecurityGroups,
+    }
+}
+
+/// `rule` moved into `layer`, with `origin` naming where it comes from (what `explain` shows).
+pub fn of_layer(layer: Layer, origin: &str, rule: Rule) -> Rule {
+    Rule {
+        layer,
+        origin: origin.to_string(),
+        ..rule
+    }
+}
+
+/// A layered policy: `ingress` rules judged by the layers `ingress_layers`, `egress` rules by
+/// `egress_layers` (each rule carries its layer, see [`of_layer`]).
+pub fn layered(
+    ingress: Vec<Rule>,
+    ingress_layers: Vec<Layer>,
+    egress: Vec<Rule>,
+    egress_layers: Vec<Layer>,
+) -> CompiledPolicy {
+    CompiledPolicy {
+        ingress,
+        egress,
+        layered: true,
+        ingress_layers,
+        egress_layers,
+        ..CompiledPolicy::default()
     }
 }
 
@@ -103,6 +131,6 @@ pub fn allow_all() -> CompiledPolicy {
     CompiledPolicy {
         ingress: vec![rule(Protocol::Any, vec![])],
         egress: vec![rule(Protocol::Any, vec![])],
-        stateless: false,
+        ..CompiledPolicy::default()
     }
 }

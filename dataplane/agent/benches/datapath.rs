@@ -129,6 +129,7 @@ fn policy(family: Family, peers: u32, ranges: u16, cidr: bool) -> CompiledPolicy
             })
             .collect(),
         origin: "class A".into(),
+        layer: Default::default(),
     };
     let b = Rule {
         protocol: Protocol::Tcp,
@@ -138,6 +139,7 @@ fn policy(family: Family, peers: u32, ranges: u16, cidr: bool) -> CompiledPolicy
         }],
         peers: vec![host(family.pod(), family.host_prefix())],
         origin: "class B".into(),
+        layer: Default::default(),
     };
     CompiledPolicy {
         egress: vec![a, b],

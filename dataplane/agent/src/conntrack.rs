@@ -82,6 +82,11 @@ impl Connection {
         self.entry.flags & CT_F_SEEN_REPLY != 0
     }
 
+    /// Whether the node's own stack opened the connection towards the pod (`CT_F_FROM_HOST`).
+    pub fn from_host(&self) -> bool {
+        self.entry.from_host()
+    }
+
     /// Whether the connection is assured.
     pub fn assured(&self) -> bool {
         self.entry.flags & CT_F_ASSURED != 0

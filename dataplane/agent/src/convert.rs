@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use crate::{
     desired::{PolicySets, Update, UpdateError},
     endpoints::{EndpointKey, EndpointRecord, PodRef},
-    policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule},
+    policy::{CompiledPolicy, Layer, PeerBlock, PortMatch, Protocol, Rule},
 };
 
 /// Converts an operator update, refusing it whole at the first thing that does not make sense.
@@ -108,17 +108,39 @@ fn policy(p: &pb::Policy) -> Result<CompiledPolicy, String> {
     let rules = |rs: &[pb::Rule], dir: &str| -> Result<Vec<Rule>, String> {
         rs.iter()
             .enumerate()
-            .map(|(i, r)| rule(r).map_err(|e| format!("{dir} rule {i}: {e}")))
+            .map(|(i, r)| rule(r, p.layered).map_err(|e| format!("{dir} rule {i}: {e}")))
             .collect()
     };
-    Ok(CompiledPolicy {
+    let layers = |ls: &[i32], dir: &str| -> Result<Vec<Layer>, String> {
+        if !p.layered {
+            return Ok(Vec::new()); // the contract: layers mean nothing in an unlayered policy
+        }
+        ls.iter()
+            .map(|l| layer(*l).map_err(|e| format!("{dir} layers: {e}")))
+            .collect()
+    };
+    let compiled = CompiledPolicy {
         ingress: rules(&p.ingress, "ingress")?,
         egress: rules(&p.egress, "egress")?,
         stateless: p.stateless,
-    })
+        layered: p.layered,
+        ingress_layers: layers(&p.ingress_layers, "ingress")?,
+        egress_layers: layers(&p.egress_layers, "egress")?,
+    };
+    compiled.check_layers().map_err(|e| e.to_string())?;
+    Ok(compiled)
 }
 
-fn rule(r: &pb::Rule) -> Result<Rule, String> {
+fn layer(l: i32) -> Result<Layer, String> {
+    match pb::Layer::try_from(l) {
+        Ok(pb::Layer::SecurityGroups) => Ok(Layer::SecurityGroups),
+        Ok(pb::Layer::NetworkPolicies) => Ok(Layer::NetworkPolicies),
+        Err(_) => Err(format!("unknown layer {l}")),
+    }
+}
+
+/// A rule; its layer is read only in a layered policy (where an unknown one is refused).
+fn rule(r: &pb::Rule, layered: bool) -> Result<Rule, String> {
     let protocol = match pb::Protocol::try_from(r.protocol) {
         Ok(pb::Protocol::Any) => Protocol::Any,
         Ok(pb::Protocol::Tcp) => Protocol::Tcp,
@@ -158,6 +180,11 @@ fn rule(r: &pb::Rule) -> Result<Rule, String> {
         ports,
         peers,
         origin: r.origin.clone(),
+        layer: if layered {
+            layer(r.layer)?
+        } else {
+            Layer::SecurityGroups
+        },
     })
 }
 
@@ -337,6 +364,61 @@ mod tests {
         ] {
             let err = update(&update_with(rule)).unwrap_err().to_string();
             assert!(err.contains(why), "{err} should mention {why}");
+        }
+    }
+
+    fn layered_update(ingress_layers: Vec<i32>, rule_layer: i32) -> pb::PolicyUpdate {
+        let mut u = update_with(pb::Rule {
+            layer: rule_layer,
+            origin: "networkpolicy shop/allow-web ingress[0]".into(),
+            ..tcp_rule(vec![])
+        });
+        u.upsert_policies[0].layered = true;
+        u.upsert_policies[0].ingress_layers = ingress_layers;
+        u.upsert_policies[0].egress_layers = vec![pb::Layer::SecurityGroups as i32];
+        u
+    }
+
+    #[test]
+    fn layers_convert() {
+        let (sg, np) = (
+            pb::Layer::SecurityGroups as i32,
+            pb::Layer::NetworkPolicies as i32,
+        );
+        let u = update(&layered_update(vec![np, sg], np)).unwrap();
+        let p = &u.upsert_policies[0].1;
+        assert!(p.layered);
+        assert_eq!(
+            p.ingress_layers,
+            vec![Layer::NetworkPolicies, Layer::SecurityGroups]
+        );
+        assert_eq!(p.egress_layers, vec![Layer::SecurityGroups]);
+        assert_eq!(p.ingress[0].layer, Layer::NetworkPolicies);
+        // Unlayered, layers mean nothing and are not kept (the rules are one union).
+        let mut flat = layered_update(vec![np], np);
+        flat.upsert_policies[0].layered = false;
+        let p = &update(&flat).unwrap().upsert_policies[0].1;
+        assert!(!p.layered && p.ingress_layers.is_empty() && p.egress_layers.is_empty());
+        assert_eq!(p.ingress[0].layer, Layer::SecurityGroups);
+    }
+
+    #[test]
+    fn layers_that_cannot_be_enforced_are_refused_with_the_reason() {
+        let (sg, np) = (
+            pb::Layer::SecurityGroups as i32,
+            pb::Layer::NetworkPolicies as i32,
+        );
+        for (layers, rule_layer, why) in [
+            (vec![np, np], np, "twice"),
+            (vec![sg, np, sg], sg, "at most 2"),
+            (vec![sg, 7], sg, "unknown layer 7"),
+            (vec![sg], 9, "unknown layer 9"),
+        ] {
+            let err = update(&layered_update(layers, rule_layer))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{err} should mention {why}");
+            assert!(err.contains("policy p"), "{err} should name the policy");
         }
     }
 

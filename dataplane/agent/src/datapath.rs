@@ -18,7 +18,7 @@ use aya::{
 };
 use kubesg_common::{
     config::{ClockSample, Config},
-    endpoint::{cache_slot, CachedEndpoint, Endpoint, EP_F_STATELESS, POLICY_NONE},
+    endpoint::{cache_slot, CachedEndpoint, Endpoint, EP_F_LAYERED, EP_F_STATELESS, POLICY_NONE},
     event::Counters,
     limits,
     policy::{PeerKey, PEER_KEY_FIXED_BITS},
@@ -74,6 +74,22 @@ pub struct PolicyHandle {
     pub id: u32,
     /// Whether endpoints using it are judged statelessly.
     pub stateless: bool,
+    /// Whether it is layered: its endpoints are flagged so that the datapath reads its layers.
+    pub layered: bool,
+}
+
+impl PolicyHandle {
+    /// The `EP_F_*` flags of an endpoint judged by this policy.
+    pub fn endpoint_flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.stateless {
+            flags |= EP_F_STATELESS;
+        }
+        if self.layered {
+            flags |= EP_F_LAYERED;
+        }
+        flags
+    }
 }
 
 /// Errors of the datapath.
@@ -539,10 +555,12 @@ impl Datapath {
         let peers = self.maps.peers.keys().filter_map(Result::ok);
         let ports = self.maps.ports.keys().filter_map(Result::ok);
         let hosts = self.maps.hosts.keys().filter_map(Result::ok);
+        let layers = self.maps.layers.keys().filter_map(Result::ok);
         peers
             .map(|k| k.data().policy_id)
             .chain(ports.map(|k| k.data().policy_id))
             .chain(hosts.map(|k| k.policy_id))
+            .chain(layers.map(|k| k.policy_id))
             .collect()
     }
 
@@ -563,15 +581,25 @@ impl Datapath {
             policy_id = id,
             peer_prefixes = tables.peers.len(),
             port_prefixes = tables.ports.len(),
+            layered = policy.layered,
             "policy installed"
         );
         Ok(PolicyHandle {
             id,
             stateless: policy.stateless,
+            layered: policy.layered,
         })
     }
 
+    /// Writes every entry of a policy; the caller points endpoints at it only afterwards, so a
+    /// layered endpoint never meets its policy without its `POLICY_LAYERS` entries.
     fn write_tables(&mut self, t: &tables::PolicyTables) -> Result<(), DatapathError> {
+        for (key, layers) in &t.layers {
+            self.maps
+                .layers
+                .insert(key, layers, 0)
+                .map_err(map_err("writing POLICY_LAYERS"))?;
+        }
         for (len, key, classes) in &t.ports {
             let k = aya::maps::lpm_trie::Key::new(*len, *key);
             self.maps
@@ -664,6 +692,19 @@ impl Datapath {
                 .remove(&k)
                 .map_err(map_err("deleting from POLICY_PORTS"))?;
         }
+        let layers: Vec<_> = self
+            .maps
+            .layers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.policy_id == id)
+            .collect();
+        for k in layers {
+            self.maps
+                .layers
+                .remove(&k)
+                .map_err(map_err("deleting from POLICY_LAYERS"))?;
+        }
         debug!(policy_id = id, "policy removed");
         Ok(())
     }
@@ -683,11 +724,7 @@ impl Datapath {
         let ep = Endpoint {
             policy_id: policy.map_or(POLICY_NONE, |p| p.id),
             counter_slot: slot,
-            flags: if policy.is_some_and(|p| p.stateless) {
-                EP_F_STATELESS
-            } else {
-                0
-            },
+            flags: policy.map_or(0, |p| p.endpoint_flags()),
             _pad: 0,
         };
         self.maps

@@ -354,6 +354,9 @@ fn fold(
         ingress: rules(&sp.rules.ingress, &sp.sets.ingress)?,
         egress: rules(&sp.rules.egress, &sp.sets.egress)?,
         stateless: sp.rules.stateless,
+        layered: sp.rules.layered,
+        ingress_layers: sp.rules.ingress_layers.clone(),
+        egress_layers: sp.rules.egress_layers.clone(),
     })
 }
 
@@ -381,6 +384,7 @@ mod tests {
                 ports: vec![],
                 peers: vec![PeerBlock::cidr("10.0.0.0/8".parse().unwrap())],
                 origin: String::new(),
+                layer: Default::default(),
             }],
             ..CompiledPolicy::default()
         }

@@ -450,7 +450,7 @@ impl Enforcer {
         for (ifindex, wanted) in targets {
             let unchanged = self.dp.endpoint(ifindex)?.is_some_and(|ep| {
                 ep.policy_id == wanted.map_or(0, |h| h.id)
-                    && ep.is_stateless() == wanted.is_some_and(|h| h.stateless)
+                    && ep.flags == wanted.map_or(0, |h| h.endpoint_flags())
             });
             if !unchanged {
                 if let Err(e) = self.dp.set_endpoint(ifindex, wanted) {

@@ -3,16 +3,24 @@
 //! sender's egress rules, the receiver's ingress rules), twice: by the rules as the operator sent
 //! them (which names the rule) and by a lookup in the datapath's own maps (which is what packets
 //! meet). A disagreement between the two is a bug, and is reported as one.
+//!
+//! For a layered policy (security groups and NetworkPolicies on one pod) it names, layer by
+//! layer, the rule that allows the connection, or the layer that refuses it.
 
 use std::{fmt::Write as _, net::IpAddr};
 
 use aya::maps::{lpm_trie::Key, MapError};
-use kubesg_common::{endpoint::POLICY_NONE, policy::PolicyQuery, Direction};
+use kubesg_common::{
+    endpoint::POLICY_NONE,
+    policy::{self as layers, ClassSet, LayersKey, PolicyQuery},
+    Direction,
+};
 
 use crate::{
     desired::{Assignment, DesiredState},
     endpoints::EndpointRecord,
     maps::Maps,
+    policy::{CompiledPolicy, Judgement, Layer, LayerOutcome},
     tables::raw_addr,
 };
 
@@ -27,6 +35,9 @@ pub struct Question {
     pub proto: u8,
     /// Destination port, or ICMP `type << 8 | code`.
     pub port: u16,
+    /// The node's own network stack opens the connection (`--from-host`: kubelet probes, say),
+    /// which a layered policy's NetworkPolicies layer does not judge on the receiving pod.
+    pub from_host: bool,
 }
 
 /// What the rules say at one end.
@@ -50,6 +61,77 @@ pub enum RuleVerdict {
         /// The operator's policy id.
         policy: String,
     },
+    /// `policy` is layered: what each layer required in the direction says (none required:
+    /// allowed).
+    Layered {
+        /// The operator's policy id.
+        policy: String,
+        /// Each required layer, in order, and what it says.
+        layers: Vec<LayerVerdict>,
+    },
+}
+
+/// What one layer of a layered policy says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerVerdict {
+    /// The layer.
+    pub layer: Layer,
+    /// Allowed by a rule, skipped for the host, or refused.
+    pub outcome: LayerOutcome,
+    /// The allowing rule's origin (e.g. "networkpolicy shop/allow-web ingress[0]"), else empty.
+    pub origin: String,
+}
+
+impl RuleVerdict {
+    /// Whether the rules as sent let the connection open at this end.
+    pub fn allows(&self) -> bool {
+        match self {
+            RuleVerdict::NotMember | RuleVerdict::Allowed { .. } => true,
+            RuleVerdict::Pending | RuleVerdict::Refused { .. } => false,
+            RuleVerdict::Layered { layers, .. } => {
+                layers.iter().all(|l| l.outcome != LayerOutcome::Refused)
+            }
+        }
+    }
+}
+
+/// The verdict of `compiled` (the operator's policy `policy`) at one end.
+fn rule_verdict(
+    policy: String,
+    compiled: &CompiledPolicy,
+    direction: Direction,
+    q: &Question,
+    remote: IpAddr,
+) -> RuleVerdict {
+    let origin = |i: usize| {
+        compiled
+            .rules(direction)
+            .get(i)
+            .map(|r| r.origin.clone())
+            .unwrap_or_default()
+    };
+    match compiled.judge(direction, q.proto, q.port, remote, q.from_host) {
+        Judgement::Rules(Some(rule)) => RuleVerdict::Allowed {
+            origin: origin(rule),
+            policy,
+            rule,
+        },
+        Judgement::Rules(None) => RuleVerdict::Refused { policy },
+        Judgement::Layers(ls) => RuleVerdict::Layered {
+            policy,
+            layers: ls
+                .into_iter()
+                .map(|(layer, outcome)| LayerVerdict {
+                    layer,
+                    outcome,
+                    origin: match outcome {
+                        LayerOutcome::Allowed(i) => origin(i),
+                        _ => String::new(),
+                    },
+                })
+                .collect(),
+        },
+    }
 }
 
 /// One end of the connection that is a pod on this node.
@@ -68,10 +150,7 @@ pub struct EndVerdict {
 impl EndVerdict {
     /// Whether this end lets the connection open (per the datapath when known).
     pub fn allows(&self) -> bool {
-        self.datapath.unwrap_or(matches!(
-            self.rules,
-            RuleVerdict::NotMember | RuleVerdict::Allowed { .. }
-        ))
+        self.datapath.unwrap_or(self.rules.allows())
     }
 }
 
@@ -95,20 +174,10 @@ pub fn explain(
             let rules = match desired.assignment(&ep.pod) {
                 Assignment::Unknown => RuleVerdict::Pending,
                 Assignment::NonMember => RuleVerdict::NotMember,
-                Assignment::Member(policy) => {
-                    let compiled = desired.policies.get(&policy);
-                    match compiled.and_then(|p| p.first_match(direction, q.proto, q.port, remote)) {
-                        Some(rule) => RuleVerdict::Allowed {
-                            origin: compiled
-                                .and_then(|p| p.rules(direction).get(rule))
-                                .map(|r| r.origin.clone())
-                                .unwrap_or_default(),
-                            policy,
-                            rule,
-                        },
-                        None => RuleVerdict::Refused { policy },
-                    }
-                }
+                Assignment::Member(policy) => match desired.policies.get(&policy) {
+                    Some(compiled) => rule_verdict(policy, compiled, direction, q, remote),
+                    None => RuleVerdict::Refused { policy },
+                },
             };
             let datapath =
                 maps.and_then(|m| datapath_allows(m, ep.host_ifindex, direction, remote, q).ok());
@@ -123,8 +192,8 @@ pub fn explain(
     out
 }
 
-/// The datapath's verdict for a NEW connection at endpoint `ifindex`: the same two lookups the
-/// programs make, done by the kernel's own map code.
+/// The datapath's verdict for a NEW connection at endpoint `ifindex`: the same lookups the
+/// programs make (two, plus the layers of a layered endpoint), done by the kernel's own map code.
 pub fn datapath_allows(
     maps: &Maps,
     ifindex: u32,
@@ -150,21 +219,54 @@ pub fn datapath_allows(
     };
     let (len, key) = query.port_key(ep.policy_id);
     let ports = match maps.ports.get(&Key::new(len, key), 0) {
-        Ok(c) => c,
-        Err(MapError::KeyNotFound) => return Ok(false),
+        Ok(c) => Some(c),
+        Err(MapError::KeyNotFound) => None,
         Err(e) => return Err(e),
     };
     let (len, key) = query.peer_key(ep.policy_id);
     let peers = match maps.hosts.get(&key, 0) {
-        Ok(c) => c,
+        Ok(c) => Some(c),
         Err(MapError::KeyNotFound) => match maps.peers.get(&Key::new(len, key), 0) {
-            Ok(c) => c,
-            Err(MapError::KeyNotFound) => return Ok(false),
+            Ok(c) => Some(c),
+            Err(MapError::KeyNotFound) => None,
             Err(e) => return Err(e),
         },
         Err(e) => return Err(e),
     };
-    Ok(peers.intersects(&ports))
+    if !ep.is_layered() {
+        return Ok(matches!((peers, ports), (Some(a), Some(b)) if a.intersects(&b)));
+    }
+    let layers = match maps
+        .layers
+        .get(&LayersKey::new(ep.policy_id, direction as u8), 0)
+    {
+        Ok(l) => l,
+        Err(MapError::KeyNotFound) => return Ok(false), // as the datapath: fail closed
+        Err(e) => return Err(e),
+    };
+    let classes = match (peers, ports) {
+        (Some(a), Some(b)) => a.and(&b),
+        _ => ClassSet::default(),
+    };
+    let from_host = q.from_host && direction == Direction::Ingress;
+    Ok(layers::layered_allows(&classes, &layers, from_host))
+}
+
+/// How one layer's verdict reads.
+fn layer_text(l: &LayerVerdict) -> String {
+    match l.outcome {
+        LayerOutcome::Allowed(rule) if l.origin.is_empty() => {
+            format!("{}: allowed by rule {rule}", l.layer.name())
+        }
+        LayerOutcome::Allowed(rule) => {
+            format!("{}: allowed by rule {rule} ({})", l.layer.name(), l.origin)
+        }
+        LayerOutcome::HostExempt => format!(
+            "{}: not applied (the connection comes from the node itself)",
+            l.layer.name()
+        ),
+        LayerOutcome::Refused => format!("{}: no rule allows it", l.layer.name()),
+    }
 }
 
 /// The human answer: one line per end, then the overall verdict.
@@ -202,19 +304,38 @@ pub fn render(q: &Question, ends: &[EndVerdict]) -> String {
             RuleVerdict::Refused { policy } => {
                 format!("refused: no rule of policy {policy} allows it")
             }
+            RuleVerdict::Layered { policy, layers } => {
+                let each: Vec<String> = layers.iter().map(layer_text).collect();
+                let refusing: Vec<&str> = layers
+                    .iter()
+                    .filter(|l| l.outcome == LayerOutcome::Refused)
+                    .map(|l| l.layer.name())
+                    .collect();
+                if layers.is_empty() {
+                    format!("allowed: layered policy {policy} requires no layer in this direction")
+                } else if refusing.is_empty() {
+                    format!(
+                        "allowed by every layer of policy {policy}: {}",
+                        each.join("; ")
+                    )
+                } else {
+                    format!(
+                        "refused by the {} layer of policy {policy}: {}",
+                        refusing.join(" and "),
+                        each.join("; ")
+                    )
+                }
+            }
         };
         let dp = match end.datapath {
             Some(true) => "datapath: allows",
             Some(false) => "datapath: refuses",
             None => "datapath: not readable",
         };
-        let disagree = matches!(
-            (&end.rules, end.datapath),
-            (
-                RuleVerdict::Allowed { .. } | RuleVerdict::NotMember,
-                Some(false)
-            ) | (RuleVerdict::Refused { .. }, Some(true))
-        );
+        let disagree = match (&end.rules, end.datapath) {
+            (RuleVerdict::Pending, _) | (_, None) => false,
+            (rules, Some(dp)) => rules.allows() != dp,
+        };
         let _ = writeln!(
             s,
             "{side} {} ({} on {}): {rules} [{dp}]{}",
@@ -276,6 +397,7 @@ mod tests {
             }],
             peers: vec![PeerBlock::cidr("10.0.0.0/24".parse().unwrap())],
             origin: "shop/web egress[0]".into(),
+            layer: Default::default(),
         };
         let mut s = DesiredState::default();
         s.policies.insert(
@@ -304,6 +426,7 @@ mod tests {
             to: to.parse().unwrap(),
             proto: kubesg_common::proto::TCP,
             port,
+            from_host: false,
         }
     }
 
@@ -338,6 +461,90 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("verdict: REFUSED"), "{text}");
+    }
+
+    /// The db pod, layered on ingress: its group allows 5432 from the subnet, a NetworkPolicy
+    /// allows 5432 from the web pod only.
+    fn layered_state() -> DesiredState {
+        let tcp_5432 = |peer: &str, origin: &str, layer: Layer| Rule {
+            protocol: Protocol::Tcp,
+            ports: vec![PortMatch::Range {
+                first: 5432,
+                last: 5432,
+            }],
+            peers: vec![PeerBlock::cidr(peer.parse().unwrap())],
+            origin: origin.into(),
+            layer,
+        };
+        let mut s = state();
+        s.policies.insert(
+            "db".into(),
+            CompiledPolicy {
+                ingress: vec![
+                    tcp_5432("10.0.0.0/24", "shop/db ingress[0]", Layer::SecurityGroups),
+                    tcp_5432(
+                        "10.0.0.5/32",
+                        "networkpolicy shop/allow-web ingress[0]",
+                        Layer::NetworkPolicies,
+                    ),
+                ],
+                layered: true,
+                ingress_layers: vec![Layer::SecurityGroups, Layer::NetworkPolicies],
+                ..CompiledPolicy::default()
+            },
+        );
+        s
+    }
+
+    #[test]
+    fn a_layered_policy_names_each_layers_rule_or_the_refusing_layer() {
+        let eps = [ep("web", "10.0.0.5", 5), ep("db", "10.0.0.7", 7)];
+        let s = layered_state();
+        let allowed = q("10.0.0.5", "10.0.0.7", 5432);
+        let ends = explain(&allowed, &eps, &s, None);
+        let text = render(&allowed, &ends);
+        assert!(
+            text.contains(
+                "allowed by every layer of policy db: security groups: allowed by rule 0 \
+                 (shop/db ingress[0]); network policies: allowed by rule 1 \
+                 (networkpolicy shop/allow-web ingress[0])"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("verdict: ALLOWED"), "{text}");
+        // From another address of the subnet the group allows it, the NetworkPolicy does not.
+        let tools = [ep("tools", "10.0.0.9", 9), ep("db", "10.0.0.7", 7)];
+        let refused = q("10.0.0.9", "10.0.0.7", 5432);
+        let ends = explain(&refused, &tools, &s, None);
+        let text = render(&refused, &ends);
+        assert!(
+            text.contains("refused by the network policies layer of policy db"),
+            "{text}"
+        );
+        assert!(
+            text.contains("network policies: no rule allows it"),
+            "{text}"
+        );
+        assert!(text.contains("verdict: REFUSED"), "{text}");
+        // From the node, the NetworkPolicies layer is not applied; the group still is.
+        let node = Question {
+            from_host: true,
+            ..q("10.0.0.1", "10.0.0.7", 5432)
+        };
+        let text = render(&node, &explain(&node, &eps, &s, None));
+        assert!(
+            text.contains(
+                "network policies: not applied (the connection comes from the node itself)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("verdict: ALLOWED"), "{text}");
+        let node_other_port = Question { port: 5433, ..node };
+        let text = render(&node_other_port, &explain(&node_other_port, &eps, &s, None));
+        assert!(
+            text.contains("refused by the security groups layer of policy db"),
+            "{text}"
+        );
     }
 
     #[test]

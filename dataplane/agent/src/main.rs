@@ -244,6 +244,10 @@ struct ExplainArgs {
     /// ICMP code.
     #[arg(long, default_value = "0")]
     code: u8,
+    /// The node itself opens the connection (`--from` is one of its addresses), as kubelet
+    /// probes do: the receiving pod's NetworkPolicies do not judge it.
+    #[arg(long)]
+    from_host: bool,
 }
 
 fn main() -> ExitCode {
@@ -403,6 +407,7 @@ fn explain_question(a: &ExplainArgs) -> Result<explain::Question> {
         to: a.to,
         proto: p,
         port,
+        from_host: a.from_host,
     })
 }
 

@@ -18,7 +18,7 @@ use kubesg_common::{
     endpoint::{CachedEndpoint, Endpoint},
     event::Counters,
     fragment::{FragKey, FragVerdict},
-    policy::{ClassSet, PeerKey, PortKey},
+    policy::{ClassSet, Layers, LayersKey, PeerKey, PortKey},
 };
 
 /// Map names, as defined in `dataplane/ebpf/src/maps.rs` and as pinned under `<pin dir>/maps/`.
@@ -35,6 +35,8 @@ pub mod names {
     pub const POLICY_HOSTS: &str = "POLICY_HOSTS";
     /// Port prefixes of every policy.
     pub const POLICY_PORTS: &str = "POLICY_PORTS";
+    /// What layered policies require of each layer.
+    pub const POLICY_LAYERS: &str = "POLICY_LAYERS";
     /// First-fragment verdicts.
     pub const FRAGMENTS: &str = "FRAGMENTS";
     /// Settings.
@@ -44,13 +46,14 @@ pub mod names {
     /// Deny events.
     pub const DENY_EVENTS: &str = "DENY_EVENTS";
     /// All of them, in pinning order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         ENDPOINTS,
         ENDPOINT_CACHE,
         CONNTRACK,
         POLICY_PEERS,
         POLICY_HOSTS,
         POLICY_PORTS,
+        POLICY_LAYERS,
         FRAGMENTS,
         CONFIG,
         COUNTERS,
@@ -96,6 +99,8 @@ pub struct Maps {
     pub hosts: HashMap<MapData, PeerKey, ClassSet>,
     /// Port prefixes.
     pub ports: LpmTrie<MapData, PortKey, ClassSet>,
+    /// Layer requirements of layered policies.
+    pub layers: HashMap<MapData, LayersKey, Layers>,
     /// First-fragment verdicts.
     pub fragments: HashMap<MapData, FragKey, FragVerdict>,
     /// Settings (index 0).
@@ -114,6 +119,7 @@ impl Maps {
         let peers = take(names::POLICY_PEERS)?;
         let hosts = take(names::POLICY_HOSTS)?;
         let ports = take(names::POLICY_PORTS)?;
+        let layers = take(names::POLICY_LAYERS)?;
         let fragments = take(names::FRAGMENTS)?;
         let config = take(names::CONFIG)?;
         let counters = take(names::COUNTERS)?;
@@ -126,6 +132,7 @@ impl Maps {
                 peers,
                 hosts,
                 ports,
+                layers,
                 fragments,
                 config,
                 counters,
@@ -152,6 +159,7 @@ impl Maps {
             open(names::POLICY_PEERS)?,
             open(names::POLICY_HOSTS)?,
             open(names::POLICY_PORTS)?,
+            open(names::POLICY_LAYERS)?,
             open(names::FRAGMENTS)?,
             open(names::CONFIG)?,
             open(names::COUNTERS)?,
@@ -192,14 +200,15 @@ impl Maps {
             dup(names::POLICY_PEERS, self.peers.map())?,
             dup(names::POLICY_HOSTS, self.hosts.map())?,
             dup(names::POLICY_PORTS, self.ports.map())?,
+            dup(names::POLICY_LAYERS, self.layers.map())?,
             dup(names::FRAGMENTS, self.fragments.map())?,
             dup(names::CONFIG, self.config.map())?,
             dup(names::COUNTERS, self.counters.map())?,
         ])
     }
 
-    fn from_maps(maps: [Map; 9]) -> Result<Self, MapsError> {
-        let [endpoints, endpoint_cache, conntrack, peers, hosts, ports, fragments, config, counters] =
+    fn from_maps(maps: [Map; 10]) -> Result<Self, MapsError> {
+        let [endpoints, endpoint_cache, conntrack, peers, hosts, ports, layers, fragments, config, counters] =
             maps;
         Ok(Maps {
             endpoints: typed(names::ENDPOINTS, HashMap::try_from(endpoints))?,
@@ -208,6 +217,7 @@ impl Maps {
             peers: typed(names::POLICY_PEERS, LpmTrie::try_from(peers))?,
             hosts: typed(names::POLICY_HOSTS, HashMap::try_from(hosts))?,
             ports: typed(names::POLICY_PORTS, LpmTrie::try_from(ports))?,
+            layers: typed(names::POLICY_LAYERS, HashMap::try_from(layers))?,
             fragments: typed(names::FRAGMENTS, HashMap::try_from(fragments))?,
             config: typed(names::CONFIG, Array::try_from(config))?,
             counters: typed(names::COUNTERS, PerCpuArray::try_from(counters))?,

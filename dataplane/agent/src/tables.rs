@@ -19,11 +19,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use kubesg_common::policy::{
-    ClassSet, PeerKey, PortKey, MAX_CLASSES, PEER_KEY_FIXED_BITS, PORT_KEY_FIXED_BITS,
+    ClassSet, Layers, LayersKey, PeerKey, PortKey, MAX_CLASSES, PEER_KEY_FIXED_BITS,
+    PORT_KEY_FIXED_BITS,
 };
 use kubesg_common::{Direction, RawAddr, AF_INET, AF_INET6};
 
-use crate::policy::{CompiledPolicy, PeerBlock, PortMatch, Protocol, Rule};
+use crate::policy::{CompiledPolicy, LayersError, PeerBlock, PortMatch, Protocol, Rule};
 
 /// The trie entries of one policy, sorted, ready to be written to the kernel maps: the datapath
 /// needs nothing else to decide a NEW connection.
@@ -33,6 +34,9 @@ pub struct PolicyTables {
     pub peers: Vec<(u32, PeerKey, ClassSet)>,
     /// `POLICY_PORTS` entries: (LPM prefix length, key, classes that allow the port prefix).
     pub ports: Vec<(u32, PortKey, ClassSet)>,
+    /// `POLICY_LAYERS` entries, one per direction, for a layered policy only (an unlayered
+    /// policy's endpoints never read them): the classes of each required layer.
+    pub layers: Vec<(LayersKey, Layers)>,
 }
 
 /// Why a policy cannot be compiled into tries. Each is refused rather than approximated, because
@@ -74,21 +78,75 @@ pub enum TablesError {
         /// The offending port match.
         port: PortMatch,
     },
+    /// The layer lists of a layered policy cannot be enforced.
+    #[error(transparent)]
+    Layers(#[from] LayersError),
 }
 
 /// Compiles `policy` into the trie entries of policy `policy_id`, so that the datapath can decide
 /// any NEW connection with one peer lookup and one port lookup.
 ///
-/// The result agrees with [`CompiledPolicy::first_match`] on every query. Entries are sorted
+/// The result agrees with [`CompiledPolicy::judge`] on every query. Entries are sorted
 /// (direction, family or protocol, prefix) so that the output is stable across runs.
+///
+/// A layered policy's classes are built layer by layer (rules of different layers never share a
+/// class, or a rule of one layer could stand in for the other) and its `POLICY_LAYERS` entries
+/// say which classes are whose; rules of a layer the direction does not require are checked but
+/// get no class.
 pub fn compile(policy_id: u32, policy: &CompiledPolicy) -> Result<PolicyTables, TablesError> {
     let mut tables = PolicyTables::default();
+    if policy.layered {
+        policy.check_layers()?;
+    }
     for direction in [Direction::Egress, Direction::Ingress] {
-        let classes = build_classes(direction, policy.rules(direction))?;
+        let classes = if policy.layered {
+            let (classes, layers) = build_layered_classes(direction, policy)?;
+            tables
+                .layers
+                .push((LayersKey::new(policy_id, direction as u8), layers));
+            classes
+        } else {
+            build_classes(direction, policy.rules(direction))?
+        };
         push_peer_entries(policy_id, direction, &classes, &mut tables.peers);
         push_port_entries(policy_id, direction, &classes, &mut tables.ports);
     }
     Ok(tables)
+}
+
+/// The classes of a layered direction, required layer after required layer, and the layers
+/// entry: requirement `i` is the `i`th layer listed, its mask the classes of its rules.
+fn build_layered_classes(
+    direction: Direction,
+    policy: &CompiledPolicy,
+) -> Result<(Vec<Class>, Layers), TablesError> {
+    let rules = policy.rules(direction);
+    // Every rule is validated, also those of layers the direction does not require.
+    for (index, rule) in rules.iter().enumerate() {
+        rule_ports(direction, index, rule)?;
+    }
+    let mut classes: Vec<Class> = Vec::new();
+    let mut layers = Layers::default();
+    let required = policy.layers(direction);
+    for (slot, layer) in required.iter().enumerate() {
+        let of_layer = rules.iter().enumerate().filter(|(_, r)| r.layer == *layer);
+        for class in merge_by_ports(merge_by_peers(direction, of_layer)?) {
+            layers.masks[slot].insert(classes.len());
+            classes.push(class);
+        }
+        layers.layer_ids[slot] = layer.index();
+        if layer.host_exempt(direction) {
+            layers.host_exempt |= 1 << slot;
+        }
+    }
+    layers.count = required.len() as u32;
+    if classes.len() > MAX_CLASSES {
+        return Err(TablesError::TooManyClasses {
+            direction,
+            classes: classes.len(),
+        });
+    }
+    Ok((classes, layers))
 }
 
 /// Converts an address to the (family, [`RawAddr`]) pair the maps store, so that userspace keys
@@ -378,7 +436,7 @@ struct Class {
 /// union of their ports with those peers, then classes with the same ports allow the union of
 /// their peers. Rules that match nobody (no peers, or no ports) get no class at all.
 fn build_classes(direction: Direction, rules: &[Rule]) -> Result<Vec<Class>, TablesError> {
-    let classes = merge_by_ports(merge_by_peers(direction, rules)?);
+    let classes = merge_by_ports(merge_by_peers(direction, rules.iter().enumerate())?);
     if classes.len() > MAX_CLASSES {
         return Err(TablesError::TooManyClasses {
             direction,
@@ -390,10 +448,13 @@ fn build_classes(direction: Direction, rules: &[Rule]) -> Result<Vec<Class>, Tab
 
 /// One class per distinct peer list, allowing the union of those rules' ports. Every rule is
 /// validated, including those that match nobody, so a bad rule is reported wherever it is.
-fn merge_by_peers(direction: Direction, rules: &[Rule]) -> Result<Vec<Class>, TablesError> {
+fn merge_by_peers<'a>(
+    direction: Direction,
+    rules: impl Iterator<Item = (usize, &'a Rule)>,
+) -> Result<Vec<Class>, TablesError> {
     let mut classes: Vec<Class> = Vec::new();
     let mut by_peers: HashMap<Vec<Block>, usize> = HashMap::new();
-    for (index, rule) in rules.iter().enumerate() {
+    for (index, rule) in rules {
         let ports = rule_ports(direction, index, rule)?;
         let peers = normalize_peers(&rule.peers);
         if ports.is_empty() || peers.is_empty() {
@@ -599,7 +660,8 @@ fn push_port_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kubesg_common::policy::PolicyQuery;
+    use crate::policy::Layer;
+    use kubesg_common::policy::{layered_allows, PolicyQuery};
     use kubesg_common::proto;
     use proptest::prelude::*;
 
@@ -652,11 +714,14 @@ mod tests {
         }
     }
 
-    /// What the datapath decides: two lookups, allowed iff both hit and intersect.
+    /// What the datapath decides: two lookups, allowed iff both hit and intersect; for a
+    /// layered policy (`layered`, the endpoint flag), the classes judged by its layers entry.
     struct Datapath {
         policy_id: u32,
         peers: Trie,
         ports: Trie,
+        layered: bool,
+        layers: Vec<(LayersKey, Layers)>,
     }
 
     impl Datapath {
@@ -665,10 +730,23 @@ mod tests {
                 policy_id,
                 peers: Trie::new(&tables.peers, peer_key_bytes),
                 ports: Trie::new(&tables.ports, port_key_bytes),
+                layered: !tables.layers.is_empty(),
+                layers: tables.layers.clone(),
             }
         }
 
         fn allows(&self, dir: Direction, proto: u8, port: u16, remote: IpAddr) -> bool {
+            self.allows_from(dir, proto, port, remote, false)
+        }
+
+        fn allows_from(
+            &self,
+            dir: Direction,
+            proto: u8,
+            port: u16,
+            remote: IpAddr,
+            from_host: bool,
+        ) -> bool {
             let (family, remote) = raw_addr(remote);
             let q = PolicyQuery {
                 direction: dir as u8,
@@ -679,13 +757,24 @@ mod tests {
             };
             let (plen, pkey) = q.peer_key(self.policy_id);
             let (tlen, tkey) = q.port_key(self.policy_id);
-            match (
-                self.peers.lookup(plen, &peer_key_bytes(&pkey)),
-                self.ports.lookup(tlen, &port_key_bytes(&tkey)),
-            ) {
-                (Some(a), Some(b)) => a.intersects(&b),
-                _ => false,
+            let peers = self.peers.lookup(plen, &peer_key_bytes(&pkey));
+            let ports = self.ports.lookup(tlen, &port_key_bytes(&tkey));
+            if !self.layered {
+                return match (peers, ports) {
+                    (Some(a), Some(b)) => a.intersects(&b),
+                    _ => false,
+                };
             }
+            let key = LayersKey::new(self.policy_id, dir as u8);
+            let Some((_, layers)) = self.layers.iter().find(|(k, _)| *k == key) else {
+                return false;
+            };
+            let classes = match (peers, ports) {
+                (Some(a), Some(b)) => a.and(&b),
+                _ => ClassSet::default(),
+            };
+            let from_host = kubesg_common::policy::from_host(dir, if from_host { 0 } else { 9 });
+            layered_allows(&classes, layers, from_host)
         }
     }
 
@@ -720,6 +809,7 @@ mod tests {
             ports,
             peers,
             origin: String::new(),
+            layer: Layer::SecurityGroups,
         }
     }
 
@@ -738,7 +828,7 @@ mod tests {
     fn verdict(p: &CompiledPolicy, dir: Direction, proto: u8, port: u16, remote: &str) -> bool {
         let dp = datapath(p);
         let remote = ip(remote);
-        let reference = p.first_match(dir, proto, port, remote).is_some();
+        let reference = p.allows(dir, proto, port, remote, false);
         assert_eq!(dp.allows(dir, proto, port, remote), reference);
         reference
     }
@@ -1273,7 +1363,7 @@ mod tests {
                 ],
             )],
             egress: vec![rule(Protocol::Any, vec![], vec![block("0.0.0.0/0", &[])])],
-            stateless: false,
+            ..CompiledPolicy::default()
         };
         let a = compile(3, &p).unwrap();
         assert_eq!(a, compile(3, &p).unwrap());
@@ -1301,6 +1391,145 @@ mod tests {
         ports.sort();
         ports.dedup();
         assert_eq!(ports.len(), n, "duplicate port keys");
+    }
+
+    // -- Layers. --
+
+    fn in_layer(layer: Layer, r: Rule) -> Rule {
+        Rule { layer, ..r }
+    }
+
+    fn layered_ingress(rules: Vec<Rule>, layers: Vec<Layer>) -> CompiledPolicy {
+        CompiledPolicy {
+            ingress: rules,
+            layered: true,
+            ingress_layers: layers,
+            ..CompiledPolicy::default()
+        }
+    }
+
+    fn layers_of(t: &PolicyTables, dir: Direction) -> Layers {
+        t.layers
+            .iter()
+            .find(|(k, _)| k.direction == dir as u8)
+            .map(|(_, l)| *l)
+            .expect("a layers entry for the direction")
+    }
+
+    #[test]
+    fn rules_of_different_layers_never_share_a_class() {
+        use Layer::{NetworkPolicies as Np, SecurityGroups as Sg};
+        // Same peers (the by-peers merge) and same ports (the by-ports merge) in both layers.
+        let r = || {
+            rule(
+                Protocol::Tcp,
+                vec![range(80, 80)],
+                vec![block("10.0.0.0/8", &[])],
+            )
+        };
+        let p = layered_ingress(vec![in_layer(Sg, r()), in_layer(Np, r())], vec![Sg, Np]);
+        let t = compile(5, &p).unwrap();
+        let l = layers_of(&t, Direction::Ingress);
+        assert_eq!(l.count, 2);
+        assert_eq!(l.layer_ids, [0, 1]);
+        assert_eq!(l.masks[0], set(&[0]), "the security groups' rule");
+        assert_eq!(
+            l.masks[1],
+            set(&[1]),
+            "the NetworkPolicy's rule, a class of its own"
+        );
+        // Unlayered, the same two rules are one class.
+        let flat = compile(5, &ingress(vec![r(), r()])).unwrap();
+        assert!(
+            flat.layers.is_empty(),
+            "no layers entry for an unlayered policy"
+        );
+        assert!(flat.ports.iter().all(|(_, _, c)| *c == set(&[0])));
+        // Within a layer rules still merge.
+        let p = layered_ingress(vec![in_layer(Np, r()), in_layer(Np, r())], vec![Np]);
+        let l = layers_of(&compile(5, &p).unwrap(), Direction::Ingress);
+        assert_eq!(l.masks[0], set(&[0]));
+    }
+
+    #[test]
+    fn masks_follow_the_listed_order_and_only_ingress_networkpolicies_are_host_exempt() {
+        use Layer::{NetworkPolicies as Np, SecurityGroups as Sg};
+        let sg = in_layer(
+            Sg,
+            rule(
+                Protocol::Tcp,
+                vec![range(22, 22)],
+                vec![block("10.0.0.0/8", &[])],
+            ),
+        );
+        let np = |p| {
+            in_layer(
+                Np,
+                rule(
+                    Protocol::Udp,
+                    vec![range(p, p)],
+                    vec![block("10.0.0.0/8", &[])],
+                ),
+            )
+        };
+        let p = CompiledPolicy {
+            ingress: vec![np(53), sg.clone(), np(54)],
+            egress: vec![sg.clone(), np(53)],
+            layered: true,
+            ingress_layers: vec![Np, Sg],
+            egress_layers: vec![Np, Sg],
+            ..CompiledPolicy::default()
+        };
+        let t = compile(5, &p).unwrap();
+        let i = layers_of(&t, Direction::Ingress);
+        assert_eq!(i.layer_ids, [1, 0]);
+        // The two NetworkPolicy rules share their peers: one class, within their layer.
+        assert_eq!(i.masks, [set(&[0]), set(&[1])]);
+        assert_eq!(
+            i.host_exempt, 0b01,
+            "ingress: the NetworkPolicies requirement (slot 0)"
+        );
+        let e = layers_of(&t, Direction::Egress);
+        assert_eq!(e.masks, [set(&[0]), set(&[1])]);
+        assert_eq!(e.host_exempt, 0, "nothing is exempt on egress");
+        // A direction with no layer listed requires nothing, and a rule of a layer not listed
+        // gets no class.
+        let p = CompiledPolicy {
+            ingress: vec![sg.clone()],
+            egress: vec![np(53)],
+            layered: true,
+            ingress_layers: vec![Np],
+            ..CompiledPolicy::default()
+        };
+        let t = compile(5, &p).unwrap();
+        let i = layers_of(&t, Direction::Ingress);
+        assert_eq!((i.count, i.masks[0]), (1, ClassSet::default()));
+        assert!(t.ports.is_empty() && t.peers.is_empty(), "{t:?}");
+        assert_eq!(layers_of(&t, Direction::Egress).count, 0);
+        let dp = Datapath::new(5, &t);
+        assert!(!dp.allows_from(Direction::Ingress, proto::TCP, 22, ip("10.0.0.1"), false));
+        assert!(dp.allows_from(Direction::Ingress, proto::TCP, 22, ip("10.0.0.1"), true));
+        assert!(dp.allows_from(Direction::Egress, proto::UDP, 99, ip("192.0.2.1"), false));
+    }
+
+    #[test]
+    fn a_layer_listed_twice_or_three_layers_are_refused() {
+        use Layer::{NetworkPolicies as Np, SecurityGroups as Sg};
+        for layers in [vec![Sg, Sg], vec![Np, Sg, Np]] {
+            let p = layered_ingress(vec![], layers);
+            assert!(
+                matches!(compile(1, &p), Err(TablesError::Layers(_))),
+                "{p:?}"
+            );
+        }
+    }
+
+    fn set(classes: &[usize]) -> ClassSet {
+        let mut s = ClassSet::default();
+        for c in classes {
+            s.insert(*c);
+        }
+        s
     }
 
     // -- Property test: the two lookups agree with the reference evaluator. --
@@ -1450,26 +1679,43 @@ mod tests {
             1 => Just(Vec::new()),
             6 => prop::collection::vec(arb_block(), 1..4),
         ];
-        (protocol, peers).prop_flat_map(move |(protocol, peers)| {
+        let layer = prop_oneof![Just(Layer::SecurityGroups), Just(Layer::NetworkPolicies)];
+        (protocol, peers, layer).prop_flat_map(move |(protocol, peers, layer)| {
             ports_of(protocol).prop_map(move |ports| Rule {
                 protocol,
                 ports,
                 peers: peers.clone(),
                 origin: String::new(),
+                layer,
             })
         })
     }
 
+    /// The layer lists a direction of a layered policy can have: none, one, both in either order.
+    fn arb_layers() -> impl Strategy<Value = Vec<Layer>> {
+        use Layer::{NetworkPolicies as Np, SecurityGroups as Sg};
+        prop::sample::select(vec![vec![], vec![Sg], vec![Np], vec![Sg, Np], vec![Np, Sg]])
+    }
+
+    /// Unlayered policies (rules' layers ignored) and layered ones, half each.
     fn arb_policy() -> impl Strategy<Value = CompiledPolicy> {
         (
-            prop::collection::vec(arb_rule(), 0..5),
-            prop::collection::vec(arb_rule(), 0..5),
+            prop::collection::vec(arb_rule(), 0..6),
+            prop::collection::vec(arb_rule(), 0..6),
+            any::<bool>(),
+            arb_layers(),
+            arb_layers(),
         )
-            .prop_map(|(ingress, egress)| CompiledPolicy {
-                ingress,
-                egress,
-                stateless: false,
-            })
+            .prop_map(
+                |(ingress, egress, layered, ingress_layers, egress_layers)| CompiledPolicy {
+                    ingress,
+                    egress,
+                    stateless: false,
+                    layered,
+                    ingress_layers: if layered { ingress_layers } else { vec![] },
+                    egress_layers: if layered { egress_layers } else { vec![] },
+                },
+            )
     }
 
     /// A query seed, realized against the policy so that many queries land on its edges: either
@@ -1646,25 +1892,25 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 
         #[test]
-        fn two_lookups_agree_with_first_match(
+        fn two_lookups_agree_with_the_reference(
             policy in arb_policy(),
-            queries in prop::collection::vec(arb_query(), 48),
+            queries in prop::collection::vec((arb_query(), any::<bool>()), 48),
         ) {
             let tables = match compile(42, &policy) {
                 Ok(t) => t,
-                Err(TablesError::TooManyClasses { .. }) => unreachable!("at most 4 rules"),
+                Err(TablesError::TooManyClasses { .. }) => unreachable!("at most 5 rules"),
                 Err(e) => return Err(TestCaseError::fail(format!("compile: {e}"))),
             };
             assert_unique_keys(&tables);
             assert_no_bits_beyond_prefix(&tables);
             let dp = Datapath::new(42, &tables);
-            for q in &queries {
+            for (q, from_host) in &queries {
                 let (dir, proto, port, addr) = realize(q, &policy);
-                let want = policy.first_match(dir, proto, port, addr).is_some();
+                let want = policy.allows(dir, proto, port, addr, *from_host);
                 prop_assert_eq!(
-                    dp.allows(dir, proto, port, addr),
+                    dp.allows_from(dir, proto, port, addr, *from_host),
                     want,
-                    "{:?} proto {} port {} addr {}", dir, proto, port, addr
+                    "{:?} proto {} port {} addr {} from host {}", dir, proto, port, addr, from_host
                 );
             }
         }

@@ -64,8 +64,23 @@ pub struct TestRun {
 /// above 1 the skb appears to cross that interface (it must exist in the caller's network
 /// namespace); otherwise the namespace's loopback (ifindex 1).
 pub fn test_run(fd: &ProgramFd, frame: &[u8], ifindex: u32, repeat: u32) -> io::Result<TestRun> {
+    test_run_from(fd, frame, ifindex, 0, repeat)
+}
+
+/// [`test_run`] with `__sk_buff.ingress_ifindex` (`skb->skb_iif`: the interface the packet was
+/// received on) set to `ingress_ifindex`: 0 is a packet the node's own stack sent, anything else
+/// one forwarded or bridged from that interface. The datapath reads it to tell the node's
+/// connections to a pod (exempt from its NetworkPolicies) from everyone else's.
+pub fn test_run_from(
+    fd: &ProgramFd,
+    frame: &[u8],
+    ifindex: u32,
+    ingress_ifindex: u32,
+    repeat: u32,
+) -> io::Result<TestRun> {
     let ctx = SkbContext {
         ifindex,
+        ingress_ifindex,
         ..SkbContext::default()
     };
     let data_size_in = u32::try_from(frame.len())

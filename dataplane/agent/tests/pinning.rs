@@ -252,3 +252,55 @@ fn a_pinned_map_of_another_layout_is_replaced_and_the_others_reused() {
         "a fitting map is reused, not recreated"
     );
 }
+
+/// An agent upgraded from a build without layers: its pins lack `POLICY_LAYERS`, which the load
+/// creates and pins, while CONNTRACK and ENDPOINTS (whose layouts did not change) are reused as
+/// they are, entries and all; the new build's layered policies then work over them.
+#[test]
+fn an_upgrade_to_layers_adds_their_map_and_keeps_conntrack_and_endpoints() {
+    require_privileged!();
+    let pins = PinDir::new();
+    let dir = pins.path();
+    let ids =
+        |names: [&str; 2]| names.map(|n| MapInfo::from_pin(map_pin_path(dir, n)).map(|i| i.id()));
+    let before = {
+        let mut dp = Datapath::load(&opts(dir, AttachMode::Tcx)).expect("first load");
+        let (client, _) = seed_policies();
+        let h = dp.install_policy(&client).expect("policy");
+        dp.set_endpoint(42, Some(h)).expect("endpoint");
+        ids([names::CONNTRACK, names::ENDPOINTS]).map(|r| r.expect("pinned"))
+    };
+    // What the older build left: every map but POLICY_LAYERS.
+    std::fs::remove_file(map_pin_path(dir, names::POLICY_LAYERS)).expect("unpinning");
+
+    let mut dp = Datapath::load(&opts(dir, AttachMode::Tcx)).expect("load after the upgrade");
+    assert_eq!(
+        ids([names::CONNTRACK, names::ENDPOINTS]).map(|r| r.expect("pinned")),
+        before,
+        "CONNTRACK and ENDPOINTS are reused, not recreated"
+    );
+    assert!(
+        dp.endpoint(42).expect("reading").is_some(),
+        "the endpoint survived"
+    );
+    assert!(
+        map_pin_path(dir, names::POLICY_LAYERS).exists(),
+        "POLICY_LAYERS pinned"
+    );
+    let layered = kubesg_testkit::rules::layered(
+        vec![],
+        vec![kubesg_agent::policy::Layer::NetworkPolicies],
+        vec![],
+        vec![],
+    );
+    let h = dp
+        .install_policy(&layered)
+        .expect("a layered policy over the old pins");
+    dp.set_endpoint(42, Some(h))
+        .expect("switching the endpoint");
+    assert_eq!(
+        dp.maps().layers.keys().count(),
+        2,
+        "one entry per direction"
+    );
+}

@@ -24,7 +24,7 @@ fn policy() -> CompiledPolicy {
     CompiledPolicy {
         egress: dns_http_ping(),
         ingress: vec![rule(Protocol::Udp, vec![port(5353)])],
-        stateless: false,
+        ..CompiledPolicy::default()
     }
 }
 

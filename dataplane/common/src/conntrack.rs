@@ -121,6 +121,10 @@ pub const CT_F_SEEN_REPLY: u8 = 1 << 1;
 pub const CT_F_ASSURED: u8 = 1 << 2;
 /// Entry flag: a SYN came from both sides (`IP_CT_TCP_SIMULTANEOUS_OPEN`).
 pub const CT_F_SIMOPEN: u8 = 1 << 3;
+/// Entry flag: the connection was opened towards the pod by the node's own network stack (see
+/// [`crate::policy::from_host`]), so that re-checking it after a policy change grants it the
+/// same NetworkPolicies exemption its first packet had.
+pub const CT_F_FROM_HOST: u8 = 1 << 4;
 
 /// Key of the `CONNTRACK` map, ordered from the pod's side so both directions share it.
 ///
@@ -176,6 +180,12 @@ impl CtEntry {
         } else {
             Direction::Egress
         }
+    }
+
+    /// Whether the node's own stack opened the connection ([`CT_F_FROM_HOST`]).
+    #[inline(always)]
+    pub fn from_host(&self) -> bool {
+        self.flags & CT_F_FROM_HOST != 0
     }
 
     /// Whether the entry has outlived its timeout at time `now`.

@@ -8,6 +8,11 @@ pub const POLICY_NONE: u32 = 0;
 /// directions and no conntrack entry is created, like a network ACL.
 pub const EP_F_STATELESS: u32 = 1 << 0;
 
+/// Endpoint flag: the policy is layered (security groups and NetworkPolicies each judge the
+/// pod): a NEW connection also needs the policy's `POLICY_LAYERS` entry, so that endpoints of
+/// unlayered policies (every pod no NetworkPolicy selects) pay no extra lookup.
+pub const EP_F_LAYERED: u32 = 1 << 1;
+
 /// Value of the `ENDPOINTS` map, keyed by the host-side interface index (`u32`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -36,6 +41,12 @@ impl Endpoint {
     #[inline(always)]
     pub fn is_stateless(&self) -> bool {
         self.flags & EP_F_STATELESS != 0
+    }
+
+    /// Whether the pod's policy is layered ([`EP_F_LAYERED`]).
+    #[inline(always)]
+    pub fn is_layered(&self) -> bool {
+        self.flags & EP_F_LAYERED != 0
     }
 }
 

@@ -89,6 +89,9 @@ pub mod limits {
     pub const PEER_HOSTS: u32 = 1_048_576;
     /// Port prefixes over all policies.
     pub const PORT_PREFIXES: u32 = 1_048_576;
+    /// `POLICY_LAYERS` entries: one per direction of each layered policy, room for every
+    /// endpoint's policy twice over (a replaced policy and its successor coexist briefly).
+    pub const POLICY_LAYERS: u32 = 4 * ENDPOINTS;
     /// Tracked first fragments whose later fragments are still expected.
     pub const FRAGMENTS: u32 = 16_384;
     /// Bytes of the deny-event ring buffer.

@@ -185,3 +185,209 @@ impl PolicyQuery {
         )
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Layers: security groups and NetworkPolicies on one pod.
+
+/// Layer index of SecurityGroups (`LAYER_SECURITY_GROUPS` on the wire).
+pub const LAYER_SECURITY_GROUPS: u8 = 0;
+/// Layer index of Kubernetes NetworkPolicies (`LAYER_NETWORK_POLICIES` on the wire).
+pub const LAYER_NETWORK_POLICIES: u8 = 1;
+/// How many layers a policy direction can require: one per kind of policy object.
+pub const MAX_LAYERS: usize = 2;
+
+/// Key of the `POLICY_LAYERS` map: one entry per direction of each layered policy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+pub struct LayersKey {
+    /// The policy.
+    pub policy_id: u32,
+    /// [`crate::Direction`] as a byte.
+    pub direction: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+}
+
+impl LayersKey {
+    /// The key of `policy_id`'s entry for direction `direction` (a [`crate::Direction`] byte).
+    #[inline(always)]
+    pub fn new(policy_id: u32, direction: u8) -> Self {
+        LayersKey {
+            policy_id,
+            direction,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of the `POLICY_LAYERS` map: what a layered policy requires of a NEW connection in one
+/// direction. The classes of a layered direction are partitioned by layer (rules are merged into
+/// classes only within their layer), so "some rule of layer `i` allows it" is "the connection's
+/// classes meet `masks[i]`".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct Layers {
+    /// How many entries of `masks` are required (0: the direction allows every connection).
+    pub count: u32,
+    /// Bit `i`: requirement `i` is skipped for connections from the node's own network stack
+    /// (the NetworkPolicies layer on ingress: a pod cannot block its node, e.g. kubelet probes).
+    pub host_exempt: u32,
+    /// Requirement `i`: the classes of the rules of that layer.
+    pub masks: [ClassSet; MAX_LAYERS],
+    /// Requirement `i`: which layer it is ([`LAYER_SECURITY_GROUPS`] or
+    /// [`LAYER_NETWORK_POLICIES`]), for userspace (`explain`); the datapath does not read it.
+    pub layer_ids: [u8; MAX_LAYERS],
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 6],
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for LayersKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Layers {}
+
+/// Whether layer `layer` is skipped, in direction `dir`, for a connection from the node itself.
+/// Only the NetworkPolicies layer, and only for connections the pod accepts: the NetworkPolicy
+/// API lets a pod's node reach it whatever the policies say, while a security group (like one
+/// on an ENI) judges the node as any other peer, and nothing exempts what the pod opens.
+#[inline(always)]
+pub fn host_exempt(dir: crate::Direction, layer: u8) -> bool {
+    dir as u8 == crate::Direction::Ingress as u8 && layer == LAYER_NETWORK_POLICIES
+}
+
+/// Whether a packet crossing a pod's interface in `dir` comes from the node's own network stack.
+/// In `to_pod` (tc egress of the host-side interface) `ingress_ifindex` (`skb->skb_iif`) is the
+/// interface the packet was received on: 0 for a packet the node's stack sent itself, non-zero
+/// for one forwarded or bridged from another pod or another node.
+#[inline(always)]
+pub fn from_host(dir: crate::Direction, ingress_ifindex: u32) -> bool {
+    dir as u8 == crate::Direction::Ingress as u8 && ingress_ifindex == 0
+}
+
+/// The verdict of a layered policy on a NEW connection: `classes` are the classes allowing it
+/// (ports ∩ peers; empty when a lookup missed), `layers` what its direction requires. Allowed
+/// iff every required layer, bar those `host_exempt` for a connection `from_host`, has a class
+/// allowing it. The datapath and the agent's tests share this one definition.
+#[inline(always)]
+pub fn layered_allows(classes: &ClassSet, layers: &Layers, from_host: bool) -> bool {
+    let mut i = 0;
+    while i < MAX_LAYERS {
+        let required = (i as u32) < layers.count;
+        let skipped = from_host && layers.host_exempt & (1 << i) != 0;
+        if required && !skipped && !classes.intersects(&layers.masks[i]) {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+impl ClassSet {
+    /// The classes in both sets.
+    #[inline(always)]
+    pub fn and(&self, other: &ClassSet) -> ClassSet {
+        ClassSet {
+            bits: [self.bits[0] & other.bits[0], self.bits[1] & other.bits[1]],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Direction;
+
+    fn set(classes: &[usize]) -> ClassSet {
+        let mut s = ClassSet::default();
+        for c in classes {
+            s.insert(*c);
+        }
+        s
+    }
+
+    /// Security groups own classes 0..2, NetworkPolicies 2..4; NetworkPolicies host-exempt.
+    fn both() -> Layers {
+        Layers {
+            count: 2,
+            host_exempt: 1 << 1,
+            masks: [set(&[0, 1]), set(&[2, 3, 100])],
+            layer_ids: [LAYER_SECURITY_GROUPS, LAYER_NETWORK_POLICIES],
+            _pad: [0; 6],
+        }
+    }
+
+    #[test]
+    fn both_layers_must_allow() {
+        let l = both();
+        assert!(layered_allows(&set(&[1, 2]), &l, false));
+        assert!(layered_allows(&set(&[0, 100]), &l, false));
+        assert!(!layered_allows(&set(&[0, 1]), &l, false), "only SG allows");
+        assert!(!layered_allows(&set(&[3]), &l, false), "only NP allows");
+        assert!(!layered_allows(&set(&[]), &l, false));
+        assert!(
+            !layered_allows(&set(&[5]), &l, false),
+            "classes of no layer"
+        );
+    }
+
+    #[test]
+    fn no_layer_listed_allows_everything() {
+        let none = Layers::default();
+        assert!(layered_allows(&set(&[]), &none, false));
+        assert!(layered_allows(&set(&[]), &none, true));
+        // Masks beyond `count` are not requirements.
+        let one = Layers { count: 1, ..both() };
+        assert!(layered_allows(&set(&[0]), &one, false));
+        assert!(!layered_allows(&set(&[2]), &one, false));
+    }
+
+    #[test]
+    fn the_host_skips_only_the_exempt_layer() {
+        let l = both();
+        // From the host the NetworkPolicies requirement is skipped, not the security groups'.
+        assert!(layered_allows(&set(&[0]), &l, true));
+        assert!(!layered_allows(&set(&[2]), &l, true));
+        assert!(!layered_allows(&set(&[]), &l, true));
+        // A NetworkPolicies-only default deny (no class at all) lets only the host in.
+        let np_only = Layers {
+            count: 1,
+            host_exempt: 1,
+            masks: [ClassSet::default(); MAX_LAYERS],
+            layer_ids: [LAYER_NETWORK_POLICIES, 0],
+            _pad: [0; 6],
+        };
+        assert!(layered_allows(&set(&[]), &np_only, true));
+        assert!(!layered_allows(&set(&[]), &np_only, false));
+        // A security-groups-only policy gives the host nothing.
+        let sg_only = Layers {
+            count: 1,
+            host_exempt: 0,
+            ..np_only
+        };
+        assert!(!layered_allows(&set(&[]), &sg_only, true));
+    }
+
+    #[test]
+    fn only_networkpolicies_on_ingress_are_host_exempt() {
+        assert!(host_exempt(Direction::Ingress, LAYER_NETWORK_POLICIES));
+        assert!(!host_exempt(Direction::Ingress, LAYER_SECURITY_GROUPS));
+        assert!(!host_exempt(Direction::Egress, LAYER_NETWORK_POLICIES));
+        assert!(!host_exempt(Direction::Egress, LAYER_SECURITY_GROUPS));
+        assert!(from_host(Direction::Ingress, 0));
+        assert!(!from_host(Direction::Ingress, 4));
+        assert!(
+            !from_host(Direction::Egress, 0),
+            "what the pod sends is never the host's"
+        );
+    }
+
+    #[test]
+    fn layouts_are_fixed() {
+        assert_eq!(core::mem::size_of::<LayersKey>(), 8);
+        assert_eq!(core::mem::size_of::<Layers>(), 48);
+        // Layers came without changing the pinned maps' values (an upgrade keeps them): the
+        // endpoint got a flag bit, the conntrack entry a flag bit, neither a byte.
+        assert_eq!(core::mem::size_of::<crate::endpoint::Endpoint>(), 16);
+        assert_eq!(core::mem::size_of::<crate::conntrack::CtEntry>(), 24);
+    }
+}

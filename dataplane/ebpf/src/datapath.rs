@@ -10,6 +10,7 @@ use kubesg_common::{
     config::{timeout, ClockSample, Config, CFG_DENY_EVENTS, CFG_RECHECK_ON_POLICY_CHANGE},
     conntrack::{
         icmp_kind, is_icmp, track_new, track_packet, CtKey, CtState, IcmpKind, Segment, Step,
+        CT_F_FROM_HOST,
     },
     endpoint::{cache_slot, Endpoint},
     event::{Counters, DenyEvent, DenyReason},
@@ -18,13 +19,13 @@ use kubesg_common::{
     parse::{
         parse_head_first, parse_icmp_error_inner, Frame, Malformed, Packet, FRAG_FIRST, FRAG_LATER,
     },
-    policy::PolicyQuery,
+    policy::{from_host, layered_allows, ClassSet, LayersKey, PolicyQuery},
     Direction, AF_INET6,
 };
 
 use crate::maps::{
     CLOCK, CONFIG, CONNTRACK, COUNTERS, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE, FRAGMENTS,
-    POLICY_HOSTS, POLICY_PEERS, POLICY_PORTS,
+    POLICY_HOSTS, POLICY_LAYERS, POLICY_PEERS, POLICY_PORTS,
 };
 
 /// Accept, and let any later program on the hook have its say (tcx: TCX_NEXT; clsact: continue).
@@ -138,9 +139,9 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
         later_fragment(&ep, ifindex, &pkt, cfg)
     } else {
         let v = if ep.is_stateless() {
-            stateless(&ep, dir, &pkt)
+            stateless(ctx, &ep, dir, &pkt)
         } else {
-            stateful(&frame, &ep, ifindex, dir, &pkt, cfg)
+            stateful(ctx, &frame, &ep, ifindex, dir, &pkt, cfg)
         };
         if pkt.frag == FRAG_FIRST {
             remember_fragment(ifindex, &pkt, v, cfg);
@@ -264,10 +265,30 @@ fn invalid(ep: &Endpoint, reason: DenyReason) -> Verdict {
     }
 }
 
-/// Whether `ep`'s policy allows the connection `q` describes: one lookup in each trie, then the
-/// intersection of the two class sets. No loop over rules or peers.
+/// Whether the packet in `ctx`, crossing the pod's interface in `dir`, was sent by the node's
+/// own network stack (see [`from_host`]): one load of `skb->skb_iif`.
 #[inline(always)]
-fn allowed(policy_id: u32, q: &PolicyQuery) -> bool {
+fn packet_from_host(ctx: &TcContext, dir: Direction) -> bool {
+    // SAFETY: the context pointer is the skb the kernel handed the program.
+    from_host(dir, unsafe { (*ctx.skb.skb).ingress_ifindex })
+}
+
+/// Whether `ep`'s policy allows the connection `q` describes. Unlayered policies: one lookup in
+/// each trie, then the intersection of the two class sets. Layered ones also read their
+/// `POLICY_LAYERS` entry, whose absence refuses (fail closed). No loop over rules or peers.
+/// `from_host` is asked only of layered policies.
+#[inline(always)]
+fn allowed(ep: &Endpoint, q: &PolicyQuery, from_host: impl FnOnce() -> bool) -> bool {
+    if ep.is_layered() {
+        layered(ep.policy_id, q, from_host())
+    } else {
+        unlayered(ep.policy_id, q)
+    }
+}
+
+/// The two lookups of an unlayered policy, allowed iff both hit and their classes meet.
+#[inline(always)]
+fn unlayered(policy_id: u32, q: &PolicyQuery) -> bool {
     let (len, data) = q.port_key(policy_id);
     let ports = match POLICY_PORTS.get(Key::new(len, data)) {
         Some(c) => *c,
@@ -284,16 +305,49 @@ fn allowed(policy_id: u32, q: &PolicyQuery) -> bool {
     }
 }
 
+/// A layered policy: the classes allowing the connection (a missed lookup allows none), judged
+/// layer by layer ([`layered_allows`]). The layers are read first: a direction that requires no
+/// layer needs no trie lookup.
+#[inline(always)]
+fn layered(policy_id: u32, q: &PolicyQuery, from_host: bool) -> bool {
+    // SAFETY: the value is plain data, copied out at once.
+    let layers = match unsafe { POLICY_LAYERS.get(LayersKey::new(policy_id, q.direction)) } {
+        Some(l) => *l,
+        None => return false,
+    };
+    if layers.count == 0 {
+        return true;
+    }
+    let (len, data) = q.port_key(policy_id);
+    let classes = match POLICY_PORTS.get(Key::new(len, data)) {
+        Some(ports) => {
+            let (len, data) = q.peer_key(policy_id);
+            // SAFETY: the value is plain data, copied out at once.
+            match unsafe { POLICY_HOSTS.get(data) } {
+                Some(peers) => peers.and(ports),
+                None => match POLICY_PEERS.get(Key::new(len, data)) {
+                    Some(peers) => peers.and(ports),
+                    None => ClassSet::default(),
+                },
+            }
+        }
+        None => ClassSet::default(),
+    };
+    layered_allows(&classes, &layers, from_host)
+}
+
 /// Stateless endpoints: every packet is judged by the rules of its direction, nothing is tracked.
 #[inline(always)]
-fn stateless(ep: &Endpoint, dir: Direction, pkt: &Packet) -> Verdict {
+fn stateless(ctx: &TcContext, ep: &Endpoint, dir: Direction, pkt: &Packet) -> Verdict {
     if !ep.is_member()
         || (is_icmp(pkt.family, pkt.proto)
             && icmp_kind(pkt.family, pkt.icmp_type) == IcmpKind::Untracked)
     {
         return Verdict::Accept;
     }
-    if allowed(ep.policy_id, &PolicyQuery::for_packet(dir, pkt)) {
+    if allowed(ep, &PolicyQuery::for_packet(dir, pkt), || {
+        packet_from_host(ctx, dir)
+    }) {
         Verdict::Accept
     } else {
         Verdict::Drop(DenyReason::Policy)
@@ -302,6 +356,7 @@ fn stateless(ep: &Endpoint, dir: Direction, pkt: &Packet) -> Verdict {
 
 #[inline(always)]
 fn stateful<F: Frame>(
+    ctx: &TcContext,
     frame: &F,
     ep: &Endpoint,
     ifindex: u32,
@@ -331,7 +386,7 @@ fn stateful<F: Frame>(
                 Step::Reopen => {
                     // The closed connection goes whether or not the rules admit the new one.
                     let _ = CONNTRACK.remove(key);
-                    return open(ep, &key, &seg, dir, pkt, now, cfg);
+                    return open(ctx, ep, &key, &seg, dir, pkt, now, cfg);
                 }
                 Step::Update(s) | Step::Delete(s) => s,
             };
@@ -339,7 +394,7 @@ fn stateful<F: Frame>(
                 if state == CtState::New {
                     // Until a reply is seen, packets in the original direction are NEW and the
                     // rules judge each of them (as iptables' `--ctstate NEW` rules would).
-                    if !allowed(ep.policy_id, &PolicyQuery::for_packet(dir, pkt)) {
+                    if !allowed(ep, &PolicyQuery::for_packet(dir, pkt), || entry.from_host()) {
                         // Admitted under earlier rules, refused now: a refused connection leaves
                         // no state behind.
                         let _ = CONNTRACK.remove(key);
@@ -347,7 +402,9 @@ fn stateful<F: Frame>(
                     }
                 } else if entry.policy_id != ep.policy_id
                     && cfg.flags & CFG_RECHECK_ON_POLICY_CHANGE != 0
-                    && !allowed(ep.policy_id, &PolicyQuery::for_entry(&key, &entry))
+                    && !allowed(ep, &PolicyQuery::for_entry(&key, &entry), || {
+                        entry.from_host()
+                    })
                 {
                     // The rules changed since this connection was admitted and no longer allow
                     // it: cut it, as Neutron deletes the conntrack entries of removed rules.
@@ -365,12 +422,14 @@ fn stateful<F: Frame>(
             return Verdict::Accept;
         }
     }
-    open(ep, &key, &seg, dir, pkt, now, cfg)
+    open(ctx, ep, &key, &seg, dir, pkt, now, cfg)
 }
 
 /// A packet with no live entry: it opens a connection if it can and the rules allow it.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn open(
+    ctx: &TcContext,
     ep: &Endpoint,
     key: &CtKey,
     seg: &Segment,
@@ -383,9 +442,19 @@ fn open(
         Some(e) => e,
         None => return invalid(ep, DenyReason::Invalid),
     };
-    if ep.is_member() && !allowed(ep.policy_id, &PolicyQuery::for_packet(dir, pkt)) {
+    if ep.is_member()
+        && !allowed(ep, &PolicyQuery::for_packet(dir, pkt), || {
+            packet_from_host(ctx, dir)
+        })
+    {
         // A refused connection leaves no state behind.
         return Verdict::Drop(DenyReason::Policy);
+    }
+    // Recorded whatever the policy (one load per accepted connection; a refused one, which
+    // unlayered policies decide exactly as before, costs nothing more): a connection the node
+    // opened keeps its NetworkPolicies exemption when the pod later gets a layered policy.
+    if packet_from_host(ctx, dir) {
+        entry.flags |= CT_F_FROM_HOST;
     }
     entry.policy_id = ep.policy_id;
     let _ = CONNTRACK.insert(key, entry, BPF_ANY as u64);

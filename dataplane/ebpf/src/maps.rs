@@ -13,7 +13,7 @@ use kubesg_common::{
     event::Counters,
     fragment::{FragKey, FragVerdict},
     limits,
-    policy::{ClassSet, PeerKey, PortKey},
+    policy::{ClassSet, Layers, LayersKey, PeerKey, PortKey},
 };
 
 /// Pod interfaces by ifindex. An interface without an entry is not judged (its packets pass).
@@ -45,6 +45,12 @@ pub static POLICY_HOSTS: HashMap<PeerKey, ClassSet> =
 #[map]
 pub static POLICY_PORTS: LpmTrie<PortKey, ClassSet> =
     LpmTrie::with_max_entries(limits::PORT_PREFIXES, 0);
+
+/// (policy, direction) → what a layered policy requires of a NEW connection in that direction:
+/// the classes of each layer. Read only for endpoints flagged `EP_F_LAYERED`.
+#[map]
+pub static POLICY_LAYERS: HashMap<LayersKey, Layers> =
+    HashMap::with_max_entries(limits::POLICY_LAYERS, 0);
 
 /// Verdicts of first fragments, for the later fragments of the same datagram.
 #[map]
