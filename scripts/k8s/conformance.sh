@@ -150,12 +150,14 @@ trap - INT TERM
 json="$report/ginkgo/report.json"
 [[ -s "$json" ]] || die "no report ($json); e2e.test exited with $rc, see $report/e2e.log"
 
-# One line per NetworkPolicy test (the specs labelled Feature:NetworkPolicy; the filter left out
-# the others, which Ginkgo reports as skipped too): state, duration, full name.
+# One line per test: every spec labelled Feature:NetworkPolicy (a skipped one too) and any other
+# spec that ran (a wider selection); Ginkgo reports the ~7500 specs the filter left out as
+# skipped, and those are not listed. State, duration, full name, first line of the failure.
 results=$(jq -r '
   .[].SpecReports[]?
   | select(.LeafNodeType == "It")
-  | select(([.ContainerHierarchyLabels[]?[]?, .LeafNodeLabels[]?] | index("Feature:NetworkPolicy")) != null)
+  | select(.State != "skipped"
+      or ([.ContainerHierarchyLabels[]?[]?, .LeafNodeLabels[]?] | index("Feature:NetworkPolicy")) != null)
   | [.State, ((.RunTime // 0) / 1e9 | floor | tostring),
      ([.ContainerHierarchyTexts[]?, .LeafNodeText] | join(" ")),
      ((.Failure.Message // "") | split("\n") | map(select(length > 0)) | first // "")]
