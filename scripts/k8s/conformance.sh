@@ -141,10 +141,20 @@ fi
 # The test binary's output goes to e2e.log whole; the terminal gets Ginkgo's progress lines.
 "${cmd[@]}" >"$report/e2e.log" 2>&1 &
 pid=$!
-trap 'kill -INT "$pid" 2>/dev/null || true' INT TERM
-tail -n +1 --pid="$pid" -F "$report/e2e.log" 2>/dev/null |
-  grep --line-buffered -E '^(\[sig-network\] |• |Ran |SUCCESS!|FAIL!|Summarizing)' || true
-wait "$pid" || rc=$?
+{
+  tail -n +1 --pid="$pid" -F "$report/e2e.log" 2>/dev/null |
+    grep --line-buffered -E '^(\[sig-network\] |• |Ran |SUCCESS!|FAIL!|Summarizing)' || true
+} &
+progress=$!
+# Background jobs of a script ignore SIGINT: pass Ctrl-C (or a TERM) on as SIGTERM, which Ginkgo
+# turns into an orderly stop that still writes the reports. A trapped signal ends `wait` early:
+# wait again until e2e.test has exited.
+trap 'kill -TERM "$pid" 2>/dev/null || true' INT TERM
+while :; do
+  if wait "$pid"; then rc=0; else rc=$?; fi
+  kill -0 "$pid" 2>/dev/null || break
+done
+wait "$progress" || true
 trap - INT TERM
 
 json="$report/ginkgo/report.json"
