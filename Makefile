@@ -1,5 +1,5 @@
 # The two commands of the README: `make test` runs every test; `make demo` runs kubesg locally.
-.PHONY: test demo bootstrap bench image chart cluster cluster-down
+.PHONY: test demo bootstrap bench image chart cluster cluster-down conformance
 
 test:
 	scripts/test.sh
@@ -43,3 +43,10 @@ cluster:
 
 cluster-down:
 	scripts/k8s/cluster.sh down
+
+# Upstream's NetworkPolicy e2e tests (test/e2e/network/netpol of the pinned Kubernetes) against
+# the cluster `make cluster` started, whatever enforces policies in it: builds e2e.test on first
+# use (scripts/k8s/build.sh --e2e, minutes), JUnit in target/conformance, one line per test and
+# `N passed, M failed, K skipped` last. docs/conformance.md says what the tests need.
+conformance:
+	scripts/k8s/conformance.sh
