@@ -132,6 +132,9 @@ fn policy_types(
     }
 }
 
+/// One protocol's ports of a NetworkPolicy rule: `None` is every port of it.
+type ProtocolPorts = (Protocol, Option<Vec<Port>>);
+
 /// The rules of one NetworkPolicy rule, one per protocol its ports name (in the order they first
 /// appear), or one for every protocol when it names no port; `origins` gets each one's name.
 fn split_ports(
@@ -140,7 +143,7 @@ fn split_ports(
     j: usize,
     ports: Option<&[NetworkPolicyPort]>,
     origins: &mut Vec<String>,
-) -> Result<Vec<(Protocol, Option<Vec<Port>>)>, ObjectError> {
+) -> Result<Vec<ProtocolPorts>, ObjectError> {
     let ports = match ports {
         Some(p) if !p.is_empty() => p,
         _ => {
@@ -149,7 +152,7 @@ fn split_ports(
         }
     };
     // Per protocol: `None` once a port of it has no number (every port of the protocol).
-    let mut by_protocol: Vec<(Protocol, Option<Vec<Port>>)> = Vec::new();
+    let mut by_protocol: Vec<ProtocolPorts> = Vec::new();
     for (k, p) in ports.iter().enumerate() {
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
