@@ -37,6 +37,7 @@ use crate::{
     leader::{self, Elector, LeaseSettings},
     manifest_source,
     metrics::{self, Metrics},
+    netpol,
     push::{PushServer, PushSettings},
     runtime::{self, Runtime, MANIFESTS},
     status_api,
@@ -82,6 +83,8 @@ pub struct OperatorSettings {
     /// How often the TLS files are looked at for a rotation (a renewed certificate is served
     /// without a restart).
     pub tls_poll: Duration,
+    /// Whether NetworkPolicies are enforced or left to another enforcer.
+    pub network_policies: netpol::Mode,
 }
 
 /// Why the operator could not start or stopped with an error. Each message is complete (the
@@ -153,6 +156,7 @@ impl Operator {
         let mut elector_task = None;
         let election_stop = CancellationToken::new();
 
+        let network_policies = settings.network_policies;
         let kinds: Vec<&'static str> = match settings.source {
             Source::Api {
                 client,
@@ -164,7 +168,7 @@ impl Operator {
                 tasks.push(tokio::spawn(async move {
                     tokio::select! {
                         _ = s.cancelled() => {}
-                        _ = kube_source::run(c, source_tx) => {}
+                        _ = kube_source::run(c, network_policies, source_tx) => {}
                     }
                 }));
                 let ctx = status_api::Context::new(client.clone(), &instance, metrics.clone());
@@ -191,7 +195,7 @@ impl Operator {
                         leading_tx.send_replace(true);
                     }
                 }
-                kube_source::KINDS.to_vec()
+                kube_source::kinds(network_policies)
             }
             Source::Manifests {
                 dir,
@@ -212,6 +216,7 @@ impl Operator {
                 tasks.push(tokio::spawn(manifest_source::run(
                     dir,
                     poll,
+                    network_policies,
                     source_tx,
                     stop.clone(),
                 )));

@@ -1,11 +1,14 @@
 //! The Kubernetes API as a source: one watcher per kind (Namespace, Pod, Node, Service,
-//! SecurityGroup), each event turned into a [`ClusterChange`]. After every (re)list a watcher reports the objects
+//! SecurityGroup and, unless they are left to another enforcer, NetworkPolicy), each event turned into a [`ClusterChange`]. After every (re)list a watcher reports the objects
 //! it no longer sees as deleted, so a missed delete during a disconnect is caught up.
 
 use std::{collections::BTreeSet, fmt::Debug};
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod, Service};
+use k8s_openapi::api::{
+    core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod, Service},
+    networking::v1::NetworkPolicy,
+};
 use kube::{
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource, ResourceExt as _,
@@ -14,7 +17,13 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::{changes::ClusterChange, crd::SecurityGroup, model::ObjectKey, objects};
+use crate::{
+    changes::ClusterChange,
+    crd::SecurityGroup,
+    model::ObjectKey,
+    netpol::{self, Mode},
+    objects,
+};
 
 /// What the sources send the operator's main loop.
 #[derive(Debug)]
@@ -97,6 +106,32 @@ impl Kind for SecurityGroup {
     }
 }
 
+impl Kind for NetworkPolicy {
+    const NAME: &'static str = "NetworkPolicy";
+    type Key = ObjectKey;
+    fn key(obj: &Self) -> Option<ObjectKey> {
+        Some(netpol::key(&obj.namespace()?, &obj.name_any()))
+    }
+    fn upsert(obj: &Self) -> Option<ClusterChange> {
+        match netpol::group(obj) {
+            Ok((k, g)) => Some(ClusterChange::UpsertGroup(k, g)),
+            Err(e) => {
+                // The API server validated it; what is left is a protocol this version does not
+                // know. Its previous version (if any) stays enforced.
+                warn!(
+                    policy = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any()),
+                    error = %e,
+                    "NetworkPolicy not understood; its previous version (if any) stays enforced"
+                );
+                None
+            }
+        }
+    }
+    fn delete(key: ObjectKey) -> ClusterChange {
+        ClusterChange::DeleteGroup(key)
+    }
+}
+
 impl Kind for Service {
     const NAME: &'static str = "Service";
     type Key = ObjectKey;
@@ -113,19 +148,34 @@ impl Kind for Service {
     }
 }
 
-/// The kinds [`run`] watches, each reported [`SourceEvent::Listed`] once listed: the runtime
-/// compiles once all of them are.
-pub const KINDS: [&str; 5] = [
-    <K8sNamespace as Kind>::NAME,
-    <Node as Kind>::NAME,
-    <K8sPod as Kind>::NAME,
-    <Service as Kind>::NAME,
-    <SecurityGroup as Kind>::NAME,
-];
+/// The kinds [`run`] watches in `mode`, each reported [`SourceEvent::Listed`] once listed: the
+/// runtime compiles once all of them are.
+pub fn kinds(mode: Mode) -> Vec<&'static str> {
+    let mut kinds = vec![
+        <K8sNamespace as Kind>::NAME,
+        <Node as Kind>::NAME,
+        <K8sPod as Kind>::NAME,
+        <Service as Kind>::NAME,
+        <SecurityGroup as Kind>::NAME,
+    ];
+    if mode == Mode::Enforce {
+        kinds.push(<NetworkPolicy as Kind>::NAME);
+    }
+    kinds
+}
 
-/// Watches every kind until `tx` is closed.
-pub async fn run(client: Client, tx: mpsc::Sender<SourceEvent>) {
+/// Watches every kind of [`kinds`] until `tx` is closed.
+pub async fn run(client: Client, mode: Mode, tx: mpsc::Sender<SourceEvent>) {
+    let (c, t) = (client.clone(), tx.clone());
+    let policies = async move {
+        if mode == Mode::Enforce {
+            watch::<NetworkPolicy>(Api::all(c), t).await;
+        } else {
+            info!("NetworkPolicies are left to another enforcer (--network-policies ignore)");
+        }
+    };
     tokio::join!(
+        policies,
         watch::<K8sNamespace>(Api::all(client.clone()), tx.clone()),
         watch::<Node>(Api::all(client.clone()), tx.clone()),
         watch::<K8sPod>(Api::all(client.clone()), tx.clone()),
@@ -144,10 +194,12 @@ async fn watch<K: Kind>(api: Api<K>, tx: mpsc::Sender<SourceEvent>) {
     while let Some(event) = stream.next().await {
         let mut changes = Vec::new();
         match event {
+            // An object that cannot be read (upsert: None) stays known, so the version read
+            // before it stays in force, also across a relist.
             Ok(watcher::Event::Apply(obj)) => {
-                if let (Some(k), Some(c)) = (K::key(&obj), K::upsert(&obj)) {
+                if let Some(k) = K::key(&obj) {
                     known.insert(k);
-                    changes.push(c);
+                    changes.extend(K::upsert(&obj));
                 }
             }
             Ok(watcher::Event::Delete(obj)) => {
@@ -158,12 +210,12 @@ async fn watch<K: Kind>(api: Api<K>, tx: mpsc::Sender<SourceEvent>) {
             }
             Ok(watcher::Event::Init) => relisting = Some(BTreeSet::new()),
             Ok(watcher::Event::InitApply(obj)) => {
-                if let (Some(k), Some(c)) = (K::key(&obj), K::upsert(&obj)) {
+                if let Some(k) = K::key(&obj) {
                     if let Some(seen) = relisting.as_mut() {
                         seen.insert(k.clone());
                     }
                     known.insert(k);
-                    changes.push(c);
+                    changes.extend(K::upsert(&obj));
                 }
             }
             Ok(watcher::Event::InitDone) => {

@@ -8,12 +8,14 @@ use kubesg_operator::{
     crdgen,
     daemon::{Operator, OperatorSettings, Source, DEFAULT_TLS_POLL},
     leader::{default_identity, LeaseSettings},
+    netpol,
     push::PushSettings,
     tls::ServerTlsFiles,
 };
 use tracing::info;
 
-/// kubesg operator: compiles SecurityGroups into per-node rule sets and pushes them to agents.
+/// kubesg operator: compiles SecurityGroups and NetworkPolicies into per-node rule sets and
+/// pushes them to agents.
 #[derive(Parser)]
 #[command(name = "kubesg-operator", version, about, long_about = None)]
 struct Cli {
@@ -38,9 +40,9 @@ enum Command {
 /// Options of `kubesg-operator run`.
 #[derive(Args)]
 struct RunArgs {
-    /// Take the cluster from this directory of Namespace, Pod, Node and SecurityGroup YAML
-    /// instead of the Kubernetes API; it is re-read every --poll-interval and changes apply
-    /// live. Without it: the API (in-cluster config, or the kubeconfig).
+    /// Take the cluster from this directory of Namespace, Pod, Node, Service, SecurityGroup and
+    /// NetworkPolicy YAML instead of the Kubernetes API; it is re-read every --poll-interval and
+    /// changes apply live. Without it: the API (in-cluster config, or the kubeconfig).
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
     /// Manifests mode: write each SecurityGroup's status to DIR/<namespace>_<name>.yaml.
@@ -78,6 +80,11 @@ struct RunArgs {
     /// live on (false, as AWS).
     #[arg(long, value_name = "BOOL", default_value = "true", action = ArgAction::Set)]
     recheck_on_policy_change: bool,
+    /// Kubernetes NetworkPolicies: enforce them as a layer of their own beside SecurityGroups
+    /// (a NEW connection must pass both where both select the pod), or ignore them, to leave
+    /// them to another enforcer chained on the same pods.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "enforce")]
+    network_policies: netpol::Mode,
     /// Log filter (tracing's EnvFilter syntax), e.g. info or kubesg_operator=debug.
     #[arg(long, env = "KUBESG_LOG", default_value = "info")]
     log: String,
@@ -167,6 +174,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             ..PushSettings::default()
         },
         tls_poll: DEFAULT_TLS_POLL,
+        network_policies: args.network_policies,
     };
     let operator = Operator::start(settings).await?;
     let stopper = operator.stopper();

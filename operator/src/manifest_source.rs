@@ -20,6 +20,7 @@ use crate::{
     kube_source::SourceEvent,
     manifests::ManifestDir,
     model::Cluster,
+    netpol::{self, Mode},
     runtime::MANIFESTS,
 };
 
@@ -27,10 +28,12 @@ use crate::{
 pub const DEFAULT_POLL: Duration = Duration::from_millis(500);
 
 /// Polls `dir` every `interval` and sends the changes to `tx` until `stop` is cancelled or the
-/// receiver is gone.
+/// receiver is gone. With `network_policies` [`Mode::Ignore`] the directory's NetworkPolicies
+/// are read (a broken one is still reported) but left out of the cluster.
 pub async fn run(
     dir: PathBuf,
     interval: Duration,
+    network_policies: Mode,
     tx: mpsc::Sender<SourceEvent>,
     stop: CancellationToken,
 ) {
@@ -39,9 +42,22 @@ pub async fn run(
     let mut listed = false;
     let mut problems: BTreeSet<(PathBuf, String)> = BTreeSet::new();
     let mut unreadable = false;
+    let mut ignored_policies = 0;
     loop {
         match manifests.scan() {
-            Ok(scan) => {
+            Ok(mut scan) => {
+                if network_policies == Mode::Ignore {
+                    let before = scan.cluster.groups.len();
+                    scan.cluster.groups.retain(|k, _| !netpol::is_key(k));
+                    let ignored = before - scan.cluster.groups.len();
+                    if ignored != ignored_policies {
+                        info!(
+                            ignored,
+                            "NetworkPolicies left to another enforcer (--network-policies ignore)"
+                        );
+                        ignored_policies = ignored;
+                    }
+                }
                 if unreadable {
                     info!(dir = %dir.display(), "manifests directory readable again");
                     unreadable = false;

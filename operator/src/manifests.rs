@@ -1,5 +1,5 @@
 //! A directory of manifests standing in for the Kubernetes API (`--manifests DIR`): Namespace,
-//! Pod, Node, Service and SecurityGroup YAML (multi-document files and `kind: List` included), re-read
+//! Pod, Node, Service, SecurityGroup and NetworkPolicy YAML (multi-document files and `kind: List` included), re-read
 //! when files change. It feeds the same model and the same compile-and-push path as the API.
 //!
 //! Nothing is lost to a bad edit: a file that does not parse is reported and its previous
@@ -14,15 +14,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::core::v1::{
-    Namespace as K8sNamespace, Node, Pod as K8sPod, Service as K8sService,
+use k8s_openapi::api::{
+    core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod, Service as K8sService},
+    networking::v1::NetworkPolicy,
 };
 use serde::Deserialize;
 
 use crate::{
     crd::SecurityGroup,
     model::{Cluster, Group, Namespace, ObjectKey, Pod, Service},
-    objects,
+    netpol, objects,
 };
 
 /// One object read from a file.
@@ -161,6 +162,7 @@ impl ManifestDir {
                     Object::Pod(k, _) => format!("Pod {k}"),
                     Object::Node(n) => format!("Node {n}"),
                     Object::Service(k, _) => format!("Service {k}"),
+                    Object::Group(k, _) if netpol::is_key(k) => netpol::describe(k),
                     Object::Group(k, _) => format!("SecurityGroup {k}"),
                 };
                 if let Some(first) = seen.insert(id.clone(), path.clone()) {
@@ -306,10 +308,18 @@ fn object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String>
             let (key, model) = objects::group(&sg).map_err(|e| e.to_string())?;
             out.push(Object::Group(key, model));
         }
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            let mut np: NetworkPolicy = serde_yaml::from_value(value).map_err(typed)?;
+            if np.metadata.namespace.is_none() {
+                np.metadata.namespace = Some(DEFAULT_NAMESPACE.into());
+            }
+            let (key, model) = netpol::group(&np).map_err(|e| e.to_string())?;
+            out.push(Object::Group(key, model));
+        }
         (api, kind) => {
             return Err(format!(
                 "unsupported object {api} {kind}: expected v1 Namespace, Pod, Node, Service or \
-                 List, or kubesg.io/v1alpha1 SecurityGroup"
+                 List, kubesg.io/v1alpha1 SecurityGroup or networking.k8s.io/v1 NetworkPolicy"
             ))
         }
     }
@@ -373,6 +383,15 @@ spec:
   selector: { app: web }
   clusterIPs: [ 10.96.0.20 ]
   ports: [ { port: 80, targetPort: http } ]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: { name: web-from-shop, namespace: shop }
+spec:
+  podSelector: { matchLabels: { app: web } }
+  ingress:
+    - from: [ { podSelector: {} } ]
+      ports: [ { port: http } ]
 "#;
 
     #[test]
@@ -399,7 +418,40 @@ spec:
             ["10.96.0.20".parse::<std::net::IpAddr>().unwrap()]
         );
         assert_eq!(svc.selector["app"], "web");
+        let np = &c.groups[&crate::netpol::key("shop", "web-from-shop")];
+        assert!(np.kind.is_network_policy());
+        assert_eq!(np.generation, 1);
+        assert_eq!(np.spec.ingress.as_ref().map(Vec::len), Some(1));
         assert!(!m.scan().unwrap().changed, "nothing changed on disk");
+    }
+
+    #[test]
+    fn a_network_policy_kubesg_cannot_read_is_reported_and_its_previous_version_kept() {
+        let d = TempDir::new("badnp");
+        let file = d.0.join("cluster.yaml");
+        fs::write(&file, CLUSTER).unwrap();
+        let mut m = ManifestDir::new(&d.0);
+        m.scan().unwrap();
+        fs::write(
+            &file,
+            CLUSTER.replace(
+                "from: [ { podSelector: {} } ]\n      ports: [ { port: http } ]",
+                "from: [ { podSelector: {} } ]\n      ports: [ { port: http, protocol: QUIC } ]",
+            ),
+        )
+        .unwrap();
+        let s = m.scan().unwrap();
+        assert_eq!(s.problems.len(), 1, "{:?}", s.problems);
+        assert!(
+            s.problems[0]
+                .message
+                .contains("NetworkPolicy shop/web-from-shop")
+                && s.problems[0].message.contains("QUIC"),
+            "{}",
+            s.problems[0].message
+        );
+        let np = &s.cluster.groups[&crate::netpol::key("shop", "web-from-shop")];
+        assert_eq!(np.generation, 1, "the previous version stays in force");
     }
 
     #[test]

@@ -30,6 +30,23 @@ use crate::{
     objects::ObjectError,
 };
 
+/// Whether kubesg enforces NetworkPolicies (`--network-policies`, chart value
+/// `operator.networkPolicies`). `Ignore` leaves them to another enforcer chained on the same pods
+/// (or to none): they are neither watched nor read from manifests, and SecurityGroups alone judge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Watch NetworkPolicies and enforce them as their own layer.
+    #[default]
+    Enforce,
+    /// Do not read them at all.
+    Ignore,
+}
+
+/// Whether `key` is a NetworkPolicy's.
+pub fn is_key(key: &ObjectKey) -> bool {
+    key.name.starts_with(KEY_PREFIX)
+}
+
 /// What a NetworkPolicy's key name starts with.
 pub const KEY_PREFIX: &str = "networkpolicy/";
 

@@ -13,12 +13,19 @@
 //!   across operator restarts: the previous status is on the object).
 //! - A Warning Event `ProgrammingRefused` when a node refused (NACKed) the version carrying the
 //!   group, with the nodes and the agents' reasons: once per generation and set of refusals.
+//! - A NetworkPolicy has no status to write: the same conditions are computed and kept in
+//!   memory, logged, and told by the same Events on the NetworkPolicy (`kubectl describe
+//!   networkpolicy` shows them). Memory does not survive the operator, so a new leader tells
+//!   each policy's current state once more.
 //! - No finalizers: deleting a group needs no cleanup (the next compile drops it from every
 //!   plan), so a deleted group is simply forgotten, never written again.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
+use k8s_openapi::{
+    api::{core::v1::ObjectReference, networking::v1::NetworkPolicy},
+    jiff::Timestamp,
+};
 use kube::{
     api::{Api, Patch, PatchParams},
     runtime::events::{Event, EventType, Recorder, Reporter},
@@ -30,6 +37,7 @@ use crate::{
     crd::{SecurityGroup, SecurityGroupStatus},
     metrics::Metrics,
     model::ObjectKey,
+    netpol,
     plan::GroupReport,
     status::{group_status, reason as status_reason, NodeAcks},
     status_writer::{StatusSink, WriteError},
@@ -84,7 +92,7 @@ impl Context {
 pub enum Outcome {
     /// The status was already right.
     Unchanged,
-    /// The status was written.
+    /// The status was written (a NetworkPolicy's: recorded and logged).
     Written,
     /// The group does not exist (any more): nothing written.
     Gone,
@@ -134,9 +142,27 @@ pub async fn write_status(
             .and_then(|s| s.observed_generation)
             .is_some_and(|g| g > report.generation)
     });
-    let known = match ctx.known.get(key) {
-        Some(k) if !stale => k.clone(),
-        _ => match api.get_opt(&key.name).await? {
+    let policy = netpol::name(key);
+    let known = match (ctx.known.get(key), policy) {
+        (Some(k), _) if !stale => k.clone(),
+        (_, Some(name)) => {
+            let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &key.namespace);
+            match policies.get_opt(name).await? {
+                Some(np) => {
+                    let mut reference = np.object_ref(&());
+                    reference.resource_version = None;
+                    Known {
+                        reference,
+                        status: None,
+                    }
+                }
+                None => {
+                    ctx.known.remove(key);
+                    return Ok(Outcome::Gone);
+                }
+            }
+        }
+        (_, None) => match api.get_opt(&key.name).await? {
             Some(sg) => {
                 let mut reference = sg.object_ref(&());
                 reference.resource_version = None;
@@ -155,6 +181,9 @@ pub async fn write_status(
     let status = group_status(key, report, acks, previous, now);
     let outcome = if previous == Some(&status) {
         Outcome::Unchanged
+    } else if policy.is_some() {
+        log_status(key, &status);
+        Outcome::Written
     } else {
         let patch = serde_json::json!({ "status": status });
         match api
@@ -227,7 +256,12 @@ pub async fn write_status(
         let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
         match recorder.publish(&event, &known.reference).await {
             Ok(()) => ctx.metrics.event(reason),
-            Err(e) => warn!(group = %key, reason, error = %e, "could not emit an Event"),
+            Err(e) => warn!(
+                group = %netpol::describe(key),
+                reason,
+                error = %e,
+                "could not emit an Event"
+            ),
         }
     }
     ctx.known.insert(
@@ -247,7 +281,7 @@ fn log_status(key: &ObjectKey, status: &SecurityGroupStatus) {
             .unwrap_or_default()
     };
     info!(
-        group = %key,
+        group = %netpol::describe(key),
         generation = status.observed_generation,
         members = status.members,
         accepted = %describe("Accepted"),

@@ -21,6 +21,7 @@ use crate::{
     crd::SecurityGroupStatus,
     metrics::Metrics,
     model::ObjectKey,
+    netpol,
     plan::GroupReport,
     status::{group_status, NodeAcks},
     status_writer::{StatusSink, WriteError},
@@ -33,9 +34,19 @@ pub struct StatusFiles {
     metrics: Metrics,
 }
 
+/// The file name (without `.yaml`) of `key`'s status: `<namespace>_<name>` for a SecurityGroup,
+/// `<namespace>_networkpolicy_<name>` for a NetworkPolicy. Kubernetes names hold no `_`, so no
+/// two objects share a file.
+fn file_stem(key: &ObjectKey) -> String {
+    match netpol::name(key) {
+        Some(name) => format!("{}_networkpolicy_{name}", key.namespace),
+        None => format!("{}_{}", key.namespace, key.name),
+    }
+}
+
 /// The file of `key`'s status under `dir`.
 pub fn status_path(dir: &Path, key: &ObjectKey) -> PathBuf {
-    dir.join(format!("{}_{}.yaml", key.namespace, key.name))
+    dir.join(format!("{}.yaml", file_stem(key)))
 }
 
 /// Reads a status file written by [`StatusFiles`]; `None` if absent or unreadable.
@@ -63,7 +74,7 @@ impl StatusFiles {
         };
         let path = status_path(dir, key);
         let yaml = serde_yaml::to_string(status).map_err(|e| WriteError::Encode(e.to_string()))?;
-        let tmp = dir.join(format!(".{}_{}.yaml.tmp", key.namespace, key.name));
+        let tmp = dir.join(format!(".{}.yaml.tmp", file_stem(key)));
         fs::write(&tmp, yaml)
             .and_then(|()| fs::rename(&tmp, &path))
             .map_err(|source| WriteError::File { path, source })
@@ -106,7 +117,7 @@ impl StatusSink for StatusFiles {
         written?;
         let nodes = status.nodes.unwrap_or_default();
         info!(
-            group = %key,
+            group = %netpol::describe(key),
             generation = report.generation,
             members = status.members,
             nodes = format!("{}/{}", nodes.programmed, nodes.total),
@@ -123,7 +134,9 @@ impl StatusSink for StatusFiles {
         if let Some(dir) = &self.dir {
             let path = status_path(dir, key);
             match fs::remove_file(&path) {
-                Ok(()) => info!(group = %key, "group deleted: status file removed"),
+                Ok(()) => {
+                    info!(group = %netpol::describe(key), "group deleted: status file removed")
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(file = %path.display(), error = %e, "could not remove a status file")
@@ -179,5 +192,34 @@ mod tests {
 
         again.forget(&key).await;
         assert!(!path.exists(), "a deleted group's status file is removed");
+    }
+
+    #[tokio::test]
+    async fn a_network_policys_status_has_its_own_file_beside_a_group_of_the_same_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let group = ObjectKey::new("shop", "web");
+        let policy = netpol::key("shop", "web");
+        let t0 = Timestamp::from_second(1_000).unwrap();
+        let mut files = StatusFiles::new(Some(dir.path().into()), Metrics::default()).unwrap();
+        files
+            .publish(&group, &report(1, Ok(())), &BTreeMap::new(), t0)
+            .await
+            .unwrap();
+        files
+            .publish(&policy, &report(3, Ok(())), &BTreeMap::new(), t0)
+            .await
+            .unwrap();
+        let path = status_path(dir.path(), &policy);
+        assert_eq!(
+            path.file_name().and_then(|n| n.to_str()),
+            Some("shop_networkpolicy_web.yaml")
+        );
+        assert_eq!(read_status(&path).unwrap().observed_generation, Some(3));
+        assert_eq!(
+            read_status(&status_path(dir.path(), &group))
+                .unwrap()
+                .observed_generation,
+            Some(1)
+        );
     }
 }

@@ -224,7 +224,7 @@ impl<S: StatusSink> StatusWriter<S> {
                     self.failed.remove(&key);
                 }
                 Err(e) => {
-                    warn!(group = %key, error = %e, "status not written; retrying later");
+                    warn!(group = %crate::netpol::describe(&key), error = %e, "status not written; retrying later");
                     self.failed.insert(key);
                 }
             }

@@ -154,6 +154,7 @@ impl Cluster {
             metrics_address: None,
             push: PushSettings::default(),
             tls_poll: Duration::from_millis(100),
+            network_policies: kubesg_operator::netpol::Mode::Enforce,
         })
         .await
         .expect("the operator starts");

@@ -859,6 +859,11 @@ impl FakeCluster {
                 (Method::GET, "/api/v1/nodes") => call.ok(&list("NodeList", json!([]))),
                 (Method::GET, "/api/v1/pods") => call.ok(&list("PodList", json!([]))),
                 (Method::GET, "/api/v1/services") => call.ok(&list("ServiceList", json!([]))),
+                (Method::GET, "/apis/networking.k8s.io/v1/networkpolicies") => {
+                    let mut l = list("NetworkPolicyList", json!([]));
+                    l["apiVersion"] = json!("networking.k8s.io/v1");
+                    call.ok(&l)
+                }
                 (Method::GET, "/apis/kubesg.io/v1alpha1/securitygroups") => {
                     let mut l = list("SecurityGroupList", json!([group_object(1, None)]));
                     l["apiVersion"] = json!("kubesg.io/v1alpha1");
@@ -921,6 +926,7 @@ async fn only_the_lease_holder_serves_agents_and_writes_status() {
         metrics_address: None,
         push: PushSettings::default(),
         tls_poll: Duration::from_secs(10),
+        network_policies: kubesg_operator::netpol::Mode::Enforce,
     })
     .await
     .unwrap();
@@ -1081,7 +1087,11 @@ fn service_items() -> Vec<Value> {
 async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_before_a_relist() {
     let (client, mut api) = ApiServer::client();
     let (tx, mut rx) = tokio::sync::mpsc::channel(256);
-    let source = tokio::spawn(kube_source::run(client, tx));
+    let source = tokio::spawn(kube_source::run(
+        client,
+        kubesg_operator::netpol::Mode::Enforce,
+        tx,
+    ));
 
     // Namespaces: listed (shop, old); a watch adds `new` and deletes `shop`, then ends; the next
     // watch has expired (410); the relist finds `new` only: `old` went while nobody watched.
@@ -1129,6 +1139,20 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
             ("/apis/kubesg.io/v1alpha1/securitygroups", false) => {
                 call.ok(&list_of("kubesg.io/v1alpha1", "SecurityGroup", "5", vec![]))
             }
+            ("/apis/networking.k8s.io/v1/networkpolicies", false) => {
+                let policy = json!({
+                    "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": { "name": "deny", "namespace": "shop", "generation": 2,
+                                  "resourceVersion": "7" },
+                    "spec": { "podSelector": {} }
+                });
+                call.ok(&list_of(
+                    "networking.k8s.io/v1",
+                    "NetworkPolicy",
+                    "7",
+                    vec![policy],
+                ))
+            }
             (_, true) => held.push(call),
             (other, false) => panic!("unexpected request {} {other}", call.method),
         }
@@ -1138,6 +1162,7 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
     let mut namespaces = Vec::new();
     let mut pods = BTreeMap::new();
     let mut services = BTreeMap::new();
+    let mut groups = BTreeMap::new();
     let mut listed = Vec::new();
     while !namespaces.contains(&"delete old".to_owned()) {
         let event = tokio::time::timeout(WAIT, rx.recv())
@@ -1160,6 +1185,9 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
                         ClusterChange::UpsertService(key, service) => {
                             services.insert(key.name, service);
                         }
+                        ClusterChange::UpsertGroup(key, group) => {
+                            groups.insert(key, group);
+                        }
                         _ => {}
                     }
                 }
@@ -1180,8 +1208,23 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
     listed.sort_unstable();
     assert_eq!(
         listed,
-        ["Namespace", "Node", "Pod", "SecurityGroup", "Service"]
+        [
+            "Namespace",
+            "NetworkPolicy",
+            "Node",
+            "Pod",
+            "SecurityGroup",
+            "Service"
+        ]
     );
+
+    // A NetworkPolicy is a group of its own layer under its own key: this default deny
+    // isolates ingress (policyTypes defaulted) and admits nothing.
+    let deny = &groups[&kubesg_operator::netpol::key("shop", "deny")];
+    assert!(deny.kind.is_network_policy());
+    assert!(deny.kind.isolates(true) && !deny.kind.isolates(false));
+    assert_eq!(deny.generation, 2);
+    assert_eq!(deny.spec.ingress.as_ref().map(Vec::len), Some(0));
 
     // Services as the compiler needs them: ClusterIPs of both families, target ports; none for
     // headless and ExternalName Services.
