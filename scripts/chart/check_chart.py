@@ -272,9 +272,13 @@ def the_operator_has_exactly_the_permissions_it_uses():
     assert sorted((r["apiGroups"][0], tuple(r["resources"]), tuple(r["verbs"])) for r in rules) == sorted([
         ("kubesg.io", ("securitygroups",), ("get", "list", "watch")),
         ("kubesg.io", ("securitygroups/status",), ("patch",)),
+        ("networking.k8s.io", ("networkpolicies",), ("get", "list", "watch")),
         ("", ("pods", "namespaces", "nodes", "services"), ("list", "watch")),
         ("events.k8s.io", ("events",), ("create",)),
     ]), rules
+    # NetworkPolicies left to another enforcer: the operator may not even read them.
+    ignoring = find(render(CHART / "ci" / "network-policies-ignore-values.yaml"), "ClusterRole", "kubesg-operator")
+    assert all("networkpolicies" not in r["resources"] for r in ignoring["rules"]), ignoring["rules"]
     lease = find(docs, "Role", "kubesg-operator-leader-election")
     assert lease["metadata"]["namespace"] == NAMESPACE
     assert lease["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
@@ -301,6 +305,9 @@ def settings_reach_the_command_lines():
     assert "--startup-exempt=kubesg/kubesg-operator-" in agent_container(render(namespace="kubesg"))["args"]
     op = find(render(CHART / "ci" / "startup-wait-values.yaml"), "Deployment", "kubesg-operator")
     assert "--recheck-on-policy-change=false" in op["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--network-policies=enforce" in op["spec"]["template"]["spec"]["containers"][0]["args"]
+    ignore = find(render(CHART / "ci" / "network-policies-ignore-values.yaml"), "Deployment", "kubesg-operator")
+    assert "--network-policies=ignore" in ignore["spec"]["template"]["spec"]["containers"][0]["args"]
     single = find(render(CHART / "ci" / "single-operator-values.yaml"), "Deployment", "kubesg-operator")
     assert "--no-leader-election" in single["spec"]["template"]["spec"]["containers"][0]["args"]
     default_watch = agent_container(render(), "cni-watch")["args"]
