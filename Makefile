@@ -45,8 +45,9 @@ cluster-down:
 	scripts/k8s/cluster.sh down
 
 # Upstream's NetworkPolicy e2e tests (test/e2e/network/netpol of the pinned Kubernetes) against
-# the cluster `make cluster` started, whatever enforces policies in it: builds e2e.test on first
+# the cluster `make cluster` started, with kubesg built from this tree and installed (or
+# upgraded) there by its chart: builds e2e.test on first
 # use (scripts/k8s/build.sh --e2e, minutes), JUnit in target/conformance, one line per test and
 # `N passed, M failed, K skipped` last. docs/conformance.md says what the tests need.
 conformance:
-	scripts/k8s/conformance.sh
+	scripts/k8s/conformance.sh --kubesg

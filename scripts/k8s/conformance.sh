@@ -6,11 +6,14 @@
 # failed, when none ran, or when the suite itself failed. docs/conformance.md says what the tests
 # do and need.
 #
-# It does not install anything in the cluster: whatever enforces NetworkPolicies (kubesg, or
-# nothing, in which case the tests that expect a denial fail) is the caller's business.
+# With --kubesg (what `make conformance` passes) it first builds kubesg's image, imports it and
+# installs (or upgrades and restarts) the chart with the image settings only, as a user would;
+# without it, whatever enforces NetworkPolicies (kubesg installed by hand, or nothing, in which
+# case the tests that expect a denial fail) is the caller's business.
 #
-# Usage: scripts/k8s/conformance.sh [--dry-run] [-- extra e2e.test flags]
+# Usage: scripts/k8s/conformance.sh [--dry-run] [--kubesg] [-- extra e2e.test flags]
 #   --dry-run  list the tests the selection would run (ginkgo dry run, no cluster needed)
+#   --kubesg   install kubesg from this tree (scripts/image.sh build, import, helm) first
 #
 # Environment:
 #   KUBESG_CLUSTER_DIR                cluster.sh's state dir (default /var/lib/kubesg-cluster);
@@ -42,12 +45,14 @@ fi
 export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
 
 dry_run=0
+kubesg=0
 extra=()
 while (($# > 0)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
+    --kubesg) kubesg=1 ;;
     --) shift; extra=("$@"); break ;;
-    *) echo "usage: $0 [--dry-run] [-- extra e2e.test flags]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--dry-run] [--kubesg] [-- extra e2e.test flags]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -91,6 +96,33 @@ if ((dry_run == 0)); then
     grep -qxF "$image" <<<"$node_images" ||
       die "image $image is not on the node (e2e.test's pods use it with imagePullPolicy IfNotPresent and no registry is reachable): import it with 'scripts/k8s/cluster.sh import-image <archive>' (cluster.sh up imports agnhost and pause)"
   done
+fi
+
+# kubesg, installed as the README's "Try it in a real cluster" says: its image built and imported,
+# the chart with the image settings only. An installed release is upgraded and its pods
+# restarted, so they run the image just built under the same tag.
+if ((dry_run == 0 && kubesg == 1)); then
+  version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)
+  image="localhost/kubesg:$version"
+  log "building and importing $image"
+  "$repo/scripts/image.sh" build "$image" >&2
+  "$here/cluster.sh" import-image "$image" >&2
+  helm=(helm --kubeconfig "$kubeconfig")
+  if "${helm[@]}" status kubesg -n kube-system >/dev/null 2>&1; then
+    log "upgrading the kubesg release and restarting its pods"
+    "${helm[@]}" upgrade kubesg "$repo/charts/kubesg" -n kube-system --reuse-values \
+      --set image.repository=localhost/kubesg --set image.tag="$version" >/dev/null
+    kc -n kube-system rollout restart deployment/kubesg-operator daemonset/kubesg-agent >/dev/null
+  else
+    log "installing kubesg (helm install kubesg charts/kubesg -n kube-system)"
+    "${helm[@]}" install kubesg "$repo/charts/kubesg" -n kube-system \
+      --set image.repository=localhost/kubesg --set image.tag="$version" >/dev/null
+  fi
+  kc -n kube-system rollout status daemonset/kubesg-agent --timeout=180s >&2 ||
+    die "the kubesg agents did not become Ready ('kubectl -n kube-system describe ds/kubesg-agent')"
+  kc -n kube-system rollout status deployment/kubesg-operator --timeout=180s >&2 ||
+    die "the kubesg operator did not become Ready ('kubectl -n kube-system logs deploy/kubesg-operator')"
+  log "kubesg $version enforces NetworkPolicies ($(kc -n kube-system get deploy/kubesg-operator -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -o -- '--network-policies=[a-z]*'))"
 fi
 
 # SCTP: the 3 [Feature:SCTPConnectivity] tests open SCTP sockets in the pods, which needs the
