@@ -1060,3 +1060,96 @@ proptest! {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Regressions the properties found, written out (their seeds are kept in
+// compile_properties.proptest-regressions too).
+
+fn translated(yaml: &str) -> (ObjectKey, Group) {
+    let np: NetworkPolicy = serde_yaml::from_str(yaml).unwrap();
+    netpol::group(&np).unwrap()
+}
+
+/// Applies `changes` one by one and as one batch, each time comparing with a full compile.
+fn assert_incremental_equals_full(initial: &Cluster, changes: &[ClusterChange]) {
+    let mut c = initial.clone();
+    let mut one_by_one = Compiler::new(&c);
+    for change in changes {
+        one_by_one.apply(change);
+        c.apply(change);
+        assert_eq!(one_by_one.plan(), &compile(&c), "after {change:?}");
+    }
+    let mut batch = Compiler::new(initial);
+    batch.apply_all(changes);
+    assert_eq!(batch.plan(), &compile(&c), "after the batch {changes:?}");
+}
+
+/// A NetworkPolicy whose `policyTypes` alone change, at the same generation and with the same
+/// (no) rules (a manifests directory gives every object generation 0): the layers its members'
+/// policy lists follow. The compiler used to keep the policy, since no rule moved.
+#[test]
+fn a_network_policy_whose_policy_types_alone_change_moves_its_members_layers() {
+    let mut c = Cluster::default();
+    c.nodes.insert("n1".into());
+    c.pods.insert(
+        compile_support::key("b", "p4"),
+        compile_support::pod("n1", &[], &["10.0.0.5", "fd00::5"]),
+    );
+    let np = |types: &str| {
+        translated(&format!(
+            "metadata: {{ name: np2, namespace: b, generation: 2 }}\n\
+             spec: {{ podSelector: {{}}, policyTypes: [ {types} ] }}"
+        ))
+    };
+    let (key, ingress_only) = np("Ingress");
+    c.groups.insert(key.clone(), ingress_only);
+    let (_, egress_only) = np("Egress");
+    assert_incremental_equals_full(&c, &[ClusterChange::UpsertGroup(key, egress_only)]);
+}
+
+/// An egress rule open to anyone naming a port resolves it on the pods of every namespace
+/// (with a Namespace object, as `namespaceSelector: {}` reads it), Services' backends too: when
+/// the backend's Namespace goes, the rule no longer admits the Service's ClusterIP. The
+/// compiler used to keep the Service rule, not judging the namespace's Services again.
+#[test]
+fn deleting_a_namespace_rejudges_the_services_an_open_named_port_egress_rule_admits() {
+    let mut c = Cluster::default();
+    c.nodes.insert("n1".into());
+    c.namespaces.insert("a".into(), Namespace::default());
+    c.pods.insert(
+        compile_support::key("a", "p6"),
+        compile_support::with_ports(
+            compile_support::pod("n1", &[("app", "y")], &["10.0.0.7", "fd00::7"]),
+            &[("dns", 5353, PortProtocol::Udp)],
+        ),
+    );
+    let (key, np) = translated(
+        "metadata: { name: np0, namespace: a, generation: 1 }\n\
+         spec: { podSelector: {}, egress: [ { ports: [ { port: dns, protocol: UDP } ] } ] }",
+    );
+    c.groups.insert(key, np);
+    let service = Service {
+        selector: BTreeMap::from([("app".to_owned(), "y".to_owned())]),
+        cluster_ips: cluster_ips(0, 0, 3),
+        ports: vec![ServicePort {
+            protocol: PortProtocol::Udp,
+            port: 53,
+            target_port: TargetPort::Name("dns".into()),
+        }],
+    };
+    let changes = [
+        ClusterChange::UpsertService(service_key(0, 0), service),
+        ClusterChange::DeleteNamespace("a".into()),
+    ];
+    assert_incremental_equals_full(&c, &changes);
+    // And the same SecurityGroup rule.
+    let mut sg = c.clone();
+    sg.groups.clear();
+    sg.groups.insert(
+        compile_support::key("a", "g0"),
+        compile_support::group(
+            "podSelector: {}\n\
+             egress: [ { protocol: UDP, ports: [ { port: dns } ] } ]",
+        ),
+    );
+    assert_incremental_equals_full(&sg, &changes);
+}
