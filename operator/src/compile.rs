@@ -532,6 +532,12 @@ impl Compiler {
                 if !e.deleted && e.group == group {
                     return;
                 }
+                // The layers a policy lists come from its groups' kinds, not their rules: a
+                // NetworkPolicy whose `policyTypes` alone changed (same generation, as in a
+                // manifests directory) changes its members' policies with the same rules.
+                if e.group.kind != group.kind {
+                    self.dirty.policies.extend(e.classes.iter().copied());
+                }
                 self.unregister(id);
                 (id, false)
             }

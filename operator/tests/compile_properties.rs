@@ -1,11 +1,17 @@
-//! Property tests of the compiler on random small clusters.
+//! Property tests of the compiler on random small clusters of SecurityGroups and Kubernetes
+//! NetworkPolicies (random `networking.k8s.io/v1` objects translated by
+//! `kubesg_operator::netpol::group`, as the operator reads them).
 //!
 //! 1. Verdicts: for random packets between pods, Services' ClusterIPs and outside addresses
 //!    (Services resolved to the pods behind them, every backend admitted), what the compiled plan
-//!    allows (evaluated as the agent does, and cross-checked against the agent's own
-//!    `Rule::allows`) equals the reference evaluation (`kubesg_operator::reference`), written
-//!    straight from the SecurityGroup semantics: selectors, peers and named ports read from the
-//!    raw objects, without any of the compiler's data structures.
+//!    allows equals the reference evaluation (`kubesg_operator::reference`), written straight
+//!    from the SecurityGroup and NetworkPolicy semantics: selectors, peers, named ports and the
+//!    composition of layers read from the raw objects, without any of the compiler's data
+//!    structures. The compiled side is the agent's own verdict: the pod's policy is sent through
+//!    the wire form (`kubesg_operator::wire::policy`) and the agent's conversion into its
+//!    `CompiledPolicy`, whose `judge` (layer by layer when the policy is layered) decides; this
+//!    test's own evaluation of the compiled rules (`rule_allows`, layers intersected) must agree
+//!    with it.
 //! 2. Incremental = full: after every change of a random sequence, the incremental compiler's
 //!    plan equals a full compile of the resulting cluster, and the changes it reports are
 //!    exactly the nodes and groups whose plan and report differ.
@@ -18,11 +24,18 @@ use std::{
 };
 
 use compile_support::{rule_allows, ICMP, ICMPV6, SCTP, TCP, UDP};
-use k8s_openapi::apimachinery::pkg::{
-    apis::meta::v1::{LabelSelector, LabelSelectorRequirement},
-    util::intstr::IntOrString,
+use k8s_openapi::{
+    api::networking::v1::{
+        IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule,
+        NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta},
+        util::intstr::IntOrString,
+    },
 };
 use kubesg_agent::policy as agent;
+use kubesg_common::Direction;
 use kubesg_operator::{
     changes::ClusterChange,
     compile::{compile, Compiler},
@@ -34,9 +47,11 @@ use kubesg_operator::{
         Cluster, Group, GroupKind, NamedPort, Namespace, ObjectKey, Pod, PortProtocol, Service,
         ServicePort, TargetPort,
     },
-    plan::{Plan, PlannedPolicy, PlannedRule, PortSpec, RuleProtocol},
-    reference,
+    netpol,
+    plan::{Layer, Plan, PlannedPolicy, PlannedRule, PortSpec, RuleProtocol},
+    reference, wire,
 };
+use kubesg_proto::v1alpha1 as pb;
 use proptest::{prelude::*, sample::select};
 
 // ---------------------------------------------------------------------------------------------
@@ -397,6 +412,148 @@ fn group_key() -> impl Strategy<Value = ObjectKey> {
     (select(&NAMESPACES[..]), 0usize..4).prop_map(|(ns, g)| ObjectKey::new(ns, format!("g{g}")))
 }
 
+// Random NetworkPolicies, as the API server would accept them (it validates them before the
+// operator sees them): an `endPort` only with a numeric port, excepts inside their cidr.
+
+/// A NetworkPolicy port item: protocol omitted (TCP) or named, and no port (every port of the
+/// protocol), a number, a range or a container port's name.
+fn np_port() -> impl Strategy<Value = NetworkPolicyPort> {
+    let protocol = select(&[None, Some("TCP"), Some("UDP"), Some("SCTP")][..]);
+    let port = prop_oneof![
+        1 => Just((None, None)),
+        3 => select(&[53, 80, 443, 8080, 5353][..]).prop_map(|n| (Some(IntOrString::Int(n)), None)),
+        2 => select(&[(8000, 8100), (50, 90), (53, 80)][..])
+            .prop_map(|(n, e)| (Some(IntOrString::Int(n)), Some(e))),
+        3 => select(&["http", "dns", "nope"][..])
+            .prop_map(|n| (Some(IntOrString::String(n.into())), None)),
+    ];
+    (protocol, port).prop_map(|(protocol, (port, end_port))| NetworkPolicyPort {
+        protocol: protocol.map(String::from),
+        port,
+        end_port,
+    })
+}
+
+/// A NetworkPolicy peer: a pod selector (this namespace), a namespace selector (often `{}`:
+/// every namespace), both in one peer, or an ipBlock (some with excepts, some holding pods).
+fn np_peer() -> impl Strategy<Value = NetworkPolicyPeer> {
+    let blocks: &[(&str, &[&str])] = &[
+        ("10.0.0.0/24", &[]),
+        ("10.0.0.0/24", &["10.0.0.0/28"]),
+        ("10.0.0.0/24", &["10.0.0.8/29", "10.0.0.2/32"]),
+        ("10.0.0.0/28", &[]),
+        ("10.0.0.3/32", &[]),
+        ("0.0.0.0/0", &["10.0.0.0/30"]),
+        ("fd00::/120", &["fd00::/126"]),
+        ("::/0", &[]),
+        ("192.0.2.0/24", &[]),
+    ];
+    let ns_selector = prop_oneof![
+        1 => Just(LabelSelector::default()),
+        2 => selector(&NS_KEYS, &NS_VALUES),
+    ];
+    prop_oneof![
+        2 => selector(&POD_KEYS, &POD_VALUES).prop_map(|s| NetworkPolicyPeer {
+            pod_selector: Some(s),
+            ..NetworkPolicyPeer::default()
+        }),
+        2 => ns_selector.clone().prop_map(|s| NetworkPolicyPeer {
+            namespace_selector: Some(s),
+            ..NetworkPolicyPeer::default()
+        }),
+        2 => (selector(&POD_KEYS, &POD_VALUES), ns_selector).prop_map(|(p, n)| {
+            NetworkPolicyPeer {
+                pod_selector: Some(p),
+                namespace_selector: Some(n),
+                ..NetworkPolicyPeer::default()
+            }
+        }),
+        2 => select(blocks).prop_map(|(cidr, except)| NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: cidr.into(),
+                except: (!except.is_empty())
+                    .then(|| except.iter().map(|e| e.to_string()).collect()),
+            }),
+            ..NetworkPolicyPeer::default()
+        }),
+    ]
+}
+
+/// A NetworkPolicy rule's ports and peers, each omitted, empty (both: every port, anyone) or
+/// listed.
+type NpRule = (
+    Option<Vec<NetworkPolicyPort>>,
+    Option<Vec<NetworkPolicyPeer>>,
+);
+
+fn np_rule() -> impl Strategy<Value = NpRule> {
+    (
+        proptest::option::weighted(0.7, proptest::collection::vec(np_port(), 0..=3)),
+        proptest::option::weighted(0.8, proptest::collection::vec(np_peer(), 0..=3)),
+    )
+}
+
+/// A NetworkPolicy object, `policyTypes` omitted (defaulted by the translation), empty or
+/// listed, with rules in either direction or none (a default deny).
+fn network_policy(ns: &'static str, name: String) -> impl Strategy<Value = NetworkPolicy> {
+    let types: &[Option<&[&str]>] = &[
+        None,
+        None,
+        Some(&[]),
+        Some(&["Ingress"]),
+        Some(&["Egress"]),
+        Some(&["Ingress", "Egress"]),
+        Some(&["Egress", "Ingress"]),
+    ];
+    (
+        1i64..=3,
+        prop_oneof![
+            1 => Just(LabelSelector::default()),
+            3 => selector(&POD_KEYS, &POD_VALUES),
+        ],
+        select(types),
+        proptest::option::weighted(0.75, proptest::collection::vec(np_rule(), 0..=3)),
+        proptest::option::weighted(0.6, proptest::collection::vec(np_rule(), 0..=3)),
+    )
+        .prop_map(
+            move |(generation, pod_selector, types, ingress, egress)| NetworkPolicy {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(ns.into()),
+                    generation: Some(generation),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(NetworkPolicySpec {
+                    pod_selector: Some(pod_selector),
+                    policy_types: types.map(|t| t.iter().map(|s| s.to_string()).collect()),
+                    ingress: ingress.map(|rs| {
+                        rs.into_iter()
+                            .map(|(ports, from)| NetworkPolicyIngressRule { ports, from })
+                            .collect()
+                    }),
+                    egress: egress.map(|rs| {
+                        rs.into_iter()
+                            .map(|(ports, to)| NetworkPolicyEgressRule { ports, to })
+                            .collect()
+                    }),
+                }),
+            },
+        )
+}
+
+/// A random NetworkPolicy as the compiler's group, under its key (`networkpolicy/np<i>`).
+fn np_group() -> impl Strategy<Value = (ObjectKey, Group)> {
+    (select(&NAMESPACES[..]), 0usize..3).prop_flat_map(|(ns, i)| {
+        network_policy(ns, format!("np{i}")).prop_map(|np| {
+            netpol::group(&np).expect("a NetworkPolicy the API server accepts translates")
+        })
+    })
+}
+
+fn np_key() -> impl Strategy<Value = ObjectKey> {
+    (select(&NAMESPACES[..]), 0usize..3).prop_map(|(ns, i)| netpol::key(ns, &format!("np{i}")))
+}
+
 fn namespaces() -> impl Strategy<Value = BTreeMap<String, Namespace>> {
     proptest::collection::vec(
         proptest::option::weighted(0.85, label_map(&NS_KEYS, &NS_VALUES)),
@@ -427,8 +584,10 @@ fn cluster() -> impl Strategy<Value = Cluster> {
             ),
             0..=4,
         ),
+        // Last, so that the SecurityGroup part of a stored seed's cluster stays what it was.
+        proptest::collection::vec(np_group(), 0..=3),
     )
-        .prop_map(|(namespaces, pods, groups, extra_node, services)| {
+        .prop_map(|(namespaces, pods, groups, extra_node, services, nps)| {
             let mut c = Cluster {
                 namespaces,
                 ..Cluster::default()
@@ -443,6 +602,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                 }
             }
             c.groups.extend(groups);
+            c.groups.extend(nps);
             for ((key, service), backend) in services {
                 let (key, service) = match backend {
                     Some((i, mask)) => selecting(&c, i, mask, key, service),
@@ -524,24 +684,79 @@ fn to_agent(r: &PlannedRule) -> agent::Rule {
             })
             .collect(),
         origin: r.origin.clone(),
-        layer: agent::Layer::SecurityGroups,
+        layer: match r.layer {
+            Layer::SecurityGroups => agent::Layer::SecurityGroups,
+            Layer::NetworkPolicies => agent::Layer::NetworkPolicies,
+        },
     }
 }
 
-/// Whether some rule allows, by this test's evaluation; asserts the agent's `Rule::allows`
-/// agrees rule by rule.
-fn compiled_allows(rules: &[PlannedRule], proto: u8, port: u16, remote: IpAddr) -> bool {
-    let mut any = false;
-    for r in rules {
+/// The policy as the agent holds it: the operator's wire form of it, converted by the agent as
+/// an update it receives (addresses resolved already, so no address sets).
+fn agent_policy(p: &PlannedPolicy) -> agent::CompiledPolicy {
+    let update = pb::PolicyUpdate {
+        version: 1,
+        snapshot: true,
+        upsert_policies: vec![wire::policy("p", p)],
+        ..pb::PolicyUpdate::default()
+    };
+    let mut converted = kubesg_agent::convert::update(&update)
+        .unwrap_or_else(|e| panic!("the agent refuses {p:?}: {e}"))
+        .upsert_policies;
+    assert_eq!(converted.len(), 1);
+    let (_, policy) = converted.remove(0);
+    // The rules are the ones this test maps itself, layer included.
+    let rules = |rs: &[PlannedRule]| rs.iter().map(to_agent).collect::<Vec<_>>();
+    assert_eq!(policy.ingress, rules(&p.ingress), "ingress rules of {p:?}");
+    assert_eq!(policy.egress, rules(&p.egress), "egress rules of {p:?}");
+    policy
+}
+
+/// Whether the policy allows a NEW connection in `dir` with `remote`, as the agent judges it
+/// (`CompiledPolicy::judge`, not from the node itself). Asserts that this test's own evaluation
+/// agrees: each compiled rule read by `rule_allows` as the agent's `Rule::allows` reads it, and
+/// the rules of an unlayered policy adding up, those of a layered one adding up within each
+/// layer listed for the direction, every listed layer having to allow.
+fn compiled_allows(
+    p: &PlannedPolicy,
+    dir: Direction,
+    proto: u8,
+    port: u16,
+    remote: IpAddr,
+) -> bool {
+    let rules = match dir {
+        Direction::Ingress => &p.ingress,
+        Direction::Egress => &p.egress,
+    };
+    let agent = agent_policy(p);
+    let mut allowing = BTreeSet::new();
+    for (r, a) in rules.iter().zip(agent.rules(dir)) {
         let ours = rule_allows(r, proto, port, remote);
         assert_eq!(
             ours,
-            to_agent(r).allows(proto, port, remote),
+            a.allows(proto, port, remote),
             "the agent reads {r:?} differently"
         );
-        any |= ours;
+        if ours {
+            allowing.insert(r.layer);
+        }
     }
-    any
+    let ours = match &p.layers {
+        None => !allowing.is_empty(),
+        Some(l) => {
+            let listed = match dir {
+                Direction::Ingress => &l.ingress,
+                Direction::Egress => &l.egress,
+            };
+            listed.iter().all(|layer| allowing.contains(layer))
+        }
+    };
+    let judged = agent.judge(dir, proto, port, remote, false).allowed();
+    assert_eq!(
+        ours, judged,
+        "the agent judges {dir:?} {proto}/{port} with {remote} differently under {p:?}"
+    );
+    judged
 }
 
 const OUTSIDE: [&str; 5] = [
@@ -620,7 +835,7 @@ fn check_verdicts(c: &Cluster, plan: &Plan, packets: &[Packet]) -> Result<(), Te
         if let Some(a) = reference::endpoint(c, src) {
             let expected = reference::egress_allows(c, a, proto, port, dst);
             let got = planned_policy(plan, c, a)
-                .is_none_or(|p| compiled_allows(&p.egress, proto, port, dst));
+                .is_none_or(|p| compiled_allows(&p, Direction::Egress, proto, port, dst));
             prop_assert_eq!(
                 got,
                 expected,
@@ -635,7 +850,7 @@ fn check_verdicts(c: &Cluster, plan: &Plan, packets: &[Packet]) -> Result<(), Te
         if let Some(b) = reference::endpoint(c, dst) {
             let expected = reference::ingress_allows(c, b, proto, port, src);
             let got = planned_policy(plan, c, b)
-                .is_none_or(|p| compiled_allows(&p.ingress, proto, port, src));
+                .is_none_or(|p| compiled_allows(&p, Direction::Ingress, proto, port, src));
             prop_assert_eq!(
                 got,
                 expected,
@@ -727,6 +942,8 @@ fn change() -> impl Strategy<Value = ClusterChange> {
         1 => select(&NAMESPACES[..]).prop_map(|n| ClusterChange::DeleteNamespace(n.into())),
         3 => (group_key(), group_spec()).prop_map(|(k, g)| ClusterChange::UpsertGroup(k, g)),
         1 => group_key().prop_map(ClusterChange::DeleteGroup),
+        3 => np_group().prop_map(|(k, g)| ClusterChange::UpsertGroup(k, g)),
+        1 => np_key().prop_map(ClusterChange::DeleteGroup),
         1 => select(&["n1", "n2", "n3"][..]).prop_map(|n| ClusterChange::UpsertNode(n.into())),
         1 => select(&["n1", "n2", "n3"][..]).prop_map(|n| ClusterChange::DeleteNode(n.into())),
         2 => any_service().prop_map(|(k, s)| ClusterChange::UpsertService(k, s)),
@@ -841,4 +1058,98 @@ proptest! {
         prop_assert!(reported.nodes.is_superset(&changed_nodes(&before, &full)));
         prop_assert_eq!(reported.groups, changed_groups(&before, &full));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regressions the properties found, written out (their seeds are kept in
+// compile_properties.proptest-regressions too).
+
+fn translated(yaml: &str) -> (ObjectKey, Group) {
+    let np: NetworkPolicy = serde_yaml::from_str(yaml).unwrap();
+    netpol::group(&np).unwrap()
+}
+
+/// Applies `changes` one by one and as one batch, each time comparing with a full compile.
+fn assert_incremental_equals_full(initial: &Cluster, changes: &[ClusterChange]) {
+    let mut c = initial.clone();
+    let mut one_by_one = Compiler::new(&c);
+    for change in changes {
+        one_by_one.apply(change);
+        c.apply(change);
+        assert_eq!(one_by_one.plan(), &compile(&c), "after {change:?}");
+    }
+    let mut batch = Compiler::new(initial);
+    batch.apply_all(changes);
+    assert_eq!(batch.plan(), &compile(&c), "after the batch {changes:?}");
+}
+
+/// A NetworkPolicy whose `policyTypes` alone change, at the same generation and with the same
+/// (no) rules (a manifests directory gives every object generation 0): the layers its members'
+/// policy lists follow. The compiler used to keep the policy, since no rule moved.
+#[test]
+fn a_network_policy_whose_policy_types_alone_change_moves_its_members_layers() {
+    let mut c = Cluster::default();
+    c.nodes.insert("n1".into());
+    c.pods.insert(
+        compile_support::key("b", "p4"),
+        compile_support::pod("n1", &[], &["10.0.0.5", "fd00::5"]),
+    );
+    let np = |types: &str| {
+        translated(&format!(
+            "metadata: {{ name: np2, namespace: b, generation: 2 }}\n\
+             spec: {{ podSelector: {{}}, policyTypes: [ {types} ] }}"
+        ))
+    };
+    let (key, ingress_only) = np("Ingress");
+    c.groups.insert(key.clone(), ingress_only);
+    let (_, egress_only) = np("Egress");
+    assert_incremental_equals_full(&c, &[ClusterChange::UpsertGroup(key, egress_only)]);
+}
+
+/// An egress rule open to anyone naming a port resolves it on the pods of every namespace
+/// (with a Namespace object, as `namespaceSelector: {}` reads it), Services' backends too: when
+/// the backend's Namespace goes, the rule no longer admits the Service's ClusterIP. The
+/// compiler used to keep the Service rule, not judging the namespace's Services again.
+#[test]
+fn deleting_a_namespace_rejudges_the_services_an_open_named_port_egress_rule_admits() {
+    let mut c = Cluster::default();
+    c.nodes.insert("n1".into());
+    c.namespaces.insert("a".into(), Namespace::default());
+    c.pods.insert(
+        compile_support::key("a", "p6"),
+        compile_support::with_ports(
+            compile_support::pod("n1", &[("app", "y")], &["10.0.0.7", "fd00::7"]),
+            &[("dns", 5353, PortProtocol::Udp)],
+        ),
+    );
+    let (key, np) = translated(
+        "metadata: { name: np0, namespace: a, generation: 1 }\n\
+         spec: { podSelector: {}, egress: [ { ports: [ { port: dns, protocol: UDP } ] } ] }",
+    );
+    c.groups.insert(key, np);
+    let service = Service {
+        selector: BTreeMap::from([("app".to_owned(), "y".to_owned())]),
+        cluster_ips: cluster_ips(0, 0, 3),
+        ports: vec![ServicePort {
+            protocol: PortProtocol::Udp,
+            port: 53,
+            target_port: TargetPort::Name("dns".into()),
+        }],
+    };
+    let changes = [
+        ClusterChange::UpsertService(service_key(0, 0), service),
+        ClusterChange::DeleteNamespace("a".into()),
+    ];
+    assert_incremental_equals_full(&c, &changes);
+    // And the same SecurityGroup rule.
+    let mut sg = c.clone();
+    sg.groups.clear();
+    sg.groups.insert(
+        compile_support::key("a", "g0"),
+        compile_support::group(
+            "podSelector: {}\n\
+             egress: [ { protocol: UDP, ports: [ { port: dns } ] } ]",
+        ),
+    );
+    assert_incremental_equals_full(&sg, &changes);
 }

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use crate::{
     index::{EgressReach, GroupEntry, GroupId, Index, NsSelectorId, StoredPod},
     model::ObjectKey,
+    selector::Selector,
     validate::{CheckedPeer, CheckedRule},
 };
 
@@ -85,6 +86,13 @@ pub(crate) fn reach(ix: &Index, namespace: &str, egress: Option<&Vec<CheckedRule
     for rule in egress.into_iter().flatten() {
         let Some(peers) = &rule.peers else {
             r.everywhere = true;
+            // Its named ports resolve on the pods of every namespace, through the selector of
+            // every namespace the group registers for them: a namespace appearing or going
+            // changes which of its Services' backends the rule admits.
+            if rule.has_named_ports() {
+                r.selectors
+                    .extend(ix.ns_selector_ids.get(&Selector::everything()).copied());
+            }
             continue;
         };
         for peer in peers {
