@@ -67,6 +67,9 @@ const GROUPS: [(&str, &str, &str); 7] = [
     ),
 ];
 
+/// The example NetworkPolicy, applied last.
+const NETWORK_POLICY: &str = include_str!("../manifests/dns-networkpolicy.yaml");
+
 /// Both address families in every matrix.
 const FAMILIES: [bool; 2] = [false, true];
 /// How long a held connection's echo may take before it counts as cut.
@@ -473,6 +476,52 @@ fn steps(style: &Style, cluster: &mut LocalCluster, interrupted: &AtomicBool) ->
             "relabelling web-2 changed nothing in the matrix".into(),
         ));
     }
+
+    style.step(9, "A Kubernetes NetworkPolicy beside the groups");
+    check(interrupted)?;
+    println!(
+        "   demo/manifests/dns-networkpolicy.yaml lets only the web tier and the load balancer\n   \
+         query the DNS pod (its UDP port named \"dns\"). The dns group admits every pod of the\n   \
+         namespace; where both kinds select a pod, a new connection must pass both layers."
+    );
+    let policy = cluster.apply_group(NETWORK_POLICY)?;
+    let status = cluster.wait_programmed(&policy)?;
+    println!(
+        "   NetworkPolicy dns-clients Programmed  generation {}  members {}",
+        status.observed_generation.unwrap_or(0),
+        status.members
+    );
+    cluster.wait_synced()?;
+    println!("   The matrix now (* marks what changed):");
+    let layered = matrix(style, cluster, Some(&changed))?;
+    let narrowed = layered.changes_since(&changed);
+    for (from, to) in &narrowed {
+        println!(
+            "   {from} -> {}: {} -> {}",
+            to.label(),
+            verdict_text(&changed, from, to),
+            verdict_text(&layered, from, to)
+        );
+    }
+    if narrowed.is_empty() {
+        return Err(Failure::Error(
+            "the NetworkPolicy changed nothing in the matrix".into(),
+        ));
+    }
+    let client_ip = cluster.pod("client")?.addr(false).to_string();
+    let dns_ip = cluster.pod("dns")?.addr(false).to_string();
+    let args = [
+        "explain", "--from", &client_ip, "--to", &dns_ip, "--proto", "udp", "--dport", "53",
+    ];
+    println!(
+        "   Which layer refuses the client? {}",
+        style.dim(&format!(
+            "{}$ kubesg-agent {}",
+            node_name(0),
+            args.join(" ")
+        ))
+    );
+    print_indented(&cluster.agent(0).cli_ok(&args)?);
     Ok(())
 }
 
@@ -492,7 +541,7 @@ fn matrix(style: &Style, cluster: &LocalCluster, before: Option<&Matrix>) -> Res
     let probes = m.cells.len();
     if mismatches.is_empty() {
         println!(
-            "   {} probes; every one matches the reference evaluation of the SecurityGroups.",
+            "   {} probes; every one matches the reference evaluation of the manifests.",
             probes
         );
         Ok(m)

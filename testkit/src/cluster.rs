@@ -581,22 +581,30 @@ impl LocalCluster {
         self.manifests
             .path()
             .join("groups")
-            .join(format!("{name}.yaml"))
+            .join(format!("{}.yaml", name.replace('/', "_")))
     }
 
-    /// Writes (creates or replaces) a SecurityGroup from its YAML, as `kubectl apply` would: the
-    /// namespace defaults to the cluster's, and `metadata.generation` is set (1, then bumped
-    /// when the spec changes). Returns the group's name.
+    /// Writes (creates or replaces) a SecurityGroup or a NetworkPolicy from its YAML, as
+    /// `kubectl apply` would: the namespace defaults to the cluster's, and
+    /// `metadata.generation` is set (1, then bumped when the spec changes). Returns the name
+    /// this fixture knows it by: a group's name, `networkpolicy/<name>` for a policy (the
+    /// operator's key, so [`LocalCluster::wait_programmed`] finds its status file).
     pub fn apply_group(&mut self, manifest: &str) -> io::Result<String> {
         let mut value: Value = serde_yaml::from_str(manifest).map_err(io::Error::other)?;
-        if value["kind"] != "SecurityGroup" {
-            return Err(io::Error::other("not a SecurityGroup manifest"));
-        }
+        let prefix = match value["kind"].as_str() {
+            Some("SecurityGroup") => "",
+            Some("NetworkPolicy") => kubesg_operator::netpol::KEY_PREFIX,
+            _ => {
+                return Err(io::Error::other(
+                    "not a SecurityGroup or NetworkPolicy manifest",
+                ))
+            }
+        };
         let name = value["metadata"]["name"]
             .as_str()
             .filter(|n| !n.is_empty())
-            .ok_or_else(|| io::Error::other("a SecurityGroup without metadata.name"))?
-            .to_owned();
+            .map(|n| format!("{prefix}{n}"))
+            .ok_or_else(|| io::Error::other("a manifest without metadata.name"))?;
         let spec = value["spec"].clone();
         let generation = match self.groups.get(&name) {
             Some((old, g)) if *old == spec => *g,

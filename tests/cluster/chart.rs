@@ -87,6 +87,10 @@ fn main() -> ExitCode {
             a_security_group_is_enforced_on_pods_the_kubelet_starts,
         ),
         trial(
+            "network_policies_are_enforced_as_their_own_layer_and_told_by_events",
+            network_policies_are_enforced_as_their_own_layer_and_told_by_events,
+        ),
+        trial(
             "the_demo_groups_matrix_equals_the_reference_over_pod_ips_and_cluster_ips",
             |run| {
                 matrix::the_demo_groups_matrix_equals_the_reference_over_pod_ips_and_cluster_ips(
@@ -255,6 +259,109 @@ fn a_security_group_is_enforced_on_pods_the_kubelet_starts(run: &Run) {
     assert!(
         events.lines().any(|l| l == "Normal Programmed"),
         "no Programmed event:\n{events}"
+    );
+}
+
+/// Kubernetes NetworkPolicies on pods the kubelet starts: a default deny refuses everyone, an
+/// allow rule admits one client, and where a SecurityGroup selects the same server a NEW
+/// connection must pass both layers (the group admitting only the other client leaves nobody
+/// in). `kubectl describe networkpolicy` shows the Programmed Event, and `kubesg-agent explain`
+/// names the policy that allowed or refused.
+fn network_policies_are_enforced_as_their_own_layer_and_told_by_events(run: &Run) {
+    let kube = &run.kube;
+    let ns = kube.namespace("np-enforce-");
+    let n = ns.name.as_str();
+    agnhost_pod(kube, n, "server", &["netexec", "--http-port=8080"]);
+    agnhost_pod(kube, n, "allowed", &["pause"]);
+    agnhost_pod(kube, n, "other", &["pause"]);
+    wait_ready(kube, n, &["server", "allowed", "other"]);
+    let server_ip = pod_ip(kube, n, "server");
+    let server = format!("{server_ip}:8080");
+    eventually("other reaches the server before any policy", || {
+        connects(kube, n, "other", &server)
+    });
+
+    kube.must_apply(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: deny, namespace: {n}}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n"
+    ));
+    eventually(
+        "the default deny refuses the allowed client",
+        || match connects(kube, n, "allowed", &server) {
+            Ok(()) => Err("connected".to_string()),
+            Err(_) => Ok(()),
+        },
+    );
+    assert!(connects(kube, n, "other", &server).is_err());
+
+    kube.must_apply(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-allowed, namespace: {n}}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: allowed}}}}}}]\n    ports: [{{port: 8080}}]\n"
+    ));
+    eventually("the allow rule admits the allowed client", || {
+        connects(kube, n, "allowed", &server)
+    });
+    assert!(
+        connects(kube, n, "other", &server).is_err(),
+        "the other client connected through the default deny"
+    );
+
+    // The agent names the policy of the verdict.
+    let agent = agent_pod(kube).expect("an agent pod");
+    let explain = |from: &str| {
+        kube.must(&[
+            "-n",
+            "kube-system",
+            "exec",
+            &agent,
+            "-c",
+            "agent",
+            "--",
+            "kubesg-agent",
+            "explain",
+            "--from",
+            &pod_ip(kube, n, from),
+            "--to",
+            &server_ip,
+            "--proto",
+            "tcp",
+            "--dport",
+            "8080",
+        ])
+    };
+    let allowed = explain("allowed");
+    assert!(
+        allowed.contains(&format!("NetworkPolicy {n}/allow-allowed")),
+        "explain does not name the policy:\n{allowed}"
+    );
+
+    // A SecurityGroup on the same server admitting only `other`: each layer refuses one client.
+    apply_group(kube, n, "server", "server", &ingress_from("other", 8080));
+    wait_programmed(kube, n, "server");
+    assert!(
+        connects(kube, n, "allowed", &server).is_err(),
+        "the security group layer did not refuse the allowed client"
+    );
+    assert!(
+        connects(kube, n, "other", &server).is_err(),
+        "the NetworkPolicy layer did not refuse the other client"
+    );
+    // The group admits both: the NetworkPolicies decide again.
+    apply_group(
+        kube,
+        n,
+        "server",
+        "server",
+        "  ingress:\n  - protocol: TCP\n    ports: [{port: 8080}]\n    from:\n    - podSelector: {matchExpressions: [{key: app, operator: In, values: [allowed, other]}]}\n",
+    );
+    wait_programmed(kube, n, "server");
+    connects(kube, n, "allowed", &server).expect("both layers admit the allowed client");
+    assert!(connects(kube, n, "other", &server).is_err());
+
+    let events = wait_policy_programmed(kube, n, "allow-allowed");
+    assert!(!events.contains("Warning"), "{events}");
+    let described = kube.must(&["-n", n, "describe", "networkpolicy", "allow-allowed"]);
+    assert!(
+        described.contains("Programmed"),
+        "kubectl describe shows no Programmed Event:\n{described}"
     );
 }
 
@@ -917,6 +1024,33 @@ fn wait_programmed(kube: &Kube, ns: &str, name: &str) {
             _ => Err(s),
         }
     });
+}
+
+/// Waits until NetworkPolicy `name` has kubesg's Normal `Programmed` Event (a NetworkPolicy has
+/// no status: the Events tell its state) and returns its Events, one `type reason` a line.
+#[track_caller]
+fn wait_policy_programmed(kube: &Kube, ns: &str, name: &str) -> String {
+    let selector = format!("involvedObject.kind=NetworkPolicy,involvedObject.name={name}");
+    eventually(
+        &format!("a Programmed Event on NetworkPolicy {ns}/{name}"),
+        || {
+            let events = kube.must(&[
+                "-n",
+                ns,
+                "get",
+                "events",
+                "--field-selector",
+                &selector,
+                "-o",
+                "jsonpath={range .items[*]}{.type} {.reason}{\"\\n\"}{end}",
+            ]);
+            if events.lines().any(|l| l == "Normal Programmed") {
+                Ok(events)
+            } else {
+                Err(events)
+            }
+        },
+    )
 }
 
 /// Whether `from` (a pod in `ns`) opens a TCP connection to `to` within 3 s (agnhost connect:

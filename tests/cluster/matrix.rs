@@ -1,4 +1,4 @@
-//! The demo's SecurityGroups applied with `kubectl apply` into a namespace of Deployments whose
+//! The demo's SecurityGroups and NetworkPolicy applied with `kubectl apply` into a namespace of Deployments whose
 //! pods the kubelet starts through containerd and the chained kubesg-cni, with a Service per
 //! tier: the connectivity matrix that real traffic shows, over pod IPs and over the Services'
 //! ClusterIPs, both families, equals the reference evaluation of what the API server holds
@@ -22,7 +22,7 @@ use kubesg_testkit::{
     probe::{Probe, Verdict, TCP_TIMEOUT, UDP_TIMEOUT},
 };
 
-use super::{eventually, netns_of, wait_programmed, AGNHOST, PATIENCE};
+use super::{eventually, netns_of, wait_policy_programmed, wait_programmed, AGNHOST, PATIENCE};
 
 /// The demo's groups (demo/manifests), applied as a user would.
 const DEMO_MANIFESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/manifests");
@@ -252,7 +252,7 @@ fn model(kube: &Kube) -> Cluster {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let list = kube.must(&[
         "get",
-        "namespaces,pods,securitygroups,services",
+        "namespaces,pods,securitygroups,networkpolicies,services",
         "-A",
         "-o",
         "json",
@@ -356,6 +356,7 @@ pub fn the_demo_groups_matrix_equals_the_reference_over_pod_ips_and_cluster_ips(
     for group in ["client", "server", "lb", "web", "db", "dns", "dns-egress"] {
         wait_programmed(kube, n, group);
     }
+    wait_policy_programmed(kube, n, "dns-clients");
     let pods = pods(kube, n);
     let services: BTreeMap<String, (IpAddr, IpAddr)> = names
         .iter()
