@@ -266,7 +266,8 @@ fn a_security_group_is_enforced_on_pods_the_kubelet_starts(run: &Run) {
 /// allow rule admits one client, and where a SecurityGroup selects the same server a NEW
 /// connection must pass both layers (the group admitting only the other client leaves nobody
 /// in). `kubectl describe networkpolicy` shows the Programmed Event, and `kubesg-agent explain`
-/// names the policy that allowed or refused.
+/// names the policy that allowed or refused. A version no node can program is refused whole,
+/// with a Warning Event, the previous one still enforced.
 fn network_policies_are_enforced_as_their_own_layer_and_told_by_events(run: &Run) {
     let kube = &run.kube;
     let ns = kube.namespace("np-enforce-");
@@ -363,6 +364,56 @@ fn network_policies_are_enforced_as_their_own_layer_and_told_by_events(run: &Run
         described.contains("Programmed"),
         "kubectl describe shows no Programmed Event:\n{described}"
     );
+
+    // A version the API server accepts but no node can program (129 rules that no merge
+    // folds: more classes than a policy direction holds) is refused whole, told by a Warning
+    // Event on the policy, and the previous version stays enforced.
+    let mut rules = String::new();
+    for i in 0..129 {
+        rules.push_str(&format!(
+            "  - from: [{{ipBlock: {{cidr: 10.{}.{}.0/24}}}}]\n    ports: [{{port: {}}}]\n",
+            200 + i / 256,
+            i % 256,
+            10_000 + i
+        ));
+    }
+    kube.must_apply(&format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-allowed, namespace: {n}}}\nspec:\n  podSelector: {{matchLabels: {{app: server}}}}\n  ingress:\n{rules}"
+    ));
+    let selector = "involvedObject.kind=NetworkPolicy,involvedObject.name=allow-allowed";
+    let refused = eventually("a ProgrammingRefused Event on the policy", || {
+        let notes = kube.must(&[
+            "-n",
+            n,
+            "get",
+            "events",
+            "--field-selector",
+            selector,
+            "-o",
+            "jsonpath={range .items[*]}{.type} {.reason} {.note}{.message}{\"\\n\"}{end}",
+        ]);
+        match notes
+            .lines()
+            .find(|l| l.starts_with("Warning ProgrammingRefused"))
+        {
+            Some(l) => Ok(l.to_string()),
+            None => Err(notes),
+        }
+    });
+    assert!(
+        refused.contains("classes") && refused.contains("128"),
+        "the Event does not give the reason: {refused}"
+    );
+    connects(kube, n, "allowed", &server).expect("the previous version still admits the client");
+    assert!(connects(kube, n, "other", &server).is_err());
+    kube.must(&[
+        "-n",
+        n,
+        "delete",
+        "networkpolicy",
+        "allow-allowed",
+        "--wait",
+    ]);
 }
 
 /// A held TCP connection and a loop of new connections between two pods, each in a group that
