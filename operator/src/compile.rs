@@ -1026,18 +1026,21 @@ impl Compiler {
     /// Judges Service `service` again for group `g`'s egress rules.
     fn rejudge_service(&mut self, g: GroupId, service: &ObjectKey) {
         let Some(e) = self.ix.group(g) else { return };
-        let rules = services::service_rules(&self.ix, e, &service.namespace, &service.name);
-        let old = e.service_rules.get(service).map_or(&[][..], Vec::as_slice);
-        if old == rules.as_slice() {
+        let verdict = services::service_rules(&self.ix, e, &service.namespace, &service.name);
+        let unchanged = match e.service_rules.get(service) {
+            Some(old) => *old == verdict,
+            None => verdict.is_empty(),
+        };
+        if unchanged {
             return;
         }
         let Some(e) = self.ix.groups.get_mut(g) else {
             return;
         };
-        if rules.is_empty() {
+        if verdict.is_empty() {
             e.service_rules.remove(service);
         } else {
-            e.service_rules.insert(service.clone(), rules);
+            e.service_rules.insert(service.clone(), verdict);
         }
         self.dirty.policies.extend(e.classes.iter().copied());
     }

@@ -14,7 +14,7 @@ use std::{
 
 use crate::{
     model::{Group, NamedPort, ObjectKey, Pod, Service},
-    peers::{FingerprintedRule, GroupRules},
+    peers::GroupRules,
     plan::PolicyId,
     selector::{Labels, Selector},
     validate::CheckedGroup,
@@ -369,9 +369,10 @@ pub(crate) struct GroupEntry {
     pub report_nodes: HashMap<NodeId, u32>,
     /// The resolved rules.
     pub rules: Arc<GroupRules>,
-    /// What its egress rules gain from Services ([`crate::services`]), per Service (only those
-    /// gaining some), kept apart so a Service is judged again alone.
-    pub service_rules: BTreeMap<ObjectKey, Vec<FingerprintedRule>>,
+    /// What its egress rules make of Services ([`crate::services`]): rules gained, ClusterIPs
+    /// their blocks must except, per Service (only those concerning some), kept apart so a
+    /// Service is judged again alone.
+    pub service_rules: BTreeMap<ObjectKey, crate::services::ServiceVerdict>,
     /// Classes whose groups include this one.
     pub classes: HashSet<ClassId>,
 }

@@ -8,13 +8,17 @@
 //! rules by index), so identical policies share an id wherever they are computed, and a policy
 //! that did not change keeps its id when something unrelated changes.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use crate::{
-    fingerprint::{hex, Hasher},
+    fingerprint::{hex, Fingerprint, Hasher},
     index::{GroupEntry, GroupId, Index, PodEntry},
     peers::{
-        rule_fingerprint, FingerprintedRule, GroupRules, IngressTemplate, NamedNeed, TemplatePort,
+        host_block, rule_fingerprint, FingerprintedRule, GroupRules, IngressTemplate, NamedNeed,
+        TemplatePort,
     },
     plan::{GroupGeneration, Layer, PlannedPolicy, PlannedRule, PolicyId, PolicyLayers, PortSpec},
 };
@@ -99,7 +103,56 @@ fn ingress_ports(rules: &GroupRules, t: &IngressTemplate, key: &ClassKey) -> Opt
 
 /// What a group's egress rules gain from Services, in canonical order (by Service, then rule).
 fn service_rules(g: &GroupEntry) -> impl Iterator<Item = &FingerprintedRule> {
-    g.service_rules.values().flatten()
+    g.service_rules.values().flat_map(|v| &v.rules)
+}
+
+/// The ClusterIPs each base egress rule of a group must except from its blocks, by rule origin,
+/// sorted (see [`crate::services::Exclusion`]).
+fn exclusions(g: &GroupEntry) -> BTreeMap<&str, Vec<IpAddr>> {
+    let mut out: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
+    for e in g.service_rules.values().flat_map(|v| &v.excluded) {
+        out.entry(e.origin.as_str()).or_default().push(e.address);
+    }
+    for addresses in out.values_mut() {
+        addresses.sort_unstable();
+        addresses.dedup();
+    }
+    out
+}
+
+/// A base egress rule's fingerprint with the ClusterIPs excepted from it.
+fn excluded_fingerprint(
+    r: &FingerprintedRule,
+    excluded: &BTreeMap<&str, Vec<IpAddr>>,
+) -> Fingerprint {
+    match excluded.get(r.rule.origin.as_str()) {
+        None => r.fingerprint,
+        Some(addresses) => {
+            let mut h = Hasher::new("excluded");
+            h.fingerprint(&r.fingerprint).count(addresses.len());
+            for a in addresses {
+                h.str(&a.to_string());
+            }
+            h.finish()
+        }
+    }
+}
+
+/// A base egress rule with the ClusterIPs excepted from the blocks holding them.
+fn excluded_rule(r: &FingerprintedRule, excluded: &BTreeMap<&str, Vec<IpAddr>>) -> PlannedRule {
+    let mut rule = r.rule.clone();
+    if let Some(addresses) = excluded.get(r.rule.origin.as_str()) {
+        for block in &mut rule.peers {
+            for &a in addresses {
+                let host = host_block(a).cidr;
+                if block.cidr.contains(&a) && !block.except.iter().any(|e| e.contains(&a)) {
+                    block.except.push(host);
+                }
+            }
+            block.except.sort();
+        }
+    }
+    rule
 }
 
 /// The class's groups in canonical order (by key).
@@ -162,7 +215,13 @@ pub(crate) fn id(ix: &Index, key: &ClassKey) -> PolicyId {
                 ));
             }
         }
-        egress.extend(rules.egress.iter().map(|r| r.fingerprint));
+        let excluded = exclusions(g);
+        egress.extend(
+            rules
+                .egress
+                .iter()
+                .map(|r| excluded_fingerprint(r, &excluded)),
+        );
         egress.extend(service_rules(g).map(|r| r.fingerprint));
     }
     let mut h = Hasher::new("policy");
@@ -225,9 +284,10 @@ pub(crate) fn build(ix: &Index, key: &ClassKey) -> PlannedPolicy {
                 });
             }
         }
+        let excluded = exclusions(g);
         policy
             .egress
-            .extend(rules.egress.iter().map(|r| r.rule.clone()));
+            .extend(rules.egress.iter().map(|r| excluded_rule(r, &excluded)));
         policy
             .egress
             .extend(service_rules(g).map(|r| r.rule.clone()));

@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr
 
 use crate::{
     crd::{EgressRule, IcmpType, IpBlock, Peer, Port, Protocol},
-    model::{Cluster, ObjectKey, Pod, PortProtocol, Service, TargetPort},
+    model::{Cluster, ObjectKey, Pod, PortProtocol, Service, ServicePort, TargetPort},
     selector::Selector,
     validate::validate_group,
 };
@@ -310,7 +310,7 @@ fn egress_rule_admits(
             // that owns `dst`, whichever pod of whichever namespace (one with a Namespace
             // object, as `namespaceSelector: {}` reads it) that is.
             None | Some([]) => {
-                ports_ok(None)
+                (ports_ok(None) && !cluster_ip_refused(c, g, r, dst))
                     || c.pods
                         .iter()
                         .filter(|(k, p)| {
@@ -321,7 +321,9 @@ fn egress_rule_admits(
                         .any(|(_, p)| ports_ok(Some(p)))
             }
             Some(peers) => peers.iter().any(|peer| match &peer.ip_block {
-                Some(b) => block_contains(b, dst) && ports_ok(None),
+                Some(b) => {
+                    block_contains(b, dst) && ports_ok(None) && !cluster_ip_refused(c, g, r, dst)
+                }
                 None => peer_pods(c, g, peer)
                     .unwrap_or_default()
                     .iter()
@@ -375,27 +377,65 @@ pub fn service_admitted(
     c.services.iter().any(|(key, s)| {
         s.cluster_ips.contains(&dst)
             && s.ports.iter().any(|sp| {
-                if protocol_number(sp.protocol) != proto || sp.port != port {
-                    return false;
-                }
-                let addresses: Vec<(&Pod, IpAddr)> = backends(c, &key.namespace, s)
-                    .into_iter()
-                    .map(|k| &c.pods[k])
-                    .flat_map(|p| p.ips.iter().map(move |a| (p, *a)))
-                    .filter(|(_, a)| a.is_ipv4() == dst.is_ipv4())
-                    .collect();
-                !addresses.is_empty()
-                    && addresses.iter().all(|(p, a)| {
-                        let target = match &sp.target_port {
-                            TargetPort::Number(n) => Some(*n),
-                            TargetPort::Name(name) => p
-                                .ports
-                                .iter()
-                                .find(|np| &np.name == name && np.protocol == sp.protocol)
-                                .map(|np| np.port),
-                        };
-                        target.is_some_and(|t| egress_rule_admits(c, g, r, proto, t, *a))
-                    })
+                protocol_number(sp.protocol) == proto
+                    && sp.port == port
+                    && service_port_admitted(c, g, r, &key.namespace, s, sp, dst)
+            })
+    })
+}
+
+/// Whether egress rule `r` of group `g` admits ClusterIP `dst` of Service `s` (namespace `ns`)
+/// on its port `sp`: the backends with an address of `dst`'s family are not none, and the rule
+/// admits each such address on the target port as that backend resolves it.
+fn service_port_admitted(
+    c: &Cluster,
+    g: &ObjectKey,
+    r: &EgressRule,
+    ns: &str,
+    s: &Service,
+    sp: &ServicePort,
+    dst: IpAddr,
+) -> bool {
+    let proto = protocol_number(sp.protocol);
+    let addresses: Vec<(&Pod, IpAddr)> = backends(c, ns, s)
+        .into_iter()
+        .map(|k| &c.pods[k])
+        .flat_map(|p| p.ips.iter().map(move |a| (p, *a)))
+        .filter(|(_, a)| a.is_ipv4() == dst.is_ipv4())
+        .collect();
+    !addresses.is_empty()
+        && addresses.iter().all(|(p, a)| {
+            let target = match &sp.target_port {
+                TargetPort::Number(n) => Some(*n),
+                TargetPort::Name(name) => p
+                    .ports
+                    .iter()
+                    .find(|np| &np.name == name && np.protocol == sp.protocol)
+                    .map(|np| np.port),
+            };
+            target.is_some_and(|t| egress_rule_admits(c, g, r, proto, t, *a))
+        })
+}
+
+/// Whether `dst` is the ClusterIP of a Service with a selector that egress rule `r` of group
+/// `g` would reach by an address block (or anyone) on one of its ports but does not admit there
+/// as it admits the backends: then the block does not admit `dst` at all (its admitted ports
+/// come through [`service_admitted`]). Traffic to a Service is traffic to the pods behind it;
+/// a block that happens to hold its ClusterIP must not let through what it refuses to them.
+fn cluster_ip_refused(c: &Cluster, g: &ObjectKey, r: &EgressRule, dst: IpAddr) -> bool {
+    c.services.iter().any(|(key, s)| {
+        !s.selector.is_empty()
+            && s.cluster_ips.contains(&dst)
+            && s.ports.iter().any(|sp| {
+                protocol_matches(r.protocol, protocol_number(sp.protocol))
+                    && ports_match(
+                        r.protocol,
+                        r.ports.as_deref(),
+                        r.icmp_types.as_deref(),
+                        sp.port,
+                        None,
+                    )
+                    && !service_port_admitted(c, g, r, &key.namespace, s, sp, dst)
             })
     })
 }

@@ -444,6 +444,10 @@ fn np_peer() -> impl Strategy<Value = NetworkPolicyPeer> {
         ("10.0.0.0/28", &[]),
         ("10.0.0.3/32", &[]),
         ("0.0.0.0/0", &["10.0.0.0/30"]),
+        // Upstream's "except clause" test: a large block holding pods and ClusterIPs alike,
+        // except one pod.
+        ("0.0.0.0/4", &["10.0.0.2/32"]),
+        ("fd00::/16", &["fd00::2/128"]),
         ("fd00::/120", &["fd00::/126"]),
         ("::/0", &[]),
         ("192.0.2.0/24", &[]),

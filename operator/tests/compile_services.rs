@@ -663,3 +663,65 @@ fn an_ip_block_rule_follows_backends_in_every_namespace() {
     let plan = step(&mut c, ClusterChange::UpsertPod(key("ops", "pg"), moved));
     assert!(!sends_checked(&c, &plan, CLIENT, TCP, 5432, DB_V4));
 }
+
+/// Upstream's "should enforce except clause while egress access to server in CIDR block": a
+/// block large enough to hold the pods and the ClusterIPs alike, except one backend. The
+/// ClusterIP sits inside the block too, but traffic to it goes to the backends, one of which the
+/// rule refuses: the block must not admit the ClusterIP by itself. A second peer of the rule
+/// admitting that backend makes the Service whole again.
+#[test]
+fn a_block_holding_a_cluster_ip_does_not_admit_it_where_it_excepts_a_backend() {
+    let w = db_world(
+        "  - protocol: TCP\n    to: [ { ipBlock: { cidr: 0.0.0.0/4, except: [ 10.0.2.2/32 ] } } ]\n",
+    );
+    let c = &w.cluster;
+    let plan = compile(c);
+    assert!(sends_checked(c, &plan, CLIENT, TCP, 5432, "10.0.1.2"));
+    assert!(!sends_checked(c, &plan, CLIENT, TCP, 5432, "10.0.2.2"));
+    assert!(
+        !sends_checked(c, &plan, CLIENT, TCP, 5432, DB_V4),
+        "the ClusterIP reaches the excepted backend too"
+    );
+    assert!(
+        !sends_checked(c, &plan, CLIENT, TCP, 80, DB_V4),
+        "nor any other port of it"
+    );
+    assert!(
+        sends_checked(c, &plan, CLIENT, TCP, 5432, "10.96.0.99"),
+        "an address of the block that is no Service's stays admitted"
+    );
+
+    let w = db_world(
+        "  - protocol: TCP\n    to: [ { ipBlock: { cidr: 0.0.0.0/4, except: [ 10.0.2.2/32 ] } }, { ipBlock: { cidr: 10.0.2.2/32 } } ]\n",
+    );
+    let c = &w.cluster;
+    let plan = compile(c);
+    assert!(sends_checked(c, &plan, CLIENT, TCP, 5432, "10.0.2.2"));
+    assert!(
+        sends_checked(c, &plan, CLIENT, TCP, 5432, DB_V4),
+        "every backend is admitted again, so is the ClusterIP on the Service port"
+    );
+}
+
+/// A rule open to anyone on port 80 admits a ClusterIP's port 80 only if the backends serve it
+/// there: a Service sending 80 to 8080 is judged on 8080.
+#[test]
+fn anyone_on_the_service_port_does_not_admit_a_cluster_ip_whose_backends_listen_elsewhere() {
+    let mut w = db_world("  - protocol: TCP\n    ports: [ { port: 80 } ]\n");
+    w.cluster.services.insert(
+        key("shop", "db"),
+        service(
+            "db",
+            &[DB_V4, DB_V6],
+            &[(PortProtocol::Tcp, 80, number(8080))],
+        ),
+    );
+    let c = &w.cluster;
+    let plan = compile(c);
+    assert!(!sends_checked(c, &plan, CLIENT, TCP, 80, DB_V4));
+    assert!(!sends_checked(c, &plan, CLIENT_V6, TCP, 80, DB_V6));
+    assert!(
+        sends_checked(c, &plan, CLIENT, TCP, 80, "192.0.2.1"),
+        "anyone else on port 80"
+    );
+}

@@ -36,4 +36,4 @@ pub(crate) use backends::find_backends;
 pub(crate) use reach::{
     mark_reaching, reach, resolvable_in, selector_users, touched_by_pod, Pairs,
 };
-pub(crate) use verdict::{group_service_rules, service_rules};
+pub(crate) use verdict::{group_service_rules, service_rules, ServiceVerdict};

@@ -17,6 +17,38 @@ use crate::{
     validate::{CheckedPeer, CheckedPort, CheckedRule},
 };
 
+/// An address a base egress rule must not admit by itself: a ClusterIP inside one of its
+/// address blocks (or anyone) whose Service it does not admit as it admits the backends. Traffic
+/// to a Service is judged as traffic to the pods behind it, so a block that happens to hold the
+/// ClusterIP (`0.0.0.0/0`, a large range around the Service CIDR) must not let through what the
+/// rule refuses to the backends (an `except` holding a backend, a port the backends do not
+/// serve). The ports it does admit come back as rules of their own ([`ServiceVerdict::rules`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Exclusion {
+    /// The base rule, by its origin (unique per rule of a group; only its parts with address
+    /// blocks can hold a ClusterIP).
+    pub origin: String,
+    /// The ClusterIP.
+    pub address: IpAddr,
+}
+
+/// What a group's egress rules make of one Service: the rules they gain, the ClusterIPs their
+/// own blocks must except.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct ServiceVerdict {
+    /// Rules admitting the ClusterIPs and ports whose every backend they admit.
+    pub rules: Vec<FingerprintedRule>,
+    /// ClusterIPs the base rules' blocks must except.
+    pub excluded: Vec<Exclusion>,
+}
+
+impl ServiceVerdict {
+    /// Whether the Service changes nothing for the group.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.excluded.is_empty()
+    }
+}
+
 /// The rule protocol of a Service port.
 fn rule_protocol(p: PortProtocol) -> RuleProtocol {
     match p {
@@ -187,16 +219,27 @@ fn admits_directly(rule: &CheckedRule, c: IpAddr, p: &ServicePort) -> bool {
     peers_ok && ports_allow(rule, p.port, p.protocol, None)
 }
 
+/// Whether an address block of `rule` (or anyone) holds `c`, whatever the ports.
+fn block_holds(rule: &CheckedRule, c: IpAddr) -> bool {
+    rule.peers.as_ref().is_none_or(|peers| {
+        peers.iter().any(|peer| {
+            matches!(peer, CheckedPeer::Block(b)
+                if b.cidr.contains(&c) && !b.except.iter().any(|e| e.contains(&c)))
+        })
+    })
+}
+
 /// The compiled rules egress rule `rule` gains from Service `s` (namespace `ns`, name `name`),
 /// whose backends are `backends`: one per protocol allowing the admitted ports on the
-/// ClusterIPs admitted, named `{origin} via Service ns/name`.
+/// ClusterIPs admitted, named `{origin} via Service ns/name`. A ClusterIP the rule admits by
+/// itself needs none, unless it is `excluded` from the rule's blocks.
 fn admitted(
     ix: &Index,
     g: &GroupEntry,
     rule: &CheckedRule,
     origin: &str,
     (ns, name, s): (&str, &str, &ServiceEntry),
-    backends: &[(PodId, &PodEntry)],
+    (backends, excluded): (&[(PodId, &PodEntry)], &[IpAddr]),
     out: &mut Vec<FingerprintedRule>,
 ) {
     let peers = Matcher::of(ix, g, rule);
@@ -211,7 +254,7 @@ fn admitted(
             .service
             .cluster_ips
             .iter()
-            .filter(|c| !admits_directly(rule, **c, p))
+            .filter(|c| excluded.contains(c) || !admits_directly(rule, **c, p))
             .filter(|c| cluster_ip_admitted(ix, rule, peers, backends, &targets.each, **c, p))
             .map(|&c| host_block(c))
             .collect();
@@ -242,15 +285,10 @@ fn admitted(
     }
 }
 
-/// The compiled rules the egress rules of group `g` gain from Service `name` of namespace `ns`,
-/// in rule order; empty when it is gone, `g` is not accepted, or none of them admits it.
-pub(crate) fn service_rules(
-    ix: &Index,
-    g: &GroupEntry,
-    ns: &str,
-    name: &str,
-) -> Vec<FingerprintedRule> {
-    let mut out = Vec::new();
+/// What the egress rules of group `g` make of Service `name` of namespace `ns` (rules in rule
+/// order); empty when it is gone, `g` is not accepted, or it concerns none of them.
+pub(crate) fn service_rules(ix: &Index, g: &GroupEntry, ns: &str, name: &str) -> ServiceVerdict {
+    let mut out = ServiceVerdict::default();
     if let (Some(s), Ok(checked)) = (
         ix.namespaces.get(ns).and_then(|e| e.services.get(name)),
         &g.checked,
@@ -269,20 +307,29 @@ fn judge(
     g: &GroupEntry,
     egress: Option<&[CheckedRule]>,
     (ns, name, s): (&str, &str, &ServiceEntry),
-    out: &mut Vec<FingerprintedRule>,
+    out: &mut ServiceVerdict,
 ) {
     if s.resolvable().is_none() {
         return;
     }
     let mut backends: Option<Option<Vec<(PodId, &PodEntry)>>> = None;
     for (i, rule) in egress.into_iter().flatten().enumerate() {
+        // ClusterIPs the rule's own blocks hold on a port of the Service it allows.
+        let held: Vec<IpAddr> = s
+            .service
+            .cluster_ips
+            .iter()
+            .copied()
+            .filter(|&c| block_holds(rule, c))
+            .filter(|_| s.service.ports.iter().any(|p| directly_on(rule, p)))
+            .collect();
         let some_port = s
             .service
             .ports
             .iter()
             .zip(&s.backends.targets)
             .any(|(p, t)| may_admit(rule, p, t));
-        if !some_port || !reaches(ix, g, rule, ns) {
+        if held.is_empty() && (!some_port || !reaches(ix, g, rule, ns)) {
             continue;
         }
         // Refreshed in this change when any of them changed, so every one is live.
@@ -299,8 +346,52 @@ fn judge(
             return;
         };
         let origin = crate::peers::rule_origin(g, false, i);
-        admitted(ix, g, rule, &origin, (ns, name, s), backends, out);
+        let peers = Matcher::of(ix, g, rule);
+        let excluded: Vec<IpAddr> = held
+            .into_iter()
+            .filter(|&c| {
+                s.service
+                    .ports
+                    .iter()
+                    .zip(&s.backends.targets)
+                    .any(|(p, t)| {
+                        directly_on(rule, p)
+                            && !cluster_ip_admitted(
+                                ix,
+                                rule,
+                                peers.as_deref(),
+                                backends,
+                                &t.each,
+                                c,
+                                p,
+                            )
+                    })
+            })
+            .collect();
+        out.excluded
+            .extend(excluded.iter().map(|&address| Exclusion {
+                origin: origin.clone(),
+                address,
+            }));
+        if some_port && reaches(ix, g, rule, ns) {
+            admitted(
+                ix,
+                g,
+                rule,
+                &origin,
+                (ns, name, s),
+                (backends, &excluded),
+                &mut out.rules,
+            );
+        }
     }
+}
+
+/// Whether `rule`'s protocol and numeric ports allow Service port `p` (the test a block holding
+/// the ClusterIP passes on that port).
+fn directly_on(rule: &CheckedRule, p: &ServicePort) -> bool {
+    (rule.protocol == RuleProtocol::Any || rule.protocol == rule_protocol(p.protocol))
+        && ports_allow(rule, p.port, p.protocol, None)
 }
 
 /// Every Service group `g` may admit, with the rules it gains from each (only those gaining
@@ -309,7 +400,7 @@ fn judge(
 pub(crate) fn group_service_rules(
     ix: &Index,
     g: &GroupEntry,
-) -> BTreeMap<ObjectKey, Vec<FingerprintedRule>> {
+) -> BTreeMap<ObjectKey, ServiceVerdict> {
     let mut out = BTreeMap::new();
     let Ok(checked) = &g.checked else {
         return out;
@@ -330,10 +421,16 @@ pub(crate) fn group_service_rules(
             continue;
         };
         for (name, s) in &entry.services {
-            let mut rules = Vec::new();
-            judge(ix, g, checked.egress.as_deref(), (ns, name, s), &mut rules);
-            if !rules.is_empty() {
-                out.insert(ObjectKey::new(ns, name.clone()), rules);
+            let mut verdict = ServiceVerdict::default();
+            judge(
+                ix,
+                g,
+                checked.egress.as_deref(),
+                (ns, name, s),
+                &mut verdict,
+            );
+            if !verdict.is_empty() {
+                out.insert(ObjectKey::new(ns, name.clone()), verdict);
             }
         }
     }
