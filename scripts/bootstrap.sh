@@ -21,6 +21,8 @@ if ((build_only == 0)); then
     containernetworking-plugins
     # the chart checks (helm comes zipped) and the image build (scripts/image.sh)
     unzip buildah
+    # scripts/k8s/conformance.sh reads Ginkgo's JSON report
+    jq
   )
 fi
 missing=()

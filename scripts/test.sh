@@ -50,6 +50,10 @@ else
   scripts/k8s/cluster.sh import-image "localhost/kubesg:$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
   export KUBESG_KUBECONFIG KUBESG_KUBECTL
   cargo test -p kubesg-cluster-e2e --locked -- --test-threads="${KUBESG_TEST_THREADS:-4}"
+  # Upstream's NetworkPolicy e2e tests in the same cluster, kubesg installed by its chart and
+  # uninstalled after by the README's steps (`make conformance` without the uninstall).
+  step "upstream NetworkPolicy e2e tests in the real cluster (scripts/k8s/conformance.sh)"
+  scripts/k8s/conformance.sh --kubesg --uninstall
   trap - EXIT
   scripts/k8s/cluster.sh down
   scripts/k8s/cluster.sh check-clean

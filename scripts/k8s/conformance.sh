@@ -11,9 +11,11 @@
 # without it, whatever enforces NetworkPolicies (kubesg installed by hand, or nothing, in which
 # case the tests that expect a denial fail) is the caller's business.
 #
-# Usage: scripts/k8s/conformance.sh [--dry-run] [--kubesg] [-- extra e2e.test flags]
-#   --dry-run  list the tests the selection would run (ginkgo dry run, no cluster needed)
-#   --kubesg   install kubesg from this tree (scripts/image.sh build, import, helm) first
+# Usage: scripts/k8s/conformance.sh [--dry-run] [--kubesg [--uninstall]] [-- extra e2e.test flags]
+#   --dry-run    list the tests the selection would run (ginkgo dry run, no cluster needed)
+#   --kubesg     install kubesg from this tree (scripts/image.sh build, import, helm) first
+#   --uninstall  with --kubesg: uninstall it afterwards (also after a failure) by the README's
+#                steps, as `make test` does before it takes the cluster down
 #
 # Environment:
 #   KUBESG_CLUSTER_DIR                cluster.sh's state dir (default /var/lib/kubesg-cluster);
@@ -46,13 +48,15 @@ export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
 
 dry_run=0
 kubesg=0
+uninstall=0
 extra=()
 while (($# > 0)); do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --kubesg) kubesg=1 ;;
+    --uninstall) uninstall=1 ;;
     --) shift; extra=("$@"); break ;;
-    *) echo "usage: $0 [--dry-run] [--kubesg] [-- extra e2e.test flags]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--dry-run] [--kubesg [--uninstall]] [-- extra e2e.test flags]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -101,13 +105,23 @@ fi
 # kubesg, installed as the README's "Try it in a real cluster" says: its image built and imported,
 # the chart with the image settings only. An installed release is upgraded and its pods
 # restarted, so they run the image just built under the same tag.
+((uninstall == 0 || kubesg == 1)) || die "--uninstall goes with --kubesg"
+# The README's uninstall: agents take kubesg out of the CNI chain as they stop, then the release.
+uninstall_kubesg() {
+  log "uninstalling kubesg (cni.uninstall=true, then helm uninstall)"
+  "${helm[@]}" upgrade kubesg "$repo/charts/kubesg" -n kube-system --reuse-values \
+    --set cni.uninstall=true >/dev/null || true
+  kc -n kube-system rollout status daemonset/kubesg-agent --timeout=180s >&2 || true
+  "${helm[@]}" uninstall kubesg -n kube-system --wait >&2 || true
+}
 if ((dry_run == 0 && kubesg == 1)); then
+  helm=(helm --kubeconfig "$kubeconfig")
+  ((uninstall == 0)) || trap uninstall_kubesg EXIT
   version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)
   image="localhost/kubesg:$version"
   log "building and importing $image"
   "$repo/scripts/image.sh" build "$image" >&2
   "$here/cluster.sh" import-image "$image" >&2
-  helm=(helm --kubeconfig "$kubeconfig")
   if "${helm[@]}" status kubesg -n kube-system >/dev/null 2>&1; then
     log "upgrading the kubesg release and restarting its pods"
     "${helm[@]}" upgrade kubesg "$repo/charts/kubesg" -n kube-system --reuse-values \
