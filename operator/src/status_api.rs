@@ -14,9 +14,9 @@
 //! - A Warning Event `ProgrammingRefused` when a node refused (NACKed) the version carrying the
 //!   group, with the nodes and the agents' reasons: once per generation and set of refusals.
 //! - A NetworkPolicy has no status to write: the same conditions are computed and kept in
-//!   memory, logged, and told by the same Events on the NetworkPolicy (`kubectl describe
-//!   networkpolicy` shows them). Memory does not survive the operator, so a new leader tells
-//!   each policy's current state once more.
+//!   memory, logged, and told by the same Events on the NetworkPolicy (`kubectl events --for
+//!   networkpolicy/NAME` shows them). Memory does not survive the operator, so a new leader
+//!   tells each policy's current state once more.
 //! - No finalizers: deleting a group needs no cleanup (the next compile drops it from every
 //!   plan), so a deleted group is simply forgotten, never written again.
 

@@ -265,7 +265,7 @@ fn a_security_group_is_enforced_on_pods_the_kubelet_starts(run: &Run) {
 /// Kubernetes NetworkPolicies on pods the kubelet starts: a default deny refuses everyone, an
 /// allow rule admits one client, and where a SecurityGroup selects the same server a NEW
 /// connection must pass both layers (the group admitting only the other client leaves nobody
-/// in). `kubectl describe networkpolicy` shows the Programmed Event, and `kubesg-agent explain`
+/// in). `kubectl events --for networkpolicy/<name>` shows the Programmed Event, and `kubesg-agent explain`
 /// names the policy that allowed or refused. A version no node can program is refused whole,
 /// with a Warning Event, the previous one still enforced.
 fn network_policies_are_enforced_as_their_own_layer_and_told_by_events(run: &Run) {
@@ -359,10 +359,11 @@ fn network_policies_are_enforced_as_their_own_layer_and_told_by_events(run: &Run
 
     let events = wait_policy_programmed(kube, n, "allow-allowed");
     assert!(!events.contains("Warning"), "{events}");
-    let described = kube.must(&["-n", n, "describe", "networkpolicy", "allow-allowed"]);
+    // kubectl's describer of NetworkPolicies prints no Events; `kubectl events --for` does.
+    let told = kube.must(&["-n", n, "events", "--for", "networkpolicy/allow-allowed"]);
     assert!(
-        described.contains("Programmed"),
-        "kubectl describe shows no Programmed Event:\n{described}"
+        told.contains("Programmed"),
+        "kubectl events shows no Programmed Event:\n{told}"
     );
 
     // A version the API server accepts but no node can program (129 rules that no merge
