@@ -29,7 +29,7 @@ use k8s_openapi::{
 use kube::{
     api::{Api, Patch, PatchParams},
     runtime::events::{Event, EventType, Recorder, Reporter},
-    Client, Resource as _,
+    Client, Resource,
 };
 use tracing::{info, warn};
 
@@ -124,6 +124,26 @@ fn note(message: &str) -> String {
     message[..end].to_owned()
 }
 
+/// What the API server holds of object `name` (its reference for Events and, through
+/// `status`, its status); `None` when it does not exist.
+async fn read_known<K>(
+    api: &Api<K>,
+    name: &str,
+    status: impl FnOnce(K) -> Option<SecurityGroupStatus>,
+) -> Result<Option<Known>, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(api.get_opt(name).await?.map(|object| {
+        let mut reference = object.object_ref(&());
+        reference.resource_version = None;
+        Known {
+            reference,
+            status: status(object),
+        }
+    }))
+}
+
 /// Writes `key`'s status from `report` and `acks` if it changed, and emits the Events the
 /// change calls for.
 pub async fn write_status(
@@ -143,39 +163,17 @@ pub async fn write_status(
             .is_some_and(|g| g > report.generation)
     });
     let policy = netpol::name(key);
-    let known = match (ctx.known.get(key), policy) {
-        (Some(k), _) if !stale => k.clone(),
+    let read = match (ctx.known.get(key), policy) {
+        (Some(k), _) if !stale => Some(k.clone()),
         (_, Some(name)) => {
             let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &key.namespace);
-            match policies.get_opt(name).await? {
-                Some(np) => {
-                    let mut reference = np.object_ref(&());
-                    reference.resource_version = None;
-                    Known {
-                        reference,
-                        status: None,
-                    }
-                }
-                None => {
-                    ctx.known.remove(key);
-                    return Ok(Outcome::Gone);
-                }
-            }
+            read_known(&policies, name, |_| None).await?
         }
-        (_, None) => match api.get_opt(&key.name).await? {
-            Some(sg) => {
-                let mut reference = sg.object_ref(&());
-                reference.resource_version = None;
-                Known {
-                    reference,
-                    status: sg.status,
-                }
-            }
-            None => {
-                ctx.known.remove(key);
-                return Ok(Outcome::Gone);
-            }
-        },
+        (_, None) => read_known(&api, &key.name, |sg| sg.status).await?,
+    };
+    let Some(known) = read else {
+        ctx.known.remove(key);
+        return Ok(Outcome::Gone);
     };
     let previous = known.status.as_ref();
     let status = group_status(key, report, acks, previous, now);

@@ -142,6 +142,16 @@ go_build() { # module folder, then go build arguments
   nice -n 10 go build -C "$here/$dir" -mod=readonly -buildvcs=false -trimpath -o "$partial/" "$@"
 }
 
+# Moves the named binaries from the partial directory into place, refusing a missing one (the
+# stamp must never claim a binary that is not there).
+move_built() {
+  local b
+  for b in "$@"; do
+    [[ -x "$partial/$b" ]] || { log "go did not produce $b"; exit 1; }
+    mv -f "$partial/$b" "$out/$b"
+  done
+}
+
 start=$SECONDS
 # What hack/lib/version.sh stamps, so that kubectl version, the kubelet and the apiserver report
 # the release. buildDate stays at its fixed default: a changing value would relink every binary.
@@ -184,10 +194,7 @@ if ((need_bins == 1)); then
   CGO_ENABLED=0 go_build coredns -tags grpcnotrace \
     -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" tool
 
-  for b in "${all_bins[@]}"; do
-    [[ -x "$partial/$b" ]] || { log "go build did not produce $b"; exit 1; }
-    mv -f "$partial/$b" "$out/$b"
-  done
+  move_built "${all_bins[@]}"
   stamp_text >"$out/.stamp"
   log "built ${#all_bins[@]} binaries in $((SECONDS - start)) s into $out"
 fi
@@ -204,10 +211,7 @@ if ((need_e2e == 1)); then
     -tags "$e2e_tags" -ldflags "all=-s -w$version_ldflags" -o "$partial/e2e.test" \
     k8s.io/kubernetes/test/e2e
   CGO_ENABLED=0 go_build kubernetes -tags "$e2e_tags" -ldflags "-s -w" github.com/onsi/ginkgo/v2/ginkgo
-  for b in "${e2e_bins[@]}"; do
-    [[ -x "$partial/$b" ]] || { log "go did not produce $b"; exit 1; }
-    mv -f "$partial/$b" "$out/$b"
-  done
+  move_built "${e2e_bins[@]}"
   e2e_stamp_text >"$out/.stamp-e2e"
   log "built ${e2e_bins[*]} in $((SECONDS - e2e_start)) s into $out"
 fi

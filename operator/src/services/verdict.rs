@@ -210,13 +210,7 @@ fn may_admit(rule: &CheckedRule, p: &ServicePort, targets: &Targets) -> bool {
 /// Whether `rule` admits address `c` on port `p` by itself (an address block holding it, or
 /// anyone, with a numeric port allowing the Service port): a rule for it would add nothing.
 fn admits_directly(rule: &CheckedRule, c: IpAddr, p: &ServicePort) -> bool {
-    let peers_ok = rule.peers.as_ref().is_none_or(|peers| {
-        peers.iter().any(|peer| {
-            matches!(peer, CheckedPeer::Block(b)
-                if b.cidr.contains(&c) && !b.except.iter().any(|e| e.contains(&c)))
-        })
-    });
-    peers_ok && ports_allow(rule, p.port, p.protocol, None)
+    block_holds(rule, c) && ports_allow(rule, p.port, p.protocol, None)
 }
 
 /// Whether an address block of `rule` (or anyone) holds `c`, whatever the ports.
