@@ -725,3 +725,35 @@ fn anyone_on_the_service_port_does_not_admit_a_cluster_ip_whose_backends_listen_
         "anyone else on port 80"
     );
 }
+
+/// A named target port resolving to different numbers on the backends of the two families
+/// (single-stack pods behind a dual-stack Service): each ClusterIP is judged on the port of its
+/// own family's backends, so a rule allowing only one of the numbers admits that family's.
+#[test]
+fn a_named_target_port_differing_by_family_admits_the_family_whose_port_is_allowed() {
+    for egress in [
+        "  - ports: [ { port: 5432 } ]\n    to: [ { podSelector: { matchLabels: { app: db } } } ]\n",
+        "  - protocol: TCP\n    ports: [ { port: 5432 } ]\n",
+    ] {
+        let mut w = db_world(egress);
+        for (name, v4, port) in [("db-0", true, 5432), ("db-1", false, 6543)] {
+            let mut p = w.cluster.pods[&key("shop", name)].clone();
+            p.ips.retain(|a| a.is_ipv4() == v4);
+            w.pod("shop", name, with_ports(p, &[("pg", port, PortProtocol::Tcp)]));
+        }
+        w.cluster.services.insert(
+            key("shop", "db"),
+            service("db", &[DB_V4, DB_V6], &[(PortProtocol::Tcp, 5432, name("pg"))]),
+        );
+        let c = &w.cluster;
+        let plan = compile(c);
+        assert!(
+            sends_checked(c, &plan, CLIENT, TCP, 5432, DB_V4),
+            "{egress}: the IPv4 backend listens on 5432"
+        );
+        assert!(
+            !sends_checked(c, &plan, CLIENT_V6, TCP, 5432, DB_V6),
+            "{egress}: the IPv6 backend listens on 6543"
+        );
+    }
+}

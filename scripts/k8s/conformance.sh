@@ -129,8 +129,11 @@ if ((dry_run == 0 && kubesg == 1)); then
   "$here/cluster.sh" import-image "$image" >&2
   if "${helm[@]}" status kubesg -n kube-system >/dev/null 2>&1; then
     log "upgrading the kubesg release and restarting its pods"
+    # --reuse-values keeps the release's other settings; a release installed with
+    # operator.networkPolicies=ignore would pass no test, so the suite's setting is set too.
     "${helm[@]}" upgrade kubesg "$repo/charts/kubesg" -n kube-system --reuse-values \
-      --set image.repository=localhost/kubesg --set image.tag="$version" >/dev/null
+      --set image.repository=localhost/kubesg --set image.tag="$version" \
+      --set operator.networkPolicies=enforce >/dev/null
     kc -n kube-system rollout restart deployment/kubesg-operator daemonset/kubesg-agent >/dev/null
   else
     log "installing kubesg (helm install kubesg charts/kubesg -n kube-system)"
@@ -140,9 +143,19 @@ if ((dry_run == 0 && kubesg == 1)); then
   kc -n kube-system rollout status daemonset/kubesg-agent --timeout=180s >&2 ||
     die "the kubesg agents did not become Ready ('kubectl -n kube-system describe ds/kubesg-agent')"
   # Only the leader of the operator's replicas is Ready (the others refuse agents), so the
-  # Deployment's rollout never reports complete: wait for a Ready leader instead.
+  # Deployment's rollout never reports complete: wait for a Ready leader of the current pod
+  # template instead (after an upgrade, a leader of the old one stays Ready until replaced; the
+  # template's restartedAt, set by `rollout restart`, tells the two apart).
   for ((i = 0; ; i++)); do
-    ready=$(kc -n kube-system get deployment/kubesg-operator -o jsonpath='{.status.readyReplicas}' 2>/dev/null || true)
+    want=$(kc -n kube-system get deployment/kubesg-operator -o json 2>/dev/null | jq -r \
+      '.spec.template.metadata.annotations["kubectl.kubernetes.io/restartedAt"] // ""' || true)
+    ready=$(kc -n kube-system get pods -o json 2>/dev/null \
+      -l app.kubernetes.io/instance=kubesg,app.kubernetes.io/component=operator |
+      jq --arg want "$want" '[.items[]
+        | select(.metadata.deletionTimestamp == null)
+        | select((.metadata.annotations["kubectl.kubernetes.io/restartedAt"] // "") == $want)
+        | select(any(.status.conditions[]?; .type == "Ready" and .status == "True"))] | length' ||
+      true)
     ((${ready:-0} >= 1)) && break
     ((i < 180)) || die "no kubesg operator became Ready (the leader) within 180 s ('kubectl -n kube-system logs deploy/kubesg-operator')"
     sleep 1

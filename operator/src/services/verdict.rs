@@ -185,8 +185,9 @@ fn admits(
 
 /// Whether `rule` may admit a Service port whose backends' target ports are `targets`,
 /// decided without judging each backend: the protocol matches, some backend has the target
-/// port, and the rule's ports can allow all of them (each numerically, unless a named rule port
-/// may resolve to it on a backend). Which backends count is decided per family, later.
+/// port, and the rule's ports can allow one of them (numerically, unless a named rule port may
+/// resolve on a backend). One is enough: a ClusterIP is judged on the backends of its family
+/// only (later), and a named target port can resolve to another number on the other family's.
 fn may_admit(rule: &CheckedRule, p: &ServicePort, targets: &Targets) -> bool {
     if rule.protocol != RuleProtocol::Any && rule.protocol != rule_protocol(p.protocol) {
         return false;
@@ -200,7 +201,7 @@ fn may_admit(rule: &CheckedRule, p: &ServicePort, targets: &Targets) -> bool {
     if items.iter().any(|i| matches!(i, CheckedPort::Named(_))) {
         return true;
     }
-    targets.distinct.iter().all(|t| {
+    targets.distinct.iter().any(|t| {
         items.iter().any(
             |i| matches!(i, CheckedPort::Range { first, last } if (*first..=*last).contains(t)),
         )
