@@ -46,12 +46,7 @@ else
   # What kubesg leaves on a node after its chart is gone (README, "Uninstall"), here from an
   # earlier run that was interrupted before its own uninstall: removed before `up` snapshots the
   # host, or check-clean would count the uninstall below taking it away as a difference.
-  for left in /opt/cni/bin/kubesg-cni /var/run/kubesg /sys/fs/bpf/kubesg; do
-    if [[ -e "$left" ]]; then
-      echo "removing $left, left by an earlier run" >&2
-      rm -rf "$left"
-    fi
-  done
+  scripts/k8s/node-leftovers.sh
   trap 'scripts/k8s/cluster.sh down >&2 || true' EXIT
   KUBESG_KUBECONFIG=$(scripts/k8s/cluster.sh up | tail -n 1)
   KUBESG_KUBECTL="$(scripts/k8s/build.sh)/kubectl"

@@ -114,10 +114,9 @@ uninstall_kubesg() {
   kc -n kube-system rollout status daemonset/kubesg-agent --timeout=180s >&2 || true
   "${helm[@]}" uninstall kubesg -n kube-system --wait >&2 || true
   # What the README leaves on the node for the user to remove once no pod set up with kubesg
-  # remains (the caller takes the cluster down next): the plugin binary, the pins, the socket
-  # directory. Left behind, cluster.sh check-clean finds them.
-  rm -f /opt/cni/bin/kubesg-cni
-  rm -rf /sys/fs/bpf/kubesg /var/run/kubesg
+  # remains (the caller takes the cluster down next). Left behind, cluster.sh check-clean finds
+  # it.
+  "$here/node-leftovers.sh"
 }
 if ((dry_run == 0 && kubesg == 1)); then
   helm=(helm --kubeconfig "$kubeconfig")
