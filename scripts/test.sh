@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Each step says how much disk is left: builds and their caches take tens of GB, and a full
+# disk shows up later as evicted pods or failed writes far from its cause.
+step() { printf '\n==> %s (disk: %s free)\n' "$*" "$(df -Ph . | awk 'NR == 2 { print $4 }')" >&2; }
 
 step "bootstrap"
 scripts/bootstrap.sh

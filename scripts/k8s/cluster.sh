@@ -623,7 +623,9 @@ EOF
   # The kubelet. failCgroupV1: false because Kubernetes >= 1.35 refuses cgroup v1 by default
   # and this machine mounts only v1 controllers (the cgroup2 "unified" mount has none of them).
   # cgroupfs: PID 1 is not systemd. Image GC off: nothing could pull an image back.
-  # Eviction thresholds low: the disk is shared with builds, an eviction would only confuse tests.
+  # Eviction thresholds absolute and low: the disk is shared with builds and the caches they
+  # leave (tens of GB), so the default percentages (10%, 15% of capacity; even 2% of 252 GB is
+  # 5 GB) evicted test pods on a CI machine with plenty left for the tests themselves.
   cat >"$CONF/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -656,8 +658,10 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard:
   memory.available: 100Mi
-  nodefs.available: 2%
-  imagefs.available: 2%
+  nodefs.available: 256Mi
+  imagefs.available: 256Mi
+  nodefs.inodesFree: "1%"
+  imagefs.inodesFree: "1%"
 EOF
 
   # kube-proxy. localhostNodePorts off: it would set net.ipv4.conf.all.route_localnet=1.
@@ -700,6 +704,13 @@ preflight() {
     port_free "$p" || die "port $p is in use: $(ss -Htlnp "sport = :$p" | head -1)"
   done
   ! ip link show "$CNI_BRIDGE" >/dev/null 2>&1 || die "interface $CNI_BRIDGE exists already"
+  # The kubelet evicts pods below 256 MiB free (kubelet.yaml): refuse to start well before, and
+  # say how much there is, rather than let tests fail on evicted pods.
+  local parent free_mib
+  parent=$(dirname "$DIR")
+  free_mib=$(df -Pm "$parent" | awk 'NR == 2 { print $4 }')
+  log "disk: $free_mib MiB free on $(df -P "$parent" | awk 'NR == 2 { print $6 }')"
+  ((free_mib >= 2048)) || die "only $free_mib MiB free under $parent: the cluster needs 2 GiB (images, etcd, logs)"
 }
 
 node_ready() {
