@@ -3,7 +3,7 @@
 //! if the pod sent or received them, and what the datapath made of them: the verdict, the
 //! conntrack entries, the counters and the deny events.
 
-use std::{cell::Cell, io, time::Duration};
+use std::{cell::Cell, io, net::IpAddr, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use kubesg_agent::{
@@ -95,6 +95,14 @@ impl LoopbackDatapath {
             .set_endpoint(IFINDEX, Some(handle))
             .expect("moving the endpoint");
         self.policy = Some(handle);
+    }
+
+    /// Sets the pod's addresses, as the agent does from its CNI result: what it sends from any
+    /// other is refused (the source check; none turns it off, the harness's default).
+    pub fn set_sources(&mut self, addrs: &[IpAddr]) -> bool {
+        self.datapath
+            .set_sources(IFINDEX, addrs)
+            .expect("setting the sources")
     }
 
     /// Turns re-checking established connections on policy change on or off.

@@ -361,6 +361,13 @@ pub fn neighbor_solicitation(src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
 
 /// An ICMPv6 solicited neighbour advertisement from `src` (which owns `src`) to `dst`.
 pub fn neighbor_advertisement(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    neighbor_advertisement_of(src, dst, src)
+}
+
+/// An ICMPv6 solicited neighbour advertisement from `src` to `dst` that `target` is at the
+/// sender's link-layer address: a host answers for its own addresses; one that answers for
+/// another's takes its traffic.
+pub fn neighbor_advertisement_of(src: Ipv6Addr, dst: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
         .ipv6(src.octets(), dst.octets(), 255)
@@ -371,7 +378,7 @@ pub fn neighbor_advertisement(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
                 r#override: true,
             },
         ))
-        .write(&mut out, &src.octets())
+        .write(&mut out, &target.octets())
         .unwrap_or_else(|e| panic!("building a neighbour advertisement: {e}"));
     out
 }

@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use aya::maps::MapError;
+use aya::maps::{IterableMap as _, MapError};
 use kubesg_common::{
     conntrack::{
         is_icmp, CtEntry, CtKey, TcpState, CT_F_ASSURED, CT_F_ORIG_INGRESS, CT_F_SEEN_REPLY,
@@ -214,6 +214,22 @@ pub fn list(maps: &Maps) -> Result<Vec<Connection>, MapError> {
 /// Removes every entry (and fragment record) that expired before `now_ns`; returns how many
 /// connections were removed. The datapath already treats them as absent: this frees the room.
 pub fn sweep(maps: &mut Maps, now_ns: u64) -> Result<usize, MapError> {
+    sweep_with(maps, now_ns, |_| {})
+}
+
+/// [`sweep`], calling `between` after the expired entries were read and before they are
+/// removed: where the datapath may re-open a connection under the same key (tests use it to
+/// make that happen).
+///
+/// An entry is not deleted by its key, which might by then name a connection the datapath
+/// opened since; it is taken out (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, one step in the kernel) and
+/// put back when what came out is not the expired entry that was read but a live one. Only
+/// while it is out, a syscall's length, does a packet of that new connection find no entry.
+pub fn sweep_with(
+    maps: &mut Maps,
+    now_ns: u64,
+    between: impl FnOnce(&mut Maps),
+) -> Result<usize, MapError> {
     let dead: Vec<CtKey> = maps
         .conntrack
         .iter()
@@ -221,12 +237,22 @@ pub fn sweep(maps: &mut Maps, now_ns: u64) -> Result<usize, MapError> {
         .filter(|(_, e)| e.expired(now_ns))
         .map(|(k, _)| k)
         .collect();
+    between(maps);
     let mut removed = 0;
     for k in &dead {
-        match maps.conntrack.remove(k) {
-            Ok(()) => removed += 1,
-            // The datapath reopened or the LRU evicted it meanwhile.
-            Err(MapError::KeyNotFound) => {}
+        // None: the datapath reopened or the LRU evicted it meanwhile.
+        let Some(entry) = take(maps.conntrack.map(), k)? else {
+            continue;
+        };
+        if entry.expired(now_ns) {
+            removed += 1;
+            continue;
+        }
+        // Live: a connection opened since the read. Back it goes, unless the datapath has
+        // written it again meanwhile (then its own copy is the newer).
+        match maps.conntrack.insert(k, entry, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e),
         }
     }
@@ -244,6 +270,55 @@ pub fn sweep(maps: &mut Maps, now_ns: u64) -> Result<usize, MapError> {
         }
     }
     Ok(removed)
+}
+
+/// `BPF_NOEXIST`: insert only where there is no entry.
+const BPF_NOEXIST: u64 = 1;
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (Linux 5.14 for hash maps).
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// Takes the entry under `key` out of the conntrack map in one step: the entry that was
+/// deleted, `None` when there was none. aya 0.14 has no call for it on hash maps.
+fn take(map: &aya::maps::MapData, key: &CtKey) -> Result<Option<CtEntry>, MapError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    /// The `bpf_attr` of the map element commands.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = std::mem::MaybeUninit::<CtEntry>::zeroed();
+    let attr = ElemAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const CtKey as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for this command, its size is passed; the key
+    // and value pointers are live and of the map's key and value sizes (the map was checked to
+    // be of these types when opened).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if r == 0 {
+        // SAFETY: the kernel wrote the whole value (value_size bytes) on success.
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(MapError::IoError(e))
+    }
 }
 
 /// Removes every entry, or those of one endpoint; returns how many.

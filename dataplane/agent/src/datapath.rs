@@ -7,6 +7,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -22,7 +23,8 @@ use kubesg_common::{
     event::Counters,
     limits,
     policy::{PeerKey, PEER_KEY_FIXED_BITS},
-    AF_INET6,
+    source::{SourceKey, SRC_F_CHECK, SRC_F_MORE, SRC_F_V4, SRC_F_V6},
+    AF_INET, AF_INET6,
 };
 use tracing::{debug, info, warn};
 
@@ -129,6 +131,19 @@ pub enum DatapathError {
     /// Every endpoint slot is taken.
     #[error("the datapath is full: {0} endpoints")]
     TooManyEndpoints(u32),
+    /// The operation needs a registered endpoint.
+    #[error("no endpoint on interface {0}")]
+    NoEndpoint(u32),
+    /// The pods' further addresses would not fit the `SOURCES` map.
+    #[error("interface {ifindex}: {wanted} further addresses do not fit the {limit} the datapath has room for")]
+    TooManySources {
+        /// The endpoint.
+        ifindex: u32,
+        /// Its further addresses.
+        wanted: usize,
+        /// `limits::SOURCES`.
+        limit: u32,
+    },
     /// A policy that endpoints still use cannot be removed.
     #[error("policy {0} is still used by endpoint(s) {1:?}")]
     PolicyInUse(u32, Vec<u32>),
@@ -138,6 +153,18 @@ pub enum DatapathError {
     /// The `clock` program could not read the kernel's clocks.
     #[error("reading the kernel clocks: {0}")]
     Clock(String),
+}
+
+/// Deletes `key`; one already gone is no error.
+fn remove_key<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<MapData, K, V>,
+    key: &K,
+    name: &str,
+) -> Result<(), DatapathError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(map_err(format!("deleting from {name}"))(e)),
+    }
 }
 
 /// Whether a peer entry is a single address, which lives in `POLICY_HOSTS` rather than the trie.
@@ -717,30 +744,120 @@ impl Datapath {
         ifindex: u32,
         policy: Option<PolicyHandle>,
     ) -> Result<(), DatapathError> {
-        let slot = match self.endpoint(ifindex)? {
-            Some(ep) => ep.counter_slot,
-            None => self.allocate_counter_slot()?,
+        let ep = match self.endpoint(ifindex)? {
+            Some(ep) => ep,
+            None => Endpoint {
+                counter_slot: self.allocate_counter_slot()?,
+                ..Endpoint::default()
+            },
         };
         let ep = Endpoint {
             policy_id: policy.map_or(POLICY_NONE, |p| p.id),
-            counter_slot: slot,
             flags: policy.map_or(0, |p| p.endpoint_flags()),
-            _pad: 0,
+            ..ep
         };
-        self.maps
-            .endpoints
-            .insert(ifindex, ep, 0)
-            .map_err(map_err(format!("writing endpoint {ifindex}")))?;
-        self.cache_endpoint(ifindex, Some(ep))?;
+        self.write_endpoint(ifindex, ep)?;
         debug!(ifindex, policy_id = ep.policy_id, "endpoint set");
         Ok(())
     }
 
+    /// Sets what the pod on `ifindex` may send as (the source check, see
+    /// `kubesg_common::source`): its addresses, the first of each family in its endpoint, the
+    /// others in `SOURCES`. No address turns the check off: the agent cannot tell the pod's own
+    /// traffic from anyone's. Returns whether anything changed; the endpoint must be registered.
+    pub fn set_sources(&mut self, ifindex: u32, addrs: &[IpAddr]) -> Result<bool, DatapathError> {
+        let old = self
+            .endpoint(ifindex)?
+            .ok_or(DatapathError::NoEndpoint(ifindex))?;
+        let mut ep = Endpoint {
+            sources: 0,
+            addr4: 0,
+            addr6: [0; 4],
+            ..old
+        };
+        let mut more = BTreeSet::new();
+        for addr in addrs {
+            let (family, raw) = tables::raw_addr(*addr);
+            if family == AF_INET && ep.sources & SRC_F_V4 == 0 {
+                ep.sources |= SRC_F_V4;
+                ep.addr4 = raw[0];
+            } else if family == AF_INET6 && ep.sources & SRC_F_V6 == 0 {
+                ep.sources |= SRC_F_V6;
+                ep.addr6 = raw;
+            } else if (family, raw) != (AF_INET, [ep.addr4, 0, 0, 0]) && raw != ep.addr6 {
+                more.insert(SourceKey {
+                    ifindex,
+                    family,
+                    addr: raw,
+                    ..SourceKey::default()
+                });
+            }
+        }
+        if !addrs.is_empty() {
+            ep.sources |= SRC_F_CHECK;
+        }
+        if !more.is_empty() {
+            ep.sources |= SRC_F_MORE;
+        }
+        let had: BTreeSet<SourceKey> = if old.sources & SRC_F_MORE != 0 {
+            self.sources_of(ifindex)?
+        } else {
+            BTreeSet::new()
+        };
+        if ep == old && had == more {
+            return Ok(false);
+        }
+        if more.len() > limits::SOURCES as usize {
+            return Err(DatapathError::TooManySources {
+                ifindex,
+                wanted: more.len(),
+                limit: limits::SOURCES,
+            });
+        }
+        // Added before the endpoint points at them, removed after it no longer does: the check
+        // never refuses an address the pod has both before and after.
+        for key in more.difference(&had) {
+            self.maps
+                .sources
+                .insert(key, 1, 0)
+                .map_err(map_err(format!("writing SOURCES for interface {ifindex}")))?;
+        }
+        self.write_endpoint(ifindex, ep)?;
+        for key in had.difference(&more) {
+            remove_key(&mut self.maps.sources, key, "SOURCES")?;
+        }
+        debug!(ifindex, addresses = addrs.len(), "source check set");
+        Ok(true)
+    }
+
+    /// The further addresses (`SOURCES` keys) of the pod on `ifindex`.
+    fn sources_of(&self, ifindex: u32) -> Result<BTreeSet<SourceKey>, DatapathError> {
+        self.maps
+            .sources
+            .keys()
+            .filter(|k| k.as_ref().map_or(true, |k| k.ifindex == ifindex))
+            .collect::<Result<_, _>>()
+            .map_err(map_err("listing SOURCES"))
+    }
+
+    /// Writes the endpoint record: `ENDPOINTS` (the kernel swaps the element whole), then the
+    /// cache slot.
+    fn write_endpoint(&mut self, ifindex: u32, ep: Endpoint) -> Result<(), DatapathError> {
+        self.maps
+            .endpoints
+            .insert(ifindex, ep, 0)
+            .map_err(map_err(format!("writing endpoint {ifindex}")))?;
+        self.cache_endpoint(ifindex, Some(ep))
+    }
+
     /// Updates the endpoint's cache slot if it owns it or it is free (`None` frees it). The hash
-    /// map was written first: a packet that misses the slot finds the endpoint there.
+    /// map was written first: a packet that misses the slot finds the endpoint there. A slot is
+    /// written by copy, not atomically, so under the sequence count `CachedEndpoint::seq`: made
+    /// odd (the contents as they were), the contents written, made even again. A packet that
+    /// reads the slot meanwhile sees an odd or a changed count and asks `ENDPOINTS` instead.
     fn cache_endpoint(&mut self, ifindex: u32, ep: Option<Endpoint>) -> Result<(), DatapathError> {
         let slot = cache_slot(ifindex);
-        let current = self
+        let mut current = self
             .maps
             .endpoint_cache
             .get(&slot, 0)
@@ -748,26 +865,39 @@ impl Datapath {
         if current.ifindex != 0 && current.ifindex != ifindex {
             return Ok(()); // another endpoint owns the slot; this one is served from ENDPOINTS
         }
-        let value = match ep {
+        let mut write = |value: CachedEndpoint| {
+            self.maps
+                .endpoint_cache
+                .set(slot, value, 0)
+                .map_err(map_err("writing ENDPOINT_CACHE"))
+        };
+        current.seq = current.seq.wrapping_add(1) | 1;
+        write(current)?;
+        let mut value = match ep {
             Some(endpoint) => CachedEndpoint {
                 endpoint,
                 ifindex,
-                _pad: 0,
+                seq: current.seq,
             },
-            None => CachedEndpoint::default(),
+            None => CachedEndpoint {
+                seq: current.seq,
+                ..CachedEndpoint::default()
+            },
         };
-        self.maps
-            .endpoint_cache
-            .set(slot, value, 0)
-            .map_err(map_err("writing ENDPOINT_CACHE"))
+        write(value)?;
+        value.seq = value.seq.wrapping_add(1);
+        write(value)
     }
 
-    /// Forgets the endpoint on `ifindex` and its tracked connections.
+    /// Forgets the endpoint on `ifindex`, its further addresses and its tracked connections.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         self.cache_endpoint(ifindex, None)?;
         match self.maps.endpoints.remove(&ifindex) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(map_err(format!("deleting endpoint {ifindex}"))(e)),
+        }
+        for key in self.sources_of(ifindex)? {
+            remove_key(&mut self.maps.sources, &key, "SOURCES")?;
         }
         crate::conntrack::flush(&mut self.maps, Some(ifindex))
             .map_err(map_err("flushing conntrack"))?;

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -289,7 +290,12 @@ impl Enforcer {
         }
         let state = self.enforcement(&rec.key).unwrap_or(Enforcement::Pending);
         info!(endpoint = %rec.key, pod = %rec.pod, ifindex = rec.host_ifindex,
-              host_ifname = %rec.host_ifname, state = ?state, "endpoint added");
+              host_ifname = %rec.host_ifname, ips = ?rec.ips, state = ?state, "endpoint added");
+        if rec.ips.is_empty() {
+            warn!(endpoint = %rec.key, pod = %rec.pod,
+                  "the CNI result gives this interface no address: what the pod sends on it is \
+                   not source-checked");
+        }
         Ok(state)
     }
 
@@ -430,8 +436,9 @@ impl Enforcer {
                 }
             }
         }
-        // 2. Every endpoint pointed at its target: one atomic map update each.
-        let targets: Vec<(u32, Option<PolicyHandle>)> = self
+        // 2. Every endpoint pointed at its target: one atomic map update each; and told what it
+        // may send as (its addresses: the source check).
+        let targets: Vec<(u32, Option<PolicyHandle>, Vec<IpAddr>)> = self
             .endpoints
             .values()
             .filter_map(|rec| {
@@ -444,19 +451,23 @@ impl Enforcer {
                         StartupPolicy::Deny | StartupPolicy::Wait => self.deny_all,
                     },
                 };
-                Some((rec.host_ifindex, target))
+                let addrs = rec.ips.iter().map(|n| n.addr()).collect();
+                Some((rec.host_ifindex, target, addrs))
             })
             .collect();
-        for (ifindex, wanted) in targets {
+        for (ifindex, wanted, addrs) in targets {
             let unchanged = self.dp.endpoint(ifindex)?.is_some_and(|ep| {
                 ep.policy_id == wanted.map_or(0, |h| h.id)
                     && ep.flags == wanted.map_or(0, |h| h.endpoint_flags())
             });
-            if !unchanged {
-                if let Err(e) = self.dp.set_endpoint(ifindex, wanted) {
-                    self.drop_handles(&fresh);
-                    return Err(e.into());
-                }
+            let set = if unchanged {
+                Ok(())
+            } else {
+                self.dp.set_endpoint(ifindex, wanted)
+            };
+            if let Err(e) = set.and_then(|()| self.dp.set_sources(ifindex, &addrs).map(drop)) {
+                self.drop_handles(&fresh);
+                return Err(e.into());
             }
         }
         // 3. Nothing points at the old versions any more: remove them.

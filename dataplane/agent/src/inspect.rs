@@ -33,7 +33,7 @@ pub fn endpoints_table(
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<32} {:<24} {:<16} {:<34} {:<18} {:>8} {:>10} {:>10} {:>10}",
+        "{:<32} {:<24} {:<16} {:<34} {:<18} {:>8} {:>10} {:>10} {:>10} {:>10}",
         "POD",
         "CONTAINER/IF",
         "HOST IF",
@@ -42,7 +42,8 @@ pub fn endpoints_table(
         "DP-ID",
         "ACCEPTED",
         "DROP-POL",
-        "DROP-INV"
+        "DROP-INV",
+        "DROP-SPOOF"
     );
     for r in records {
         let policy = match desired.assignment(&r.pod) {
@@ -59,6 +60,7 @@ pub fn endpoints_table(
                             c[0].accepted + c[1].accepted,
                             c[0].dropped_policy + c[1].dropped_policy,
                             c[0].dropped_invalid + c[1].dropped_invalid,
+                            c[0].dropped_spoofed,
                         )
                     }),
                 ),
@@ -66,14 +68,14 @@ pub fn endpoints_table(
             },
             None => ("-".to_string(), None),
         };
-        let (acc, dpol, dinv) = totals
-            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
-            .unwrap_or_else(|| ("-".into(), "-".into(), "-".into()));
+        let (acc, dpol, dinv, dspoof) = totals
+            .map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), d.to_string()))
+            .unwrap_or_else(|| ("-".into(), "-".into(), "-".into(), "-".into()));
         let cid: String = r.key.container_id.chars().take(12).collect();
         let ips: Vec<String> = r.ips.iter().map(|n| n.addr().to_string()).collect();
         let _ = writeln!(
             s,
-            "{:<32} {:<24} {:<16} {:<34} {:<18} {:>8} {:>10} {:>10} {:>10}",
+            "{:<32} {:<24} {:<16} {:<34} {:<18} {:>8} {:>10} {:>10} {:>10} {:>10}",
             r.pod.to_string(),
             format!("{cid}/{}", r.key.ifname),
             format!("{}({})", r.host_ifname, r.host_ifindex),
@@ -82,7 +84,8 @@ pub fn endpoints_table(
             dp_id,
             acc,
             dpol,
-            dinv
+            dinv,
+            dspoof
         );
     }
     let _ = writeln!(s, "applied version: {}", desired.version);

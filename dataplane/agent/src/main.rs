@@ -485,7 +485,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Counters => {
             let maps = open(&cli.pin_dir)?;
             println!(
-                "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12}",
+                "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12} {:>12}",
                 "IFINDEX",
                 "POLICY",
                 "DIRECTION",
@@ -493,7 +493,8 @@ fn run(cli: Cli) -> Result<()> {
                 "NEW",
                 "RELATED",
                 "DROP-POLICY",
-                "DROP-INVALID"
+                "DROP-INVALID",
+                "DROP-SPOOFED"
             );
             let mut eps: Vec<_> = maps.endpoints.iter().collect::<Result<_, _>>()?;
             eps.sort_by_key(|(i, _)| *i);
@@ -502,7 +503,7 @@ fn run(cli: Cli) -> Result<()> {
                 for (dir, name) in [(0, "egress"), (1, "ingress")] {
                     let c = &c[dir];
                     println!(
-                        "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12}",
+                        "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12} {:>12}",
                         ifindex,
                         ep.policy_id,
                         name,
@@ -510,7 +511,8 @@ fn run(cli: Cli) -> Result<()> {
                         c.new_connections,
                         c.related,
                         c.dropped_policy,
-                        c.dropped_invalid
+                        c.dropped_invalid,
+                        c.dropped_spoofed
                     );
                 }
             }

@@ -19,6 +19,7 @@ use kubesg_common::{
     event::Counters,
     fragment::{FragKey, FragVerdict},
     policy::{ClassSet, Layers, LayersKey, PeerKey, PortKey},
+    source::SourceKey,
 };
 
 /// Map names, as defined in `dataplane/ebpf/src/maps.rs` and as pinned under `<pin dir>/maps/`.
@@ -27,6 +28,8 @@ pub mod names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     /// Direct-mapped copy of ENDPOINTS for the fast path.
     pub const ENDPOINT_CACHE: &str = "ENDPOINT_CACHE";
+    /// Further addresses of pods (source check).
+    pub const SOURCES: &str = "SOURCES";
     /// Connection tracking.
     pub const CONNTRACK: &str = "CONNTRACK";
     /// Peer prefixes of every policy.
@@ -46,9 +49,10 @@ pub mod names {
     /// Deny events.
     pub const DENY_EVENTS: &str = "DENY_EVENTS";
     /// All of them, in pinning order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         ENDPOINTS,
         ENDPOINT_CACHE,
+        SOURCES,
         CONNTRACK,
         POLICY_PEERS,
         POLICY_HOSTS,
@@ -91,6 +95,8 @@ pub struct Maps {
     pub endpoints: HashMap<MapData, u32, Endpoint>,
     /// ifindex % slots → endpoint (the datapath's fast lookup).
     pub endpoint_cache: Array<MapData, CachedEndpoint>,
+    /// Further addresses of pods → 1 (the source check).
+    pub sources: HashMap<MapData, SourceKey, u32>,
     /// Connection tracking (an LRU hash; aya reads it as a hash map).
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     /// Peer prefixes shorter than a host.
@@ -115,6 +121,7 @@ impl Maps {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing(name));
         let endpoints = take(names::ENDPOINTS)?;
         let endpoint_cache = take(names::ENDPOINT_CACHE)?;
+        let sources = take(names::SOURCES)?;
         let conntrack = take(names::CONNTRACK)?;
         let peers = take(names::POLICY_PEERS)?;
         let hosts = take(names::POLICY_HOSTS)?;
@@ -128,6 +135,7 @@ impl Maps {
             Self::from_maps([
                 endpoints,
                 endpoint_cache,
+                sources,
                 conntrack,
                 peers,
                 hosts,
@@ -155,6 +163,7 @@ impl Maps {
         Self::from_maps([
             open(names::ENDPOINTS)?,
             open(names::ENDPOINT_CACHE)?,
+            open(names::SOURCES)?,
             open(names::CONNTRACK)?,
             open(names::POLICY_PEERS)?,
             open(names::POLICY_HOSTS)?,
@@ -196,6 +205,7 @@ impl Maps {
         Self::from_maps([
             dup(names::ENDPOINTS, self.endpoints.map())?,
             dup(names::ENDPOINT_CACHE, self.endpoint_cache.map())?,
+            dup(names::SOURCES, self.sources.map())?,
             dup(names::CONNTRACK, self.conntrack.map())?,
             dup(names::POLICY_PEERS, self.peers.map())?,
             dup(names::POLICY_HOSTS, self.hosts.map())?,
@@ -207,12 +217,13 @@ impl Maps {
         ])
     }
 
-    fn from_maps(maps: [Map; 10]) -> Result<Self, MapsError> {
-        let [endpoints, endpoint_cache, conntrack, peers, hosts, ports, layers, fragments, config, counters] =
+    fn from_maps(maps: [Map; 11]) -> Result<Self, MapsError> {
+        let [endpoints, endpoint_cache, sources, conntrack, peers, hosts, ports, layers, fragments, config, counters] =
             maps;
         Ok(Maps {
             endpoints: typed(names::ENDPOINTS, HashMap::try_from(endpoints))?,
             endpoint_cache: typed(names::ENDPOINT_CACHE, Array::try_from(endpoint_cache))?,
+            sources: typed(names::SOURCES, HashMap::try_from(sources))?,
             conntrack: typed(names::CONNTRACK, HashMap::try_from(conntrack))?,
             peers: typed(names::POLICY_PEERS, LpmTrie::try_from(peers))?,
             hosts: typed(names::POLICY_HOSTS, HashMap::try_from(hosts))?,

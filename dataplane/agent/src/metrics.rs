@@ -166,6 +166,7 @@ impl Collector for DatapathCollector {
                     ("accepted", c.accepted),
                     ("dropped_policy", c.dropped_policy),
                     ("dropped_invalid", c.dropped_invalid),
+                    ("dropped_spoofed", c.dropped_spoofed),
                 ] {
                     samples.push((
                         PacketLabels {

@@ -53,6 +53,7 @@ ipv4_and_ipv6!(
     sweep_removes_exactly_the_expired_entries,
     sweep_keeps_an_entry_refreshed_before_its_timeout,
     sweep_removes_stale_fragment_records,
+    sweep_keeps_a_connection_reopened_between_its_read_and_its_removal,
 );
 
 fn syn_ack_after_the_syn_sent_timeout_is_invalid(f: Family) {
@@ -227,4 +228,25 @@ fn sweep_removes_stale_fragment_records(f: Family) {
     conntrack::sweep(dp.datapath.maps_mut(), clock::now_ns()).expect("sweep");
     assert_eq!(dp.datapath.maps().fragments.iter().count(), 0);
     assert_eq!(dp.conns().len(), 1, "the connection (30 s) stays");
+}
+
+fn sweep_keeps_a_connection_reopened_between_its_read_and_its_removal(f: Family) {
+    let mut dp = LoopbackDatapath::load(Some(&client()));
+    set_timeouts(&mut dp, &[timeout::UDP_UNREPLIED], 100);
+    assert_eq!(dp.pod_sends(&f.udp_out(53, b"query")), ACCEPT);
+    wait_past_100ms();
+    // The sweep reads the expired entry; before it removes it, the pod asks again and the
+    // datapath opens a fresh connection under the same key.
+    let mut maps = dp.datapath.maps().try_clone().expect("second map handles");
+    let now = clock::now_ns();
+    let removed = conntrack::sweep_with(&mut maps, now, |_| {
+        assert_eq!(dp.pod_sends(&f.udp_out(53, b"again")), ACCEPT);
+    })
+    .expect("sweep");
+    assert_eq!(removed, 0, "what it would remove is a live connection");
+    let c = dp.conn();
+    assert!(c.entry.expires_ns > now, "the fresh entry: {c:?}");
+    // Its answer belongs to it.
+    assert_eq!(dp.pod_receives(&f.udp_out_reply(53, b"answer")), ACCEPT);
+    assert_eq!(dp.counters()[INGRESS].dropped_invalid, 0);
 }

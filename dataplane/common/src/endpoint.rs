@@ -1,5 +1,7 @@
 //! The `ENDPOINTS` map: which interfaces carry a pod and how that pod is judged.
 
+use crate::RawAddr;
+
 /// Policy id of an endpoint that belongs to no security group: its connections are tracked (so
 /// that it keeps them when it joins a group) but nothing is filtered.
 pub const POLICY_NONE: u32 = 0;
@@ -26,8 +28,13 @@ pub struct Endpoint {
     pub counter_slot: u32,
     /// `EP_F_*` bits.
     pub flags: u32,
-    /// Explicit padding, always zero.
-    pub _pad: u32,
+    /// `SRC_F_*` bits ([`crate::source`]): whether and how what the pod sends is checked to come
+    /// from its own addresses.
+    pub sources: u32,
+    /// The pod's first IPv4 address (network order, as `RawAddr` words), when `SRC_F_V4`.
+    pub addr4: u32,
+    /// The pod's first IPv6 address, when `SRC_F_V6`.
+    pub addr6: RawAddr,
 }
 
 impl Endpoint {
@@ -59,11 +66,13 @@ impl Endpoint {
 pub struct CachedEndpoint {
     /// The endpoint.
     pub endpoint: Endpoint,
-    /// Its interface; 0 marks a free slot. Last in the struct: a slot is written front to back,
-    /// so the index that makes the slot match is stored after the endpoint it describes.
+    /// Its interface; 0 marks a free slot.
     pub ifindex: u32,
-    /// Explicit padding, always zero.
-    pub _pad: u32,
+    /// Sequence count: odd while the agent rewrites the slot. A slot is larger than one atomic
+    /// store and userspace writes it with a copy, so the datapath reads `seq`, the slot, then
+    /// `seq` again, and uses the copy only if both reads are the same even number; otherwise it
+    /// asks `ENDPOINTS`, which the kernel updates atomically.
+    pub seq: u32,
 }
 
 /// The cache slot of interface `ifindex`.

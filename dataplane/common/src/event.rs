@@ -19,6 +19,9 @@ pub struct Counters {
     pub dropped_invalid: u64,
     /// INVALID packets seen on endpoints that are not filtered (counted, passed).
     pub invalid_passed: u64,
+    /// Packets the pod sent as someone else (source check, [`crate::source`]): dropped, member
+    /// or not.
+    pub dropped_spoofed: u64,
 }
 
 impl Counters {
@@ -30,6 +33,7 @@ impl Counters {
         self.dropped_policy += o.dropped_policy;
         self.dropped_invalid += o.dropped_invalid;
         self.invalid_passed += o.invalid_passed;
+        self.dropped_spoofed += o.dropped_spoofed;
     }
 }
 
@@ -49,6 +53,9 @@ pub enum DenyReason {
     Fragment = 5,
     /// An ICMP error about no tracked connection.
     UnrelatedIcmp = 6,
+    /// Sent by the pod from an address that is not its own, as a router, or as ARP or a
+    /// Neighbor Advertisement for another host's address ([`crate::source`]).
+    Spoofed = 7,
 }
 
 impl DenyReason {
@@ -61,6 +68,7 @@ impl DenyReason {
             4 => DenyReason::Malformed,
             5 => DenyReason::Fragment,
             6 => DenyReason::UnrelatedIcmp,
+            7 => DenyReason::Spoofed,
             _ => return None,
         })
     }
@@ -74,6 +82,7 @@ impl DenyReason {
             DenyReason::Malformed => "malformed",
             DenyReason::Fragment => "fragment",
             DenyReason::UnrelatedIcmp => "unrelated-icmp",
+            DenyReason::Spoofed => "spoofed",
         }
     }
 }

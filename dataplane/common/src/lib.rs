@@ -15,6 +15,7 @@ pub mod event;
 pub mod fragment;
 pub mod parse;
 pub mod policy;
+pub mod source;
 
 /// IPv4 address family, as `AF_INET` and the `ipv4 2` column of `/proc/net/nf_conntrack`.
 pub const AF_INET: u8 = 2;
@@ -92,6 +93,9 @@ pub mod limits {
     /// `POLICY_LAYERS` entries: one per direction of each layered policy, room for every
     /// endpoint's policy twice over (a replaced policy and its successor coexist briefly).
     pub const POLICY_LAYERS: u32 = 4 * ENDPOINTS;
+    /// Further addresses of pods (beyond each one's first IPv4 and IPv6 address, which its
+    /// endpoint holds): four per endpoint on average.
+    pub const SOURCES: u32 = 4 * ENDPOINTS;
     /// Tracked first fragments whose later fragments are still expected.
     pub const FRAGMENTS: u32 = 16_384;
     /// Bytes of the deny-event ring buffer.

@@ -385,9 +385,12 @@ mod tests {
     fn layouts_are_fixed() {
         assert_eq!(core::mem::size_of::<LayersKey>(), 8);
         assert_eq!(core::mem::size_of::<Layers>(), 48);
-        // Layers came without changing the pinned maps' values (an upgrade keeps them): the
-        // endpoint got a flag bit, the conntrack entry a flag bit, neither a byte.
-        assert_eq!(core::mem::size_of::<crate::endpoint::Endpoint>(), 16);
+        // Layers came without changing the conntrack entry's layout (an upgrade keeps it): the
+        // entry got a flag bit, not a byte. The endpoint grew the pod's addresses for the source
+        // check (its map is rebuilt from the agent's records on upgrade).
+        assert_eq!(core::mem::size_of::<crate::endpoint::Endpoint>(), 36);
+        assert_eq!(core::mem::size_of::<crate::endpoint::CachedEndpoint>(), 44);
+        assert_eq!(core::mem::size_of::<crate::source::SourceKey>(), 24);
         assert_eq!(core::mem::size_of::<crate::conntrack::CtEntry>(), 24);
     }
 }

@@ -20,12 +20,13 @@ use kubesg_common::{
         parse_head_first, parse_icmp_error_inner, Frame, Malformed, Packet, FRAG_FIRST, FRAG_LATER,
     },
     policy::{from_host, layered_allows, ClassSet, LayersKey, PolicyQuery},
+    source::{not_ip, sent_as_itself, NotIp, SourceKey, SRC_F_CHECK},
     Direction, AF_INET6,
 };
 
 use crate::maps::{
     CLOCK, CONFIG, CONNTRACK, COUNTERS, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE, FRAGMENTS,
-    POLICY_HOSTS, POLICY_LAYERS, POLICY_PEERS, POLICY_PORTS,
+    POLICY_HOSTS, POLICY_LAYERS, POLICY_PEERS, POLICY_PORTS, SOURCES,
 };
 
 /// Accept, and let any later program on the hook have its say (tcx: TCX_NEXT; clsact: continue).
@@ -124,17 +125,38 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
         None => return ACCEPT,
     };
     let frame = SkbFrame(ctx);
+    // What the pod sends must be sent as itself (crate `kubesg_common::source`), member or not.
+    let checked = dir == Direction::Egress && ep.sources & SRC_F_CHECK != 0;
     let pkt = match parse_frame(ctx) {
         Ok(Some(pkt)) => pkt,
         Ok(None) => {
-            count(ep.counter_slot, dir, Verdict::Accept);
-            return ACCEPT;
+            let v = if checked && not_ip(&ep, ifindex, &frame, is_source) == NotIp::SpoofedArp {
+                Verdict::Drop(DenyReason::Spoofed)
+            } else {
+                Verdict::Accept
+            };
+            return finish(v, &ep, ifindex, dir, None, cfg);
         }
         Err(_) => {
-            let v = invalid(&ep, DenyReason::Malformed);
+            // A checked pod's packet whose source cannot be read is refused, member or not.
+            let v = if checked {
+                Verdict::Drop(DenyReason::Malformed)
+            } else {
+                invalid(&ep, DenyReason::Malformed)
+            };
             return finish(v, &ep, ifindex, dir, None, cfg);
         }
     };
+    if checked && !sent_as_itself(&ep, ifindex, &pkt, &frame, is_source) {
+        return finish(
+            Verdict::Drop(DenyReason::Spoofed),
+            &ep,
+            ifindex,
+            dir,
+            Some(&pkt),
+            cfg,
+        );
+    }
     let v = if pkt.frag == FRAG_LATER {
         later_fragment(&ep, ifindex, &pkt, cfg)
     } else {
@@ -181,17 +203,32 @@ pub fn sample_clock() -> i32 {
     ACCEPT
 }
 
-/// The endpoint on `ifindex`: from its cache slot when it owns it (an inlined array access),
-/// otherwise from `ENDPOINTS`.
+/// The endpoint on `ifindex`: from its cache slot when it owns it and was not being rewritten
+/// while read (an inlined array access; see `CachedEndpoint::seq`), otherwise from `ENDPOINTS`.
 #[inline(always)]
 fn endpoint(ifindex: u32) -> Option<Endpoint> {
-    if let Some(c) = ENDPOINT_CACHE.get(cache_slot(ifindex)) {
-        if c.ifindex == ifindex {
-            return Some(c.endpoint);
+    if let Some(c) = ENDPOINT_CACHE.get_ptr(cache_slot(ifindex)) {
+        // SAFETY: a live array slot; the volatile reads keep their order and are not merged, so
+        // the second read of `seq` is a real one.
+        unsafe {
+            let seq = core::ptr::read_volatile(&(*c).seq);
+            if seq & 1 == 0 && core::ptr::read_volatile(&(*c).ifindex) == ifindex {
+                let ep = core::ptr::read_volatile(&(*c).endpoint);
+                if core::ptr::read_volatile(&(*c).seq) == seq {
+                    return Some(ep);
+                }
+            }
         }
     }
     // SAFETY: the endpoint value is plain data, copied out at once.
     unsafe { ENDPOINTS.get(ifindex) }.copied()
+}
+
+/// Whether `key` is one of the further addresses of a pod (`SOURCES`).
+#[inline(always)]
+fn is_source(key: &SourceKey) -> bool {
+    // SAFETY: only the key's presence is read.
+    unsafe { SOURCES.get(key) }.is_some()
 }
 
 /// Parses only, for the benchmark's baseline: the same parse work, no lookups. The fields are
@@ -560,6 +597,7 @@ fn count(counter_slot: u32, dir: Direction, v: Verdict) {
         Verdict::Drop(DenyReason::Policy) | Verdict::Drop(DenyReason::PolicyChanged) => {
             c.dropped_policy += 1
         }
+        Verdict::Drop(DenyReason::Spoofed) => c.dropped_spoofed += 1,
         Verdict::Drop(_) => c.dropped_invalid += 1,
     }
 }

@@ -14,6 +14,7 @@ use kubesg_common::{
     fragment::{FragKey, FragVerdict},
     limits,
     policy::{ClassSet, Layers, LayersKey, PeerKey, PortKey},
+    source::SourceKey,
 };
 
 /// Pod interfaces by ifindex. An interface without an entry is not judged (its packets pass).
@@ -24,6 +25,12 @@ pub static ENDPOINTS: HashMap<u32, Endpoint> = HashMap::with_max_entries(limits:
 #[map]
 pub static ENDPOINT_CACHE: Array<CachedEndpoint> =
     Array::with_max_entries(limits::ENDPOINT_CACHE_SLOTS, 0);
+
+/// Further addresses of pods (`SourceKey` → 1), for endpoints flagged `SRC_F_MORE`; allocated on
+/// insert: most pods have one address per family, which their endpoint holds.
+#[map]
+pub static SOURCES: HashMap<SourceKey, u32> =
+    HashMap::with_max_entries(limits::SOURCES, BPF_F_NO_PREALLOC);
 
 /// Connection tracking, IPv4 and IPv6 (the key carries the family).
 #[map]
