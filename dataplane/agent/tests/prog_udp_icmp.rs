@@ -10,7 +10,7 @@ use kubesg_testkit::{
     family::{Family, NEIGHBOR_V6, POD_V6},
     ipv4_and_ipv6,
     loopback::{next_tick, LoopbackDatapath, ACCEPT, DROP, EGRESS, INGRESS},
-    packet::{self, IcmpError, TcpFlags},
+    packet::{self, IcmpError, Ipv6Ext, TcpFlags},
     rules::{allow_all, anywhere, dns_http_ping, echo_requests, egress, ingress, port, rule},
 };
 
@@ -530,4 +530,26 @@ fn error_received_for_someone_else_than_the_quoted_sender_is_invalid(f: Family) 
     assert_eq!(dp.pod_receives(&readdressed(&err, stranger(f))), DROP);
     dp.assert_denied(DenyReason::UnrelatedIcmp);
     assert_eq!(dp.pod_receives(&err), ACCEPT);
+}
+
+#[test]
+fn packet_too_big_quoting_a_segment_with_extension_headers_is_related() {
+    kubesg_testkit::require_privileged!();
+    // A path MTU black hole otherwise: the pod's TCP segments carry destination options and a
+    // routing header, a router on the way cannot forward them and says so.
+    let f = kubesg_testkit::family::V6;
+    let mut dp = LoopbackDatapath::load(Some(&client()));
+    let chain = [Ipv6Ext::DestinationOptions, Ipv6Ext::Routing];
+    let syn = packet::with_ipv6_extensions(&f.tcp_out(80, TcpFlags::SYN), &chain);
+    assert_eq!(dp.pod_sends(&syn), ACCEPT);
+    assert_eq!(
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::SYN_ACK)),
+        ACCEPT
+    );
+    let segment = packet::with_ipv6_extensions(&f.tcp_out(80, TcpFlags::ACK), &chain);
+    assert_eq!(dp.pod_sends(&segment), ACCEPT);
+    assert_related_in(
+        &mut dp,
+        &packet::icmp_error(f.router, &segment, IcmpError::PacketTooBig { mtu: 1280 }),
+    );
 }

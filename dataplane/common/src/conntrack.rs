@@ -784,6 +784,12 @@ mod tests {
         assert_eq!(icmp_kind(AF_INET6, 128), IcmpKind::Request(129));
         assert_eq!(icmp_kind(AF_INET6, 1), IcmpKind::Error);
         assert_eq!(icmp_kind(AF_INET6, 135), IcmpKind::Untracked);
+        // nf_conntrack_proto_icmpv6.c, noct_valid_new: ND, MLD and multicast router discovery
+        // (151 advertisement, 152 solicitation) are never tracked.
+        for t in [130, 131, 132, 133, 134, 135, 136, 143, 151, 152] {
+            assert_eq!(icmp_kind(AF_INET6, t), IcmpKind::Untracked, "type {t}");
+        }
+        assert_eq!(icmp_kind(AF_INET6, 153), IcmpKind::Other);
         assert_eq!(icmp_kind(AF_INET6, 137), IcmpKind::Other);
     }
 

@@ -18,6 +18,12 @@ pub trait Frame {
     }
     /// The `T` stored at byte `off` (raw bytes: network order for multi-byte fields).
     fn read<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Whether the frame is a GSO super-packet (the kernel segments it later). Such a TCP packet
+    /// may be longer than an IP length field can say (BIG TCP): its IPv4 total length or IPv6
+    /// payload length is then 0 and the frame's length is the truth.
+    fn is_gso(&self) -> bool {
+        false
+    }
 }
 
 impl Frame for [u8] {
@@ -151,7 +157,12 @@ fn parse_ipv4<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
     if ihl < 20 {
         return Err(Malformed::BadHeaderLength);
     }
-    let tot_len = be16(f, off + 2)? as usize;
+    let mut tot_len = be16(f, off + 2)? as usize;
+    let proto: u8 = rd(f, off + 9)?;
+    if tot_len == 0 && proto == proto::TCP && f.is_gso() {
+        // BIG TCP over IPv4 (Linux 6.3): a GSO packet over 64 KiB says 0.
+        tot_len = f.len().saturating_sub(off);
+    }
     if tot_len < ihl {
         return Err(Malformed::BadLength);
     }
@@ -161,7 +172,7 @@ fn parse_ipv4<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
     }
     let mut pkt = Packet {
         family: AF_INET,
-        proto: rd(f, off + 9)?,
+        proto,
         ..Packet::default()
     };
     pkt.src[0] = rd(f, off + 12)?;
@@ -186,7 +197,14 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
     if v >> 4 != 6 {
         return Err(Malformed::BadVersion);
     }
-    let end = off + 40 + be16(f, off + 4)? as usize;
+    let payload_len = be16(f, off + 4)? as usize;
+    let end = if payload_len == 0 && f.is_gso() {
+        // BIG TCP over IPv6 (Linux 5.19): a GSO packet over 64 KiB says 0 (the kernel no longer
+        // adds the jumbo option it stood for).
+        f.len()
+    } else {
+        off + 40 + payload_len
+    };
     if end > f.len() {
         return Err(Malformed::Truncated);
     }
@@ -311,8 +329,10 @@ fn parse_l4<F: Frame + ?Sized>(
 
 /// Parses the packet header an ICMP or ICMPv6 error carries (the original datagram: its IP header
 /// and at least 8 bytes of its layer 4 header). `None` when it is absent, truncated, of another
-/// family, a later fragment, or an IPv6 packet with extension headers: such an error matches no
-/// connection.
+/// family, or a later fragment: such an error matches no connection. The extension headers of a
+/// quoted IPv6 packet are followed as the kernel does (`ipv6_skip_exthdr`), so that a Packet Too
+/// Big about a packet with destination options or a routing header is RELATED, not a black
+/// hole.
 #[inline(always)]
 pub fn parse_icmp_error_inner<F: Frame + ?Sized>(f: &F, outer: &Packet) -> Option<Packet> {
     let off = outer.l4_off as usize + 8;
@@ -339,16 +359,11 @@ pub fn parse_icmp_error_inner<F: Frame + ?Sized>(f: &F, outer: &Packet) -> Optio
         if v >> 4 != 6 {
             return None;
         }
-        inner.proto = f.read(off + 6)?;
-        if matches!(
-            inner.proto,
-            0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254
-        ) {
-            return None;
-        }
         inner.src = f.read(off + 8)?;
         inner.dst = f.read(off + 24)?;
-        off + 40
+        let (proto, l4) = skip_quoted_ipv6_extensions(f, f.read(off + 6)?, off + 40)?;
+        inner.proto = proto;
+        l4
     };
     let p = inner.proto;
     if p == proto::TCP || p == proto::UDP || p == proto::SCTP {
@@ -364,6 +379,36 @@ pub fn parse_icmp_error_inner<F: Frame + ?Sized>(f: &F, outer: &Packet) -> Optio
     }
     inner.l4_off = l4 as u32;
     Some(inner)
+}
+
+/// Follows the extension headers of a quoted IPv6 packet from `next` (the fixed header's next
+/// header) at `cur`: the layer 4 protocol and its offset. `None` for a later fragment (no layer 4
+/// header), a chain longer than [`MAX_IPV6_EXTENSIONS`], or one that runs past what was quoted.
+#[inline(always)]
+fn skip_quoted_ipv6_extensions<F: Frame + ?Sized>(
+    f: &F,
+    mut next: u8,
+    mut cur: usize,
+) -> Option<(u8, usize)> {
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        let len = match next {
+            0 | 43 | 60 | 135 | 139 | 140 | 253 | 254 => (f.read::<u8>(cur + 1)? as usize + 1) * 8,
+            51 => (f.read::<u8>(cur + 1)? as usize + 2) * 4,
+            44 => {
+                if u16::from_be(f.read::<u16>(cur + 2)?) & 0xfff8 != 0 {
+                    return None;
+                }
+                8
+            }
+            _ => return Some((next, cur)),
+        };
+        next = f.read(cur)?;
+        cur += len;
+    }
+    match next {
+        0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254 => None,
+        _ => Some((next, cur)),
+    }
 }
 
 #[cfg(test)]
@@ -998,10 +1043,65 @@ mod tests {
     }
 
     #[test]
-    fn icmpv6_error_about_a_packet_with_extension_headers_matches_nothing() {
-        let q = packet::with_ipv6_extensions(&udp6(), &[Ipv6Ext::DestinationOptions]);
+    fn icmpv6_error_about_a_packet_with_extension_headers_quotes_its_ports() {
+        let chain = [
+            Ipv6Ext::HopByHop,
+            Ipv6Ext::DestinationOptions,
+            Ipv6Ext::Routing,
+            Ipv6Ext::LongDestinationOptions { units: 2 },
+        ];
+        let q = packet::with_ipv6_extensions(&udp6(), &chain);
+        let e = packet::icmp_error(ip(PEER6), &q, IcmpError::PortUnreachable);
+        let inner = inner_of(&e).expect("the quoted packet");
+        assert_eq!(
+            (inner.proto, inner.sport, inner.dport, inner.src),
+            (proto::UDP, 40000, 53, raw(ip(POD6)))
+        );
+    }
+
+    #[test]
+    fn icmpv6_error_about_a_later_fragment_or_an_endless_chain_matches_nothing() {
+        let [_, later] = packet::fragment(&udp6(), 8, 5);
+        let e = packet::icmp_error(ip(PEER6), &later, IcmpError::PortUnreachable);
+        assert_eq!(inner_of(&e), None);
+        let chain = [Ipv6Ext::DestinationOptions; MAX_IPV6_EXTENSIONS + 1];
+        let q = packet::with_ipv6_extensions(&udp6(), &chain);
         let e = packet::icmp_error(ip(PEER6), &q, IcmpError::PortUnreachable);
         assert_eq!(inner_of(&e), None);
+    }
+
+    /// A frame the kernel marks as a GSO super-packet.
+    struct Gso<'a>(&'a [u8]);
+
+    impl Frame for Gso<'_> {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn read<T: Copy>(&self, off: usize) -> Option<T> {
+            self.0.read(off)
+        }
+        fn is_gso(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn big_tcp_length_zero_is_the_frames_length_on_gso_packets_only() {
+        for (pod, peer) in families() {
+            let seg = packet::tcp(pod, peer, 40000, 80, TcpFlags::ACK);
+            let zero = if pod.is_ipv4() {
+                packet::with_ipv4_total_len(seg.clone(), 0)
+            } else {
+                packet::with_ipv6_payload_len(seg.clone(), 0)
+            };
+            let big = parse(&Gso(&zero)).expect("a GSO packet").expect("IP");
+            assert_eq!((big.proto, big.sport, big.dport), (proto::TCP, 40000, 80));
+            assert_eq!(big, parse(&seg[..]).unwrap().unwrap());
+            assert!(parse(&zero[..]).is_err(), "not GSO: {pod}");
+        }
+        // IPv4 total length 0 is BIG TCP only for TCP.
+        let udp = packet::with_ipv4_total_len(packet::udp(ip(POD4), ip(PEER4), 1, 2, b"x"), 0);
+        assert_eq!(parse(&Gso(&udp)), Err(Malformed::BadLength));
     }
 
     #[test]

@@ -49,6 +49,18 @@ impl Frame for SkbFrame<'_> {
     fn read<T: Copy>(&self, off: usize) -> Option<T> {
         self.0.load::<T>(off).ok()
     }
+
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        is_gso(self.0)
+    }
+}
+
+/// Whether the skb is a GSO super-packet: one load of `__sk_buff.gso_size`.
+#[inline(always)]
+fn is_gso(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is the skb the kernel handed the program.
+    unsafe { (*ctx.skb.skb).gso_size != 0 }
 }
 
 /// The linear part of an skb (all of most packets; the headers of GSO packets, whose payload is
@@ -87,6 +99,11 @@ impl Frame for LinearFrame<'_> {
         // SAFETY: the bytes lie inside the skb's linear data, as checked just above (and by the
         // verifier); the read is unaligned.
         Some(unsafe { core::ptr::read_unaligned(at as *const T) })
+    }
+
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        is_gso(self.0)
     }
 }
 
