@@ -784,7 +784,9 @@ impl Datapath {
             } else if family == AF_INET6 && ep.sources & SRC_F_V6 == 0 {
                 ep.sources |= SRC_F_V6;
                 ep.addr6 = raw;
-            } else if (family, raw) != (AF_INET, [ep.addr4, 0, 0, 0]) && raw != ep.addr6 {
+            } else if !(family == AF_INET && raw[0] == ep.addr4)
+                && !(family == AF_INET6 && raw == ep.addr6)
+            {
                 more.insert(SourceKey {
                     ifindex,
                     family,

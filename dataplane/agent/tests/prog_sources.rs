@@ -208,7 +208,7 @@ fn arp_must_name_the_pods_own_address_or_none() {
 }
 
 #[test]
-fn a_dhcp_request_from_no_address_passes() {
+fn a_dhcp_request_from_no_address_or_the_link_local_one_passes() {
     require_privileged!();
     let dp = checked_member();
     let discover = packet::udp(
@@ -227,6 +227,18 @@ fn a_dhcp_request_from_no_address_passes() {
         &[0; 240],
     );
     assert_eq!(dp.pod_sends(&elsewhere), DROP);
+    // DHCPv6: from the link-local address to the servers' multicast address.
+    let all_servers: IpAddr = "ff02::1:2".parse().unwrap();
+    let solicit = packet::udp(LINK_LOCAL.into(), all_servers, 546, 547, &[1; 40]);
+    assert_eq!(dp.pod_sends(&solicit), ACCEPT);
+    let mdns = packet::udp(
+        LINK_LOCAL.into(),
+        "ff02::fb".parse().unwrap(),
+        5353,
+        5353,
+        &[0; 40],
+    );
+    assert_eq!(dp.pod_sends(&mdns), DROP, "other link-local traffic");
 }
 
 #[test]

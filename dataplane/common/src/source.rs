@@ -122,7 +122,9 @@ pub fn sent_as_itself<F: Frame + ?Sized>(
         return false;
     }
     let on_link = icmpv6 && on_link_message(pkt.icmp_type) && ipv6_link_scope(&pkt.src);
-    if !(on_link || dhcpv4_without_address(pkt) || is_own(ep, ifindex, pkt.family, &pkt.src, &more))
+    if !(on_link
+        || dhcp_client_before_address(pkt)
+        || is_own(ep, ifindex, pkt.family, &pkt.src, &more))
     {
         return false;
     }
@@ -138,16 +140,19 @@ pub fn sent_as_itself<F: Frame + ?Sized>(
     true
 }
 
-/// A DHCPv4 client message sent before the client has an address (from 0.0.0.0, port 68 to
-/// 67): a pod whose CNI hands out addresses by DHCP sends these when it renews from scratch.
+/// A DHCP client message sent before (or besides) the client's address: DHCPv4 from 0.0.0.0,
+/// port 68 to 67; DHCPv6 from the link scope, port 546 to 547 (RFC 8415 has clients send from
+/// their link-local address). A pod whose CNI hands out addresses by DHCP sends these.
 #[inline(always)]
-pub fn dhcpv4_without_address(pkt: &Packet) -> bool {
-    pkt.family == AF_INET
-        && pkt.proto == proto::UDP
-        && pkt.frag == crate::parse::FRAG_NONE
-        && pkt.src[0] == 0
-        && pkt.sport == 68
-        && pkt.dport == 67
+pub fn dhcp_client_before_address(pkt: &Packet) -> bool {
+    if pkt.proto != proto::UDP || pkt.frag != crate::parse::FRAG_NONE {
+        return false;
+    }
+    if pkt.family == AF_INET {
+        pkt.src[0] == 0 && pkt.sport == 68 && pkt.dport == 67
+    } else {
+        ipv6_link_scope(&pkt.src) && pkt.sport == 546 && pkt.dport == 547
+    }
 }
 
 const ETH_P_ARP: u16 = 0x0806;
