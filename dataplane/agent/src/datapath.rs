@@ -784,9 +784,15 @@ impl Datapath {
             } else if family == AF_INET6 && ep.sources & SRC_F_V6 == 0 {
                 ep.sources |= SRC_F_V6;
                 ep.addr6 = raw;
-            } else if !(family == AF_INET && raw[0] == ep.addr4)
-                && !(family == AF_INET6 && raw == ep.addr6)
-            {
+            } else {
+                let inline = if family == AF_INET {
+                    raw[0] == ep.addr4
+                } else {
+                    raw == ep.addr6
+                };
+                if inline {
+                    continue;
+                }
                 more.insert(SourceKey {
                     ifindex,
                     family,
