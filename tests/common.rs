@@ -6,8 +6,10 @@
 #![allow(dead_code)]
 
 use std::{
+    collections::HashMap,
     io::{self, Read, Write},
-    net::{IpAddr, TcpStream},
+    net::{IpAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -48,6 +50,12 @@ pub struct Cluster {
     pub pki: TempPki,
     /// The node and its CNI runtime.
     pub node: CniNode,
+    /// The listeners `assert_opens` and `assert_dropped` made, by (pod namespace, family,
+    /// port), kept for the test's life. A closed listener's port cannot always be bound again at once:
+    /// another test thread that forks a plugin or `ip` process holds a copy of every open
+    /// descriptor until its child execs, the listener's included, and a new bind then fails with
+    /// "address in use" (a flake seen in CI under load).
+    listeners: Mutex<HashMap<(String, bool, u16), Arc<TcpListener>>>,
 }
 
 impl Cluster {
@@ -85,6 +93,7 @@ impl Cluster {
             network,
             pki,
             node,
+            listeners: Mutex::default(),
         }
     }
 
@@ -215,6 +224,14 @@ impl Cluster {
         )
     }
 
+    /// `pod`'s listener on `port` of the family, made on first use and kept (see `listeners`).
+    fn listener(&self, pod: &CniPod, v6: bool, port: u16) -> Arc<TcpListener> {
+        let mut all = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry((pod.ns.name().to_string(), v6, port))
+            .or_insert_with(|| Arc::new(pod.tcp_listen(v6, port).expect("listening")))
+            .clone()
+    }
+
     /// Asserts that a NEW TCP connection from `from` to `to`:`port` opens and carries data both
     /// ways; returns (client side, server side).
     #[track_caller]
@@ -225,7 +242,7 @@ impl Cluster {
         v6: bool,
         port: u16,
     ) -> (TcpStream, TcpStream) {
-        let listener = to.tcp_listen(v6, port).expect("listening");
+        let listener = self.listener(to, v6, port);
         let mut c = from
             .tcp_connect(to.sockaddr(v6, port), ARRIVES)
             .unwrap_or_else(|e| {
@@ -252,7 +269,7 @@ impl Cluster {
     /// although `to` listens there: kubesg dropped the SYN.
     #[track_caller]
     pub fn assert_dropped(&self, from: &CniPod, to: &CniPod, v6: bool, port: u16) {
-        let listener = to.tcp_listen(v6, port).expect("listening");
+        let listener = self.listener(to, v6, port);
         match from.tcp_connect(to.sockaddr(v6, port), NEVER) {
             Err(e) if is_timeout(&e) => {}
             other => panic!(

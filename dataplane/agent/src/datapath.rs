@@ -807,11 +807,9 @@ impl Datapath {
         if !more.is_empty() {
             ep.sources |= SRC_F_MORE;
         }
-        let had: BTreeSet<SourceKey> = if old.sources & SRC_F_MORE != 0 {
-            self.sources_of(ifindex)?
-        } else {
-            BTreeSet::new()
-        };
+        // Read whatever the flags say: keys an interrupted update or an earlier endpoint on
+        // this interface index left behind go too.
+        let had = self.sources_of(ifindex)?;
         if ep == old && had == more {
             return Ok(false);
         }

@@ -16,7 +16,7 @@ use std::{
 
 use kubesg_common::config::CFG_RECHECK_ON_POLICY_CHANGE;
 use kubesg_proto::{pending_deletes, v1alpha1 as pb};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     attach, convert,
@@ -465,9 +465,19 @@ impl Enforcer {
             } else {
                 self.dp.set_endpoint(ifindex, wanted)
             };
-            if let Err(e) = set.and_then(|()| self.dp.set_sources(ifindex, &addrs).map(drop)) {
+            if let Err(e) = set {
                 self.drop_handles(&fresh);
                 return Err(e.into());
+            }
+            // A failure here is this endpoint's alone: it keeps its first address of each family
+            // (extra ones are refused, fail closed) and the others are programmed on.
+            if let Err(e) = self.dp.set_sources(ifindex, &addrs) {
+                let primary = first_of_each_family(&addrs);
+                error!(ifindex, error = %e, addresses = ?addrs, kept = ?primary,
+                       "could not set this pod's source addresses; only the first of each family pass");
+                if let Err(e) = self.dp.set_sources(ifindex, &primary) {
+                    error!(ifindex, error = %e, "could not set even those");
+                }
             }
         }
         // 3. Nothing points at the old versions any more: remove them.
@@ -508,6 +518,14 @@ impl std::fmt::Debug for Enforcer {
             .field("version", &self.applied_version())
             .finish_non_exhaustive()
     }
+}
+
+/// The first IPv4 and the first IPv6 address of `addrs`: what an endpoint holds without the
+/// `SOURCES` map.
+fn first_of_each_family(addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let v4 = addrs.iter().find(|a| a.is_ipv4());
+    let v6 = addrs.iter().find(|a| a.is_ipv6());
+    v4.into_iter().chain(v6).copied().collect()
 }
 
 /// Whether the record's interface exists under its index and name in this namespace.

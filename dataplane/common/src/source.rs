@@ -121,6 +121,11 @@ pub fn sent_as_itself<F: Frame + ?Sized>(
     if icmpv6 && !pod_may_send_icmpv6(pkt.icmp_type) {
         return false;
     }
+    if icmpv6 && on_link_message(pkt.icmp_type) && pkt.frag != crate::parse::FRAG_NONE {
+        // Neighbor Discovery and MLD are never fragmented (RFC 6980; the kernel ignores such
+        // messages): a first fragment would hide a Neighbor Advertisement's target.
+        return false;
+    }
     let on_link = icmpv6 && on_link_message(pkt.icmp_type) && ipv6_link_scope(&pkt.src);
     if !(on_link
         || dhcp_client_before_address(pkt)
@@ -328,6 +333,15 @@ mod tests {
         assert!(!judge(&icmpv6("fe80::1", 128, None), &[]));
         // Nor is ND from another global address.
         assert!(!judge(&icmpv6("fd00::3", 135, Some("fd00::2")), &[]));
+    }
+
+    #[test]
+    fn fragmented_neighbor_discovery_never_passes() {
+        let f = icmpv6("fd00::2", 136, Some("fd00::2"));
+        let mut pkt = parse(&f[..]).unwrap().unwrap();
+        assert!(sent_as_itself(&ep(), 7, &pkt, &f[..], |_| false));
+        pkt.frag = crate::parse::FRAG_FIRST;
+        assert!(!sent_as_itself(&ep(), 7, &pkt, &f[..], |_| false));
     }
 
     #[test]
