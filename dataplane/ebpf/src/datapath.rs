@@ -1,5 +1,7 @@
 //! The per-packet pipeline: parse → conntrack → (NEW? policy : state verdict) → count, report.
 
+use core::sync::atomic::{compiler_fence, Ordering};
+
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
@@ -225,12 +227,15 @@ pub fn sample_clock() -> i32 {
 #[inline(always)]
 fn endpoint(ifindex: u32) -> Option<Endpoint> {
     if let Some(c) = ENDPOINT_CACHE.get_ptr(cache_slot(ifindex)) {
-        // SAFETY: a live array slot; the volatile reads keep their order and are not merged, so
-        // the second read of `seq` is a real one.
+        // SAFETY: a live array slot. The count's reads are volatile (real loads, not merged)
+        // and compiler fences keep the slot's reads between them; the CPU keeps loads in order
+        // on x86-64 (see docs/architecture.md on arm64).
         unsafe {
             let seq = core::ptr::read_volatile(&(*c).seq);
-            if seq & 1 == 0 && core::ptr::read_volatile(&(*c).ifindex) == ifindex {
-                let ep = core::ptr::read_volatile(&(*c).endpoint);
+            compiler_fence(Ordering::Acquire);
+            if seq & 1 == 0 && (*c).ifindex == ifindex {
+                let ep = (*c).endpoint;
+                compiler_fence(Ordering::Acquire);
                 if core::ptr::read_volatile(&(*c).seq) == seq {
                     return Some(ep);
                 }
