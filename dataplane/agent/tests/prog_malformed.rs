@@ -465,41 +465,47 @@ fn frames_ending_inside_the_ip_header_are_malformed_on_a_real_interface() {
     assert_eq!(eg.dropped_invalid, frames.len() as u64);
 }
 
+/// Two member pods allowing everything, 10.`net`.0.2 / fd`net`::2 and .3 / ::3, on one node,
+/// with the datapath attached to both; `link` (`ip link set` arguments) is applied to each pod's
+/// `eth0`, each host veth and the bridge.
+fn two_attached_members(net: u8, link: &[&str]) -> (TestNode, Datapath) {
+    let mut node = TestNode::new().expect("node");
+    for host in [2, 3] {
+        node.add_pod(
+            Ipv4Addr::new(10, net, 0, host),
+            format!("fd{net}::{host}").parse().expect("addr"),
+        )
+        .expect("pod");
+    }
+    let set = |ns: &kubesg_testkit::netns::Netns, dev: &str| {
+        let mut args = vec!["link", "set", "dev", dev];
+        args.extend(link);
+        let out = ns.ip(&args).expect("ip link set");
+        assert!(out.status.success(), "{dev}: {out:?}");
+    };
+    for pod in &node.pods {
+        set(&pod.ns, "eth0");
+        set(&node.ns, &pod.host_ifname);
+    }
+    set(&node.ns, "br0");
+    let mut dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
+    let handle = dp.install_policy(&allow_all()).expect("policy");
+    let ifindexes: Vec<u32> = node.pods.iter().map(|p| p.host_ifindex).collect();
+    for &i in &ifindexes {
+        dp.set_endpoint(i, Some(handle)).expect("endpoint");
+    }
+    node.ns
+        .enter(|| ifindexes.iter().try_for_each(|&i| dp.attach(i)))
+        .expect("attach");
+    (node, dp)
+}
+
 /// Sends one UDP datagram of `payload` bytes from pod `a` to pod `b` through the attached
 /// datapath with MTU 9000 everywhere; returns what `b` received.
 fn jumbo_exchange(v6: bool, payload: usize) -> (Option<usize>, Vec<Connection>, [Counters; 2]) {
-    let mut node = TestNode::new().expect("node");
-    let a = node
-        .add_pod(
-            Ipv4Addr::new(10, 77, 0, 2),
-            "fd77::2".parse().expect("addr"),
-        )
-        .expect("pod a");
-    let b = node
-        .add_pod(
-            Ipv4Addr::new(10, 77, 0, 3),
-            "fd77::3".parse().expect("addr"),
-        )
-        .expect("pod b");
-    for pod in &node.pods {
-        pod.ns
-            .ip(&["link", "set", "eth0", "mtu", "9000"])
-            .expect("pod mtu");
-        node.ns
-            .ip(&["link", "set", &pod.host_ifname, "mtu", "9000"])
-            .expect("host mtu");
-    }
-    node.ns
-        .ip(&["link", "set", "br0", "mtu", "9000"])
-        .expect("bridge mtu");
-    let mut dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
-    let handle = dp.install_policy(&allow_all()).expect("policy");
-    let (ia, ib) = (node.pods[a].host_ifindex, node.pods[b].host_ifindex);
-    dp.set_endpoint(ia, Some(handle)).expect("endpoint a");
-    dp.set_endpoint(ib, Some(handle)).expect("endpoint b");
-    node.ns
-        .enter(|| dp.attach(ia).and_then(|()| dp.attach(ib)))
-        .expect("attach");
+    let (node, dp) = two_attached_members(77, &["mtu", "9000"]);
+    let (a, b) = (0, 1);
+    let ia = node.pods[a].host_ifindex;
     let rx = node.pods[b]
         .udp_bind(v6, 9000, Duration::from_secs(3))
         .expect("bind b");
@@ -547,39 +553,10 @@ fn big_tcp_ipv6_transfer_passes_the_attached_datapath() {
     kubesg_testkit::require_privileged!();
     // BIG TCP: with gso_max_size above 64 KiB, the pod's stack hands its interface GSO packets
     // whose IPv6 payload length, too small a field for them, is 0.
-    let mut node = TestNode::new().expect("node");
-    let a = node
-        .add_pod(
-            Ipv4Addr::new(10, 79, 0, 2),
-            "fd79::2".parse().expect("addr"),
-        )
-        .expect("pod a");
-    let b = node
-        .add_pod(
-            Ipv4Addr::new(10, 79, 0, 3),
-            "fd79::3".parse().expect("addr"),
-        )
-        .expect("pod b");
-    let big = ["gso_max_size", "185000", "gro_max_size", "185000"];
-    let set = |ns: &kubesg_testkit::netns::Netns, dev: &str| {
-        let mut args = vec!["link", "set", "dev", dev];
-        args.extend(big);
-        let out = ns.ip(&args).expect("ip link set");
-        assert!(out.status.success(), "{dev}: {out:?}");
-    };
-    for pod in &node.pods {
-        set(&pod.ns, "eth0");
-        set(&node.ns, &pod.host_ifname);
-    }
-    set(&node.ns, "br0");
-    let mut dp = Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
-    let handle = dp.install_policy(&allow_all()).expect("policy");
+    let (node, dp) =
+        two_attached_members(79, &["gso_max_size", "185000", "gro_max_size", "185000"]);
+    let (a, b) = (0, 1);
     let (ia, ib) = (node.pods[a].host_ifindex, node.pods[b].host_ifindex);
-    dp.set_endpoint(ia, Some(handle)).expect("endpoint a");
-    dp.set_endpoint(ib, Some(handle)).expect("endpoint b");
-    node.ns
-        .enter(|| dp.attach(ia).and_then(|()| dp.attach(ib)))
-        .expect("attach");
 
     const TOTAL: usize = 16 << 20;
     let listener = node.pods[b].tcp_listen(true, 9100).expect("listen");

@@ -111,11 +111,7 @@ fn a_further_address_passes_while_the_pod_has_it(f: Family) {
 }
 
 fn what_the_pod_receives_is_not_source_checked(f: Family) {
-    let dp = {
-        let mut dp = LoopbackDatapath::load(Some(&allow_all()));
-        dp.set_sources(&own());
-        dp
-    };
+    let dp = checked_member();
     let from_anyone = packet::tcp(victim(f), f.pod, 40000, 80, TcpFlags::SYN);
     assert_eq!(dp.pod_receives(&from_anyone), ACCEPT);
     assert_eq!(dp.counters()[INGRESS].dropped_spoofed, 0);
@@ -259,9 +255,8 @@ fn a_slot_being_rewritten_is_not_read_and_the_endpoint_map_answers() {
     require_privileged!();
     // ENDPOINTS has the check off; the cache slot is made to say otherwise, as a half-written
     // slot could. With an odd sequence count the program must not believe the slot.
-    let dp = LoopbackDatapath::load(Some(&allow_all()));
+    let mut dp = LoopbackDatapath::load(Some(&allow_all()));
     let spoofed = tcp_syn_from(V4, victim(V4));
-    let mut dp = dp;
     let slot = cache_slot(IFINDEX);
     let mut cached: CachedEndpoint = dp
         .datapath
