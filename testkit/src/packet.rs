@@ -121,10 +121,75 @@ pub fn tcp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, flags: TcpFlags) ->
     tcp_bits(src, dst, sport, dport, flags.bits())
 }
 
+/// The initial sequence number of the side of a connection that sends from `port`, in every
+/// segment [`tcp`] and [`tcp_bits`] build: each side's numbers follow from its own port, so that
+/// separately built segments of one connection make a consistent exchange for window tracking
+/// (the SYN at `isn`, everything after it at `isn + 1`, acknowledging the other side's
+/// `isn + 1`).
+pub fn isn(port: u16) -> u32 {
+    0x1000_0000u32.wrapping_add(u32::from(port) << 12)
+}
+
 /// A TCP segment with an arbitrary flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10,
 /// URG 0x20, ECE 0x40, CWR 0x80), for combinations [`TcpFlags`] cannot say (SYN|FIN, none, URG).
+/// Sequence numbers as [`isn`] says; no payload, a window of 64 240 bytes, no options.
 pub fn tcp_bits(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, bits: u8) -> Vec<u8> {
-    let mut h = TcpHeader::new(sport, dport, 1000, 64240);
+    let syn = bits & 0x02 != 0;
+    let seq = if syn {
+        isn(sport)
+    } else {
+        isn(sport).wrapping_add(1)
+    };
+    let ack = isn(dport).wrapping_add(1);
+    tcp_segment(
+        src,
+        dst,
+        sport,
+        dport,
+        TcpSegment {
+            bits,
+            seq,
+            ack,
+            ..TcpSegment::default()
+        },
+    )
+}
+
+/// What [`tcp_segment`] writes into a TCP header beyond the addresses and ports: for tests of
+/// window tracking, which need exact sequence numbers, windows and options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpSegment {
+    /// The flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10, …).
+    pub bits: u8,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number (written whatever the ACK flag says).
+    pub ack: u32,
+    /// The window field.
+    pub window: u16,
+    /// Raw option bytes, padded here to a multiple of four with end-of-list bytes.
+    pub options: Vec<u8>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+impl Default for TcpSegment {
+    fn default() -> Self {
+        TcpSegment {
+            bits: 0,
+            seq: 0,
+            ack: 0,
+            window: 64240,
+            options: Vec::new(),
+            payload: Vec::new(),
+        }
+    }
+}
+
+/// A TCP segment with exactly the numbers, options and payload `seg` gives.
+pub fn tcp_segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, seg: TcpSegment) -> Vec<u8> {
+    let bits = seg.bits;
+    let mut h = TcpHeader::new(sport, dport, seg.seq, seg.window);
     h.fin = bits & 0x01 != 0;
     h.syn = bits & 0x02 != 0;
     h.rst = bits & 0x04 != 0;
@@ -133,13 +198,17 @@ pub fn tcp_bits(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, bits: u8) -> V
     h.urg = bits & 0x20 != 0;
     h.ece = bits & 0x40 != 0;
     h.cwr = bits & 0x80 != 0;
-    if h.ack {
-        h.acknowledgment_number = 2000;
+    h.acknowledgment_number = seg.ack;
+    let mut options = seg.options;
+    while !options.len().is_multiple_of(4) {
+        options.push(0);
     }
+    h.set_options_raw(&options)
+        .unwrap_or_else(|e| panic!("TCP options of {} bytes: {e}", options.len()));
     let mut out = Vec::new();
     ip_builder(src, dst)
         .tcp_header(h)
-        .write(&mut out, &[])
+        .write(&mut out, &seg.payload)
         .unwrap_or_else(|e| panic!("building a TCP frame: {e}"));
     out
 }

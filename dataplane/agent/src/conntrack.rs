@@ -417,7 +417,7 @@ mod tests {
                 policy_id: 1,
                 state: TcpState::SynSent as u8,
                 flags: 0,
-                _pad: [0; 2],
+                ..CtEntry::default()
             },
         };
         assert_eq!(
@@ -455,7 +455,7 @@ mod tests {
                 policy_id: 0,
                 state: 0,
                 flags: CT_F_ORIG_INGRESS | CT_F_SEEN_REPLY,
-                _pad: [0; 2],
+                ..CtEntry::default()
             },
         };
         assert_eq!(

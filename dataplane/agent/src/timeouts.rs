@@ -9,7 +9,7 @@ use kubesg_common::{
 };
 
 /// Every timeout slot with its sysctl-style name.
-pub const NAMES: [(&str, usize); 14] = [
+pub const NAMES: [(&str, usize); 16] = [
     ("tcp_timeout_syn_sent", TcpState::SynSent as usize),
     ("tcp_timeout_syn_recv", TcpState::SynRecv as usize),
     ("tcp_timeout_established", TcpState::Established as usize),
@@ -24,6 +24,8 @@ pub const NAMES: [(&str, usize); 14] = [
     ("icmp_timeout", timeout::ICMP),
     ("generic_timeout", timeout::GENERIC),
     ("frag_timeout", timeout::FRAGMENT),
+    ("tcp_timeout_max_retrans", timeout::TCP_RETRANS),
+    ("tcp_timeout_unacknowledged", timeout::TCP_UNACK),
 ];
 
 /// A `NAME=SECONDS` setting that could not be understood.

@@ -8,7 +8,11 @@ use kubesg_agent::{
     conntrack::Tuple,
     policy::{CompiledPolicy, Protocol},
 };
-use kubesg_common::{conntrack::TcpState, event::DenyReason, Direction};
+use kubesg_common::{
+    conntrack::{TcpState, IDX_SYNACK},
+    event::DenyReason,
+    Direction,
+};
 use kubesg_testkit::{
     family::Family,
     ipv4_and_ipv6,
@@ -91,7 +95,8 @@ ipv4_and_ipv6!(
     syn_in_time_wait_reopens_the_connection,
     syn_in_time_wait_refused_by_the_rules_still_ends_the_old_connection,
     syn_from_peer_in_time_wait_reopens_in_its_own_direction,
-    syn_in_close_reopens_the_connection,
+    syn_after_the_peers_reset_is_ignored_until_the_syn_ack_resyncs,
+    syn_after_the_pods_own_reset_reopens_the_connection,
     inbound_syn_opens_a_connection_in_the_ingress_direction,
     late_syn_ack_on_established_connection_changes_nothing,
     data_on_established_connection_refreshes_the_timeout,
@@ -289,10 +294,29 @@ fn syn_from_peer_in_time_wait_reopens_in_its_own_direction(f: Family) {
     );
 }
 
-fn syn_in_close_reopens_the_connection(f: Family) {
+fn syn_after_the_peers_reset_is_ignored_until_the_syn_ack_resyncs(f: Family) {
+    // As nf_conntrack: the peer reset the connection, so a SYN from the pod on the same tuple may
+    // be stale; it passes without touching the closed entry, and the SYN/ACK that answers it
+    // (acknowledging exactly its end) brings the entry back in sync.
     let dp = LoopbackDatapath::load(Some(&client()));
     handshake(&dp, f);
     dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::RST));
+    assert_eq!(state(&dp), TcpState::Close);
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::SYN)), ACCEPT);
+    assert_eq!(state(&dp), TcpState::Close, "the SYN is ignored");
+    assert_eq!(
+        dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::SYN_ACK)),
+        ACCEPT
+    );
+    assert_eq!(state(&dp), TcpState::SynRecv, "resynced by the SYN/ACK");
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::ACK)), ACCEPT);
+    assert_eq!(state(&dp), TcpState::Established);
+}
+
+fn syn_after_the_pods_own_reset_reopens_the_connection(f: Family) {
+    let dp = LoopbackDatapath::load(Some(&client()));
+    handshake(&dp, f);
+    assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::RST)), ACCEPT);
     assert_eq!(state(&dp), TcpState::Close);
     assert_eq!(dp.pod_sends(&f.tcp_out(80, TcpFlags::SYN)), ACCEPT);
     assert_eq!(state(&dp), TcpState::SynSent);
@@ -333,7 +357,16 @@ fn late_syn_ack_on_established_connection_changes_nothing(f: Family) {
         dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::SYN_ACK)),
         ACCEPT
     );
-    assert_eq!(dp.conn(), before);
+    let after = dp.conn();
+    // Only the record of the last ignored segment changes (what a later resync would use), as
+    // in nf_conntrack: state, timeout and windows stay.
+    assert_eq!(
+        after.entry.last.index as usize, IDX_SYNACK,
+        "the SYN/ACK is recorded: {after:?}"
+    );
+    let mut after = after;
+    after.entry.last = before.entry.last;
+    assert_eq!(after, before);
 }
 
 fn data_on_established_connection_refreshes_the_timeout(f: Family) {

@@ -17,8 +17,16 @@ pub mod timeout {
     pub const GENERIC: usize = 13;
     /// Later fragments wait this long for the verdict of their first fragment (`ipfrag_time`).
     pub const FRAGMENT: usize = 14;
+    /// A TCP connection whose same segment was retransmitted `max_retrans` times, or whose
+    /// receiver announced a zero window, lives at most this long without progress
+    /// (`nf_conntrack_tcp_timeout_max_retrans`).
+    pub const TCP_RETRANS: usize = 15;
+    /// A TCP connection with data in flight lives at most this long without an acknowledgment
+    /// (`nf_conntrack_tcp_timeout_unacknowledged`): a peer that vanished is forgotten in 5
+    /// minutes, not the 5 days of ESTABLISHED.
+    pub const TCP_UNACK: usize = 16;
     /// Number of timeout slots.
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 17;
 }
 
 /// Bit in [`Config::flags`]: when an endpoint's policy changes, re-check its tracked connections
@@ -84,6 +92,8 @@ impl Config {
         t[timeout::ICMP] = 30 * SEC;
         t[timeout::GENERIC] = 600 * SEC;
         t[timeout::FRAGMENT] = 30 * SEC;
+        t[timeout::TCP_RETRANS] = 300 * SEC;
+        t[timeout::TCP_UNACK] = 300 * SEC;
         Config {
             timeouts_ns: t,
             udp_stream_after_ns: 2 * SEC,

@@ -11,9 +11,19 @@
 
 use crate::{
     config::{timeout, Config},
-    parse::Packet,
-    proto, Direction, RawAddr, AF_INET6,
+    parse::{Packet, TcpFields, TCP_OPT_SACK_PERM, TCP_OPT_WSCALE},
+    proto,
+    window::{
+        in_window, take_options, InWindow, TcpLast, TcpSide, LAST_EXP_CHALLENGE_ACK,
+        SIDE_CLOSE_INIT, SIDE_DATA_UNACKNOWLEDGED, SIDE_MAXACK_SET, SIDE_SACK_PERM,
+        SIDE_WINDOW_SCALE,
+    },
+    Direction, RawAddr, AF_INET6,
 };
+
+/// After this many retransmissions of one segment a connection gets the `max_retrans` timeout
+/// (`nf_conntrack_tcp_max_retrans`).
+pub const TCP_MAX_RETRANS: u8 = 3;
 
 /// TCP connection states, numbered as nf_conntrack's `enum tcp_conntrack`.
 #[repr(u8)]
@@ -169,6 +179,10 @@ pub struct CtEntry {
     pub flags: u8,
     /// Explicit padding, always zero.
     pub _pad: [u8; 2],
+    /// TCP window tracking, by conntrack direction (0: original, 1: reply); zero otherwise.
+    pub seen: [TcpSide; 2],
+    /// TCP: the last segment of note and the retransmission count; zero otherwise.
+    pub last: TcpLast,
 }
 
 impl CtEntry {
@@ -238,6 +252,7 @@ impl Segment {
             proto: pkt.proto,
             tcp_flags: pkt.tcp_flags,
             icmp_type: pkt.icmp_type,
+            tcp: pkt.tcp,
         }
     }
 }
@@ -258,6 +273,8 @@ pub struct Segment {
     pub tcp_flags: u8,
     /// ICMP/ICMPv6 type, 0 for other protocols.
     pub icmp_type: u8,
+    /// TCP: sequence space and options, for window tracking.
+    pub tcp: TcpFields,
 }
 
 /// The role of an ICMP or ICMPv6 message in tracking.
@@ -370,8 +387,14 @@ fn tcp_index(flags: u8) -> usize {
 }
 
 const IDX_SYN: usize = 0;
+/// [`TcpLast::index`](crate::window::TcpLast) of a SYN/ACK: what tests read back to see that an
+/// ignored SYN/ACK was recorded for a later resync.
+pub const IDX_SYNACK: usize = 1;
+const IDX_FIN: usize = 2;
 const IDX_ACK: usize = 3;
 const IDX_RST: usize = 4;
+#[cfg(test)]
+const IDX_NONE: usize = 5;
 
 // Short names for the table, as in the kernel source.
 const S_NO: u8 = TcpState::None as u8;
@@ -435,6 +458,44 @@ pub enum Step {
     Reopen,
     /// The packet is INVALID; the entry stays as it was.
     Invalid,
+    /// The packet is INVALID, and the entry must be stored: an out-of-window FIN or RST of an
+    /// assured connection was noted, or answered one from the other side and shortened the
+    /// timeout (`nf_tcp_handle_invalid`).
+    InvalidNoted,
+}
+
+impl Step {
+    /// The step as one number, for the eBPF programs' tracking function, which the verifier
+    /// checks on its own and whose caller sees only a scalar.
+    #[inline(always)]
+    pub fn code(self) -> u32 {
+        match self {
+            Step::Update(s) => 0x10 | s as u32,
+            Step::Delete(s) => 0x20 | s as u32,
+            Step::Reopen => 1,
+            Step::Invalid => 2,
+            Step::InvalidNoted => 3,
+        }
+    }
+
+    /// The step [`Step::code`] gave; anything else reads as [`Step::Invalid`].
+    #[inline(always)]
+    pub fn from_code(code: u32) -> Step {
+        let state = match code & 0x0f {
+            0 => CtState::New,
+            1 => CtState::Established,
+            2 => CtState::Related,
+            4 => CtState::Untracked,
+            _ => CtState::Invalid,
+        };
+        match code {
+            0x10..=0x1f if state != CtState::Invalid => Step::Update(state),
+            0x20..=0x2f if state != CtState::Invalid => Step::Delete(state),
+            1 => Step::Reopen,
+            3 => Step::InvalidNoted,
+            _ => Step::Invalid,
+        }
+    }
 }
 
 /// The ctstate a packet gets from an existing entry before it changes it: replies are
@@ -453,35 +514,64 @@ fn ctstate_of(entry: &CtEntry, reply: bool) -> CtState {
 /// such a packet is INVALID.
 #[inline(always)]
 pub fn track_new(seg: &Segment, dir: Direction, now: u64, cfg: &Config) -> Option<CtEntry> {
-    let flags = if dir == Direction::Ingress {
-        CT_F_ORIG_INGRESS
-    } else {
-        0
-    };
+    let mut entry = CtEntry::default();
+    start_tracking(&mut entry, seg, dir, now, cfg).then_some(entry)
+}
+
+/// [`track_new`] into `entry` (overwritten whatever it held), for callers that keep the entry off
+/// their stack (the eBPF programs, whose stack is 512 bytes). Returns false when the packet
+/// cannot open a connection.
+#[inline(always)]
+pub fn start_tracking(
+    entry: &mut CtEntry,
+    seg: &Segment,
+    dir: Direction,
+    now: u64,
+    cfg: &Config,
+) -> bool {
+    *entry = CtEntry::default();
+    if dir == Direction::Ingress {
+        entry.flags = CT_F_ORIG_INGRESS;
+    }
     let (state, t) = if seg.proto == proto::TCP {
         if !tcp_flags_valid(seg.tcp_flags) || tcp_index(seg.tcp_flags) != IDX_SYN {
             // nf_conntrack_tcp_loose=0: only a SYN opens a connection.
-            return None;
+            return false;
         }
+        // The SYN's sender starts the original direction's sequence space (`tcp_new`). What the
+        // state machine then does with this first SYN comes down to these assignments (written
+        // out: one copy of the window code in the eBPF programs, not two, keeps them within the
+        // verifier's budget); `the_first_syn_is_what_the_state_machine_makes_of_it` checks it.
+        let side = &mut entry.seen[0];
+        side.td_end = seg.tcp.end;
+        side.td_maxend = seg.tcp.end;
+        side.td_maxwin = if seg.tcp.win == 0 {
+            1
+        } else {
+            seg.tcp.win as u32
+        };
+        take_options(side, &seg.tcp);
+        entry.seen[1].td_maxend = if seg.tcp.win == 0 {
+            1
+        } else {
+            seg.tcp.win as u32
+        };
+        entry.last.index = IDX_SYN as u8;
         (S_SS, cfg.timeout(S_SS as usize))
     } else if seg.proto == proto::UDP {
         (S_NO, cfg.timeout(timeout::UDP_UNREPLIED))
     } else if is_icmp(seg.family, seg.proto) {
         match icmp_kind(seg.family, seg.icmp_type) {
             IcmpKind::Request(_) => (S_NO, cfg.timeout(timeout::ICMP)),
-            _ => return None,
+            _ => return false,
         }
     } else {
         (S_NO, cfg.timeout(timeout::GENERIC))
     };
-    Some(CtEntry {
-        expires_ns: now.saturating_add(t),
-        created_ns: now,
-        policy_id: 0,
-        state,
-        flags,
-        _pad: [0; 2],
-    })
+    entry.expires_ns = now.saturating_add(t);
+    entry.created_ns = now;
+    entry.state = state;
+    true
 }
 
 /// Moves `entry` on a packet travelling in `dir`. The entry is changed in place only for
@@ -497,7 +587,7 @@ pub fn track_packet(
     let reply = dir != entry.orig_direction();
     let ctstate = ctstate_of(entry, reply);
     if seg.proto == proto::TCP {
-        return track_tcp(entry, seg.tcp_flags, reply, ctstate, now, cfg);
+        return track_tcp(entry, seg, reply, ctstate, now, cfg);
     }
     let seen_reply = entry.flags & CT_F_SEEN_REPLY != 0;
     let t = if seg.proto == proto::UDP {
@@ -521,43 +611,186 @@ pub fn track_packet(
     Step::Update(ctstate)
 }
 
+/// Whether a connection in `state` is closing, so that a RST needs no window check: the tuple may
+/// already be reused (`tcp_can_early_drop`).
+#[inline(always)]
+fn closing(state: u8) -> bool {
+    state == S_FW || state == S_CW || state == S_LA || state == S_TW || state == S_CL
+}
+
+/// nf_conntrack_proto_tcp.c's `nf_conntrack_tcp_packet` for a packet of a tracked connection:
+/// the state table, then the exceptions the table cannot express (resynchronisation after an
+/// ignored SYN, challenge ACKs, RST checks), then the window, then the timeout.
 #[inline(always)]
 fn track_tcp(
     entry: &mut CtEntry,
-    flags: u8,
+    seg: &Segment,
     reply: bool,
     ctstate: CtState,
     now: u64,
     cfg: &Config,
 ) -> Step {
+    let flags = seg.tcp_flags;
     if !tcp_flags_valid(flags) {
         return Step::Invalid;
     }
     let index = tcp_index(flags);
-    let old = entry.state;
+    let dir = reply as u8;
+    let tcp = &seg.tcp;
+    let mut old = entry.state;
     let mut new = tcp_next(reply, index, old);
-    if new == S_IV {
-        return Step::Invalid;
+    let mut check_window = true;
+
+    if new == S_SS && old >= S_TW {
+        // RFC 1122: a SYN may reopen a connection that was closed (FINs) or reset by this side.
+        let closed = (entry.seen[0].flags | entry.seen[1].flags) & SIDE_CLOSE_INIT != 0
+            || (entry.last.dir == dir && entry.last.index == IDX_RST as u8);
+        if closed {
+            return Step::Reopen;
+        }
+        new = S_IG;
     }
     if new == S_IG {
-        // Accepted, state and timeout untouched (possibly a retransmission the peers will sort
-        // out with a RST or a SYN/ACK).
+        if index == IDX_SYNACK
+            && entry.last.index == IDX_SYN as u8
+            && entry.last.dir != dir
+            && tcp.ack == entry.last.end
+        {
+            // This SYN/ACK answers a SYN the table ignored: both ends are in sync and the table
+            // is not. Take the connection up from that SYN.
+            old = S_SS;
+            new = S_SR;
+            let l_dir = entry.last.dir & 1;
+            let l_end = entry.last.end;
+            let l_win = entry.last.win;
+            let l_wscale = entry.last.wscale;
+            entry.last.flags &= !LAST_EXP_CHALLENGE_ACK;
+            let l_flags = entry.last.flags;
+            let syn_side = &mut entry.seen[l_dir as usize];
+            syn_side.td_end = l_end;
+            syn_side.td_maxend = l_end;
+            syn_side.td_maxwin = if l_win == 0 { 1 } else { l_win as u32 };
+            syn_side.td_scale = l_wscale;
+            syn_side.flags = l_flags;
+            let this = &mut entry.seen[dir as usize];
+            this.td_end = 0;
+            this.td_maxend = 0;
+            this.td_maxwin = 0;
+            this.td_maxack = 0;
+            this.td_scale = 0;
+            this.flags &= crate::window::SIDE_BE_LIBERAL;
+        } else {
+            // Let it through without touching the state (possibly the start of a new connection
+            // on the same ports, which the peers will sort out), and remember it.
+            entry.last.index = index as u8;
+            entry.last.dir = dir;
+            entry.last.seq = tcp.seq;
+            entry.last.end = tcp.end;
+            entry.last.win = tcp.win;
+            if index == IDX_SYN && !reply {
+                entry.last.flags = 0;
+                entry.last.wscale = 0;
+                if tcp.opts & TCP_OPT_WSCALE != 0 {
+                    entry.last.flags |= SIDE_WINDOW_SCALE;
+                    entry.last.wscale = tcp.wscale;
+                }
+                if tcp.opts & TCP_OPT_SACK_PERM != 0 {
+                    entry.last.flags |= SIDE_SACK_PERM;
+                }
+                if old == S_LA {
+                    entry.last.flags |= LAST_EXP_CHALLENGE_ACK;
+                }
+            }
+            if old == S_SS && index == IDX_ACK && reply {
+                // Possibly a challenge ACK answering the SYN.
+                entry.last.ack = tcp.ack;
+            }
+            if reply {
+                entry.flags |= CT_F_SEEN_REPLY;
+            }
+            return Step::Update(ctstate);
+        }
+    } else if new == S_IV {
+        return Step::Invalid;
+    } else if new == S_TW
+        && old == S_LA
+        && index == IDX_ACK
+        && entry.last.dir != dir
+        && entry.last.index == IDX_SYN as u8
+        && entry.last.flags & LAST_EXP_CHALLENGE_ACK != 0
+    {
+        // RFC 5961: the ACK a stack sends to a SYN in LAST_ACK does not acknowledge the last FIN.
+        entry.last.flags &= !LAST_EXP_CHALLENGE_ACK;
         if reply {
             entry.flags |= CT_F_SEEN_REPLY;
         }
         return Step::Update(ctstate);
-    }
-    if new == S_SS && old >= S_TW {
-        // RFC 1122: a SYN may reopen a connection from TIME_WAIT (and CLOSE).
-        return Step::Reopen;
-    }
-    if new == S_S2 {
+    } else if new == S_S2 {
         entry.flags |= CT_F_SIMOPEN;
+    } else if new == S_SR {
+        if reply && index == IDX_ACK && entry.flags & CT_F_SIMOPEN != 0 {
+            new = S_ES;
+        }
+    } else if new == S_CL && index == IDX_RST {
+        if closing(entry.state) {
+            check_window = false;
+        } else {
+            match rst_check(entry, tcp, old, dir) {
+                RstCheck::Invalid => return Step::Invalid,
+                RstCheck::Window => {}
+                RstCheck::KeepState => new = old,
+                RstCheck::NoWindow => check_window = false,
+                RstCheck::KeepStateNoWindow => {
+                    new = old;
+                    check_window = false;
+                }
+            }
+        }
     }
-    if new == S_SR && reply && index == IDX_ACK && entry.flags & CT_F_SIMOPEN != 0 {
-        new = S_ES;
+
+    if check_window {
+        match in_window(
+            &mut entry.seen,
+            &mut entry.last,
+            entry.state,
+            reply,
+            flags,
+            index == IDX_ACK,
+            tcp,
+        ) {
+            InWindow::Accept => {}
+            InWindow::Ignore => {
+                if reply {
+                    entry.flags |= CT_F_SEEN_REPLY;
+                }
+                return Step::Update(ctstate);
+            }
+            InWindow::Invalid => return note_invalid(entry, index, dir, now, cfg),
+        }
     }
+
+    entry.last.index = index as u8;
+    entry.last.dir = dir;
     entry.state = new;
+    if old != new && new == S_FW {
+        entry.seen[dir as usize].flags |= SIDE_CLOSE_INIT;
+    }
+    let t_new = tcp_timeout(cfg, new);
+    let t_retrans = cfg.timeout(timeout::TCP_RETRANS);
+    let t_unack = cfg.timeout(timeout::TCP_UNACK);
+    let mut t = if entry.last.retrans >= TCP_MAX_RETRANS && t_new > t_retrans {
+        t_retrans
+    } else if index == IDX_RST {
+        cfg.timeout(S_CL as usize)
+    } else if (entry.seen[0].flags | entry.seen[1].flags) & SIDE_DATA_UNACKNOWLEDGED != 0
+        && t_new > t_unack
+    {
+        t_unack
+    } else if entry.last.win == 0 && t_new > t_retrans {
+        t_retrans
+    } else {
+        t_new
+    };
     let seen_reply = entry.flags & CT_F_SEEN_REPLY != 0;
     if !seen_reply {
         if flags & tcp_flags::RST != 0 {
@@ -573,25 +806,137 @@ fn track_tcp(
             }
             return Step::Update(ctstate);
         }
+        if new == S_ES && t > t_unack {
+            // ESTABLISHED without a reply seen (a migrated connection): not for 5 days.
+            t = t_unack;
+        }
     } else if entry.flags & CT_F_ASSURED == 0 && (old == S_SR || old == S_ES) && new == S_ES {
         entry.flags |= CT_F_ASSURED;
     }
-    let t = if index == IDX_RST {
-        cfg.timeout(S_CL as usize)
-    } else {
-        cfg.timeout(new as usize)
-    };
     entry.expires_ns = now.saturating_add(t);
+    if entry.created_ns == 0 {
+        entry.created_ns = now;
+    }
     if reply {
         entry.flags |= CT_F_SEEN_REPLY;
     }
     Step::Update(ctstate)
 }
 
+/// The timeout of TCP state `state`. Each arm reads a constant slot: in the eBPF programs a slot
+/// computed from the state would make the verifier tell every state apart through all the code
+/// that follows (the state would become a precise value), past its instruction budget.
+#[inline(always)]
+fn tcp_timeout(cfg: &Config, state: u8) -> u64 {
+    let t = &cfg.timeouts_ns;
+    match state {
+        S_SS => t[S_SS as usize],
+        S_SR => t[S_SR as usize],
+        S_ES => t[S_ES as usize],
+        S_FW => t[S_FW as usize],
+        S_CW => t[S_CW as usize],
+        S_LA => t[S_LA as usize],
+        S_TW => t[S_TW as usize],
+        S_CL => t[S_CL as usize],
+        S_S2 => t[S_S2 as usize],
+        _ => t[timeout::GENERIC],
+    }
+}
+
+/// What the RST rules say before the window check (`TCP_CONNTRACK_CLOSE` in
+/// `nf_conntrack_tcp_packet`).
+enum RstCheck {
+    /// Below what the receiver acknowledged: INVALID.
+    Invalid,
+    /// On to the window check, then CLOSE.
+    Window,
+    /// In window but not exactly where the receiver expects it: keep the state (the receiver
+    /// answers with a challenge ACK, RFC 5961), after the window check.
+    KeepState,
+    /// Answers a segment the table let through unchecked: no window check, CLOSE.
+    NoWindow,
+    /// As [`RstCheck::NoWindow`], the state kept.
+    KeepStateNoWindow,
+}
+
+#[inline(always)]
+fn rst_check(entry: &CtEntry, tcp: &TcpFields, old: u8, dir: u8) -> RstCheck {
+    let receiver = &entry.seen[(1 - dir) as usize];
+    let last = &entry.last;
+    let mut keep = false;
+    if receiver.flags & SIDE_MAXACK_SET != 0 && last.index != IDX_SYN as u8 {
+        let established = old == S_ES && entry.flags & CT_F_ASSURED != 0;
+        let seq = tcp.seq;
+        if seq == 0 && !established {
+            // Most likely the answer to a SYN let through.
+            return RstCheck::Window;
+        }
+        if crate::window::seq_before(seq, receiver.td_maxack) {
+            return RstCheck::Invalid;
+        }
+        if !established || seq == receiver.td_maxack {
+            return RstCheck::Window;
+        }
+        if last.index == IDX_ACK as u8 && last.dir == dir && seq == last.end {
+            // The RST ends a train of this side's segments.
+            return RstCheck::Window;
+        }
+        keep = true;
+    }
+    let seen_reply = entry.flags & CT_F_SEEN_REPLY != 0;
+    let assured = entry.flags & CT_F_ASSURED != 0;
+    if ((seen_reply && last.index == IDX_SYN as u8) || (!assured && last.index == IDX_ACK as u8))
+        && tcp.ack == last.end
+    {
+        // Answers a SYN or ACK the table let through: it may acknowledge what was ignored.
+        return if keep {
+            RstCheck::KeepStateNoWindow
+        } else {
+            RstCheck::NoWindow
+        };
+    }
+    if old == S_SS && last.index == IDX_ACK as u8 && last.dir == 1 && tcp.seq == last.ack {
+        // Answers a challenge ACK let through earlier.
+        return if keep {
+            RstCheck::KeepStateNoWindow
+        } else {
+            RstCheck::NoWindow
+        };
+    }
+    if keep {
+        RstCheck::KeepState
+    } else {
+        RstCheck::Window
+    }
+}
+
+/// An out-of-window FIN or RST of an assured connection (`nf_tcp_handle_invalid`): the first is
+/// noted; one from the other side answering it shortens the timeout to `unacknowledged`, so a
+/// connection whose ends and table disagree is not kept for days.
+#[inline(always)]
+fn note_invalid(entry: &mut CtEntry, index: usize, dir: u8, now: u64, cfg: &Config) -> Step {
+    if entry.flags & CT_F_ASSURED == 0 || (index != IDX_RST && index != IDX_FIN) {
+        return Step::Invalid;
+    }
+    let (last_dir, last_index) = (entry.last.dir, entry.last.index);
+    if last_dir != dir && (last_index == IDX_FIN as u8 || last_index == IDX_RST as u8) {
+        let left = entry.expires_ns.saturating_sub(now);
+        let unack = cfg.timeout(timeout::TCP_UNACK);
+        if left < 120_000_000_000 || left <= unack {
+            return Step::Invalid;
+        }
+        entry.expires_ns = now.saturating_add(unack);
+    } else {
+        entry.last.index = index as u8;
+        entry.last.dir = dir;
+    }
+    Step::InvalidNoted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::AF_INET;
+    use crate::{parse, AF_INET};
     use tcp_flags::*;
 
     const NOW: u64 = 1_000_000_000_000;
@@ -601,7 +946,7 @@ mod tests {
             family: AF_INET,
             proto: proto::TCP,
             tcp_flags: flags,
-            icmp_type: 0,
+            ..Segment::default()
         }
     }
 
@@ -617,20 +962,138 @@ mod tests {
         Config::defaults()
     }
 
-    /// Runs a packet through an entry; `out` means the pod sends it.
-    fn step(e: &mut CtEntry, flags: u8, out: bool) -> Step {
-        let dir = if out {
-            Direction::Egress
-        } else {
-            Direction::Ingress
+    const SEC: u64 = 1_000_000_000;
+
+    /// A TCP conversation with real sequence numbers: the pod is the client (its segments are
+    /// egress), each side's next sequence number and window kept as a real stack would.
+    struct Talk {
+        entry: CtEntry,
+        /// Next sequence number of the pod, and of the peer.
+        pod: u32,
+        peer: u32,
+        win: u16,
+    }
+
+    fn seg(flags: u8, seq: u32, ack: u32, len: u32, win: u16) -> Segment {
+        let mut s = tcp(flags);
+        s.tcp = TcpFields {
+            seq,
+            ack,
+            sack: ack,
+            end: seq
+                .wrapping_add(len)
+                .wrapping_add((flags & SYN != 0) as u32)
+                .wrapping_add((flags & FIN != 0) as u32),
+            win,
+            ..TcpFields::default()
         };
-        track_packet(e, &tcp(flags), dir, NOW, &cfg())
+        s
+    }
+
+    impl Talk {
+        /// After the pod's SYN.
+        fn syn() -> Talk {
+            let (pod, peer) = (1_000_000, 3_000_000_000);
+            let first = seg(SYN, pod, 0, 0, 64_000);
+            let entry = track_new(&first, Direction::Egress, NOW, &cfg()).expect("a SYN opens");
+            Talk {
+                entry,
+                pod: first.tcp.end,
+                peer,
+                win: 64_000,
+            }
+        }
+
+        /// After the three-way handshake.
+        fn established() -> Talk {
+            let mut t = Talk::syn();
+            assert_eq!(
+                t.peer_sends(SYN | ACK, 0),
+                Step::Update(CtState::Established)
+            );
+            assert_eq!(t.pod_sends(ACK, 0), Step::Update(CtState::Established));
+            assert_eq!(t.entry.state, TcpState::Established as u8);
+            t
+        }
+
+        fn pod_sends(&mut self, flags: u8, len: u32) -> Step {
+            let s = seg(flags, self.pod, self.peer, len, self.win);
+            self.pod = s.tcp.end;
+            self.send(&s, true)
+        }
+
+        fn peer_sends(&mut self, flags: u8, len: u32) -> Step {
+            let s = seg(flags, self.peer, self.pod, len, self.win);
+            self.peer = s.tcp.end;
+            self.send(&s, false)
+        }
+
+        /// A segment as given, the conversation's counters left alone.
+        fn send(&mut self, s: &Segment, from_pod: bool) -> Step {
+            let dir = if from_pod {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            };
+            track_packet(&mut self.entry, s, dir, NOW, &cfg())
+        }
+    }
+
+    #[test]
+    fn a_step_survives_its_code() {
+        let states = [
+            CtState::New,
+            CtState::Established,
+            CtState::Related,
+            CtState::Untracked,
+        ];
+        for s in states {
+            for step in [Step::Update(s), Step::Delete(s)] {
+                assert_eq!(Step::from_code(step.code()), step);
+            }
+        }
+        for step in [Step::Reopen, Step::Invalid, Step::InvalidNoted] {
+            assert_eq!(Step::from_code(step.code()), step);
+        }
+        assert_eq!(Step::from_code(0x13), Step::Invalid);
+        assert_eq!(Step::from_code(99), Step::Invalid);
+    }
+
+    #[test]
+    fn the_first_syn_is_what_the_state_machine_makes_of_it() {
+        for (win, opts, wscale) in [
+            (64_000u16, 0u8, 0u8),
+            (0, 0, 0),
+            (
+                1_000,
+                parse::TCP_OPT_PRESENT | parse::TCP_OPT_WSCALE | parse::TCP_OPT_SACK_PERM,
+                9,
+            ),
+        ] {
+            let mut syn = seg(SYN, 4_000_000_000, 0, 0, win);
+            syn.tcp.opts = opts;
+            syn.tcp.wscale = wscale;
+            let fast = track_new(&syn, Direction::Egress, NOW, &cfg()).unwrap();
+            // The kernel's way: tcp_new's initialisation, then the packet through tcp_packet.
+            let mut slow = CtEntry::default();
+            let side = &mut slow.seen[0];
+            side.td_end = syn.tcp.end;
+            side.td_maxend = syn.tcp.end;
+            side.td_maxwin = (win as u32).max(1);
+            take_options(side, &syn.tcp);
+            slow.last.index = IDX_NONE as u8;
+            assert_eq!(
+                track_tcp(&mut slow, &syn, false, CtState::New, NOW, &cfg()),
+                Step::Update(CtState::New)
+            );
+            assert_eq!(fast, slow, "win {win} opts {opts:#x}");
+        }
     }
 
     #[test]
     fn only_a_syn_opens_a_tcp_connection() {
         let c = cfg();
-        assert!(track_new(&tcp(SYN), Direction::Egress, NOW, &c).is_some());
+        assert!(track_new(&seg(SYN, 7, 0, 0, 100), Direction::Egress, NOW, &c).is_some());
         for f in [ACK, SYN | ACK, FIN | ACK, RST, RST | ACK, 0, PSH | ACK] {
             assert!(
                 track_new(&tcp(f), Direction::Egress, NOW, &c).is_none(),
@@ -641,116 +1104,347 @@ mod tests {
 
     #[test]
     fn three_way_handshake_and_close_walk_the_kernel_states() {
-        let c = cfg();
-        let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &c).unwrap();
-        assert_eq!(e.state, TcpState::SynSent as u8);
-        assert_eq!(e.expires_ns, NOW + 120_000_000_000);
+        let mut t = Talk::syn();
+        assert_eq!(t.entry.state, TcpState::SynSent as u8);
+        assert_eq!(t.entry.expires_ns, NOW + 120 * SEC);
         assert_eq!(
-            step(&mut e, SYN | ACK, false),
+            t.peer_sends(SYN | ACK, 0),
             Step::Update(CtState::Established)
         );
-        assert_eq!(e.state, TcpState::SynRecv as u8);
-        assert_ne!(e.flags & CT_F_SEEN_REPLY, 0);
-        assert_eq!(e.flags & CT_F_ASSURED, 0);
-        assert_eq!(step(&mut e, ACK, true), Step::Update(CtState::Established));
-        assert_eq!(e.state, TcpState::Established as u8);
-        assert_ne!(e.flags & CT_F_ASSURED, 0);
-        assert_eq!(e.expires_ns, NOW + 432_000_000_000_000);
+        assert_eq!(t.entry.state, TcpState::SynRecv as u8);
+        assert_ne!(t.entry.flags & CT_F_SEEN_REPLY, 0);
+        assert_eq!(t.entry.flags & CT_F_ASSURED, 0);
+        assert_eq!(t.pod_sends(ACK, 0), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::Established as u8);
+        assert_ne!(t.entry.flags & CT_F_ASSURED, 0);
+        assert_eq!(t.entry.expires_ns, NOW + 432_000 * SEC);
         assert_eq!(
-            step(&mut e, FIN | ACK, true),
+            t.pod_sends(FIN | ACK, 0),
             Step::Update(CtState::Established)
         );
-        assert_eq!(e.state, TcpState::FinWait as u8);
-        assert_eq!(step(&mut e, ACK, false), Step::Update(CtState::Established));
-        assert_eq!(e.state, TcpState::CloseWait as u8);
+        assert_eq!(t.entry.state, TcpState::FinWait as u8);
+        assert_eq!(t.peer_sends(ACK, 0), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::CloseWait as u8);
         assert_eq!(
-            step(&mut e, FIN | ACK, false),
+            t.peer_sends(FIN | ACK, 0),
             Step::Update(CtState::Established)
         );
-        assert_eq!(e.state, TcpState::LastAck as u8);
-        assert_eq!(step(&mut e, ACK, true), Step::Update(CtState::Established));
-        assert_eq!(e.state, TcpState::TimeWait as u8);
-        assert_eq!(e.expires_ns, NOW + 120_000_000_000);
+        assert_eq!(t.entry.state, TcpState::LastAck as u8);
+        assert_eq!(t.pod_sends(ACK, 0), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::TimeWait as u8);
+        assert_eq!(t.entry.expires_ns, NOW + 120 * SEC);
     }
 
     #[test]
     fn syn_retransmit_is_new_and_keeps_the_timeout() {
         let c = cfg();
-        let mut e = track_new(&tcp(SYN), Direction::Egress, 5, &c).unwrap();
+        let syn = seg(SYN, 1, 0, 0, 100);
+        let mut e = track_new(&syn, Direction::Egress, 5, &c).unwrap();
         let before = e.expires_ns;
-        assert_eq!(step(&mut e, SYN, true), Step::Update(CtState::New));
+        let r = track_packet(&mut e, &syn, Direction::Egress, NOW, &c);
+        assert_eq!(r, Step::Update(CtState::New));
         assert_eq!(e.state, TcpState::SynSent as u8);
         assert_eq!(e.expires_ns, before);
     }
 
     #[test]
     fn ack_before_synack_is_invalid() {
-        let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &cfg()).unwrap();
-        assert_eq!(step(&mut e, ACK, true), Step::Invalid);
-        assert_eq!(e.state, TcpState::SynSent as u8);
+        let mut t = Talk::syn();
+        assert_eq!(t.pod_sends(ACK, 0), Step::Invalid);
+        assert_eq!(t.entry.state, TcpState::SynSent as u8);
     }
 
     #[test]
     fn rst_as_only_reply_deletes_the_entry() {
-        let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &cfg()).unwrap();
+        let mut t = Talk::syn();
         assert_eq!(
-            step(&mut e, RST | ACK, false),
+            t.peer_sends(RST | ACK, 0),
             Step::Delete(CtState::Established)
         );
     }
 
     #[test]
-    fn rst_on_established_connection_moves_to_close_with_close_timeout() {
-        let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &cfg()).unwrap();
-        step(&mut e, SYN | ACK, false);
-        step(&mut e, ACK, true);
-        assert_eq!(step(&mut e, RST, false), Step::Update(CtState::Established));
-        assert_eq!(e.state, TcpState::Close as u8);
-        assert_eq!(e.expires_ns, NOW + 10_000_000_000);
+    fn rst_at_the_expected_sequence_number_closes_with_the_close_timeout() {
+        let mut t = Talk::established();
+        assert_eq!(t.peer_sends(RST, 0), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::Close as u8);
+        assert_eq!(t.entry.expires_ns, NOW + 10 * SEC);
+    }
+
+    #[test]
+    fn blind_rst_out_of_the_window_is_invalid_and_leaves_the_connection() {
+        // The pod announced a 64 000-byte window; a RST beyond twice that is INVALID (up to one
+        // window beyond the window, the kernel lets it through as an overshooting stack's
+        // segment, the state untouched).
+        // Below what the pod acknowledged, it is INVALID before the window is looked at.
+        for (seq_off, verdict) in [
+            (200_000u32, Step::InvalidNoted),
+            (1 << 20, Step::InvalidNoted),
+            (u32::MAX - 5, Step::Invalid),
+        ] {
+            let mut t = Talk::established();
+            let before = t.entry;
+            let rst = seg(RST, t.peer.wrapping_add(seq_off), 0, 0, 0);
+            assert_eq!(t.send(&rst, false), verdict, "offset {seq_off}");
+            assert_eq!(t.entry.state, TcpState::Established as u8);
+            assert_eq!(t.entry.expires_ns, before.expires_ns);
+            // The connection goes on.
+            assert_eq!(
+                t.pod_sends(ACK | PSH, 100),
+                Step::Update(CtState::Established)
+            );
+            assert_eq!(t.peer_sends(ACK, 0), Step::Update(CtState::Established));
+            assert_eq!(t.entry.state, TcpState::Established as u8);
+        }
+    }
+
+    #[test]
+    fn rst_below_what_the_pod_acknowledged_is_invalid() {
+        let mut t = Talk::established();
+        t.peer_sends(ACK | PSH, 500);
+        t.pod_sends(ACK, 0);
+        let rst = seg(RST, t.peer.wrapping_sub(100), 0, 0, 0);
+        assert_eq!(t.send(&rst, false), Step::Invalid);
+        assert_eq!(t.entry.state, TcpState::Established as u8);
+    }
+
+    #[test]
+    fn rst_in_window_but_not_exact_keeps_the_state_for_a_challenge_ack() {
+        let mut t = Talk::established();
+        let rst = seg(RST, t.peer.wrapping_add(1_000), 0, 0, 0);
+        assert_eq!(t.send(&rst, false), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::Established as u8);
+        assert_eq!(t.entry.expires_ns, NOW + 10 * SEC);
+        // The pod's challenge ACK, in window, lifts the CLOSE timeout (to `unacknowledged`: the
+        // table counts the RST's sequence number as sent and not yet acknowledged).
+        assert_eq!(t.pod_sends(ACK, 0), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::Established as u8);
+        assert_eq!(t.entry.expires_ns, NOW + 300 * SEC);
+    }
+
+    #[test]
+    fn blind_fin_beyond_the_window_is_invalid_and_an_old_one_is_ignored() {
+        let mut t = Talk::established();
+        let fin = seg(FIN | ACK, t.peer.wrapping_add(1 << 24), t.pod, 0, 100);
+        assert_eq!(t.send(&fin, false), Step::InvalidNoted);
+        assert_eq!(t.entry.state, TcpState::Established as u8);
+        // Far behind: passed on untouched (the pod's stack drops it).
+        t.peer_sends(ACK | PSH, 100_000);
+        t.pod_sends(ACK, 0);
+        let old = seg(FIN | ACK, t.peer.wrapping_sub(200_000), t.pod, 0, 100);
+        assert_eq!(t.send(&old, false), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::Established as u8);
+    }
+
+    #[test]
+    fn an_answer_to_an_invalid_fin_shortens_the_timeout() {
+        let mut t = Talk::established();
+        let fin = seg(FIN | ACK, t.peer.wrapping_add(1 << 24), t.pod, 0, 100);
+        assert_eq!(t.send(&fin, false), Step::InvalidNoted);
+        let rst = seg(RST, t.pod.wrapping_add(1 << 24), 0, 0, 0);
+        assert_eq!(t.send(&rst, true), Step::InvalidNoted);
+        assert_eq!(t.entry.expires_ns, NOW + 300 * SEC);
+    }
+
+    #[test]
+    fn acknowledging_data_never_sent_is_invalid() {
+        let mut t = Talk::established();
+        let ack = seg(ACK, t.peer, t.pod.wrapping_add(10), 0, 100);
+        assert_eq!(t.send(&ack, false), Step::Invalid);
+    }
+
+    #[test]
+    fn data_beyond_the_window_is_invalid_and_a_small_overshoot_is_let_through() {
+        let mut t = Talk::established();
+        // The pod announced 64 000 bytes of window.
+        let beyond = seg(ACK, t.peer.wrapping_add(200_000), t.pod, 1_000, 100);
+        assert_eq!(t.send(&beyond, false), Step::Invalid);
+        let overshoot = seg(ACK, t.peer.wrapping_add(64_001), t.pod, 1_000, 100);
+        assert_eq!(
+            t.send(&overshoot, false),
+            Step::Update(CtState::Established)
+        );
+        assert_eq!(t.entry.seen[1].td_end, overshoot.tcp.end);
+    }
+
+    #[test]
+    fn window_scaling_counts_only_when_both_sides_offer_it() {
+        for (pod_scales, peer_scales) in [(true, true), (true, false), (false, true)] {
+            let both = pod_scales && peer_scales;
+            let mut syn = seg(SYN, 10, 0, 0, 65_000);
+            if pod_scales {
+                syn.tcp.opts = parse::TCP_OPT_PRESENT | parse::TCP_OPT_WSCALE;
+                syn.tcp.wscale = 7;
+            }
+            let mut e = track_new(&syn, Direction::Egress, NOW, &cfg()).unwrap();
+            let mut synack = seg(SYN | ACK, 5_000, 11, 0, 65_000);
+            if peer_scales {
+                synack.tcp.opts = parse::TCP_OPT_PRESENT | parse::TCP_OPT_WSCALE;
+                synack.tcp.wscale = 7;
+            }
+            track_packet(&mut e, &synack, Direction::Ingress, NOW, &cfg());
+            // The pod's ACK announces 65 000 << 7 bytes when scaling holds.
+            track_packet(
+                &mut e,
+                &seg(ACK, 11, 5_001, 0, 65_000),
+                Direction::Egress,
+                NOW,
+                &cfg(),
+            );
+            let far = seg(ACK, 5_001 + 1_000_000, 11, 1_000, 65_000);
+            let r = track_packet(&mut e, &far, Direction::Ingress, NOW, &cfg());
+            if both {
+                assert_eq!(
+                    r,
+                    Step::Update(CtState::Established),
+                    "{pod_scales} {peer_scales}"
+                );
+            } else {
+                assert_eq!(r, Step::Invalid, "{pod_scales} {peer_scales}");
+            }
+        }
+    }
+
+    #[test]
+    fn sack_blocks_count_only_when_sack_was_permitted() {
+        for permitted in [true, false] {
+            let mut syn = seg(SYN, 10, 0, 0, 65_000);
+            let mut synack = seg(SYN | ACK, 5_000, 11, 0, 65_000);
+            if permitted {
+                syn.tcp.opts = parse::TCP_OPT_PRESENT | parse::TCP_OPT_SACK_PERM;
+                synack.tcp.opts = parse::TCP_OPT_PRESENT | parse::TCP_OPT_SACK_PERM;
+            }
+            let mut e = track_new(&syn, Direction::Egress, NOW, &cfg()).unwrap();
+            track_packet(&mut e, &synack, Direction::Ingress, NOW, &cfg());
+            track_packet(
+                &mut e,
+                &seg(ACK, 11, 5_001, 0, 65_000),
+                Direction::Egress,
+                NOW,
+                &cfg(),
+            );
+            // The pod sends 3 000 bytes; the peer SACKs a block past all of it.
+            track_packet(
+                &mut e,
+                &seg(ACK, 11, 5_001, 3_000, 65_000),
+                Direction::Egress,
+                NOW,
+                &cfg(),
+            );
+            let mut ack = seg(ACK, 5_001, 11, 0, 65_000);
+            ack.tcp.sack = 11 + 5_000;
+            let r = track_packet(&mut e, &ack, Direction::Ingress, NOW, &cfg());
+            if permitted {
+                assert_eq!(r, Step::Invalid, "a SACK of data never sent");
+            } else {
+                assert_eq!(r, Step::Update(CtState::Established), "SACK ignored");
+            }
+        }
+    }
+
+    #[test]
+    fn unacknowledged_data_and_retransmissions_cap_the_timeout() {
+        let mut t = Talk::established();
+        t.pod_sends(ACK | PSH, 1_000);
+        assert_eq!(t.entry.expires_ns, NOW + 300 * SEC, "data in flight");
+        t.peer_sends(ACK, 0);
+        assert_eq!(t.entry.expires_ns, NOW + 432_000 * SEC, "all acknowledged");
+        // The same segment again and again: a peer that is gone.
+        let again = seg(ACK | PSH, t.pod, t.peer, 1_000, t.win);
+        for _ in 0..4 {
+            t.send(&again, true);
+        }
+        assert!(t.entry.last.retrans >= TCP_MAX_RETRANS);
+        assert_eq!(t.entry.expires_ns, NOW + 300 * SEC);
+    }
+
+    #[test]
+    fn a_zero_window_caps_the_timeout() {
+        let mut t = Talk::established();
+        t.win = 0;
+        t.peer_sends(ACK, 0);
+        assert_eq!(t.entry.expires_ns, NOW + 300 * SEC);
     }
 
     #[test]
     fn simultaneous_open_reaches_established() {
-        let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &cfg()).unwrap();
-        assert_eq!(step(&mut e, SYN, false), Step::Update(CtState::Established));
-        assert_eq!(e.state, TcpState::SynSent2 as u8);
-        assert_eq!(
-            step(&mut e, SYN | ACK, true),
-            Step::Update(CtState::Established)
-        );
-        assert_eq!(e.state, TcpState::SynRecv as u8);
-        assert_eq!(step(&mut e, ACK, false), Step::Update(CtState::Established));
-        assert_eq!(e.state, TcpState::Established as u8);
+        let mut t = Talk::syn();
+        let peer_syn = seg(SYN, t.peer, 0, 0, t.win);
+        t.peer = peer_syn.tcp.end;
+        assert_eq!(t.send(&peer_syn, false), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::SynSent2 as u8);
+        let synack = seg(SYN | ACK, t.pod.wrapping_sub(1), t.peer, 0, t.win);
+        assert_eq!(t.send(&synack, true), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::SynRecv as u8);
+        assert_eq!(t.peer_sends(ACK, 0), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::Established as u8);
     }
 
     #[test]
-    fn syn_in_time_wait_reopens() {
-        let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &cfg()).unwrap();
-        e.state = TcpState::TimeWait as u8;
-        e.flags |= CT_F_SEEN_REPLY;
-        assert_eq!(step(&mut e, SYN, true), Step::Reopen);
+    fn syn_after_a_close_reopens() {
+        let mut t = Talk::established();
+        t.pod_sends(FIN | ACK, 0);
+        t.peer_sends(FIN | ACK, 0);
+        t.pod_sends(ACK, 0);
+        assert_eq!(t.entry.state, TcpState::TimeWait as u8);
+        let syn = seg(SYN, t.pod.wrapping_add(1 << 20), 0, 0, 100);
+        assert_eq!(t.send(&syn, true), Step::Reopen);
+    }
+
+    #[test]
+    fn a_new_syn_on_a_live_tuple_is_ignored_then_its_syn_ack_resynchronises() {
+        // The pod reuses the port of a connection the table still holds (it died silently).
+        let mut t = Talk::established();
+        let isn = t.pod.wrapping_add(1 << 30);
+        let syn = seg(SYN, isn, 0, 0, 100);
+        assert_eq!(t.send(&syn, true), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::Established as u8);
+        let peer_isn = 77u32;
+        let synack = seg(SYN | ACK, peer_isn, isn + 1, 0, 100);
+        assert_eq!(t.send(&synack, false), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::SynRecv as u8);
+        let ack = seg(ACK, isn + 1, peer_isn + 1, 0, 100);
+        assert_eq!(t.send(&ack, true), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::Established as u8);
+    }
+
+    #[test]
+    fn a_migrated_entry_without_window_data_picks_the_window_up() {
+        let mut t = Talk::established();
+        // What a migration from a table without window data leaves.
+        t.entry.seen = [TcpSide {
+            flags: crate::window::SIDE_BE_LIBERAL | SIDE_SACK_PERM,
+            ..TcpSide::default()
+        }; 2];
+        t.entry.last = TcpLast::default();
+        t.pod = t.pod.wrapping_add(12345);
+        assert_eq!(
+            t.peer_sends(ACK | PSH, 2_000),
+            Step::Update(CtState::Established)
+        );
+        assert_eq!(t.pod_sends(ACK, 0), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, TcpState::Established as u8);
+        assert_eq!(t.entry.seen[1].td_end, t.peer);
     }
 
     #[test]
     fn late_synack_is_ignored_without_touching_state() {
-        let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &cfg()).unwrap();
-        step(&mut e, SYN | ACK, false);
-        step(&mut e, ACK, true);
-        let before = e;
-        assert_eq!(
-            step(&mut e, SYN | ACK, false),
-            Step::Update(CtState::Established)
-        );
-        assert_eq!(e, before);
+        let mut t = Talk::established();
+        let state = t.entry.state;
+        let expires = t.entry.expires_ns;
+        let late = seg(SYN | ACK, t.peer.wrapping_sub(1), t.pod, 0, t.win);
+        assert_eq!(t.send(&late, false), Step::Update(CtState::Established));
+        assert_eq!(t.entry.state, state);
+        assert_eq!(t.entry.expires_ns, expires);
     }
 
     #[test]
     fn invalid_flag_combinations_are_invalid_even_on_a_connection() {
-        let mut e = track_new(&tcp(SYN), Direction::Egress, NOW, &cfg()).unwrap();
-        step(&mut e, SYN | ACK, false);
-        assert_eq!(step(&mut e, SYN | FIN, true), Step::Invalid);
-        assert_eq!(step(&mut e, SYN | RST, true), Step::Invalid);
-        assert_eq!(step(&mut e, 0, true), Step::Invalid);
+        let mut t = Talk::syn();
+        t.peer_sends(SYN | ACK, 0);
+        for f in [SYN | FIN, SYN | RST, 0] {
+            assert_eq!(t.pod_sends(f, 0), Step::Invalid, "flags {f:#x}");
+        }
     }
 
     #[test]
@@ -799,8 +1493,7 @@ mod tests {
         let mut s = Segment {
             family: AF_INET,
             proto: proto::ICMP,
-            tcp_flags: 0,
-            icmp_type: 0,
+            ..Segment::default()
         };
         assert!(track_new(&s, Direction::Ingress, NOW, &c).is_none());
         s.icmp_type = 8;

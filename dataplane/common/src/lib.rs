@@ -16,6 +16,7 @@ pub mod fragment;
 pub mod parse;
 pub mod policy;
 pub mod source;
+pub mod window;
 
 /// IPv4 address family, as `AF_INET` and the `ipv4 2` column of `/proc/net/nf_conntrack`.
 pub const AF_INET: u8 = 2;

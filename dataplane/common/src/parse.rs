@@ -89,11 +89,59 @@ pub struct Packet {
     pub frag_id: u32,
     /// Offset of the layer 4 header in the frame.
     pub l4_off: u32,
+    /// TCP: what connection tracking needs of the segment's sequence space, zero otherwise.
+    pub tcp: TcpFields,
     /// Source address.
     pub src: RawAddr,
     /// Destination address.
     pub dst: RawAddr,
 }
+
+/// The fields of a TCP segment that window tracking reads (nf_conntrack's `tcp_in_window`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpFields {
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number (whatever the ACK flag says).
+    pub ack: u32,
+    /// The highest right edge of the segment's SACK blocks that lies after `ack`, else `ack`.
+    pub sack: u32,
+    /// `seq` plus the payload length, plus one for SYN and one for FIN: the sequence number after
+    /// the segment.
+    pub end: u32,
+    /// The window field, unscaled.
+    pub win: u16,
+    /// The Window Scale option's shift, capped at 14 as RFC 7323 says (with [`TCP_OPT_WSCALE`]).
+    pub wscale: u8,
+    /// `TCP_OPT_*` bits.
+    pub opts: u8,
+    /// Bytes of options in the header.
+    pub opt_len: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+
+/// [`TcpFields::opts`]: the header carries options.
+pub const TCP_OPT_PRESENT: u8 = 1 << 0;
+/// [`TcpFields::opts`]: a Window Scale option.
+pub const TCP_OPT_WSCALE: u8 = 1 << 1;
+/// [`TcpFields::opts`]: a SACK Permitted option.
+pub const TCP_OPT_SACK_PERM: u8 = 1 << 2;
+/// [`TcpFields::opts`]: the options are timestamps alone, nothing for [`parse_tcp_options`].
+pub const TCP_OPT_TIMESTAMPS_ONLY: u8 = 1 << 3;
+
+/// Whether the header has options [`parse_tcp_options`] should walk.
+#[inline(always)]
+pub fn has_tcp_options_to_walk(pkt: &Packet) -> bool {
+    pkt.proto == proto::TCP
+        && pkt.tcp.opts & TCP_OPT_PRESENT != 0
+        && pkt.tcp.opts & TCP_OPT_TIMESTAMPS_ONLY == 0
+}
+
+/// The largest Window Scale shift (RFC 7323, section 2.3).
+pub const TCP_MAX_WSCALE: u8 = 14;
+/// The most option bytes a TCP header holds (data offset 15 words, less the 20-byte header).
+pub const TCP_MAX_OPTION_BYTES: usize = 40;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -118,15 +166,23 @@ fn be16<F: Frame + ?Sized>(f: &F, off: usize) -> Result<u16, Malformed> {
 /// datapath lets through untouched.
 #[inline(always)]
 pub fn parse<F: Frame + ?Sized>(f: &F) -> Result<Option<Packet>, Malformed> {
+    let mut pkt = Packet::default();
+    Ok(parse_into(f, &mut pkt)?.then_some(pkt))
+}
+
+/// [`parse`] into `pkt` (overwritten): true for an IP packet, false for a frame that is not IP.
+/// The eBPF programs parse into a per-CPU map value rather than onto their 512-byte stack.
+#[inline(always)]
+pub fn parse_into<F: Frame + ?Sized>(f: &F, pkt: &mut Packet) -> Result<bool, Malformed> {
     let ethertype = be16(f, 12)?;
     if ethertype == ETH_P_IP {
-        parse_ipv4(f).map(Some)
+        parse_ipv4(f, pkt).map(|()| true)
     } else if ethertype == ETH_P_IPV6 {
-        parse_ipv6(f).map(Some)
+        parse_ipv6(f, pkt).map(|()| true)
     } else if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         Err(Malformed::Vlan)
     } else {
-        Ok(None)
+        Ok(false)
     }
 }
 
@@ -140,14 +196,25 @@ pub fn parse_head_first<H: Frame + ?Sized, W: Frame + ?Sized>(
     head: &H,
     whole: &W,
 ) -> Result<Option<Packet>, Malformed> {
-    match parse(head) {
-        Err(Malformed::Truncated) => parse(whole),
+    let mut pkt = Packet::default();
+    Ok(parse_head_first_into(head, whole, &mut pkt)?.then_some(pkt))
+}
+
+/// [`parse_head_first`] into `pkt`, as [`parse_into`].
+#[inline(always)]
+pub fn parse_head_first_into<H: Frame + ?Sized, W: Frame + ?Sized>(
+    head: &H,
+    whole: &W,
+    pkt: &mut Packet,
+) -> Result<bool, Malformed> {
+    match parse_into(head, pkt) {
+        Err(Malformed::Truncated) => parse_into(whole, pkt),
         parsed => parsed,
     }
 }
 
 #[inline(always)]
-fn parse_ipv4<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
+fn parse_ipv4<F: Frame + ?Sized>(f: &F, pkt: &mut Packet) -> Result<(), Malformed> {
     let off = ETH_HLEN;
     let vihl: u8 = rd(f, off)?;
     if vihl >> 4 != 4 {
@@ -170,11 +237,9 @@ fn parse_ipv4<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
     if end > f.len() {
         return Err(Malformed::Truncated);
     }
-    let mut pkt = Packet {
-        family: AF_INET,
-        proto,
-        ..Packet::default()
-    };
+    *pkt = Packet::default();
+    pkt.family = AF_INET;
+    pkt.proto = proto;
     pkt.src[0] = rd(f, off + 12)?;
     pkt.dst[0] = rd(f, off + 16)?;
     let frag = be16(f, off + 6)?;
@@ -182,16 +247,15 @@ fn parse_ipv4<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
         pkt.frag_id = be16(f, off + 4)? as u32;
         if frag & 0x1fff != 0 {
             pkt.frag = FRAG_LATER;
-            return Ok(pkt);
+            return Ok(());
         }
         pkt.frag = FRAG_FIRST;
     }
-    parse_l4(f, off + ihl, end, &mut pkt)?;
-    Ok(pkt)
+    parse_l4(f, off + ihl, end, pkt)
 }
 
 #[inline(always)]
-fn parse_ipv6<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
+fn parse_ipv6<F: Frame + ?Sized>(f: &F, pkt: &mut Packet) -> Result<(), Malformed> {
     let off = ETH_HLEN;
     let v: u8 = rd(f, off)?;
     if v >> 4 != 6 {
@@ -208,10 +272,8 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
     if end > f.len() {
         return Err(Malformed::Truncated);
     }
-    let mut pkt = Packet {
-        family: AF_INET6,
-        ..Packet::default()
-    };
+    *pkt = Packet::default();
+    pkt.family = AF_INET6;
     pkt.src = rd(f, off + 8)?;
     pkt.dst = rd(f, off + 24)?;
     let mut next: u8 = rd(f, off + 6)?;
@@ -246,7 +308,7 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
                 if field & 0xfff8 != 0 {
                     pkt.frag = FRAG_LATER;
                     pkt.proto = rd(f, cur)?;
-                    return Ok(pkt);
+                    return Ok(());
                 }
                 if field & 1 != 0 {
                     pkt.frag = FRAG_FIRST;
@@ -268,8 +330,7 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F) -> Result<Packet, Malformed> {
         return Err(Malformed::BadExtensionChain);
     }
     pkt.proto = next;
-    parse_l4(f, cur, end, &mut pkt)?;
-    Ok(pkt)
+    parse_l4(f, cur, end, pkt)
 }
 
 #[inline(always)]
@@ -296,6 +357,30 @@ fn parse_l4<F: Frame + ?Sized>(
         pkt.sport = be16(f, off)?;
         pkt.dport = be16(f, off + 2)?;
         pkt.tcp_flags = rd(f, off + 13)?;
+        let seq = u32::from_be(rd(f, off + 4)?);
+        let ack = u32::from_be(rd(f, off + 8)?);
+        let flags = pkt.tcp_flags;
+        let payload = (room - doff) as u32;
+        pkt.tcp = TcpFields {
+            seq,
+            ack,
+            sack: ack,
+            end: seq
+                .wrapping_add(payload)
+                .wrapping_add((flags & 0x02 != 0) as u32)
+                .wrapping_add((flags & 0x01 != 0) as u32),
+            win: be16(f, off + 14)?,
+            ..TcpFields::default()
+        };
+        if doff > 20 {
+            pkt.tcp.opts = TCP_OPT_PRESENT;
+            pkt.tcp.opt_len = (doff - 20) as u8;
+            // Timestamps alone (NOP, NOP, TS: most segments of an established Linux connection)
+            // say nothing window tracking needs: the walk is skipped.
+            if doff == 32 && rd::<F, [u8; 4]>(f, off + 20)? == [1, 1, 8, 10] {
+                pkt.tcp.opts |= TCP_OPT_TIMESTAMPS_ONLY;
+            }
+        }
     } else if p == proto::UDP {
         if room < 8 {
             return Err(Malformed::Truncated);
@@ -325,6 +410,110 @@ fn parse_l4<F: Frame + ?Sized>(
         pkt.dport = ((pkt.icmp_type as u16) << 8) | pkt.icmp_code as u16;
     }
     Ok(())
+}
+
+/// The options of a TCP header, copied out of the packet: what [`parse_tcp_option_bytes`] walks.
+/// A struct (not a bare array) so that an eBPF global function can take a pointer to it. It holds
+/// 128 bytes for at most 40 of options: the walk's indexes are masked into range, and where the
+/// compiler drops a mask it has proven needless, the verifier, which does not follow the bounds
+/// the compiler used (an option's offset plus its size within the list), still sees an index
+/// below 40 plus a constant below 40.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptionBytes {
+    /// The options, `TcpFields::opt_len` of them valid (at most [`TCP_MAX_OPTION_BYTES`]).
+    pub bytes: [u8; 128],
+}
+
+impl Default for TcpOptionBytes {
+    fn default() -> Self {
+        TcpOptionBytes { bytes: [0; 128] }
+    }
+}
+
+impl TcpOptionBytes {
+    /// The byte at `i`, masked into the buffer (see the type's documentation).
+    #[inline(always)]
+    fn at(&self, i: usize) -> u8 {
+        self.bytes[i & 127]
+    }
+}
+
+/// Copies the options of the TCP header `pkt` describes out of `f` and walks them
+/// ([`parse_tcp_option_bytes`]). The eBPF programs copy with one skb helper call instead.
+pub fn parse_tcp_options<F: Frame + ?Sized>(f: &F, pkt: &mut Packet) {
+    let off = pkt.l4_off as usize + 20;
+    let mut opts = TcpOptionBytes::default();
+    let len = (pkt.tcp.opt_len as usize).min(TCP_MAX_OPTION_BYTES);
+    for (i, b) in opts.bytes.iter_mut().take(len).enumerate() {
+        match f.read::<u8>(off + i) {
+            Some(v) => *b = v,
+            None => return,
+        }
+    }
+    parse_tcp_option_bytes(&opts, len, &mut pkt.tcp);
+}
+
+/// Walks the first `len` bytes of a TCP header's options for what window tracking needs, as
+/// nf_conntrack's `tcp_options` and `tcp_sack` do: Window Scale, SACK Permitted, and the highest
+/// SACK right edge of the first SACK option. A malformed list ends the walk and keeps what was
+/// read before it, as the kernel's does. [`parse`] leaves this out: it is only needed when the
+/// header has options beyond timestamps alone, and in eBPF it runs as a global function of its
+/// own so that its loop is verified once, not once per path of the parser.
+#[inline(always)]
+pub fn parse_tcp_option_bytes(opts: &TcpOptionBytes, len: usize, tcp: &mut TcpFields) {
+    const EOL: u8 = 0;
+    const NOP: u8 = 1;
+    const WINDOW: u8 = 3;
+    const SACK_PERM: u8 = 4;
+    const SACK: u8 = 5;
+    let len = len.min(TCP_MAX_OPTION_BYTES);
+    let mut i = 0usize;
+    for _ in 0..TCP_MAX_OPTION_BYTES {
+        if i >= len {
+            break;
+        }
+        let kind = opts.at(i);
+        if kind == EOL {
+            break;
+        }
+        if kind == NOP {
+            i += 1;
+            continue;
+        }
+        if i + 2 > len {
+            break;
+        }
+        let size = opts.at(i + 1) as usize;
+        if size < 2 || i + size > len {
+            break;
+        }
+        if kind == SACK_PERM && size == 2 {
+            tcp.opts |= TCP_OPT_SACK_PERM;
+        } else if kind == WINDOW && size == 3 {
+            tcp.wscale = opts.at(i + 2).min(TCP_MAX_WSCALE);
+            tcp.opts |= TCP_OPT_WSCALE;
+        } else if kind == SACK && size >= 10 && (size - 2).is_multiple_of(8) {
+            // At most four blocks fit in 40 bytes of options.
+            for blk in 0..4usize {
+                if 2 + 8 * blk >= size {
+                    break;
+                }
+                let at = i + 2 + 8 * blk + 4;
+                let right = u32::from_be_bytes([
+                    opts.at(at),
+                    opts.at(at + 1),
+                    opts.at(at + 2),
+                    opts.at(at + 3),
+                ]);
+                if crate::window::seq_after(right, tcp.sack) {
+                    tcp.sack = right;
+                }
+            }
+            break;
+        }
+        i += size;
+    }
 }
 
 /// Parses the packet header an ICMP or ICMPv6 error carries (the original datagram: its IP header

@@ -385,12 +385,13 @@ mod tests {
     fn layouts_are_fixed() {
         assert_eq!(core::mem::size_of::<LayersKey>(), 8);
         assert_eq!(core::mem::size_of::<Layers>(), 48);
-        // Layers came without changing the conntrack entry's layout (an upgrade keeps it): the
-        // entry got a flag bit, not a byte. The endpoint grew the pod's addresses for the source
-        // check (its map is rebuilt from the agent's records on upgrade).
+        // Layers came without changing the conntrack entry's layout: the entry got a flag bit,
+        // not a byte. The endpoint grew the pod's addresses for the source check (its map is
+        // rebuilt from the agent's records on upgrade). The conntrack entry grew window tracking
+        // (88 bytes; the agent migrates a 24-byte table's entries on upgrade).
         assert_eq!(core::mem::size_of::<crate::endpoint::Endpoint>(), 36);
         assert_eq!(core::mem::size_of::<crate::endpoint::CachedEndpoint>(), 44);
         assert_eq!(core::mem::size_of::<crate::source::SourceKey>(), 24);
-        assert_eq!(core::mem::size_of::<crate::conntrack::CtEntry>(), 24);
+        assert_eq!(core::mem::size_of::<crate::conntrack::CtEntry>(), 88);
     }
 }

@@ -4,22 +4,24 @@ use core::sync::atomic::{compiler_fence, Ordering};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_load_bytes},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
 use kubesg_common::{
     config::{timeout, ClockSample, Config, CFG_DENY_EVENTS, CFG_RECHECK_ON_POLICY_CHANGE},
     conntrack::{
-        icmp_kind, is_icmp, track_new, track_packet, CtKey, CtState, IcmpKind, Segment, Step,
-        CT_F_FROM_HOST,
+        icmp_kind, is_icmp, start_tracking, track_packet, CtEntry, CtKey, CtState, IcmpKind,
+        Segment, Step, CT_F_FROM_HOST,
     },
     endpoint::{cache_slot, Endpoint},
     event::{Counters, DenyEvent, DenyReason},
     fragment::{FragKey, FragVerdict},
     limits,
     parse::{
-        parse_head_first, parse_icmp_error_inner, Frame, Malformed, Packet, FRAG_FIRST, FRAG_LATER,
+        has_tcp_options_to_walk, parse_head_first_into, parse_icmp_error_inner,
+        parse_tcp_option_bytes, Frame, Malformed, Packet, TcpFields, TcpOptionBytes, FRAG_FIRST,
+        FRAG_LATER, TCP_MAX_OPTION_BYTES,
     },
     policy::{from_host, layered_allows, ClassSet, LayersKey, PolicyQuery},
     source::{not_ip, sent_as_itself, NotIp, SourceKey, SRC_F_CHECK},
@@ -27,8 +29,9 @@ use kubesg_common::{
 };
 
 use crate::maps::{
-    CLOCK, CONFIG, CONNTRACK, COUNTERS, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE, FRAGMENTS,
-    POLICY_HOSTS, POLICY_LAYERS, POLICY_PEERS, POLICY_PORTS, SOURCES,
+    CLOCK, CONFIG, CONNTRACK, COUNTERS, CT_SCRATCH, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE,
+    FRAGMENTS, PACKET, POLICY_HOSTS, POLICY_LAYERS, POLICY_PEERS, POLICY_PORTS, SOURCES,
+    TCP_OPTIONS,
 };
 
 /// Accept, and let any later program on the hook have its say (tcx: TCX_NEXT; clsact: continue).
@@ -111,9 +114,19 @@ impl Frame for LinearFrame<'_> {
 
 /// Parses the packet in place, and again through the helper only when that ran past the linear
 /// part (see [`parse_head_first`]).
+///
+/// The packet goes to this CPU's slot of `PACKET`, not onto the stack, which the conntrack entry
+/// and the rules need. `None` when that slot cannot be had (never, for index 0).
 #[inline(always)]
-fn parse_frame(ctx: &TcContext) -> Result<Option<Packet>, Malformed> {
-    parse_head_first(&LinearFrame(ctx), &SkbFrame(ctx))
+fn parse_frame(ctx: &TcContext) -> Option<(Result<bool, Malformed>, &'static mut Packet)> {
+    let slot = PACKET.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of a per-CPU array; tc programs run with bottom halves disabled,
+    // so no other run of them on this CPU uses it until this one ends.
+    let pkt = unsafe { &mut *slot };
+    Some((
+        parse_head_first_into(&LinearFrame(ctx), &SkbFrame(ctx), pkt),
+        pkt,
+    ))
 }
 
 /// What became of a packet, for the counters.
@@ -146,9 +159,19 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
     let frame = SkbFrame(ctx);
     // What the pod sends must be sent as itself (crate `kubesg_common::source`), member or not.
     let checked = dir == Direction::Egress && ep.sources & SRC_F_CHECK != 0;
-    let pkt = match parse_frame(ctx) {
-        Ok(Some(pkt)) => pkt,
-        Ok(None) => {
+    let Some((parsed, pkt)) = parse_frame(ctx) else {
+        return finish(
+            invalid(&ep, DenyReason::Malformed),
+            &ep,
+            ifindex,
+            dir,
+            None,
+            cfg,
+        );
+    };
+    match parsed {
+        Ok(true) => {}
+        Ok(false) => {
             let v = if checked && not_ip(&ep, ifindex, &frame, is_source) == NotIp::SpoofedArp {
                 Verdict::Drop(DenyReason::Spoofed)
             } else {
@@ -165,31 +188,36 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
             };
             return finish(v, &ep, ifindex, dir, None, cfg);
         }
-    };
-    if checked && !sent_as_itself(&ep, ifindex, &pkt, &frame, is_source) {
+    }
+    if checked && !sent_as_itself(&ep, ifindex, pkt, &frame, is_source) {
         return finish(
             Verdict::Drop(DenyReason::Spoofed),
             &ep,
             ifindex,
             dir,
-            Some(&pkt),
+            Some(pkt),
             cfg,
         );
     }
+    if has_tcp_options_to_walk(pkt) {
+        // SYNs and SACKs: what window tracking needs of the options.
+        tcp_options(ctx, pkt);
+    }
+    let pkt: &Packet = pkt;
     let v = if pkt.frag == FRAG_LATER {
-        later_fragment(&ep, ifindex, &pkt, cfg)
+        later_fragment(&ep, ifindex, pkt, cfg)
     } else {
         let v = if ep.is_stateless() {
-            stateless(ctx, &ep, dir, &pkt)
+            stateless(ctx, &ep, dir, pkt)
         } else {
-            stateful(ctx, &frame, &ep, ifindex, dir, &pkt, cfg)
+            stateful(ctx, &frame, &ep, ifindex, dir, pkt, cfg)
         };
         if pkt.frag == FRAG_FIRST {
-            remember_fragment(ifindex, &pkt, v, cfg);
+            remember_fragment(ifindex, pkt, v, cfg);
         }
         v
     };
-    finish(v, &ep, ifindex, dir, Some(&pkt), cfg)
+    finish(v, &ep, ifindex, dir, Some(pkt), cfg)
 }
 
 /// The datapath's clock (CLOCK_MONOTONIC at the start of the tick, as the agent calibrated the
@@ -258,7 +286,7 @@ fn is_source(key: &SourceKey) -> bool {
 #[inline(always)]
 pub fn parse_only(ctx: &TcContext) -> i32 {
     match parse_frame(ctx) {
-        Ok(Some(p)) => {
+        Some((Ok(true), p)) => {
             let fold = p.src[0]
                 ^ p.src[3]
                 ^ p.dst[0]
@@ -271,8 +299,8 @@ pub fn parse_only(ctx: &TcContext) -> i32 {
                 ACCEPT
             }
         }
-        Ok(None) => ACCEPT,
-        Err(_) => DROP,
+        Some((Ok(false), _)) => ACCEPT,
+        _ => DROP,
     }
 }
 
@@ -281,16 +309,16 @@ pub fn parse_only(ctx: &TcContext) -> i32 {
 #[inline(always)]
 pub fn parse_lookup(ctx: &TcContext) -> i32 {
     match parse_frame(ctx) {
-        Ok(Some(p)) => {
-            let key = CtKey::for_packet(1, Direction::Egress, &p);
+        Some((Ok(true), p)) => {
+            let key = CtKey::for_packet(1, Direction::Egress, p);
             // SAFETY: the value is plain data, only tested for presence.
             match unsafe { CONNTRACK.get(key) } {
                 Some(e) if e.expires_ns == 0x5eed_5eed => DROP,
                 _ => ACCEPT,
             }
         }
-        Ok(None) => ACCEPT,
-        Err(_) => DROP,
+        Some((Ok(false), _)) => ACCEPT,
+        _ => DROP,
     }
 }
 
@@ -434,18 +462,29 @@ fn stateful<F: Frame>(
     let key = CtKey::for_packet(ifindex, dir, pkt);
     let seg = Segment::of(pkt);
     let now = now(cfg);
+    let Some(scratch) = CT_SCRATCH.get_ptr_mut(0) else {
+        return invalid(ep, DenyReason::Invalid);
+    };
+    // SAFETY: this CPU's slot of a per-CPU array; tc programs run with bottom halves disabled,
+    // so no other run of them on this CPU uses it until this one ends.
+    let entry = unsafe { &mut *scratch };
     if let Some(slot) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: the pointer is to a live map value; a concurrent update on another CPU can at
         // worst make us work on a torn copy, as with any conntrack in eBPF.
-        let mut entry = unsafe { *slot };
+        *entry = unsafe { *slot };
         if !entry.expired(now) {
-            let step = track_packet(&mut entry, &seg, dir, now, cfg);
+            let step = Step::from_code(kubesg_track(entry, &seg, dir as u32, now, cfg));
             let state = match step {
                 Step::Invalid => return invalid(ep, DenyReason::Invalid),
+                Step::InvalidNoted => {
+                    // SAFETY: as above; the value is plain data.
+                    unsafe { *slot = *entry };
+                    return invalid(ep, DenyReason::Invalid);
+                }
                 Step::Reopen => {
                     // The closed connection goes whether or not the rules admit the new one.
                     let _ = CONNTRACK.remove(key);
-                    return open(ctx, ep, &key, &seg, dir, pkt, now, cfg);
+                    return open(ctx, ep, &key, &seg, dir, pkt, now, cfg, entry);
                 }
                 Step::Update(s) | Step::Delete(s) => s,
             };
@@ -461,7 +500,7 @@ fn stateful<F: Frame>(
                     }
                 } else if entry.policy_id != ep.policy_id
                     && cfg.flags & CFG_RECHECK_ON_POLICY_CHANGE != 0
-                    && !allowed(ep, &PolicyQuery::for_entry(&key, &entry), || {
+                    && !allowed(ep, &PolicyQuery::for_entry(&key, entry), || {
                         entry.from_host()
                     })
                 {
@@ -476,12 +515,75 @@ fn stateful<F: Frame>(
                 let _ = CONNTRACK.remove(key);
             } else {
                 // SAFETY: as above; the value is plain data.
-                unsafe { *slot = entry };
+                unsafe { *slot = *entry };
             }
             return Verdict::Accept;
         }
     }
-    open(ctx, ep, &key, &seg, dir, pkt, now, cfg)
+    open(ctx, ep, &key, &seg, dir, pkt, now, cfg, entry)
+}
+
+/// Moves a tracked connection's entry on one packet ([`track_packet`]; see [`Step::code`]).
+///
+/// A global function: the verifier checks it once, on its own, and its callers see a number.
+/// Inlined, TCP window tracking's many independent branches multiplied with the paths of the
+/// parser and of the rules after it, past the verifier's budget of a million instructions.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn kubesg_track(
+    entry: *mut CtEntry,
+    seg: *const Segment,
+    dir: u32,
+    now: u64,
+    cfg: *const Config,
+) -> u32 {
+    // SAFETY: the callers pass a per-CPU scratch slot, a segment on their stack and the CONFIG
+    // map's value; a global function must still check each for null.
+    let (Some(entry), Some(seg), Some(cfg)) =
+        (unsafe { (entry.as_mut(), seg.as_ref(), cfg.as_ref()) })
+    else {
+        return Step::Invalid.code();
+    };
+    track_packet(entry, seg, Direction::from_u8(dir as u8), now, cfg).code()
+}
+
+/// Reads the TCP options of `pkt` into its `tcp` fields: one skb helper call copies them to this
+/// CPU's `TCP_OPTIONS` slot, and [`kubesg_tcp_options`] walks them. Options that cannot be read
+/// are left out, as a truncated option list is in the kernel.
+#[inline(always)]
+fn tcp_options(ctx: &TcContext, pkt: &mut Packet) {
+    let Some(buf) = TCP_OPTIONS.get_ptr_mut(0) else {
+        return;
+    };
+    let len = (pkt.tcp.opt_len as u32) & 0x3f;
+    if len == 0 || len > TCP_MAX_OPTION_BYTES as u32 {
+        return;
+    }
+    let off = pkt.l4_off as u32 + 20;
+    // SAFETY: the destination is this CPU's slot, `len` (1 to 40) bytes fit in it.
+    let copied = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), off, buf.cast(), len) };
+    if copied == 0 {
+        kubesg_tcp_options(buf, len, &mut pkt.tcp);
+    }
+}
+
+/// Walks the TCP options in `opts` ([`parse_tcp_option_bytes`]). A global function, for the same
+/// reason as [`kubesg_track`]: its loop of up to 40 steps, inlined, would be verified once for
+/// each path of the parser and the source check around it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn kubesg_tcp_options(
+    opts: *const TcpOptionBytes,
+    len: u32,
+    tcp: *mut TcpFields,
+) -> u32 {
+    // SAFETY: the caller passes this CPU's TCP_OPTIONS slot and the per-CPU packet's fields; a
+    // global function must still check each for null.
+    let (Some(opts), Some(tcp)) = (unsafe { (opts.as_ref(), tcp.as_mut()) }) else {
+        return 0;
+    };
+    parse_tcp_option_bytes(opts, len as usize, tcp);
+    0
 }
 
 /// A packet with no live entry: it opens a connection if it can and the rules allow it.
@@ -496,11 +598,11 @@ fn open(
     pkt: &Packet,
     now: u64,
     cfg: &Config,
+    entry: &mut CtEntry,
 ) -> Verdict {
-    let mut entry = match track_new(seg, dir, now, cfg) {
-        Some(e) => e,
-        None => return invalid(ep, DenyReason::Invalid),
-    };
+    if !start_tracking(entry, seg, dir, now, cfg) {
+        return invalid(ep, DenyReason::Invalid);
+    }
     if ep.is_member()
         && !allowed(ep, &PolicyQuery::for_packet(dir, pkt), || {
             packet_from_host(ctx, dir)
@@ -516,7 +618,7 @@ fn open(
         entry.flags |= CT_F_FROM_HOST;
     }
     entry.policy_id = ep.policy_id;
-    let _ = CONNTRACK.insert(key, entry, BPF_ANY as u64);
+    let _ = CONNTRACK.insert(key, &*entry, BPF_ANY as u64);
     Verdict::AcceptNew
 }
 

@@ -13,6 +13,7 @@ use kubesg_common::{
     event::Counters,
     fragment::{FragKey, FragVerdict},
     limits,
+    parse::{Packet, TcpOptionBytes},
     policy::{ClassSet, Layers, LayersKey, PeerKey, PortKey},
     source::SourceKey,
 };
@@ -63,6 +64,22 @@ pub static POLICY_LAYERS: HashMap<LayersKey, Layers> =
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, FragVerdict> =
     LruHashMap::with_max_entries(limits::FRAGMENTS, 0);
+
+/// The working copy of the conntrack entry a packet moves (one per CPU): at 88 bytes, with the
+/// packet and its rules, it does not fit the 512-byte eBPF stack. Not pinned: nothing outlives
+/// the packet.
+#[map]
+pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
+
+/// The packet being judged, as parsed (one per CPU): off the 512-byte stack, as
+/// [`CT_SCRATCH`].
+#[map]
+pub static PACKET: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
+/// The TCP options of the packet being judged, copied out of it (one per CPU) for
+/// `kubesg_tcp_options`.
+#[map]
+pub static TCP_OPTIONS: PerCpuArray<TcpOptionBytes> = PerCpuArray::with_max_entries(1, 0);
 
 /// Settings (one element).
 #[map]
