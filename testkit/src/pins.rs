@@ -42,16 +42,32 @@ impl Drop for PinDir {
     }
 }
 
+/// `BPF_MAP_TYPE_ARRAY`.
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+/// `BPF_MAP_TYPE_LRU_HASH`.
+pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
 /// Creates an array map of one `value_size`-byte element and pins it at `path`, as a map left by
 /// another build would be: the agent must notice that it does not fit.
 pub fn pin_foreign_array(path: &Path, value_size: u32) -> io::Result<()> {
+    pin_foreign_map(path, BPF_MAP_TYPE_ARRAY, 4, value_size, 1)
+}
+
+/// Creates a map of `map_type` with the given sizes and pins it at `path`, as a map left by
+/// another build of the agent would be (an older conntrack layout, say).
+pub fn pin_foreign_map(
+    path: &Path,
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<()> {
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_MAP_TYPE_ARRAY: u32 = 2;
     // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, then
     // fields that stay zero.
     let mut create = [0u32; 32];
-    create[..4].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, value_size, 1]);
+    create[..4].copy_from_slice(&[map_type, key_size, value_size, max_entries]);
     // SAFETY: a zeroed bpf_attr prefix with the four fields set.
     let fd = unsafe { bpf(BPF_MAP_CREATE, &mut create)? };
     // SAFETY: the kernel just returned this descriptor; the OwnedFd closes it.

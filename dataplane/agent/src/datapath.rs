@@ -32,6 +32,7 @@ use crate::{
     attach::{self, AttachError, AttachMode, Hook},
     bpffs,
     clock::{self, TickClock},
+    ct_migrate::{Copied, CtMigration},
     maps::{map_pin_path, names, Maps, MapsError},
     pin_compat,
     policy::CompiledPolicy,
@@ -195,6 +196,9 @@ pub struct Datapath {
     tick: Option<TickClock>,
     /// How far ahead of CLOCK_MONOTONIC the tick clock may read ([`clock::Calibration::lead_ns`]).
     tick_lead_ns: u64,
+    /// The conntrack table of an older layout this load replaced, until its entries are
+    /// carried over a second time ([`Datapath::finish_conntrack_migration`]).
+    ct_migration: Option<CtMigration>,
 }
 
 /// How many times a calibration is tried before the datapath falls back to the helper clock.
@@ -235,12 +239,23 @@ impl Datapath {
             }
             None => Vec::new(),
         };
+        let mut ct_migration = None;
         if !pin_paths.is_empty() {
+            // Held open before its pin goes, so its entries can be carried over.
+            if let Some((_, path)) = pin_paths.iter().find(|(n, _)| *n == names::CONNTRACK) {
+                ct_migration = CtMigration::open(path).map_err(|e| {
+                    DatapathError::PinnedMaps(format!("opening the older conntrack table: {e}"))
+                })?;
+            }
             let expected = pin_compat::shapes(OBJECT, &[names::CONNTRACK])
                 .map_err(|e| DatapathError::PinnedMaps(format!("reading the object: {e}")))?;
             let replaced = pin_compat::unpin_incompatible(&expected, &pin_paths)
                 .map_err(|e| DatapathError::PinnedMaps(format!("unpinning: {e}")))?;
-            if replaced.contains(&names::CONNTRACK) {
+            if !replaced.contains(&names::CONNTRACK) {
+                ct_migration = None;
+            } else if ct_migration.is_some() {
+                info!("the conntrack table has a new layout: carrying its entries over");
+            } else {
                 warn!("the conntrack table is new: connections tracked before are not known");
             }
         }
@@ -286,7 +301,10 @@ impl Datapath {
                 "program loaded"
             );
         }
-        let (maps, events) = Maps::take(&mut ebpf)?;
+        let (mut maps, events) = Maps::take(&mut ebpf)?;
+        if let Some(m) = &ct_migration {
+            m.copy_into(&mut maps.conntrack, true);
+        }
         let clock_map = ebpf
             .take_map("CLOCK")
             .ok_or_else(|| DatapathError::Clock("the object has no CLOCK map".into()))
@@ -302,6 +320,7 @@ impl Datapath {
             clock_map,
             tick: None,
             tick_lead_ns: 0,
+            ct_migration,
         };
         dp.calibrate_clock()?;
         dp.set_config(&opts.config)?;
@@ -314,6 +333,15 @@ impl Datapath {
             "datapath loaded"
         );
         Ok(dp)
+    }
+
+    /// Carries over, a second time, the entries of an older-layout conntrack table this load
+    /// replaced: those its programs created after the first copy. Call it once this build's
+    /// programs are on every pod interface; entries the new programs wrote are kept. `None`
+    /// when no migration was pending.
+    pub fn finish_conntrack_migration(&mut self) -> Option<Copied> {
+        let m = self.ct_migration.take()?;
+        Some(m.copy_into(&mut self.maps.conntrack, false))
     }
 
     /// The typed maps, for reading state (conntrack, counters) and tests.

@@ -172,6 +172,7 @@ impl Enforcer {
         for rec in enforcer.endpoints.values() {
             enforcer.dp.attach(rec.host_ifindex)?;
         }
+        enforcer.dp.finish_conntrack_migration();
         enforcer.apply_pending_deletes()?;
         info!(
             endpoints = enforcer.endpoints.len(),

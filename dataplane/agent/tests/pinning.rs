@@ -1,6 +1,7 @@
 //! Pinned datapath: maps and attachments outlive the agent, a restarted agent reuses them, and the
 //! CLI reads the pinned maps. tcx (this kernel's default) and clsact (older kernels) both. A map
-//! pinned by a build with another layout is replaced rather than reused.
+//! pinned by a build with another layout is replaced rather than reused, and the conntrack table
+//! of the layout before window tracking is carried over.
 
 use std::{
     io::{Read, Write},
@@ -9,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::MapInfo;
+use aya::maps::{HashMap, Map, MapData, MapInfo};
 use kubesg_agent::{
     attach::{link_pin_path, AttachMode, Hook},
     conntrack,
@@ -17,9 +18,14 @@ use kubesg_agent::{
     maps::{map_pin_path, names},
     policy::{CompiledPolicy, Protocol},
 };
-use kubesg_common::config::Config;
+use kubesg_common::{
+    config::Config,
+    conntrack::{CtEntryV1, CtKey, TcpState, CT_F_ASSURED},
+    window::{SIDE_BE_LIBERAL, SIDE_SACK_PERM},
+};
 use kubesg_testkit::{
-    pins::{pin_foreign_array, PinDir},
+    node::TestNode,
+    pins::{pin_foreign_array, pin_foreign_map, PinDir, BPF_MAP_TYPE_LRU_HASH},
     pods::client_and_server,
     require_privileged,
     rules::{cidr, egress, ingress, port, rule_with},
@@ -302,5 +308,237 @@ fn an_upgrade_to_layers_adds_their_map_and_keeps_conntrack_and_endpoints() {
         dp.maps().layers.keys().count(),
         2,
         "one entry per direction"
+    );
+}
+
+/// What an upgrade over a pinned conntrack table of `old_value_size` bytes per entry does to a
+/// TCP connection the older build tracked: the older build is played by this build's programs
+/// (they keep running on the pinned links with the table they were loaded with) while the pin
+/// is swapped for a table of the older layout holding the same connections, as the older build
+/// would have left it (for the 24-byte layout; any other is left empty).
+struct Upgrade {
+    node: TestNode,
+    pins: PinDir,
+    client: TcpStream,
+    server: TcpStream,
+    /// The older table of the 24-byte layout, held open past the load that unpins it.
+    old: Option<HashMap<MapData, CtKey, CtEntryV1>>,
+    /// How many connections the older table held.
+    held: usize,
+    _listeners: [TcpListener; 2],
+}
+
+impl Upgrade {
+    fn from_layout(old_value_size: usize) -> Upgrade {
+        let pins = PinDir::new();
+        let dir = pins.path();
+        let node = client_and_server();
+        let (ci, si) = (node.pods[0].host_ifindex, node.pods[1].host_ifindex);
+        let (client_policy, server_policy) = seed_policies();
+        let mut dp = Datapath::load(&opts(dir, AttachMode::Tcx)).expect("load");
+        let ch = dp.install_policy(&client_policy).expect("client policy");
+        let sh = dp.install_policy(&server_policy).expect("server policy");
+        dp.set_endpoint(ci, Some(ch)).expect("client endpoint");
+        dp.set_endpoint(si, Some(sh)).expect("server endpoint");
+        node.ns
+            .enter(|| dp.attach(ci).and_then(|()| dp.attach(si)))
+            .expect("attach");
+        let listener = node.pods[1]
+            .ns
+            .enter(|| TcpListener::bind("0.0.0.0:23"))
+            .expect("listen");
+        let back_listener = node.pods[0]
+            .ns
+            .enter(|| TcpListener::bind("0.0.0.0:22"))
+            .expect("listen on the client");
+        let mut client = node.pods[0]
+            .ns
+            .enter(|| {
+                TcpStream::connect_timeout(
+                    &"192.168.1.7:23".parse().expect("addr"),
+                    Duration::from_secs(2),
+                )
+            })
+            .expect("the seed's connection opens");
+        let (mut server, _) = listener.accept().expect("accept");
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("read timeout");
+        }
+        echo(&mut client, &mut server, b"before").expect("data before the upgrade");
+        let tracked: Vec<_> = conntrack::list(dp.maps()).expect("list");
+        drop(dp);
+
+        let path = map_pin_path(dir, names::CONNTRACK);
+        std::fs::remove_file(&path).expect("unpinning CONNTRACK");
+        pin_foreign_map(
+            &path,
+            BPF_MAP_TYPE_LRU_HASH,
+            size_of::<CtKey>() as u32,
+            old_value_size as u32,
+            4096,
+        )
+        .expect("pinning the older table");
+        let mut held = 0;
+        let old = (old_value_size == size_of::<CtEntryV1>()).then(|| {
+            let data = MapData::from_pin(&path).expect("opening the older table");
+            let mut old: HashMap<MapData, CtKey, CtEntryV1> =
+                HashMap::try_from(Map::LruHashMap(data)).expect("typed");
+            for t in &tracked {
+                let e = t.entry;
+                let v1 = CtEntryV1 {
+                    expires_ns: e.expires_ns,
+                    created_ns: e.created_ns,
+                    policy_id: e.policy_id,
+                    state: e.state,
+                    flags: e.flags,
+                    _pad: [0; 2],
+                };
+                old.insert(t.key, v1, 0).expect("filling the older table");
+                held += 1;
+            }
+            old
+        });
+        Upgrade {
+            node,
+            pins,
+            client,
+            server,
+            old,
+            held,
+            _listeners: [listener, back_listener],
+        }
+    }
+
+    fn ifindexes(&self) -> (u32, u32) {
+        (
+            self.node.pods[0].host_ifindex,
+            self.node.pods[1].host_ifindex,
+        )
+    }
+
+    /// The upgraded agent loads and puts its programs on both interfaces.
+    fn load(&self) -> Datapath {
+        let mut dp = Datapath::load(&opts(self.pins.path(), AttachMode::Tcx)).expect("upgrade");
+        let (ci, si) = self.ifindexes();
+        self.node
+            .ns
+            .enter(|| dp.attach(ci).and_then(|()| dp.attach(si)))
+            .expect("re-attach");
+        dp
+    }
+}
+
+/// An upgrade from the build before TCP window tracking (24-byte entries) carries the tracked
+/// connections over: the connection keeps flowing both ways, its entry is ESTABLISHED with
+/// liberal windows that the next segments fill in, the way back stays refused, and entries the
+/// older programs create after the first copy arrive with the second without overwriting what
+/// the new programs wrote.
+#[test]
+fn an_upgrade_from_the_layout_before_window_tracking_keeps_tcp_connections() {
+    require_privileged!();
+    let mut up = Upgrade::from_layout(size_of::<CtEntryV1>());
+    assert!(up.held >= 1, "the older table holds the connection");
+    let (ci, _) = up.ifindexes();
+    let mut dp = up.load();
+    let conn = |dp: &Datapath| {
+        conntrack::list(dp.maps())
+            .expect("list")
+            .into_iter()
+            .find(|x| x.key.ifindex == ci && x.key.peer_port == 23)
+            .expect("the client's connection is in the new table")
+    };
+    let migrated = conn(&dp);
+    assert_eq!(migrated.entry.state, TcpState::Established as u8);
+    assert_ne!(migrated.entry.flags & CT_F_ASSURED, 0);
+    for side in migrated.entry.seen {
+        assert_eq!(side.flags, SIDE_BE_LIBERAL | SIDE_SACK_PERM);
+    }
+
+    // The older programs go on creating entries until the interfaces run the new ones: the
+    // second pass adds what the new table lacks and keeps what it has.
+    let late = CtKey {
+        ifindex: 4242,
+        family: kubesg_common::AF_INET,
+        proto: 17,
+        pod_port: 5353,
+        peer_port: 53,
+        ..CtKey::default()
+    };
+    let late_entry = CtEntryV1 {
+        expires_ns: u64::MAX,
+        state: 0,
+        ..CtEntryV1::default()
+    };
+    let old = up.old.as_mut().expect("the older table");
+    old.insert(late, late_entry, 0).expect("a late entry");
+    let stale = CtEntryV1 {
+        expires_ns: 1,
+        state: TcpState::Close as u8,
+        ..CtEntryV1::default()
+    };
+    old.insert(migrated.key, stale, 0).expect("a stale copy");
+    let second = dp
+        .finish_conntrack_migration()
+        .expect("a pending migration");
+    assert_eq!(
+        (second.copied, second.kept, second.failed),
+        (1, up.held, 0),
+        "{second:?}"
+    );
+    assert!(
+        dp.finish_conntrack_migration().is_none(),
+        "the older table is released"
+    );
+    assert_eq!(
+        dp.maps()
+            .conntrack
+            .get(&late, 0)
+            .expect("the late entry")
+            .expires_ns,
+        u64::MAX
+    );
+    assert_eq!(
+        conn(&dp).entry.state,
+        TcpState::Established as u8,
+        "the second pass keeps what the new table has"
+    );
+
+    echo(&mut up.client, &mut up.server, b"after").expect("data after the upgrade");
+    echo(&mut up.server, &mut up.client, b"reply").expect("reply after the upgrade");
+    let learnt = conn(&dp).entry;
+    assert!(
+        learnt.seen.iter().all(|s| s.td_maxwin != 0),
+        "both windows learnt from the segments since: {:?}",
+        learnt.seen
+    );
+    let back = up.node.pods[1].ns.enter(|| {
+        TcpStream::connect_timeout(
+            &"192.168.1.5:22".parse().expect("addr"),
+            Duration::from_millis(500),
+        )
+    });
+    assert!(
+        back.is_err(),
+        "the way back stays refused after the upgrade"
+    );
+}
+
+/// The other side of the test above: a conntrack layout this build does not know is replaced
+/// with its entries lost, and the connection it tracked is cut (its next segment has no entry
+/// and is INVALID), which is what the migration prevents.
+#[test]
+fn an_upgrade_from_an_unknown_conntrack_layout_loses_the_connections() {
+    require_privileged!();
+    let mut up = Upgrade::from_layout(16);
+    let mut dp = up.load();
+    assert!(
+        dp.finish_conntrack_migration().is_none(),
+        "nothing to carry over"
+    );
+    assert_eq!(dp.maps().conntrack.keys().count(), 0, "a new, empty table");
+    assert!(
+        echo(&mut up.client, &mut up.server, b"after").is_err(),
+        "the connection's segments are dropped"
     );
 }

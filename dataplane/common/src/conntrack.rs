@@ -209,6 +209,53 @@ impl CtEntry {
     }
 }
 
+/// The `CONNTRACK` value of the builds before TCP window tracking (24 bytes). An agent of this
+/// build finds such a table pinned after an upgrade and carries its entries over
+/// ([`CtEntry::migrated`]), so that an upgrade does not cut the connections it tracked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntryV1 {
+    /// As [`CtEntry::expires_ns`].
+    pub expires_ns: u64,
+    /// As [`CtEntry::created_ns`].
+    pub created_ns: u64,
+    /// As [`CtEntry::policy_id`].
+    pub policy_id: u32,
+    /// As [`CtEntry::state`].
+    pub state: u8,
+    /// As [`CtEntry::flags`].
+    pub flags: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 2],
+}
+
+impl CtEntry {
+    /// The entry for a connection of protocol `proto` that a table without window data tracked.
+    /// A TCP connection's sequence space is unknown, so both sides are marked liberal with SACK
+    /// allowed, as nf_conntrack marks a connection it picks up in the middle: the window is then
+    /// learnt from the next segments and never used to refuse one of this connection's packets.
+    pub fn migrated(old: CtEntryV1, proto: u8) -> Self {
+        let side = TcpSide {
+            flags: if proto == proto::TCP {
+                crate::window::SIDE_BE_LIBERAL | SIDE_SACK_PERM
+            } else {
+                0
+            },
+            ..TcpSide::default()
+        };
+        CtEntry {
+            expires_ns: old.expires_ns,
+            created_ns: old.created_ns,
+            policy_id: old.policy_id,
+            state: old.state,
+            flags: old.flags,
+            _pad: [0; 2],
+            seen: [side; 2],
+            last: TcpLast::default(),
+        }
+    }
+}
+
 impl CtKey {
     /// The key of the flow `pkt` belongs to, seen from the pod behind `ifindex`, for a packet
     /// travelling in `dir`.
@@ -261,6 +308,8 @@ impl Segment {
 unsafe impl aya::Pod for CtKey {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for CtEntry {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CtEntryV1 {}
 
 /// What the tracker needs to know about a packet's layer 4 header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1409,14 +1458,60 @@ mod tests {
     }
 
     #[test]
+    fn a_migrated_entry_keeps_its_state_and_only_tcp_gets_liberal_windows() {
+        // The layout the builds before window tracking pinned.
+        assert_eq!(core::mem::size_of::<CtEntryV1>(), 24);
+        let old = CtEntryV1 {
+            expires_ns: 5_000,
+            created_ns: 1_000,
+            policy_id: 7,
+            state: TcpState::Established as u8,
+            flags: CT_F_ASSURED | CT_F_SEEN_REPLY | CT_F_ORIG_INGRESS,
+            _pad: [0; 2],
+        };
+        let tcp = CtEntry::migrated(old, proto::TCP);
+        assert_eq!(
+            (
+                tcp.expires_ns,
+                tcp.created_ns,
+                tcp.policy_id,
+                tcp.state,
+                tcp.flags
+            ),
+            (
+                old.expires_ns,
+                old.created_ns,
+                old.policy_id,
+                old.state,
+                old.flags
+            )
+        );
+        for side in tcp.seen {
+            assert_eq!(side.flags, crate::window::SIDE_BE_LIBERAL | SIDE_SACK_PERM);
+            assert_eq!((side.td_end, side.td_maxend, side.td_maxwin), (0, 0, 0));
+        }
+        assert_eq!(tcp.last, TcpLast::default());
+        let udp = CtEntry::migrated(CtEntryV1 { state: 0, ..old }, proto::UDP);
+        assert_eq!(udp.seen, [TcpSide::default(); 2]);
+        assert_eq!(udp.flags, old.flags);
+    }
+
+    #[test]
     fn a_migrated_entry_without_window_data_picks_the_window_up() {
         let mut t = Talk::established();
         // What a migration from a table without window data leaves.
-        t.entry.seen = [TcpSide {
-            flags: crate::window::SIDE_BE_LIBERAL | SIDE_SACK_PERM,
-            ..TcpSide::default()
-        }; 2];
-        t.entry.last = TcpLast::default();
+        let e = t.entry;
+        t.entry = CtEntry::migrated(
+            CtEntryV1 {
+                expires_ns: e.expires_ns,
+                created_ns: e.created_ns,
+                policy_id: e.policy_id,
+                state: e.state,
+                flags: e.flags,
+                _pad: [0; 2],
+            },
+            proto::TCP,
+        );
         t.pod = t.pod.wrapping_add(12345);
         assert_eq!(
             t.peer_sends(ACK | PSH, 2_000),
