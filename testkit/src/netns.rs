@@ -135,6 +135,80 @@ impl Netns {
     pub fn ifindex(&self, ifname: &str) -> io::Result<u32> {
         self.enter(|| nix::net::if_::if_nametoindex(ifname).map_err(io::Error::from))
     }
+
+    /// The MAC address of interface `ifname` in the namespace: the destination a crafted frame
+    /// needs for the interface to take it as its own.
+    pub fn mac(&self, ifname: &str) -> io::Result<[u8; 6]> {
+        let out = self.ip(&["-o", "link", "show", "dev", ifname])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let bad = || io::Error::other(format!("no MAC address for {ifname} in: {text}"));
+        let word = text
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .ok_or_else(bad)?;
+        let mut mac = [0u8; 6];
+        let mut parts = word.split(':');
+        for b in &mut mac {
+            *b = parts
+                .next()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(bad)?;
+        }
+        Ok(mac)
+    }
+
+    /// Sends whole Ethernet `frames` out of interface `ifname` of the namespace through an
+    /// `AF_PACKET` socket: they leave byte for byte, through the interface's tc egress hook,
+    /// whatever their addresses say. For what no stack would send: a reset spoofed from the
+    /// node, a malformed frame. Returns how many of them the way out dropped (a tc egress
+    /// program's `TC_ACT_SHOT` fails the send with `ENOBUFS`).
+    pub fn send_frames(&self, ifname: &str, frames: &[Vec<u8>]) -> io::Result<usize> {
+        let ifindex = self.ifindex(ifname)?;
+        self.enter(|| {
+            // SAFETY: plain socket(2) call; the descriptor is owned at once.
+            let fd =
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: sockaddr_ll is plain data; zero is a valid value for every field.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            let mut dropped = 0;
+            for frame in frames {
+                if let Some(dst) = frame.get(..6) {
+                    addr.sll_addr[..6].copy_from_slice(dst);
+                }
+                // SAFETY: the buffer and address are valid for the duration of the call and
+                // their lengths are passed with them.
+                let n = unsafe {
+                    libc::sendto(
+                        fd.as_raw_fd(),
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        (&addr as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
+                };
+                if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                    dropped += 1;
+                } else if n != frame.len() as isize {
+                    return Err(io::Error::other(format!(
+                        "sending a {}-byte frame on {ifname}: {}",
+                        frame.len(),
+                        io::Error::last_os_error()
+                    )));
+                }
+            }
+            Ok(dropped)
+        })
+    }
 }
 
 impl Drop for Netns {

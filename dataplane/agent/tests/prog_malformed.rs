@@ -384,50 +384,6 @@ fn other_ethertypes_pass_a_member_allowing_nothing() {
     assert!(dp.conns().is_empty());
 }
 
-/// Sends `frames` as they are out of the pod's `eth0` through an `AF_PACKET` socket (inside the
-/// pod's namespace): the host side of the veth receives them byte for byte.
-fn send_frames(pod: &kubesg_testkit::node::TestPod, frames: &[Vec<u8>]) {
-    let ifindex = pod.ns.ifindex("eth0").expect("eth0 index");
-    pod.ns.enter(|| {
-        // SAFETY: plain socket creation; the descriptor is owned (and closed) below.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: fd was just created and is owned by nothing else.
-        let _owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // SAFETY: sockaddr_ll is plain data; zero is a valid value for every field.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&packet::DST_MAC);
-        for frame in frames {
-            // SAFETY: the buffer and address are valid for the duration of the call and their
-            // lengths are passed with them.
-            let n = unsafe {
-                libc::sendto(
-                    fd,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(
-                n,
-                frame.len() as isize,
-                "sending {} bytes: {}",
-                frame.len(),
-                std::io::Error::last_os_error()
-            );
-        }
-    });
-}
-
 #[test]
 fn frames_ending_inside_the_ip_header_are_malformed_on_a_real_interface() {
     kubesg_testkit::require_privileged!();
@@ -448,7 +404,11 @@ fn frames_ending_inside_the_ip_header_are_malformed_on_a_real_interface() {
         .into_iter()
         .chain(cut_in_ip_header(V6))
         .collect();
-    send_frames(&node.pods[a], &frames);
+    let dropped = node.pods[a]
+        .ns
+        .send_frames("eth0", &frames)
+        .expect("sending the frames out of the pod's eth0");
+    assert_eq!(dropped, 0, "nothing judges the pod's own eth0");
     let mut denials = Vec::new();
     for _ in 0..200 {
         denials.extend(events::drain(&mut ring));
