@@ -4,7 +4,10 @@
 //! - (a) a program that only parses, and (a') parse plus one conntrack lookup that finds the
 //!   entry of a tracked connection (their difference prices one map lookup, a hit as in (b));
 //! - (b) the established fast path (an ACK of a tracked, allowed connection), and (b') the same
-//!   sent by a pod whose source is checked (its addresses set: the production case);
+//!   sent by a pod whose source is checked (its addresses set: the production case); (b'') the
+//!   ACK as Linux sends it, with the timestamp option (12 option bytes: the window tracker walks
+//!   them for SACK blocks), on a connection opened with Linux's SYN options (MSS, SACK
+//!   permitted, timestamps, window scale);
 //! - (c) the first SYN of a connection judged by a policy of 10, 1 000 and 100 000 peers and 10 /
 //!   1 000 port ranges, IPv4 and IPv6. The SYN targets a listed peer on a listed port, but of
 //!   another class, so both trie lookups run to the bottom and the SYN is refused: it leaves no
@@ -32,7 +35,7 @@ use kubesg_agent::{
     testrun::test_run,
 };
 use kubesg_common::config::CFG_DENY_EVENTS;
-use kubesg_testkit::packet::{tcp, TcpFlags};
+use kubesg_testkit::packet::{isn, tcp, tcp_segment, TcpFlags, TcpSegment};
 
 /// The endpoint the frames cross: loopback, so no device is needed.
 const IFINDEX: u32 = 1;
@@ -157,6 +160,47 @@ fn flags(syn: bool, ack: bool) -> TcpFlags {
     }
 }
 
+/// The options of Linux's SYN and SYN/ACK: MSS 1460, SACK permitted, timestamps, NOP, window
+/// scale 7 (20 bytes).
+const SYN_OPTIONS: [u8; 20] = [
+    2, 4, 0x05, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+];
+/// The options of Linux's later segments: NOP, NOP, timestamps (12 bytes).
+const ACK_OPTIONS: [u8; 12] = [1, 1, 8, 10, 0, 0, 0, 2, 0, 0, 0, 1];
+
+/// The handshake of a connection from the pod's port 40003 to the peer's 1000, with Linux's
+/// options, and the ACK that follows it: `[SYN, SYN/ACK, ACK]`.
+fn handshake_with_options(fam: Family) -> [Vec<u8>; 3] {
+    let (pod, peer) = (fam.pod(), fam.peer(1));
+    let (pod_isn, peer_isn) = (isn(40003), isn(1000));
+    let syn = TcpSegment {
+        bits: 0x02,
+        seq: pod_isn,
+        options: SYN_OPTIONS.to_vec(),
+        ..TcpSegment::default()
+    };
+    let syn_ack = TcpSegment {
+        bits: 0x12,
+        seq: peer_isn,
+        ack: pod_isn.wrapping_add(1),
+        options: SYN_OPTIONS.to_vec(),
+        ..TcpSegment::default()
+    };
+    let ack = TcpSegment {
+        bits: 0x10,
+        seq: pod_isn.wrapping_add(1),
+        ack: peer_isn.wrapping_add(1),
+        window: 502,
+        options: ACK_OPTIONS.to_vec(),
+        ..TcpSegment::default()
+    };
+    [
+        tcp_segment(pod, peer, 40003, 1000, syn),
+        tcp_segment(peer, pod, 1000, 40003, syn_ack),
+        tcp_segment(pod, peer, 40003, 1000, ack),
+    ]
+}
+
 fn measure(dp: &Datapath, program: &'static str, frame: &[u8], expect: i32) -> Result<u32> {
     let r = test_run(dp.program_fd(program)?, frame, IFINDEX, REPEAT)
         .with_context(|| format!("BPF_PROG_TEST_RUN of {program}"))?;
@@ -196,6 +240,21 @@ fn run_case(dp: &mut Datapath, case: &Case) -> Result<u32> {
                 "from_pod"
             };
             let t = measure(dp, program, &out(false, true), ACCEPT);
+            dp.set_sources(IFINDEX, &[])?;
+            dp.set_endpoint(IFINDEX, None)?;
+            dp.remove_policy(p.id)?;
+            kubesg_agent::conntrack::flush(dp.maps_mut(), None)?;
+            t
+        }
+        Kind::EstablishedOptions => {
+            let p = dp.install_policy(&policy(fam, 10, 10, false))?;
+            dp.set_endpoint(IFINDEX, Some(p))?;
+            dp.set_sources(IFINDEX, &[Family::V4.pod(), Family::V6.pod()])?;
+            let [syn, syn_ack, ack] = handshake_with_options(fam);
+            measure_once(dp, "from_pod", &syn)?;
+            measure_once(dp, "to_pod", &syn_ack)?;
+            measure_once(dp, "from_pod", &ack)?;
+            let t = measure(dp, "from_pod", &ack, ACCEPT);
             dp.set_sources(IFINDEX, &[])?;
             dp.set_endpoint(IFINDEX, None)?;
             dp.remove_policy(p.id)?;
@@ -243,6 +302,7 @@ enum Kind {
     ParseLookup,
     Established,
     EstablishedChecked,
+    EstablishedOptions,
     NewSyn { peers: u32, ranges: u16, cidr: bool },
 }
 
@@ -259,6 +319,7 @@ impl Case {
             Kind::ParseLookup => "(a') parse + one conntrack lookup".into(),
             Kind::Established => "(b)  established fast path".into(),
             Kind::EstablishedChecked => "(b') established, source checked".into(),
+            Kind::EstablishedOptions => "(b'') established, checked, TCP timestamps".into(),
             Kind::NewSyn {
                 peers,
                 ranges,
@@ -294,6 +355,7 @@ fn main() -> Result<()> {
             Kind::ParseLookup,
             Kind::Established,
             Kind::EstablishedChecked,
+            Kind::EstablishedOptions,
         ] {
             cases.push(Case { family, kind });
         }
