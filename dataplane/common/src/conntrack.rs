@@ -578,7 +578,7 @@ pub fn start_tracking(
     now: u64,
     cfg: &Config,
 ) -> bool {
-    *entry = CtEntry::default();
+    crate::words::zero::<_, u64>(entry);
     if dir == Direction::Ingress {
         entry.flags = CT_F_ORIG_INGRESS;
     }
@@ -722,12 +722,10 @@ fn track_tcp(
             syn_side.td_scale = l_wscale;
             syn_side.flags = l_flags;
             let this = &mut entry.seen[dir as usize];
-            this.td_end = 0;
-            this.td_maxend = 0;
-            this.td_maxwin = 0;
-            this.td_maxack = 0;
-            this.td_scale = 0;
-            this.flags &= crate::window::SIDE_BE_LIBERAL;
+            let liberal = this.flags & crate::window::SIDE_BE_LIBERAL;
+            // Word by word, as `crate::words` explains.
+            crate::words::zero::<_, u32>(this);
+            this.flags = liberal;
         } else {
             // Let it through without touching the state (possibly the start of a new connection
             // on the same ports, which the peers will sort out), and remember it.

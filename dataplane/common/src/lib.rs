@@ -17,6 +17,7 @@ pub mod parse;
 pub mod policy;
 pub mod source;
 pub mod window;
+pub mod words;
 
 /// IPv4 address family, as `AF_INET` and the `ipv4 2` column of `/proc/net/nf_conntrack`.
 pub const AF_INET: u8 = 2;

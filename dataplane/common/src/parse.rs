@@ -6,7 +6,7 @@
 //! the verifier requires. Anything that does not add up (lengths, versions, a chain that does not
 //! end) is [`Malformed`]: the caller counts it and treats the packet as INVALID.
 
-use crate::{proto, RawAddr, AF_INET, AF_INET6};
+use crate::{proto, words, RawAddr, AF_INET, AF_INET6};
 
 /// Bytes a parser can read. Reads are unaligned and return `None` past the end.
 pub trait Frame {
@@ -237,7 +237,7 @@ fn parse_ipv4<F: Frame + ?Sized>(f: &F, pkt: &mut Packet) -> Result<(), Malforme
     if end > f.len() {
         return Err(Malformed::Truncated);
     }
-    *pkt = Packet::default();
+    words::zero::<_, u32>(pkt);
     pkt.family = AF_INET;
     pkt.proto = proto;
     pkt.src[0] = rd(f, off + 12)?;
@@ -272,10 +272,10 @@ fn parse_ipv6<F: Frame + ?Sized>(f: &F, pkt: &mut Packet) -> Result<(), Malforme
     if end > f.len() {
         return Err(Malformed::Truncated);
     }
-    *pkt = Packet::default();
+    words::zero::<_, u32>(pkt);
     pkt.family = AF_INET6;
-    pkt.src = rd(f, off + 8)?;
-    pkt.dst = rd(f, off + 24)?;
+    words::copy::<_, u32>(&mut pkt.src, &rd(f, off + 8)?);
+    words::copy::<_, u32>(&mut pkt.dst, &rd(f, off + 24)?);
     let mut next: u8 = rd(f, off + 6)?;
     let mut cur = off + 40;
     let mut done = false;
@@ -361,17 +361,16 @@ fn parse_l4<F: Frame + ?Sized>(
         let ack = u32::from_be(rd(f, off + 8)?);
         let flags = pkt.tcp_flags;
         let payload = (room - doff) as u32;
-        pkt.tcp = TcpFields {
-            seq,
-            ack,
-            sack: ack,
-            end: seq
-                .wrapping_add(payload)
-                .wrapping_add((flags & 0x02 != 0) as u32)
-                .wrapping_add((flags & 0x01 != 0) as u32),
-            win: be16(f, off + 14)?,
-            ..TcpFields::default()
-        };
+        // Field by field: the packet was zeroed, and a struct assignment would be a byte-wise
+        // copy in eBPF (see `crate::words`).
+        pkt.tcp.seq = seq;
+        pkt.tcp.ack = ack;
+        pkt.tcp.sack = ack;
+        pkt.tcp.end = seq
+            .wrapping_add(payload)
+            .wrapping_add((flags & 0x02 != 0) as u32)
+            .wrapping_add((flags & 0x01 != 0) as u32);
+        pkt.tcp.win = be16(f, off + 14)?;
         if doff > 20 {
             pkt.tcp.opts = TCP_OPT_PRESENT;
             pkt.tcp.opt_len = (doff - 20) as u8;

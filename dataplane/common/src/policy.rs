@@ -122,17 +122,22 @@ impl PolicyQuery {
     /// The query for the first packet of a connection travelling in `dir`.
     #[inline(always)]
     pub fn for_packet(dir: crate::Direction, pkt: &crate::parse::Packet) -> Self {
-        PolicyQuery {
+        let mut q = PolicyQuery {
             direction: dir as u8,
             family: pkt.family,
             proto: pkt.proto,
-            remote: if dir == crate::Direction::Egress {
-                pkt.dst
-            } else {
-                pkt.src
-            },
+            remote: [0; 4],
             port: pkt.dport,
-        }
+        };
+        // Word by word: in eBPF the packet is in a per-CPU slot, and copying the address out as
+        // one value is a byte-wise loop (`crate::words`).
+        let remote = if dir == crate::Direction::Egress {
+            &pkt.dst
+        } else {
+            &pkt.src
+        };
+        crate::words::copy::<_, u32>(&mut q.remote, remote);
+        q
     }
 
     /// The query a tracked connection answered when it was opened (used to re-check it after the
@@ -147,13 +152,15 @@ impl PolicyQuery {
         } else {
             key.pod_port
         };
-        PolicyQuery {
+        let mut q = PolicyQuery {
             direction: dir as u8,
             family: key.family,
             proto: key.proto,
-            remote: key.peer_addr,
+            remote: [0; 4],
             port,
-        }
+        };
+        crate::words::copy::<_, u32>(&mut q.remote, &key.peer_addr);
+        q
     }
 
     /// The `POLICY_PEERS` lookup key (full-length prefix) for policy `policy_id`.

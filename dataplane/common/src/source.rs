@@ -92,15 +92,16 @@ pub fn is_own(
     if ep.sources & SRC_F_MORE == 0 {
         return false;
     }
-    let mut key = SourceKey {
-        ifindex,
-        family,
-        ..SourceKey::default()
-    };
+    // Word by word: in eBPF `addr` lies in a per-CPU slot, and struct-wide zeroing or copying
+    // there is a byte-wise loop (`crate::words`).
+    let mut key = SourceKey::default();
+    crate::words::zero::<_, u32>(&mut key);
+    key.ifindex = ifindex;
+    key.family = family;
     if family == AF_INET {
         key.addr[0] = addr[0];
     } else {
-        key.addr = *addr;
+        crate::words::copy::<_, u32>(&mut key.addr, addr);
     }
     more(&key)
 }

@@ -25,7 +25,7 @@ use kubesg_common::{
     },
     policy::{from_host, layered_allows, ClassSet, LayersKey, PolicyQuery},
     source::{not_ip, sent_as_itself, NotIp, SourceKey, SRC_F_CHECK},
-    Direction, AF_INET6,
+    words, Direction, AF_INET6,
 };
 
 use crate::maps::{
@@ -471,14 +471,15 @@ fn stateful<F: Frame>(
     if let Some(slot) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: the pointer is to a live map value; a concurrent update on another CPU can at
         // worst make us work on a torn copy, as with any conntrack in eBPF.
-        *entry = unsafe { *slot };
+        // Word by word: a struct copy is a byte-wise loop in eBPF (`kubesg_common::words`).
+        words::copy::<_, u64>(entry, unsafe { &*slot });
         if !entry.expired(now) {
             let step = Step::from_code(kubesg_track(entry, &seg, dir as u32, now, cfg));
             let state = match step {
                 Step::Invalid => return invalid(ep, DenyReason::Invalid),
                 Step::InvalidNoted => {
                     // SAFETY: as above; the value is plain data.
-                    unsafe { *slot = *entry };
+                    words::copy::<_, u64>(unsafe { &mut *slot }, entry);
                     return invalid(ep, DenyReason::Invalid);
                 }
                 Step::Reopen => {
@@ -515,7 +516,7 @@ fn stateful<F: Frame>(
                 let _ = CONNTRACK.remove(key);
             } else {
                 // SAFETY: as above; the value is plain data.
-                unsafe { *slot = *entry };
+                words::copy::<_, u64>(unsafe { &mut *slot }, entry);
             }
             return Verdict::Accept;
         }
