@@ -42,7 +42,11 @@ for i in $(seq 1 "$runs"); do
     exe=base_exe
     [[ $build == this ]] && exe=this_exe
     echo "run $i/$runs: $build" >&2
-    "${!exe}" > "$root/runs/$build-$i.txt" 2>/dev/null
+    if ! "${!exe}" > "$root/runs/$build-$i.txt" 2> "$root/runs/$build-$i.err"; then
+      echo "bench-compare: the $build bench failed:" >&2
+      tail -5 "$root/runs/$build-$i.err" >&2
+      exit 1
+    fi
   done
 done
 
