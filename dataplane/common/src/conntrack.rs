@@ -507,9 +507,10 @@ pub enum Step {
     Reopen,
     /// The packet is INVALID; the entry stays as it was.
     Invalid,
-    /// The packet is INVALID, and the entry must be stored: an out-of-window FIN or RST of an
-    /// assured connection was noted, or answered one from the other side and shortened the
-    /// timeout (`nf_tcp_handle_invalid`).
+    /// The packet is INVALID and the entry changed: an out-of-window FIN or RST of an assured
+    /// connection was noted, or answered one from the other side and shortened the timeout
+    /// (`nf_tcp_handle_invalid`). A caller tracking on a copy must store it; the eBPF programs
+    /// track on the map value itself.
     InvalidNoted,
 }
 

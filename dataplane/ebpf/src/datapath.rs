@@ -469,19 +469,16 @@ fn stateful<F: Frame>(
     // so no other run of them on this CPU uses it until this one ends.
     let entry = unsafe { &mut *scratch };
     if let Some(slot) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: the pointer is to a live map value; a concurrent update on another CPU can at
-        // worst make us work on a torn copy, as with any conntrack in eBPF.
-        // Word by word: a struct copy is a byte-wise loop in eBPF (`kubesg_common::words`).
-        words::copy::<_, u64>(entry, unsafe { &*slot });
-        if !entry.expired(now) {
-            let step = Step::from_code(kubesg_track(entry, &seg, dir as u32, now, cfg));
+        // SAFETY: the pointer is to a live map value. The tracker works on it in place, as the
+        // kernel works on its conntrack entry (what it writes before finding a segment INVALID
+        // stays, there as here), but without the kernel's per-connection lock: segments of one
+        // connection handled at the same instant on two CPUs can lose one's update, which the
+        // next segment restores.
+        let live = unsafe { &mut *slot };
+        if !live.expired(now) {
+            let step = Step::from_code(kubesg_track(slot, &seg, dir as u32, now, cfg));
             let state = match step {
-                Step::Invalid => return invalid(ep, DenyReason::Invalid),
-                Step::InvalidNoted => {
-                    // SAFETY: as above; the value is plain data.
-                    words::copy::<_, u64>(unsafe { &mut *slot }, entry);
-                    return invalid(ep, DenyReason::Invalid);
-                }
+                Step::Invalid | Step::InvalidNoted => return invalid(ep, DenyReason::Invalid),
                 Step::Reopen => {
                     // The closed connection goes whether or not the rules admit the new one.
                     let _ = CONNTRACK.remove(key);
@@ -493,17 +490,15 @@ fn stateful<F: Frame>(
                 if state == CtState::New {
                     // Until a reply is seen, packets in the original direction are NEW and the
                     // rules judge each of them (as iptables' `--ctstate NEW` rules would).
-                    if !allowed(ep, &PolicyQuery::for_packet(dir, pkt), || entry.from_host()) {
+                    if !allowed(ep, &PolicyQuery::for_packet(dir, pkt), || live.from_host()) {
                         // Admitted under earlier rules, refused now: a refused connection leaves
                         // no state behind.
                         let _ = CONNTRACK.remove(key);
                         return Verdict::Drop(DenyReason::Policy);
                     }
-                } else if entry.policy_id != ep.policy_id
+                } else if live.policy_id != ep.policy_id
                     && cfg.flags & CFG_RECHECK_ON_POLICY_CHANGE != 0
-                    && !allowed(ep, &PolicyQuery::for_entry(&key, entry), || {
-                        entry.from_host()
-                    })
+                    && !allowed(ep, &PolicyQuery::for_entry(&key, live), || live.from_host())
                 {
                     // The rules changed since this connection was admitted and no longer allow
                     // it: cut it, as Neutron deletes the conntrack entries of removed rules.
@@ -511,12 +506,9 @@ fn stateful<F: Frame>(
                     return Verdict::Drop(DenyReason::PolicyChanged);
                 }
             }
-            entry.policy_id = ep.policy_id;
+            live.policy_id = ep.policy_id;
             if let Step::Delete(_) = step {
                 let _ = CONNTRACK.remove(key);
-            } else {
-                // SAFETY: as above; the value is plain data.
-                words::copy::<_, u64>(unsafe { &mut *slot }, entry);
             }
             return Verdict::Accept;
         }
@@ -538,7 +530,7 @@ pub extern "C" fn kubesg_track(
     now: u64,
     cfg: *const Config,
 ) -> u32 {
-    // SAFETY: the callers pass a per-CPU scratch slot, a segment on their stack and the CONFIG
+    // SAFETY: the callers pass a live CONNTRACK value, a segment on their stack and the CONFIG
     // map's value; a global function must still check each for null.
     let (Some(entry), Some(seg), Some(cfg)) =
         (unsafe { (entry.as_mut(), seg.as_ref(), cfg.as_ref()) })

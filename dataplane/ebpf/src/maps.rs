@@ -65,9 +65,9 @@ pub static POLICY_LAYERS: HashMap<LayersKey, Layers> =
 pub static FRAGMENTS: LruHashMap<FragKey, FragVerdict> =
     LruHashMap::with_max_entries(limits::FRAGMENTS, 0);
 
-/// The working copy of the conntrack entry a packet moves (one per CPU): at 88 bytes, with the
-/// packet and its rules, it does not fit the 512-byte eBPF stack. Not pinned: nothing outlives
-/// the packet.
+/// Where a packet that opens a connection builds its conntrack entry before inserting it (one
+/// per CPU): at 88 bytes, with the packet and its rules, it does not fit the 512-byte eBPF stack.
+/// Not pinned: nothing outlives the packet.
 #[map]
 pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
 
