@@ -29,7 +29,8 @@ cp testkit/src/packet.rs "$wt/testkit/src/packet.rs"
 # The bench executable cargo builds in $1 with target directory $2.
 bench_exe() {
   (cd "$1" && CARGO_TARGET_DIR=$2 cargo bench -p kubesg-agent --bench datapath --no-run \
-    --message-format=json) | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
+    --message-format=json) | grep '"kind":\["bench"\]' |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
 }
 echo "building the base ($rev)" >&2
 base_exe=$(bench_exe "$wt" "$PWD/$root")
