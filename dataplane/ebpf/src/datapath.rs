@@ -25,7 +25,7 @@ use kubesg_common::{
     },
     policy::{from_host, layered_allows, ClassSet, LayersKey, PolicyQuery},
     source::{not_ip, sent_as_itself, NotIp, SourceKey, SRC_F_CHECK},
-    words, Direction, AF_INET6,
+    Direction, AF_INET6,
 };
 
 use crate::maps::{
@@ -552,7 +552,7 @@ fn tcp_options(ctx: &TcContext, pkt: &mut Packet) {
     if len == 0 || len > TCP_MAX_OPTION_BYTES as u32 {
         return;
     }
-    let off = pkt.l4_off as u32 + 20;
+    let off = pkt.l4_off + 20;
     // SAFETY: the destination is this CPU's slot, `len` (1 to 40) bytes fit in it.
     let copied = unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), off, buf.cast(), len) };
     if copied == 0 {
@@ -611,7 +611,9 @@ fn open(
         entry.flags |= CT_F_FROM_HOST;
     }
     entry.policy_id = ep.policy_id;
-    let _ = CONNTRACK.insert(key, &*entry, BPF_ANY as u64);
+    // By reference: the entry is not copied onto the stack.
+    let value: &CtEntry = entry;
+    let _ = CONNTRACK.insert(key, value, BPF_ANY as u64);
     Verdict::AcceptNew
 }
 
