@@ -4,7 +4,7 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use aya::maps::{IterableMap as _, MapError};
+use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
 use kubesg_common::{
     conntrack::{
         is_icmp, CtEntry, CtKey, TcpState, CT_F_ASSURED, CT_F_ORIG_INGRESS, CT_F_SEEN_REPLY,
@@ -250,11 +250,7 @@ pub fn sweep_with(
         }
         // Live: a connection opened since the read. Back it goes, unless the datapath has
         // written it again meanwhile (then its own copy is the newer).
-        match maps.conntrack.insert(k, entry, BPF_NOEXIST) {
-            Ok(()) => {}
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e),
-        }
+        insert_if_absent(&mut maps.conntrack, *k, entry)?;
     }
     let stale: Vec<_> = maps
         .fragments
@@ -272,8 +268,23 @@ pub fn sweep_with(
     Ok(removed)
 }
 
-/// `BPF_NOEXIST`: insert only where there is no entry.
-const BPF_NOEXIST: u64 = 1;
+/// Inserts `entry` under `key` unless the table already has an entry there, which is then
+/// newer (the datapath wrote it) and kept; whether it inserted.
+pub(crate) fn insert_if_absent(
+    table: &mut HashMap<MapData, CtKey, CtEntry>,
+    key: CtKey,
+    entry: CtEntry,
+) -> Result<bool, MapError> {
+    /// `BPF_NOEXIST`: insert only where there is no entry.
+    const BPF_NOEXIST: u64 = 1;
+    match table.insert(key, entry, BPF_NOEXIST) {
+        Ok(()) => Ok(true),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (Linux 5.14 for hash maps).
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 

@@ -16,10 +16,10 @@ use aya::maps::{HashMap, Map, MapData, MapError, MapInfo, MapType};
 use kubesg_common::conntrack::{CtEntry, CtEntryV1, CtKey};
 use tracing::{info, warn};
 
+use crate::conntrack::insert_if_absent;
+
 /// `BPF_ANY`: create or update.
 const BPF_ANY: u64 = 0;
-/// `BPF_NOEXIST`: create only.
-const BPF_NOEXIST: u64 = 1;
 
 /// What a copy did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,8 +57,9 @@ impl CtMigration {
         Ok(Some(CtMigration { old }))
     }
 
-    /// Copies every live entry of the old table into `new`, overwriting (`first`) or only
-    /// filling in keys `new` does not have (the later pass).
+    /// Copies every entry of the old table into `new` (expired ones too, which the sweep then
+    /// removes as it would have from the old table), overwriting (`first`) or only filling in
+    /// keys `new` does not have (the later pass).
     pub fn copy_into(&self, new: &mut HashMap<MapData, CtKey, CtEntry>, first: bool) -> Copied {
         let mut done = Copied::default();
         for item in self.old.iter() {
@@ -66,14 +67,15 @@ impl CtMigration {
                 done.failed += 1;
                 continue;
             };
-            let flags = if first { BPF_ANY } else { BPF_NOEXIST };
-            match new.insert(key, CtEntry::migrated(old, key.proto), flags) {
-                Ok(()) => done.copied += 1,
-                Err(MapError::SyscallError(e))
-                    if !first && e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-                {
-                    done.kept += 1
-                }
+            let entry = CtEntry::migrated(old, key.proto);
+            let inserted = if first {
+                new.insert(key, entry, BPF_ANY).map(|()| true)
+            } else {
+                insert_if_absent(new, key, entry)
+            };
+            match inserted {
+                Ok(true) => done.copied += 1,
+                Ok(false) => done.kept += 1,
                 Err(_) => done.failed += 1,
             }
         }

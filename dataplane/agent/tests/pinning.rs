@@ -55,12 +55,24 @@ fn echo(stream: &mut TcpStream, peer: &mut TcpStream, msg: &[u8]) -> std::io::Re
     Ok(())
 }
 
-fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
+/// The seed's client (192.168.1.5, `pods[0]`) and server (192.168.1.7, `pods[1]`) under a
+/// datapath pinned in a directory of its own, with a TCP connection from the client to the
+/// server's port 23 that has carried data.
+struct Seeded {
+    pins: PinDir,
+    node: TestNode,
+    dp: Datapath,
+    client: TcpStream,
+    server: TcpStream,
+    /// The server's listener on 23, and the client's on 22: the client listens too, so a refused
+    /// connection back is kubesg's doing, not a closed port.
+    listeners: [TcpListener; 2],
+}
+
+fn seeded(mode: AttachMode) -> Seeded {
     let pins = PinDir::new();
-    // The seed's client (192.168.1.5, pods[0]) and server (192.168.1.7, pods[1]).
     let node = client_and_server();
-    let (c, s) = (0, 1);
-    let (ci, si) = (node.pods[c].host_ifindex, node.pods[s].host_ifindex);
+    let (ci, si) = (node.pods[0].host_ifindex, node.pods[1].host_ifindex);
     let (client_policy, server_policy) = seed_policies();
 
     let mut dp = Datapath::load(&opts(pins.path(), mode)).expect("load");
@@ -72,16 +84,15 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
         .enter(|| dp.attach(ci).and_then(|()| dp.attach(si)))
         .expect("attach");
 
-    let listener = node.pods[s]
+    let listener = node.pods[1]
         .ns
         .enter(|| TcpListener::bind("0.0.0.0:23"))
         .expect("listen");
-    // The client listens too, so a refused connection back is kubesg's doing, not a closed port.
-    let back_listener = node.pods[c]
+    let back_listener = node.pods[0]
         .ns
         .enter(|| TcpListener::bind("0.0.0.0:22"))
         .expect("listen on the client");
-    let mut client = node.pods[c]
+    let mut client = node.pods[0]
         .ns
         .enter(|| {
             TcpStream::connect_timeout(
@@ -91,7 +102,28 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
         })
         .expect("the seed's connection opens");
     let (mut server, _) = listener.accept().expect("accept");
-    echo(&mut client, &mut server, b"before").expect("data before restart");
+    echo(&mut client, &mut server, b"before").expect("data before");
+    Seeded {
+        pins,
+        node,
+        dp,
+        client,
+        server,
+        listeners: [listener, back_listener],
+    }
+}
+
+fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
+    let Seeded {
+        pins,
+        node,
+        dp,
+        mut client,
+        mut server,
+        listeners,
+    } = seeded(mode);
+    let (c, s) = (0, 1);
+    let (ci, si) = (node.pods[c].host_ifindex, node.pods[s].host_ifindex);
 
     // The agent goes away: programs, links and maps stay.
     drop(dp);
@@ -199,7 +231,7 @@ fn restart_keeps_connections_and_enforcement(mode: AttachMode) {
         )
     });
     assert!(back.is_ok(), "after detach the connection back opens");
-    drop(back_listener);
+    drop(listeners);
 }
 
 #[test]
@@ -330,42 +362,19 @@ struct Upgrade {
 
 impl Upgrade {
     fn from_layout(old_value_size: usize) -> Upgrade {
-        let pins = PinDir::new();
+        let Seeded {
+            pins,
+            node,
+            dp,
+            client,
+            server,
+            listeners,
+        } = seeded(AttachMode::Tcx);
         let dir = pins.path();
-        let node = client_and_server();
-        let (ci, si) = (node.pods[0].host_ifindex, node.pods[1].host_ifindex);
-        let (client_policy, server_policy) = seed_policies();
-        let mut dp = Datapath::load(&opts(dir, AttachMode::Tcx)).expect("load");
-        let ch = dp.install_policy(&client_policy).expect("client policy");
-        let sh = dp.install_policy(&server_policy).expect("server policy");
-        dp.set_endpoint(ci, Some(ch)).expect("client endpoint");
-        dp.set_endpoint(si, Some(sh)).expect("server endpoint");
-        node.ns
-            .enter(|| dp.attach(ci).and_then(|()| dp.attach(si)))
-            .expect("attach");
-        let listener = node.pods[1]
-            .ns
-            .enter(|| TcpListener::bind("0.0.0.0:23"))
-            .expect("listen");
-        let back_listener = node.pods[0]
-            .ns
-            .enter(|| TcpListener::bind("0.0.0.0:22"))
-            .expect("listen on the client");
-        let mut client = node.pods[0]
-            .ns
-            .enter(|| {
-                TcpStream::connect_timeout(
-                    &"192.168.1.7:23".parse().expect("addr"),
-                    Duration::from_secs(2),
-                )
-            })
-            .expect("the seed's connection opens");
-        let (mut server, _) = listener.accept().expect("accept");
         for s in [&client, &server] {
             s.set_read_timeout(Some(Duration::from_secs(2)))
                 .expect("read timeout");
         }
-        echo(&mut client, &mut server, b"before").expect("data before the upgrade");
         let tracked: Vec<_> = conntrack::list(dp.maps()).expect("list");
         drop(dp);
 
@@ -406,7 +415,7 @@ impl Upgrade {
             server,
             old,
             held,
-            _listeners: [listener, back_listener],
+            _listeners: listeners,
         }
     }
 
