@@ -482,3 +482,24 @@ fn status_of_an_agent_that_is_not_ready_is_code_50_with_its_message() {
         .unwrap_or_default()
         .contains("datapath not loaded"));
 }
+
+#[test]
+fn the_agent_reports_each_pods_conntrack_entries_and_refused_connections() {
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let _pod = node.registered_pod("a", 11);
+    let metrics = node.agent.metrics().expect("metrics");
+    let sample = |family: &str| -> Option<i64> {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{family}{{")) && l.contains("pod=\"a\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert_eq!(
+        sample("kubesg_agent_conntrack_full_total"),
+        Some(0),
+        "{metrics}"
+    );
+    let held = sample("kubesg_agent_conntrack_entries");
+    assert!(held.is_some_and(|n| n >= 0), "{metrics}");
+}

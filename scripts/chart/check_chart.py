@@ -296,7 +296,7 @@ def the_operator_has_exactly_the_permissions_it_uses():
 def settings_reach_the_command_lines():
     wait = agent_container(render(CHART / "ci" / "startup-wait-values.yaml"))["args"]
     for arg in ["--startup-policy=wait", "--wait-timeout=20", "--conntrack-timeout=tcp_timeout_established=86400",
-                "--conntrack-timeout=udp_timeout=20", "--conntrack-entries=262144", "--sweep-interval=5",
+                "--conntrack-timeout=udp_timeout=20", "--conntrack-entries=262144", "--conntrack-endpoint-limit=0", "--sweep-interval=5",
                 "--attach-mode=clsact", "--flow-logs", "--log=debug",
                 "--startup-exempt=kube-system/kubesg-operator-", "--startup-exempt=kube-system/coredns-"]:
         assert arg in wait, (arg, wait)

@@ -55,8 +55,12 @@ pub struct LoopbackDatapath {
 impl LoopbackDatapath {
     /// The endpoint as a member of `policy`, or a non-member with `None`.
     pub fn load(policy: Option<&CompiledPolicy>) -> Self {
-        let mut datapath =
-            Datapath::load(&DatapathOptions::default()).expect("loading the datapath");
+        Self::load_with(policy, &DatapathOptions::default())
+    }
+
+    /// [`LoopbackDatapath::load`] with `opts` (a small conntrack table, an entry limit).
+    pub fn load_with(policy: Option<&CompiledPolicy>, opts: &DatapathOptions) -> Self {
+        let mut datapath = Datapath::load(opts).expect("loading the datapath");
         let handle = policy.map(|p| datapath.install_policy(p).expect("installing the policy"));
         datapath
             .set_endpoint(IFINDEX, handle)
@@ -68,6 +72,14 @@ impl LoopbackDatapath {
             events,
             window: Cell::new((0, 0)),
         }
+    }
+
+    /// The conntrack entries the endpoint holds, as its limit counts them.
+    pub fn held(&self) -> i64 {
+        self.datapath
+            .conntrack_held(IFINDEX)
+            .expect("reading CT_COUNTS")
+            .expect("the endpoint's count")
     }
 
     /// The endpoint's policy, `None` for a non-member: denials and entries carry its id.

@@ -212,7 +212,8 @@ pub fn list(maps: &Maps) -> Result<Vec<Connection>, MapError> {
 }
 
 /// Removes every entry (and fragment record) that expired before `now_ns`; returns how many
-/// connections were removed. The datapath already treats them as absent: this frees the room.
+/// connections were removed. The datapath already treats them as absent: this frees the room
+/// (the table evicts nothing by itself) and counts them off their endpoints' entry counts.
 pub fn sweep(maps: &mut Maps, now_ns: u64) -> Result<usize, MapError> {
     sweep_with(maps, now_ns, |_| {})
 }
@@ -238,19 +239,29 @@ pub fn sweep_with(
         .map(|(k, _)| k)
         .collect();
     between(maps);
+    let slots = counter_slots(maps)?;
     let mut removed = 0;
     for k in &dead {
-        // None: the datapath reopened or the LRU evicted it meanwhile.
+        // None: the datapath removed it meanwhile (and counted it).
         let Some(entry) = take(maps.conntrack.map(), k)? else {
             continue;
         };
         if entry.expired(now_ns) {
             removed += 1;
+            count_off(maps, &slots, k);
             continue;
         }
         // Live: a connection opened since the read. Back it goes, unless the datapath has
-        // written it again meanwhile (then its own copy is the newer).
-        insert_if_absent(&mut maps.conntrack, *k, entry)?;
+        // written it again meanwhile (then its own copy is the newer, and counted: the one
+        // taken out is one entry fewer).
+        match insert_if_absent(&mut maps.conntrack, *k, entry) {
+            Ok(true) => {}
+            Ok(false) => count_off(maps, &slots, k),
+            Err(e) => {
+                count_off(maps, &slots, k);
+                return Err(e);
+            }
+        }
     }
     let stale: Vec<_> = maps
         .fragments
@@ -266,6 +277,22 @@ pub fn sweep_with(
         }
     }
     Ok(removed)
+}
+
+/// Each endpoint's counter slot, by interface index: whose count an entry's key belongs to.
+fn counter_slots(maps: &Maps) -> Result<std::collections::HashMap<u32, u32>, MapError> {
+    maps.endpoints
+        .iter()
+        .map(|r| r.map(|(ifindex, ep)| (ifindex, ep.counter_slot)))
+        .collect()
+}
+
+/// One entry fewer for the endpoint of `key` (none when the endpoint is gone: its slot is
+/// zeroed before it serves another).
+fn count_off(maps: &Maps, slots: &std::collections::HashMap<u32, u32>, key: &CtKey) {
+    if let Some(slot) = slots.get(&key.ifindex) {
+        maps.ct_counts.add(*slot, -1);
+    }
 }
 
 /// Inserts `entry` under `key` unless the table already has an entry there, which is then
@@ -340,10 +367,14 @@ pub fn flush(maps: &mut Maps, ifindex: Option<u32>) -> Result<usize, MapError> {
         .filter_map(Result::ok)
         .filter(|k| ifindex.is_none_or(|i| k.ifindex == i))
         .collect();
+    let slots = counter_slots(maps)?;
     let mut removed = 0;
     for k in &keys {
         match maps.conntrack.remove(k) {
-            Ok(()) => removed += 1,
+            Ok(()) => {
+                removed += 1;
+                count_off(maps, &slots, k);
+            }
             Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(e),
         }
@@ -353,8 +384,8 @@ pub fn flush(maps: &mut Maps, ifindex: Option<u32>) -> Result<usize, MapError> {
 
 /// A background thread that sweeps expired entries every `interval` until dropped (give it its
 /// own handles: [`Maps::try_clone`]). The datapath
-/// treats expired entries as absent already; sweeping frees their room before the LRU must evict
-/// live ones, and keeps `ct list` short.
+/// treats expired entries as absent already; sweeping frees their room (nothing else does: the
+/// table is not an LRU) and keeps `ct list` short.
 pub struct Sweeper {
     stop: std::sync::mpsc::Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,

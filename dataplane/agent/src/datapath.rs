@@ -13,12 +13,13 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, MapData, MapError, PerCpuValues, RingBuf},
+    maps::{Array, IterableMap as _, MapData, MapError, PerCpuValues, RingBuf},
     programs::{ProgramError, ProgramFd, SchedClassifier},
     Ebpf, EbpfError, EbpfLoader,
 };
 use kubesg_common::{
     config::{ClockSample, Config},
+    conntrack::CtKey,
     endpoint::{cache_slot, CachedEndpoint, Endpoint, EP_F_LAYERED, EP_F_STATELESS, POLICY_NONE},
     event::Counters,
     limits,
@@ -32,6 +33,7 @@ use crate::{
     attach::{self, AttachError, AttachMode, Hook},
     bpffs,
     clock::{self, TickClock},
+    ct_counts::CtCounts,
     ct_migrate::{Copied, CtMigration},
     maps::{map_pin_path, names, Maps, MapsError},
     pin_compat,
@@ -55,6 +57,9 @@ pub struct DatapathOptions {
     pub attach_mode: Option<AttachMode>,
     /// Conntrack table size; `None` keeps [`limits::CT_ENTRIES`]. Ignored when reusing pinned maps.
     pub ct_entries: Option<u32>,
+    /// The most conntrack entries one endpoint may hold (0: no limit but the table's size);
+    /// `None`: [`default_ct_endpoint_limit`] of the table's size.
+    pub ct_endpoint_limit: Option<u32>,
     /// Settings written at load.
     pub config: Config,
 }
@@ -65,9 +70,21 @@ impl Default for DatapathOptions {
             pin_dir: None,
             attach_mode: None,
             ct_entries: None,
+            ct_endpoint_limit: None,
             config: Config::defaults(),
         }
     }
+}
+
+/// The default share of the conntrack table one endpoint may hold: a quarter (65 536 entries of
+/// the default 262 144). A pod flooded with NEW connections, or opening them itself, then takes
+/// at most a quarter of the node's table and every other pod keeps room to open connections
+/// until four pods at once are at their limit; and a quarter is still far more than one pod
+/// needs in normal service (more connections than a client has ephemeral ports towards one
+/// server, 28 232 by Linux's default `ip_local_port_range`). Busy proxies that need more get a
+/// larger table or an explicit limit (`--conntrack-endpoint-limit`).
+pub fn default_ct_endpoint_limit(table_entries: u32) -> u32 {
+    (table_entries / 4).max(1)
 }
 
 /// A compiled policy installed in the datapath.
@@ -169,6 +186,22 @@ fn remove_key<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Whether a peer entry is a single address, which lives in `POLICY_HOSTS` rather than the trie.
+/// Each endpoint's counter slot, by interface index.
+fn counter_slots(maps: &Maps) -> Result<HashMap<u32, u32>, DatapathError> {
+    maps.endpoints
+        .iter()
+        .map(|r| r.map(|(ifindex, ep)| (ifindex, ep.counter_slot)))
+        .collect::<Result<_, _>>()
+        .map_err(map_err("listing endpoints"))
+}
+
+/// One more entry for the endpoint of `key`, if it is registered.
+fn count_in(counts: &CtCounts, slots: &HashMap<u32, u32>, key: &CtKey) {
+    if let Some(slot) = slots.get(&key.ifindex) {
+        counts.add(*slot, 1);
+    }
+}
+
 fn is_host(prefix_len: u32, key: &PeerKey) -> bool {
     let addr_bits = if key.family == AF_INET6 { 128 } else { 32 };
     prefix_len == PEER_KEY_FIXED_BITS + addr_bits
@@ -240,6 +273,12 @@ impl Datapath {
             None => Vec::new(),
         };
         let mut ct_migration = None;
+        // Whether the load creates the conntrack table (empty) and the entry counts, rather
+        // than reusing pinned ones: a new table starts every count at zero, counts new to a
+        // table that is not have to be counted from it.
+        let pinned = |name: &str| pin_paths.iter().any(|(n, p)| *n == name && p.exists());
+        let mut ct_new = !pinned(names::CONNTRACK);
+        let mut counts_new = !pinned(names::CT_COUNTS);
         if !pin_paths.is_empty() {
             // Held open before its pin goes, so its entries can be carried over.
             if let Some((_, path)) = pin_paths.iter().find(|(n, _)| *n == names::CONNTRACK) {
@@ -251,6 +290,8 @@ impl Datapath {
                 .map_err(|e| DatapathError::PinnedMaps(format!("reading the object: {e}")))?;
             let replaced = pin_compat::unpin_incompatible(&expected, &pin_paths)
                 .map_err(|e| DatapathError::PinnedMaps(format!("unpinning: {e}")))?;
+            ct_new |= replaced.contains(&names::CONNTRACK);
+            counts_new |= replaced.contains(&names::CT_COUNTS);
             if !replaced.contains(&names::CONNTRACK) {
                 ct_migration = None;
             } else if ct_migration.is_some() {
@@ -302,9 +343,34 @@ impl Datapath {
             );
         }
         let (mut maps, events) = Maps::take(&mut ebpf)?;
-        if let Some(m) = &ct_migration {
-            m.copy_into(&mut maps.conntrack, true);
+        if ct_new {
+            maps.ct_counts.reset_all();
+            if let Some(m) = &ct_migration {
+                let slots = counter_slots(&maps)?;
+                let counts = &maps.ct_counts;
+                m.copy_into(&mut maps.conntrack, true, |key| {
+                    count_in(counts, &slots, key);
+                });
+            }
+        } else if counts_new {
+            // Counted while the programs on pinned interfaces may still open and close
+            // connections: a count can be off by the few they change during the walk.
+            maps.ct_counts.reset_all();
+            let slots = counter_slots(&maps)?;
+            for key in maps.conntrack.keys() {
+                let key = key.map_err(map_err("counting CONNTRACK"))?;
+                count_in(&maps.ct_counts, &slots, &key);
+            }
         }
+        let table_entries = maps
+            .conntrack
+            .map()
+            .info()
+            .map_err(map_err("reading CONNTRACK's size"))?
+            .max_entries();
+        let ct_endpoint_limit = opts
+            .ct_endpoint_limit
+            .unwrap_or_else(|| default_ct_endpoint_limit(table_entries));
         let clock_map = ebpf
             .take_map("CLOCK")
             .ok_or_else(|| DatapathError::Clock("the object has no CLOCK map".into()))
@@ -323,13 +389,18 @@ impl Datapath {
             ct_migration,
         };
         dp.calibrate_clock()?;
-        dp.set_config(&opts.config)?;
+        dp.set_config(&Config {
+            ct_endpoint_limit: ct_endpoint_limit.into(),
+            ..opts.config
+        })?;
         dp.next_policy_id = dp.highest_policy_id()?.saturating_add(1).max(1);
         info!(
             pinned = ?dp.pin_dir,
             mode = ?dp.mode,
             next_policy_id = dp.next_policy_id,
             clock = %dp.tick.map_or("coarse-clock helper".to_string(), |t| format!("jiffies, HZ={}", t.hz)),
+            conntrack_entries = table_entries,
+            conntrack_endpoint_limit = ct_endpoint_limit,
             "datapath loaded"
         );
         Ok(dp)
@@ -341,7 +412,11 @@ impl Datapath {
     /// when no migration was pending.
     pub fn finish_conntrack_migration(&mut self) -> Option<Copied> {
         let m = self.ct_migration.take()?;
-        Some(m.copy_into(&mut self.maps.conntrack, false))
+        let slots = counter_slots(&self.maps).ok()?;
+        let counts = &self.maps.ct_counts;
+        Some(m.copy_into(&mut self.maps.conntrack, false, |key| {
+            count_in(counts, &slots, key);
+        }))
     }
 
     /// The typed maps, for reading state (conntrack, counters) and tests.
@@ -974,6 +1049,18 @@ impl Datapath {
         }
     }
 
+    /// The conntrack entries the endpoint on `ifindex` holds (what its limit is checked against).
+    pub fn conntrack_held(&self, ifindex: u32) -> Result<Option<i64>, DatapathError> {
+        Ok(self
+            .endpoint(ifindex)?
+            .and_then(|ep| self.maps.ct_counts.get(ep.counter_slot)))
+    }
+
+    /// The most conntrack entries one endpoint may hold (0: no limit).
+    pub fn ct_endpoint_limit(&self) -> Result<u64, DatapathError> {
+        Ok(self.config()?.ct_endpoint_limit)
+    }
+
     fn allocate_counter_slot(&mut self) -> Result<u32, DatapathError> {
         let used: BTreeSet<u32> = self
             .endpoints()?
@@ -983,7 +1070,9 @@ impl Datapath {
         let slot = (0..limits::ENDPOINTS)
             .find(|s| !used.contains(s))
             .ok_or(DatapathError::TooManyEndpoints(limits::ENDPOINTS))?;
-        // A slot may carry counts of a departed endpoint: start from zero.
+        // A slot may carry counts of a departed endpoint: start from zero (its conntrack
+        // entries were flushed with it).
+        self.maps.ct_counts.reset(slot);
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
             op: "counting CPUs".into(),
             source: MapError::IoError(e),

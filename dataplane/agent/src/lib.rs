@@ -10,6 +10,7 @@ pub mod cni_server;
 pub mod conntrack;
 pub mod convert;
 pub mod counters;
+pub mod ct_counts;
 pub mod ct_migrate;
 pub mod daemon;
 pub mod datapath;

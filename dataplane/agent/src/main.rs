@@ -195,9 +195,16 @@ struct RunArgs {
     /// tcp_timeout_established=86400.
     #[arg(long = "conntrack-timeout", value_name = "NAME=SECONDS")]
     conntrack_timeouts: Vec<String>,
-    /// Conntrack table size (entries); only used when the table is created.
-    #[arg(long)]
+    /// Conntrack table size (entries; 200 bytes of kernel memory each, 50 MiB at the default
+    /// 262 144); only used when the table is created. Nothing is evicted to make room: a NEW
+    /// connection that finds the table full is refused and counted (conntrack_full).
+    #[arg(long, value_name = "ENTRIES")]
     conntrack_entries: Option<u32>,
+    /// The most conntrack entries one pod may hold, so that one pod (flooded, or opening
+    /// connections itself) cannot take the node's table; its NEW connections past it are
+    /// refused and counted (conntrack_full). Default: a quarter of the table. 0: no limit.
+    #[arg(long, value_name = "ENTRIES")]
+    conntrack_endpoint_limit: Option<u32>,
     /// How often expired conntrack entries are swept.
     #[arg(long, default_value = "10", value_name = "SECONDS")]
     sweep_interval: u64,
@@ -295,6 +302,7 @@ fn run_agent(args: RunArgs, pin_dir: PathBuf, state_dir: PathBuf) -> Result<()> 
             pin_dir: Some(pin_dir),
             attach_mode: args.attach_mode,
             ct_entries: args.conntrack_entries,
+            ct_endpoint_limit: args.conntrack_endpoint_limit,
             ..DatapathOptions::default()
         },
         state_dir,
@@ -485,7 +493,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Counters => {
             let maps = open(&cli.pin_dir)?;
             println!(
-                "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12} {:>12}",
+                "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12} {:>12} {:>9} {:>10}",
                 "IFINDEX",
                 "POLICY",
                 "DIRECTION",
@@ -494,16 +502,22 @@ fn run(cli: Cli) -> Result<()> {
                 "RELATED",
                 "DROP-POLICY",
                 "DROP-INVALID",
-                "DROP-SPOOFED"
+                "DROP-SPOOFED",
+                "CT-FULL",
+                "CT-ENTRIES"
             );
             let mut eps: Vec<_> = maps.endpoints.iter().collect::<Result<_, _>>()?;
             eps.sort_by_key(|(i, _)| *i);
             for (ifindex, ep) in eps {
                 let c = counters::read(&maps, ep.counter_slot)?;
+                let held = maps
+                    .ct_counts
+                    .get(ep.counter_slot)
+                    .map_or("-".to_string(), |n| n.to_string());
                 for (dir, name) in [(0, "egress"), (1, "ingress")] {
                     let c = &c[dir];
                     println!(
-                        "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12} {:>12}",
+                        "{:>8} {:>7} {:>9} {:>12} {:>8} {:>8} {:>11} {:>12} {:>12} {:>9} {:>10}",
                         ifindex,
                         ep.policy_id,
                         name,
@@ -512,7 +526,9 @@ fn run(cli: Cli) -> Result<()> {
                         c.related,
                         c.dropped_policy,
                         c.dropped_invalid,
-                        c.dropped_spoofed
+                        c.dropped_spoofed,
+                        c.conntrack_full,
+                        if dir == 0 { held.as_str() } else { "" }
                     );
                 }
             }

@@ -22,6 +22,8 @@ use kubesg_common::{
     source::SourceKey,
 };
 
+use crate::ct_counts::CtCounts;
+
 /// Map names, as defined in `dataplane/ebpf/src/maps.rs` and as pinned under `<pin dir>/maps/`.
 pub mod names {
     /// Pod interfaces by ifindex.
@@ -32,6 +34,8 @@ pub mod names {
     pub const SOURCES: &str = "SOURCES";
     /// Connection tracking.
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// Conntrack entries held by each endpoint.
+    pub const CT_COUNTS: &str = "CT_COUNTS";
     /// Peer prefixes of every policy.
     pub const POLICY_PEERS: &str = "POLICY_PEERS";
     /// Single-address peers of every policy.
@@ -49,11 +53,12 @@ pub mod names {
     /// Deny events.
     pub const DENY_EVENTS: &str = "DENY_EVENTS";
     /// All of them, in pinning order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         ENDPOINTS,
         ENDPOINT_CACHE,
         SOURCES,
         CONNTRACK,
+        CT_COUNTS,
         POLICY_PEERS,
         POLICY_HOSTS,
         POLICY_PORTS,
@@ -97,8 +102,10 @@ pub struct Maps {
     pub endpoint_cache: Array<MapData, CachedEndpoint>,
     /// Further addresses of pods → 1 (the source check).
     pub sources: HashMap<MapData, SourceKey, u32>,
-    /// Connection tracking (an LRU hash; aya reads it as a hash map).
+    /// Connection tracking.
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Conntrack entries held by each endpoint (by counter slot), mapped into memory.
+    pub ct_counts: CtCounts,
     /// Peer prefixes shorter than a host.
     pub peers: LpmTrie<MapData, PeerKey, ClassSet>,
     /// Single-address peers.
@@ -123,6 +130,7 @@ impl Maps {
         let endpoint_cache = take(names::ENDPOINT_CACHE)?;
         let sources = take(names::SOURCES)?;
         let conntrack = take(names::CONNTRACK)?;
+        let ct_counts = take(names::CT_COUNTS)?;
         let peers = take(names::POLICY_PEERS)?;
         let hosts = take(names::POLICY_HOSTS)?;
         let ports = take(names::POLICY_PORTS)?;
@@ -137,6 +145,7 @@ impl Maps {
                 endpoint_cache,
                 sources,
                 conntrack,
+                ct_counts,
                 peers,
                 hosts,
                 ports,
@@ -165,6 +174,7 @@ impl Maps {
             open(names::ENDPOINT_CACHE)?,
             open(names::SOURCES)?,
             open(names::CONNTRACK)?,
+            open(names::CT_COUNTS)?,
             open(names::POLICY_PEERS)?,
             open(names::POLICY_HOSTS)?,
             open(names::POLICY_PORTS)?,
@@ -207,6 +217,7 @@ impl Maps {
             dup(names::ENDPOINT_CACHE, self.endpoint_cache.map())?,
             dup(names::SOURCES, self.sources.map())?,
             dup(names::CONNTRACK, self.conntrack.map())?,
+            dup(names::CT_COUNTS, self.ct_counts.map())?,
             dup(names::POLICY_PEERS, self.peers.map())?,
             dup(names::POLICY_HOSTS, self.hosts.map())?,
             dup(names::POLICY_PORTS, self.ports.map())?,
@@ -217,14 +228,15 @@ impl Maps {
         ])
     }
 
-    fn from_maps(maps: [Map; 11]) -> Result<Self, MapsError> {
-        let [endpoints, endpoint_cache, sources, conntrack, peers, hosts, ports, layers, fragments, config, counters] =
+    fn from_maps(maps: [Map; 12]) -> Result<Self, MapsError> {
+        let [endpoints, endpoint_cache, sources, conntrack, ct_counts, peers, hosts, ports, layers, fragments, config, counters] =
             maps;
         Ok(Maps {
             endpoints: typed(names::ENDPOINTS, HashMap::try_from(endpoints))?,
             endpoint_cache: typed(names::ENDPOINT_CACHE, Array::try_from(endpoint_cache))?,
             sources: typed(names::SOURCES, HashMap::try_from(sources))?,
             conntrack: typed(names::CONNTRACK, HashMap::try_from(conntrack))?,
+            ct_counts: typed(names::CT_COUNTS, CtCounts::new(ct_counts))?,
             peers: typed(names::POLICY_PEERS, LpmTrie::try_from(peers))?,
             hosts: typed(names::POLICY_HOSTS, HashMap::try_from(hosts))?,
             ports: typed(names::POLICY_PORTS, LpmTrie::try_from(ports))?,

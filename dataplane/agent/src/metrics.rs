@@ -145,6 +145,12 @@ struct DatapathCollector {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    namespace: String,
+    pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PacketLabels {
     namespace: String,
     pod: String,
@@ -157,10 +163,20 @@ impl Collector for DatapathCollector {
         let enforcer = self.enforcer.lock().unwrap_or_else(|p| p.into_inner());
         let endpoints = enforcer.endpoints().count() as i64;
         let mut samples = Vec::new();
+        let mut full = Vec::new();
+        let mut held = Vec::new();
         for rec in enforcer.endpoints() {
             let Ok(Some(counters)) = enforcer.datapath().counters(rec.host_ifindex) else {
                 continue;
             };
+            let pod = PodLabels {
+                namespace: rec.pod.namespace.clone(),
+                pod: rec.pod.name.clone(),
+            };
+            if let Ok(Some(n)) = enforcer.datapath().conntrack_held(rec.host_ifindex) {
+                held.push((pod.clone(), n));
+            }
+            full.push((pod, counters[0].conntrack_full + counters[1].conntrack_full));
             for (dir, c) in ["egress", "ingress"].into_iter().zip(counters) {
                 for (verdict, n) in [
                     ("accepted", c.accepted),
@@ -196,6 +212,25 @@ impl Collector for DatapathCollector {
         )?;
         for (labels, n) in samples {
             ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "conntrack_full",
+            "NEW connections the conntrack table had no room for (the pod at its entry limit, or the node's table full): dropped for members, passed untracked otherwise",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (labels, n) in full {
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "conntrack_entries",
+            "Conntrack entries the pod holds (its limit is the agent's --conntrack-endpoint-limit)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (labels, n) in held {
+            prometheus_client::metrics::gauge::ConstGauge::new(n)
+                .encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

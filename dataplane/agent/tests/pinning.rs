@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData, MapInfo};
+use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapInfo};
 use kubesg_agent::{
     attach::{link_pin_path, AttachMode, Hook},
     conntrack,
@@ -20,7 +20,7 @@ use kubesg_agent::{
 };
 use kubesg_common::{
     config::Config,
-    conntrack::{CtEntryV1, CtKey, TcpState, CT_F_ASSURED},
+    conntrack::{CtEntry, CtEntryV1, CtKey, TcpState, CT_F_ASSURED},
     window::{SIDE_BE_LIBERAL, SIDE_SACK_PERM},
 };
 use kubesg_testkit::{
@@ -347,7 +347,8 @@ fn an_upgrade_to_layers_adds_their_map_and_keeps_conntrack_and_endpoints() {
 /// TCP connection the older build tracked: the older build is played by this build's programs
 /// (they keep running on the pinned links with the table they were loaded with) while the pin
 /// is swapped for a table of the older layout holding the same connections, as the older build
-/// would have left it (for the 24-byte layout; any other is left empty).
+/// would have left it (for the 24-byte layout and for the LRU table of this build's entries; any
+/// other is left empty).
 struct Upgrade {
     node: TestNode,
     pins: PinDir,
@@ -355,6 +356,8 @@ struct Upgrade {
     server: TcpStream,
     /// The older table of the 24-byte layout, held open past the load that unpins it.
     old: Option<HashMap<MapData, CtKey, CtEntryV1>>,
+    /// The older LRU table of this build's entries, held open likewise.
+    old_lru: Option<HashMap<MapData, CtKey, CtEntry>>,
     /// How many connections the older table held.
     held: usize,
     _listeners: [TcpListener; 2],
@@ -408,12 +411,24 @@ impl Upgrade {
             }
             old
         });
+        let old_lru = (old_value_size == size_of::<CtEntry>()).then(|| {
+            let data = MapData::from_pin(&path).expect("opening the older table");
+            let mut old: HashMap<MapData, CtKey, CtEntry> =
+                HashMap::try_from(Map::LruHashMap(data)).expect("typed");
+            for t in &tracked {
+                old.insert(t.key, t.entry, 0)
+                    .expect("filling the older table");
+                held += 1;
+            }
+            old
+        });
         Upgrade {
             node,
             pins,
             client,
             server,
             old,
+            old_lru,
             held,
             _listeners: listeners,
         }
@@ -460,6 +475,7 @@ fn an_upgrade_from_the_layout_before_window_tracking_keeps_tcp_connections() {
     let migrated = conn(&dp);
     assert_eq!(migrated.entry.state, TcpState::Established as u8);
     assert_ne!(migrated.entry.flags & CT_F_ASSURED, 0);
+    assert_counted(&dp, &up);
     for side in migrated.entry.seen {
         assert_eq!(side.flags, SIDE_BE_LIBERAL | SIDE_SACK_PERM);
     }
@@ -533,7 +549,104 @@ fn an_upgrade_from_the_layout_before_window_tracking_keeps_tcp_connections() {
     );
 }
 
-/// The other side of the test above: a conntrack layout this build does not know is replaced
+/// Every endpoint's entry count is what the table holds for it (the limit checks the count).
+#[track_caller]
+fn assert_counted(dp: &Datapath, up: &Upgrade) {
+    let entries = conntrack::list(dp.maps()).expect("list");
+    for (name, ifindex) in ["client", "server"]
+        .into_iter()
+        .zip([up.ifindexes().0, up.ifindexes().1])
+    {
+        let n = entries.iter().filter(|c| c.key.ifindex == ifindex).count() as i64;
+        assert!(n >= 1, "the {name}'s connection was carried over");
+        assert_eq!(
+            dp.conntrack_held(ifindex).expect("reading CT_COUNTS"),
+            Some(n),
+            "the {name}'s entries are counted"
+        );
+    }
+}
+
+/// An upgrade from the builds whose table was an LRU (which evicted live connections under
+/// pressure) to the table that evicts nothing carries the connections over as they were, window
+/// state included, counts them against their endpoints' limits, and copies what the older
+/// programs open before the interfaces run the new ones.
+#[test]
+fn an_upgrade_from_the_lru_table_keeps_tcp_connections_and_counts_them() {
+    require_privileged!();
+    let mut up = Upgrade::from_layout(size_of::<CtEntry>());
+    assert!(up.held >= 1, "the older table holds the connection");
+    let (ci, _) = up.ifindexes();
+    let before: Vec<_> = up
+        .old_lru
+        .as_ref()
+        .expect("the older table")
+        .iter()
+        .collect::<Result<_, _>>()
+        .expect("reading the older table");
+    let mut dp = up.load();
+    let info = dp
+        .maps()
+        .conntrack
+        .map()
+        .info()
+        .expect("the new table's info");
+    assert!(
+        matches!(info.map_type(), Ok(aya::maps::MapType::Hash)),
+        "the new table is a plain hash: {:?}",
+        info.map_type()
+    );
+    for (key, entry) in &before {
+        assert_eq!(
+            dp.maps().conntrack.get(key, 0).expect("carried over"),
+            *entry,
+            "carried over as it was"
+        );
+    }
+    assert_counted(&dp, &up);
+    let held = dp.conntrack_held(ci).expect("reading").expect("counted");
+
+    // What the older programs open before the new ones take the interfaces is copied and
+    // counted on the second pass.
+    let late = CtKey {
+        ifindex: ci,
+        family: kubesg_common::AF_INET,
+        proto: 17,
+        pod_port: 5353,
+        peer_port: 53,
+        ..CtKey::default()
+    };
+    let late_entry = CtEntry {
+        expires_ns: u64::MAX,
+        ..CtEntry::default()
+    };
+    let old = up.old_lru.as_mut().expect("the older table");
+    old.insert(late, late_entry, 0).expect("a late entry");
+    let second = dp
+        .finish_conntrack_migration()
+        .expect("a pending migration");
+    assert_eq!(
+        (second.copied, second.kept, second.failed),
+        (1, up.held, 0),
+        "{second:?}"
+    );
+    assert_eq!(dp.conntrack_held(ci).expect("reading"), Some(held + 1));
+
+    echo(&mut up.client, &mut up.server, b"after").expect("data after the upgrade");
+    echo(&mut up.server, &mut up.client, b"reply").expect("reply after the upgrade");
+    let back = up.node.pods[1].ns.enter(|| {
+        TcpStream::connect_timeout(
+            &"192.168.1.5:22".parse().expect("addr"),
+            Duration::from_millis(500),
+        )
+    });
+    assert!(
+        back.is_err(),
+        "the way back stays refused after the upgrade"
+    );
+}
+
+/// The other side of the upgrade tests above: a conntrack layout this build does not know is replaced
 /// with its entries lost, and the connection it tracked is cut (its next segment has no entry
 /// and is INVALID), which is what the migration prevents.
 #[test]

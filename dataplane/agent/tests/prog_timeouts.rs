@@ -173,9 +173,15 @@ fn sweep_removes_exactly_the_expired_entries(f: Family) {
     dp.pod_receives(&f.tcp_out_reply(80, TcpFlags::SYN_ACK));
     dp.pod_sends(&f.tcp_out(80, TcpFlags::ACK));
     assert_eq!(dp.conns().len(), 4);
+    assert_eq!(dp.held(), 4);
     wait_past_100ms();
     let removed = conntrack::sweep(dp.datapath.maps_mut(), clock::now_ns()).expect("sweep");
     assert_eq!(removed, 3);
+    assert_eq!(
+        dp.held(),
+        1,
+        "the swept entries are counted off the endpoint"
+    );
     let left = dp.conn();
     assert_eq!(left.key.proto, proto::TCP);
     assert_eq!(left.tcp_state(), Some(TcpState::Established));
@@ -244,6 +250,7 @@ fn sweep_keeps_a_connection_reopened_between_its_read_and_its_removal(f: Family)
     })
     .expect("sweep");
     assert_eq!(removed, 0, "what it would remove is a live connection");
+    assert_eq!(dp.held(), 1, "one entry, counted once");
     let c = dp.conn();
     assert!(c.entry.expires_ns > now, "the fresh entry: {c:?}");
     // Its answer belongs to it.

@@ -59,6 +59,9 @@ pub struct Config {
     /// See [`Config::tick_ns`]: CLOCK_MONOTONIC at a tick's start minus `jiffies × tick_ns`,
     /// wrapping.
     pub tick_offset_ns: u64,
+    /// The most conntrack entries one endpoint may hold (`CT_COUNTS`); a NEW connection past it
+    /// is refused (`conntrack_full`). 0: no limit but the table's size.
+    pub ct_endpoint_limit: u64,
 }
 
 /// One reading of the kernel's clocks, taken by the `clock` program in one run so that the agent
@@ -100,6 +103,7 @@ impl Config {
             flags: CFG_RECHECK_ON_POLICY_CHANGE | CFG_DENY_EVENTS,
             tick_ns: 0,
             tick_offset_ns: 0,
+            ct_endpoint_limit: 0,
         }
     }
 

@@ -256,6 +256,15 @@ impl CtEntry {
     }
 }
 
+/// Whether an endpoint holding `held` conntrack entries may open one more under `limit`
+/// ([`Config::ct_endpoint_limit`], 0 for none). `held` is the endpoint's `CT_COUNTS` slot, a
+/// wrapping count that every CPU and the agent add to and subtract from: read as signed, so that
+/// a transient dip below zero never reads as a full table.
+#[inline(always)]
+pub fn room_for_one_more(held: u64, limit: u64) -> bool {
+    limit == 0 || (held as i64) < limit as i64
+}
+
 impl CtKey {
     /// The key of the flow `pkt` belongs to, seen from the pod behind `ifindex`, for a packet
     /// travelling in `dir`.
@@ -983,6 +992,16 @@ fn note_invalid(entry: &mut CtEntry, index: usize, dir: u8, now: u64, cfg: &Conf
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_endpoint_is_refused_at_its_limit_and_never_by_a_count_below_zero() {
+        assert!(room_for_one_more(0, 2));
+        assert!(room_for_one_more(1, 2));
+        assert!(!room_for_one_more(2, 2));
+        assert!(!room_for_one_more(3, 2));
+        assert!(room_for_one_more(u64::MAX, 2), "-1 is below any limit");
+        assert!(room_for_one_more(u64::MAX / 2, 0), "0 is no limit");
+    }
+
     use super::*;
     use crate::{parse, AF_INET};
     use tcp_flags::*;

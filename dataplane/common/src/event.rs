@@ -22,6 +22,10 @@ pub struct Counters {
     /// Packets the pod sent as someone else (source check, [`crate::source`]): dropped, member
     /// or not.
     pub dropped_spoofed: u64,
+    /// New connections the conntrack table had no room for: the endpoint reached its entry
+    /// limit or the node's table was full. A member's packet is dropped; a non-member's passes
+    /// untracked.
+    pub conntrack_full: u64,
 }
 
 impl Counters {
@@ -34,6 +38,7 @@ impl Counters {
         self.dropped_invalid += o.dropped_invalid;
         self.invalid_passed += o.invalid_passed;
         self.dropped_spoofed += o.dropped_spoofed;
+        self.conntrack_full += o.conntrack_full;
     }
 }
 
@@ -56,6 +61,9 @@ pub enum DenyReason {
     /// Sent by the pod from an address that is not its own, as a router, or as ARP or a
     /// Neighbor Advertisement for another host's address ([`crate::source`]).
     Spoofed = 7,
+    /// A NEW connection the conntrack table had no room for (the endpoint's entry limit, or the
+    /// node's table full). Existing connections are never evicted to make room.
+    ConntrackFull = 8,
 }
 
 impl DenyReason {
@@ -69,6 +77,7 @@ impl DenyReason {
             5 => DenyReason::Fragment,
             6 => DenyReason::UnrelatedIcmp,
             7 => DenyReason::Spoofed,
+            8 => DenyReason::ConntrackFull,
             _ => return None,
         })
     }
@@ -83,6 +92,7 @@ impl DenyReason {
             DenyReason::Fragment => "fragment",
             DenyReason::UnrelatedIcmp => "unrelated-icmp",
             DenyReason::Spoofed => "spoofed",
+            DenyReason::ConntrackFull => "conntrack-full",
         }
     }
 }

@@ -80,7 +80,9 @@ pub type RawAddr = [u32; 4];
 
 /// The maps are created with these sizes; the agent reports them and refuses more.
 pub mod limits {
-    /// Connection-tracking entries (LRU: the least recently used entry makes room).
+    /// Connection-tracking entries, the default table size. The table is a plain hash: nothing
+    /// is evicted to make room, a NEW connection finding it full is refused (see
+    /// `Config::ct_endpoint_limit` for the share one endpoint may hold).
     pub const CT_ENTRIES: u32 = 262_144;
     /// Endpoints (pod interfaces) on one node.
     pub const ENDPOINTS: u32 = 4_096;

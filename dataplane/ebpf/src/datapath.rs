@@ -1,9 +1,12 @@
 //! The per-packet pipeline: parse → conntrack → (NEW? policy : state verdict) → count, report.
 
-use core::sync::atomic::{compiler_fence, Ordering};
+use core::{
+    intrinsics::AtomicOrdering,
+    sync::atomic::{compiler_fence, Ordering},
+};
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_load_bytes},
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -11,8 +14,8 @@ use aya_ebpf::{
 use kubesg_common::{
     config::{timeout, ClockSample, Config, CFG_DENY_EVENTS, CFG_RECHECK_ON_POLICY_CHANGE},
     conntrack::{
-        icmp_kind, is_icmp, start_tracking, track_packet, CtEntry, CtKey, CtState, IcmpKind,
-        Segment, Step, CT_F_FROM_HOST,
+        icmp_kind, is_icmp, room_for_one_more, start_tracking, track_packet, CtEntry, CtKey,
+        CtState, IcmpKind, Segment, Step, CT_F_FROM_HOST,
     },
     endpoint::{cache_slot, Endpoint},
     event::{Counters, DenyEvent, DenyReason},
@@ -29,9 +32,9 @@ use kubesg_common::{
 };
 
 use crate::maps::{
-    CLOCK, CONFIG, CONNTRACK, COUNTERS, CT_SCRATCH, DENY_EVENTS, ENDPOINTS, ENDPOINT_CACHE,
-    FRAGMENTS, PACKET, POLICY_HOSTS, POLICY_LAYERS, POLICY_PEERS, POLICY_PORTS, SOURCES,
-    TCP_OPTIONS,
+    CLOCK, CONFIG, CONNTRACK, COUNTERS, CT_COUNTS, CT_SCRATCH, DENY_EVENTS, ENDPOINTS,
+    ENDPOINT_CACHE, FRAGMENTS, PACKET, POLICY_HOSTS, POLICY_LAYERS, POLICY_PEERS, POLICY_PORTS,
+    SOURCES, TCP_OPTIONS,
 };
 
 /// Accept, and let any later program on the hook have its say (tcx: TCX_NEXT; clsact: continue).
@@ -137,6 +140,9 @@ enum Verdict {
     AcceptRelated,
     /// INVALID on an endpoint that is not filtered.
     AcceptInvalid,
+    /// A NEW connection of an endpoint that is not filtered, passed untracked: no room in the
+    /// table (see [`no_room`]).
+    AcceptUntracked,
     Drop(DenyReason),
 }
 
@@ -481,7 +487,7 @@ fn stateful<F: Frame>(
                 Step::Invalid | Step::InvalidNoted => return invalid(ep, DenyReason::Invalid),
                 Step::Reopen => {
                     // The closed connection goes whether or not the rules admit the new one.
-                    let _ = CONNTRACK.remove(key);
+                    forget(ep, &key);
                     return open(ctx, ep, &key, &seg, dir, pkt, now, cfg, entry);
                 }
                 Step::Update(s) | Step::Delete(s) => s,
@@ -493,7 +499,7 @@ fn stateful<F: Frame>(
                     if !allowed(ep, &PolicyQuery::for_packet(dir, pkt), || live.from_host()) {
                         // Admitted under earlier rules, refused now: a refused connection leaves
                         // no state behind.
-                        let _ = CONNTRACK.remove(key);
+                        forget(ep, &key);
                         return Verdict::Drop(DenyReason::Policy);
                     }
                 } else if live.policy_id != ep.policy_id
@@ -502,18 +508,69 @@ fn stateful<F: Frame>(
                 {
                     // The rules changed since this connection was admitted and no longer allow
                     // it: cut it, as Neutron deletes the conntrack entries of removed rules.
-                    let _ = CONNTRACK.remove(key);
+                    forget(ep, &key);
                     return Verdict::Drop(DenyReason::PolicyChanged);
                 }
             }
             live.policy_id = ep.policy_id;
             if let Step::Delete(_) = step {
-                let _ = CONNTRACK.remove(key);
+                forget(ep, &key);
             }
             return Verdict::Accept;
         }
+        // Expired: absent to every packet. It goes now rather than at the next sweep, so that
+        // the insert below needs no overwrite (which the endpoint's count could not tell from
+        // a new entry).
+        forget(ep, &key);
     }
     open(ctx, ep, &key, &seg, dir, pkt, now, cfg, entry)
+}
+
+/// Removes the entry under `key`, and counts one entry fewer for `ep` when there was one (none:
+/// another CPU or the agent's sweep removed it first, and counted it).
+#[inline(always)]
+fn forget(ep: &Endpoint, key: &CtKey) {
+    if CONNTRACK.remove(key).is_ok() {
+        add_entries(ep.counter_slot, u64::MAX);
+    }
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` is one fewer) to the entries counted for the endpoint in
+/// `counter_slot`: one atomic add (`lock xadd`), as every CPU and the agent write the count.
+/// Through the intrinsic: the BPF target has atomic adds but no compare-and-swap, so `core`
+/// gives its `AtomicU64` loads and stores only.
+#[inline(always)]
+fn add_entries(counter_slot: u32, delta: u64) {
+    if let Some(p) = CT_COUNTS.get_ptr_mut(counter_slot) {
+        // SAFETY: a live, aligned array value, written only with atomic operations.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta);
+        }
+    }
+}
+
+/// The entries counted for the endpoint in `counter_slot`.
+#[inline(always)]
+fn entries_held(counter_slot: u32) -> u64 {
+    match CT_COUNTS.get_ptr(counter_slot) {
+        // SAFETY: a live, aligned array value, written only with atomic operations; an aligned
+        // 8-byte load is whole (the BPF target has no atomic load before cpu v4).
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => 0,
+    }
+}
+
+/// A NEW connection the table has no room for: refused for a member, as nf_conntrack drops a
+/// packet when its table is full and nothing can be evicted; passed untracked for an endpoint
+/// that is not filtered (it loses only what tracking buys: its flows are not known should it
+/// become a member). Counted as `conntrack_full` either way.
+#[inline(always)]
+fn no_room(ep: &Endpoint) -> Verdict {
+    if ep.is_member() {
+        Verdict::Drop(DenyReason::ConntrackFull)
+    } else {
+        Verdict::AcceptUntracked
+    }
 }
 
 /// Moves a tracked connection's entry on one packet ([`track_packet`]; see [`Step::code`]).
@@ -611,11 +668,26 @@ fn open(
         entry.flags |= CT_F_FROM_HOST;
     }
     entry.policy_id = ep.policy_id;
-    // By reference: the entry is not copied onto the stack.
+    if !room_for_one_more(entries_held(ep.counter_slot), cfg.ct_endpoint_limit) {
+        return no_room(ep);
+    }
+    // By reference: the entry is not copied onto the stack. Never over an entry: nothing live
+    // is evicted to make room.
     let value: &CtEntry = entry;
-    let _ = CONNTRACK.insert(key, value, BPF_ANY as u64);
-    Verdict::AcceptNew
+    match CONNTRACK.insert(key, value, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            add_entries(ep.counter_slot, 1);
+            Verdict::AcceptNew
+        }
+        // Another CPU opened the same connection at this instant: its entry stands.
+        Err(e) if i64::from(e) == -EEXIST => Verdict::AcceptNew,
+        // -E2BIG: the table is full.
+        Err(_) => no_room(ep),
+    }
 }
+
+/// `EEXIST`, as map helpers return it (negated).
+const EEXIST: i64 = 17;
 
 /// An ICMP error is RELATED when the packet it quotes belongs to a live connection of this
 /// endpoint. The quoted packet travelled the other way.
@@ -713,10 +785,15 @@ fn count(counter_slot: u32, dir: Direction, v: Verdict) {
             c.accepted += 1;
             c.invalid_passed += 1;
         }
+        Verdict::AcceptUntracked => {
+            c.accepted += 1;
+            c.conntrack_full += 1;
+        }
         Verdict::Drop(DenyReason::Policy) | Verdict::Drop(DenyReason::PolicyChanged) => {
             c.dropped_policy += 1
         }
         Verdict::Drop(DenyReason::Spoofed) => c.dropped_spoofed += 1,
+        Verdict::Drop(DenyReason::ConntrackFull) => c.conntrack_full += 1,
         Verdict::Drop(_) => c.dropped_invalid += 1,
     }
 }

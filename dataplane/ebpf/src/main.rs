@@ -6,6 +6,9 @@
 //! agent runs to set up the datapath's clock.
 #![no_std]
 #![no_main]
+// For `core::intrinsics::atomic_xadd` (see `datapath::add_entries`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod datapath;
 mod maps;

@@ -2,7 +2,7 @@
 //! (`kubesg_agent::maps`); the names here are the names it uses and the names they are pinned under.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -33,10 +33,20 @@ pub static ENDPOINT_CACHE: Array<CachedEndpoint> =
 pub static SOURCES: HashMap<SourceKey, u32> =
     HashMap::with_max_entries(limits::SOURCES, BPF_F_NO_PREALLOC);
 
-/// Connection tracking, IPv4 and IPv6 (the key carries the family).
+/// Connection tracking, IPv4 and IPv6 (the key carries the family). A plain hash, allocated
+/// up front, not an LRU: an LRU makes room for a flood's NEW connections by evicting the idle
+/// established ones of every pod on the node. Here nothing is evicted; a NEW connection that
+/// finds the table full (or its endpoint at its limit, [`CT_COUNTS`]) is refused and counted,
+/// and the agent's sweep frees what expired.
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> =
-    LruHashMap::with_max_entries(limits::CT_ENTRIES, 0);
+pub static CONNTRACK: HashMap<CtKey, CtEntry> = HashMap::with_max_entries(limits::CT_ENTRIES, 0);
+
+/// Entries each endpoint holds in [`CONNTRACK`], by counter slot: what its limit
+/// (`Config::ct_endpoint_limit`) is checked against. Added to by the programs with atomic
+/// instructions and, mapped into its memory (`BPF_F_MMAPABLE`), by the agent for the entries its
+/// sweep removes, so neither loses the other's updates.
+#[map]
+pub static CT_COUNTS: Array<u64> = Array::with_max_entries(limits::ENDPOINTS, BPF_F_MMAPABLE);
 
 /// (policy, direction, family, remote address) → classes whose peers contain the address.
 #[map]
