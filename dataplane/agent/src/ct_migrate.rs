@@ -82,7 +82,12 @@ impl CtMigration {
                 m.iter()
                     .map(|r| r.map(|(k, old)| (k, CtEntry::migrated(old, k.proto)))),
             ),
-            Old::Lru(m) => Box::new(m.iter()),
+            // Copied while the connections run (this copy, and the programs' next segments,
+            // can be milliseconds apart): their windows are learnt again.
+            Old::Lru(m) => Box::new(
+                m.iter()
+                    .map(|r| r.map(|(k, e)| (k, e.relearning_windows(k.proto)))),
+            ),
         }
     }
 

@@ -4,8 +4,8 @@
 //! compared with this build's definition, and one that differs is unpinned: the load creates it
 //! afresh, the agent programs endpoints and policies again from its records, and the programs on
 //! the pinned links are swapped for this build's, which use the new maps. What such a map held
-//! is lost, so it is said loudly; the exception is a `CONNTRACK` of the layout before TCP window
-//! tracking, whose entries [`crate::ct_migrate`] carries over.
+//! is lost, so it is said loudly; the exception is a `CONNTRACK` of an earlier build's layout (the
+//! LRU table, with or without window tracking), whose entries [`crate::ct_migrate`] carries over.
 
 use std::path::PathBuf;
 

@@ -256,6 +256,31 @@ impl CtEntry {
     }
 }
 
+impl CtEntry {
+    /// This entry with its TCP windows to be learnt again from the next segment of each side,
+    /// as nf_conntrack picks up a connection in the middle: for an entry copied from another
+    /// table while the connection kept running. Its window data is then stale by however much
+    /// the connection moved meanwhile (a bulk transfer, megabytes in the milliseconds an
+    /// upgrade takes), and its next segments would be refused as beyond the window. What the
+    /// handshake settled is kept: window scale, SACK permitted, which side closed first. Both
+    /// sides are liberal until each has sent a segment ([`crate::window::SIDE_RELEARN`]).
+    pub fn relearning_windows(self, proto: u8) -> Self {
+        if proto != proto::TCP {
+            return self;
+        }
+        let keep = crate::window::SIDE_WINDOW_SCALE | SIDE_SACK_PERM | SIDE_CLOSE_INIT;
+        let relearn = crate::window::SIDE_RELEARN | crate::window::SIDE_BE_LIBERAL;
+        CtEntry {
+            seen: self.seen.map(|side| TcpSide {
+                td_scale: side.td_scale,
+                flags: side.flags & keep | relearn,
+                ..TcpSide::default()
+            }),
+            ..self
+        }
+    }
+}
+
 /// Whether an endpoint holding `held` conntrack entries may open one more under `limit`
 /// ([`Config::ct_endpoint_limit`], 0 for none). `held` is the endpoint's `CT_COUNTS` slot, a
 /// wrapping count that every CPU and the agent add to and subtract from: read as signed, so that
@@ -1538,6 +1563,53 @@ mod tests {
         assert_eq!(t.pod_sends(ACK, 0), Step::Update(CtState::Established));
         assert_eq!(t.entry.state, TcpState::Established as u8);
         assert_eq!(t.entry.seen[1].td_end, t.peer);
+    }
+
+    #[test]
+    fn an_entry_copied_while_its_connection_ran_learns_the_windows_again() {
+        let mut t = Talk::established();
+        let copied = t.entry;
+        // The connection moves on past the copy's window (a bulk transfer during an upgrade).
+        for _ in 0..40 {
+            t.peer_sends(ACK | PSH, 60_000);
+            t.pod_sends(ACK, 0);
+        }
+        let stale = seg(ACK | PSH, t.peer, t.pod, 60_000, t.win);
+        let mut verbatim = copied;
+        assert!(
+            matches!(
+                track_packet(&mut verbatim, &stale, Direction::Ingress, NOW, &cfg()),
+                Step::Invalid | Step::InvalidNoted
+            ),
+            "the copy as it was refuses the running connection"
+        );
+        t.entry = copied.relearning_windows(proto::TCP);
+        assert_eq!(t.entry.seen[0].td_scale, copied.seen[0].td_scale);
+        assert_eq!(
+            t.peer_sends(ACK | PSH, 60_000),
+            Step::Update(CtState::Established)
+        );
+        // Until the pod's side is learnt from a segment of its own, the peer may acknowledge
+        // data the copy never saw (the older programs passed it).
+        t.pod = t.pod.wrapping_add(100_000);
+        assert_eq!(t.peer_sends(ACK, 0), Step::Update(CtState::Established));
+        assert_eq!(t.pod_sends(ACK, 0), Step::Update(CtState::Established));
+        assert_eq!(t.entry.seen[1].td_end, t.peer, "learnt again");
+        assert!(
+            t.entry
+                .seen
+                .iter()
+                .all(|s| s.flags & crate::window::SIDE_BE_LIBERAL == 0),
+            "enforced once both sides are learnt: {:?}",
+            t.entry.seen
+        );
+        // And enforced again: a blind RST far away is refused.
+        let rst = seg(RST, t.peer.wrapping_add(1 << 30), 0, 0, 0);
+        assert!(matches!(
+            t.send(&rst, false),
+            Step::Invalid | Step::InvalidNoted
+        ));
+        assert_eq!(t.entry.state, TcpState::Established as u8);
     }
 
     #[test]
