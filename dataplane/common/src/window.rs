@@ -50,13 +50,6 @@ pub const SIDE_BE_LIBERAL: u8 = 0x08;
 pub const SIDE_DATA_UNACKNOWLEDGED: u8 = 0x10;
 /// [`TcpSide::flags`]: `td_maxack` holds an acknowledgment (`IP_CT_TCP_FLAG_MAXACK_SET`).
 pub const SIDE_MAXACK_SET: u8 = 0x20;
-/// [`TcpSide::flags`]: the side's window data is to be learnt again from its next segment, and
-/// both sides are liberal ([`SIDE_BE_LIBERAL`]) until each has been: an entry copied from
-/// another table while its connection ran (`CtEntry::relearning_windows`). Until both have, an
-/// acknowledgment may cover data the copy never saw (sent while only the older programs ran).
-/// Unlike a connection picked up with nothing known, the window scale is known, so the windows
-/// are enforced once learnt.
-pub const SIDE_RELEARN: u8 = 0x40;
 /// [`TcpLast::flags`]: a SYN arrived in LAST_ACK; the next ACK the other way may be the RFC 5961
 /// challenge ACK, not the ACK of the last FIN (`IP_CT_EXP_CHALLENGE_ACK`).
 pub const LAST_EXP_CHALLENGE_ACK: u8 = 0x40;
@@ -140,7 +133,7 @@ pub fn take_options(side: &mut TcpSide, tcp: &TcpFields) {
         return;
     }
     side.td_scale = 0;
-    side.flags &= SIDE_BE_LIBERAL | SIDE_RELEARN;
+    side.flags &= SIDE_BE_LIBERAL;
     if tcp.opts & TCP_OPT_SACK_PERM != 0 {
         side.flags |= SIDE_SACK_PERM;
     }
@@ -265,11 +258,6 @@ fn in_window_sides(
         if reply && !has_ack {
             return InWindow::Accept;
         }
-    }
-    if sender.flags & SIDE_RELEARN != 0 && sender.td_maxwin != 0 && receiver.td_maxwin != 0 {
-        // Both sides learnt again from segments of their own: enforced from this one on.
-        sender.flags &= !(SIDE_RELEARN | SIDE_BE_LIBERAL);
-        receiver.flags &= !(SIDE_RELEARN | SIDE_BE_LIBERAL);
     }
 
     if !has_ack || (rst && ack == 0) {
