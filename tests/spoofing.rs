@@ -89,14 +89,19 @@ fn a_pod_sending_from_another_pods_address_is_refused_and_its_own_traffic_still_
         cluster.assert_opens(&attacker, &server, v6, 8081 + u16::from(v6));
     }
 
-    // The agent counted them: the attacker's egress row, last column (DROP-SPOOFED).
+    // The agent counted them: the attacker's egress row, column DROP-SPOOFED.
     let ifindex = cluster.host_ifindex(&attacker).to_string();
     let table = cluster.agent.cli_ok(&["counters"]).expect("counters");
+    let column = table
+        .lines()
+        .next()
+        .and_then(|header| header.split_whitespace().position(|h| h == "DROP-SPOOFED"))
+        .unwrap_or_else(|| panic!("no DROP-SPOOFED column:\n{table}"));
     let spoofed: u64 = table
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .find(|c| c.first() == Some(&ifindex.as_str()) && c.get(2) == Some(&"egress"))
-        .and_then(|c| c.last()?.parse().ok())
+        .and_then(|c| c.get(column)?.parse().ok())
         .unwrap_or_else(|| panic!("no egress row for {ifindex}:\n{table}"));
     assert!(spoofed >= 6, "DROP-SPOOFED {spoofed}, 6 sent:\n{table}");
 }

@@ -185,7 +185,6 @@ fn remove_key<K: aya::Pod, V: aya::Pod>(
     }
 }
 
-/// Whether a peer entry is a single address, which lives in `POLICY_HOSTS` rather than the trie.
 /// Each endpoint's counter slot, by interface index.
 fn counter_slots(maps: &Maps) -> Result<HashMap<u32, u32>, DatapathError> {
     maps.endpoints
@@ -202,6 +201,7 @@ fn count_in(counts: &CtCounts, slots: &HashMap<u32, u32>, key: &CtKey) {
     }
 }
 
+/// Whether a peer entry is a single address, which lives in `POLICY_HOSTS` rather than the trie.
 fn is_host(prefix_len: u32, key: &PeerKey) -> bool {
     let addr_bits = if key.family == AF_INET6 { 128 } else { 32 };
     prefix_len == PEER_KEY_FIXED_BITS + addr_bits
@@ -273,9 +273,9 @@ impl Datapath {
             None => Vec::new(),
         };
         let mut ct_migration = None;
-        // Whether the load creates the conntrack table (empty) and the entry counts, rather
-        // than reusing pinned ones: a new table starts every count at zero, counts new to a
-        // table that is not have to be counted from it.
+        // Whether the load creates the conntrack table (empty) or the entry counts rather than
+        // reusing pinned ones: a new table starts every count at zero (and counts what the
+        // migration copies into it); new counts beside a reused table are counted from it.
         let pinned = |name: &str| pin_paths.iter().any(|(n, p)| *n == name && p.exists());
         let mut ct_new = !pinned(names::CONNTRACK);
         let mut counts_new = !pinned(names::CT_COUNTS);
@@ -412,7 +412,10 @@ impl Datapath {
     /// when no migration was pending.
     pub fn finish_conntrack_migration(&mut self) -> Option<Copied> {
         let m = self.ct_migration.take()?;
-        let slots = counter_slots(&self.maps).ok()?;
+        let slots = counter_slots(&self.maps).unwrap_or_else(|e| {
+            warn!(error = %e, "conntrack migration: endpoints unreadable, copies not counted");
+            HashMap::new()
+        });
         let counts = &self.maps.ct_counts;
         Some(m.copy_into(&mut self.maps.conntrack, false, |key| {
             count_in(counts, &slots, key);
