@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{IpAddr, TcpListener, TcpStream},
     path::Path,
     time::Duration,
 };
@@ -24,6 +24,7 @@ use kubesg_common::{
     window::{SIDE_BE_LIBERAL, SIDE_SACK_PERM},
 };
 use kubesg_testkit::{
+    iperf,
     node::TestNode,
     pins::{pin_foreign_array, pin_foreign_map, PinDir, BPF_MAP_TYPE_LRU_HASH},
     pods::client_and_server,
@@ -677,8 +678,6 @@ fn an_upgrade_from_the_lru_table_keeps_tcp_connections_and_counts_them() {
 /// it never stops and none of its segments is refused. The migrated copy of its entry is stale
 /// by the time the new programs run (and under load the first segment they see may be a
 /// retransmission), so its windows are learnt again, liberally, from the next segments.
-/// (At full speed, a few ACKs are refused with or without an upgrade: the lockless window race
-/// of docs/architecture.md, "Conntrack model".)
 #[test]
 fn an_upgrade_from_the_lru_table_keeps_a_running_iperf3_stream() {
     require_privileged!();
@@ -687,86 +686,29 @@ fn an_upgrade_from_the_lru_table_keeps_a_running_iperf3_stream() {
     // iperf3 takes the seed's port 23 (the only one the rules open).
     let replacement = TcpListener::bind("127.0.0.1:0").expect("a placeholder");
     drop(std::mem::replace(&mut seeded.listeners[0], replacement));
-    let (client_ns, server_ns) = (
-        seeded.node.pods[0].ns.name().to_string(),
-        seeded.node.pods[1].ns.name().to_string(),
-    );
-    let iperf3 = |ns: &str, args: &[&str]| {
-        Reaped(
-            std::process::Command::new("ip")
-                .args(["netns", "exec", ns, "iperf3"])
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("running iperf3"),
-        )
-    };
-    let _server = iperf3(&server_ns, &["-s", "-1", "-B", "192.168.1.7", "-p", "23"]);
-    let listening = std::time::Instant::now() + Duration::from_secs(10);
-    while !seeded.node.pods[1]
-        .ns
-        .exec("ss", &["-Hltn", "sport = :23"])
-        .is_ok_and(|o| !o.stdout.is_empty())
-    {
-        assert!(
-            std::time::Instant::now() < listening,
-            "iperf3 -s never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let seconds = SECONDS.to_string();
+    let server_addr = IpAddr::V4(seeded.node.pods[1].ipv4);
+    let _server = iperf::server(&seeded.node.pods[1].ns, server_addr, 23);
     let started = std::time::Instant::now();
-    let mut client = iperf3(
-        &client_ns,
-        &[
-            "-c",
-            "192.168.1.7",
-            "-p",
-            "23",
-            "-t",
-            &seconds,
-            "-b",
-            "100M",
-            "-i",
-            "0.5",
-            "-J",
-        ],
+    let mut client = iperf::client(
+        &seeded.node.pods[0].ns,
+        server_addr,
+        23,
+        SECONDS,
+        Some("100M"),
     );
     // Mid-stream: the older build's table is swapped in and the new build loads over it.
     std::thread::sleep(Duration::from_millis(1500));
     let up = Upgrade::swap(seeded, size_of::<CtEntry>());
     let mut dp = up.load();
     let upgraded = started.elapsed().as_secs_f64();
-    if let Some(status) = client.0.try_wait().expect("iperf3") {
-        let mut out = String::new();
-        if let Some(mut stdout) = client.0.stdout.take() {
-            let _ = stdout.read_to_string(&mut out);
-        }
-        panic!("the stream ended ({status}) before the upgrade was done: {out}");
+    if let Some(out) = client.ended() {
+        panic!("the stream ended before the upgrade was done: {out}");
     }
     dp.finish_conntrack_migration()
         .expect("a pending migration");
-    let deadline = std::time::Instant::now() + Duration::from_secs(SECONDS + 10);
-    while client.0.try_wait().expect("iperf3").is_none() {
+    for i in client.intervals() {
         assert!(
-            std::time::Instant::now() < deadline,
-            "the stream stalled after the upgrade"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut out = String::new();
-    if let Some(mut stdout) = client.0.stdout.take() {
-        stdout.read_to_string(&mut out).expect("iperf3 output");
-    }
-    let report: serde_json::Value = serde_json::from_str(&out).expect("iperf3 -J output");
-    assert!(report.get("error").is_none(), "iperf3: {}", report["error"]);
-    let intervals = report["intervals"].as_array().expect("intervals");
-    assert!(intervals.len() as u64 >= 2 * SECONDS, "{intervals:?}");
-    for i in intervals {
-        assert!(
-            i["sum"]["bytes"].as_u64().unwrap_or(0) > 0,
+            iperf::bytes(&i) > 0,
             "an interval without data (upgraded at {upgraded:.2} s): {}",
             i["sum"]
         );
@@ -781,16 +723,6 @@ fn an_upgrade_from_the_lru_table_keeps_a_running_iperf3_stream() {
         );
     }
     drop(dp);
-}
-
-/// A child process killed and reaped on drop (iperf3 must not outlive a failing test).
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The other side of the upgrade tests above: a conntrack layout this build does not know is replaced

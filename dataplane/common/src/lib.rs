@@ -7,11 +7,16 @@
 //! of what a packet means.
 #![warn(missing_docs)]
 #![no_std]
+// For `core::intrinsics::atomic_cxchg` on the BPF target (see `forward`), whose `core` has no
+// compare-and-swap atomics.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 pub mod config;
 pub mod conntrack;
 pub mod endpoint;
 pub mod event;
+pub mod forward;
 pub mod fragment;
 pub mod parse;
 pub mod policy;

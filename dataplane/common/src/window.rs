@@ -21,7 +21,10 @@
 //! 3. `sack <= receiver.td_end` (acknowledges nothing the receiver did not send);
 //! 4. `sack >= receiver.td_end - max(sender.td_maxwin, 66000)` (not too delayed: else ignored).
 
-use crate::parse::{TcpFields, TCP_OPT_PRESENT, TCP_OPT_SACK_PERM, TCP_OPT_WSCALE};
+use crate::{
+    forward::{advance_seq, raise},
+    parse::{TcpFields, TCP_OPT_PRESENT, TCP_OPT_SACK_PERM, TCP_OPT_WSCALE},
+};
 
 /// Whether sequence number `a` comes before `b` in the 2^32 circle (`before()` in the kernel).
 #[inline(always)]
@@ -295,7 +298,7 @@ fn in_window_sides(
             && overshot <= receiver.td_maxwin
             && seq_before(sack, receiver.td_end.wrapping_add(1))
         {
-            sender.td_end = end;
+            advance_seq(&mut sender.td_end, end);
             sender.flags |= SIDE_DATA_UNACKNOWLEDGED;
             return unless_liberal(sender, InWindow::Ignore);
         }
@@ -331,20 +334,19 @@ fn in_window_sides(
     if !syn {
         win <<= sender.td_scale;
     }
+    // The fields that only move forward do so with compare-and-swap, so that a CPU handling an
+    // earlier segment of this connection cannot move them back (see `forward`).
     let swin = win.wrapping_add(sack.wrapping_sub(ack));
-    if sender.td_maxwin < swin {
-        sender.td_maxwin = swin;
-    }
-    if seq_after(end, sender.td_end) {
-        sender.td_end = end;
+    raise(&mut sender.td_maxwin, swin);
+    if advance_seq(&mut sender.td_end, end) {
         sender.flags |= SIDE_DATA_UNACKNOWLEDGED;
     }
     if has_ack {
         if sender.flags & SIDE_MAXACK_SET == 0 {
             sender.td_maxack = ack;
             sender.flags |= SIDE_MAXACK_SET;
-        } else if seq_after(ack, sender.td_maxack) {
-            sender.td_maxack = ack;
+        } else {
+            advance_seq(&mut sender.td_maxack, ack);
         }
     }
     if receiver.td_maxwin != 0 && seq_after(end, sender.td_maxend) {
@@ -352,12 +354,12 @@ fn in_window_sides(
             .td_maxwin
             .wrapping_add(end.wrapping_sub(sender.td_maxend));
     }
-    if seq_after(sack.wrapping_add(win), receiver.td_maxend.wrapping_sub(1)) {
-        receiver.td_maxend = sack.wrapping_add(win);
-        if win == 0 {
-            receiver.td_maxend = receiver.td_maxend.wrapping_add(1);
-        }
-    }
+    // The right edge the receiver may send to: `sack + win`, one more for a zero window (so
+    // that a window probe fits); moved only forward, as `sack + win >= td_maxend` does.
+    advance_seq(
+        &mut receiver.td_maxend,
+        sack.wrapping_add(win).wrapping_add((win == 0) as u32),
+    );
     if ack == receiver.td_end {
         receiver.flags &= !SIDE_DATA_UNACKNOWLEDGED;
     }

@@ -478,8 +478,8 @@ fn stateful<F: Frame>(
         // SAFETY: the pointer is to a live map value. The tracker works on it in place, as the
         // kernel works on its conntrack entry (what it writes before finding a segment INVALID
         // stays, there as here), but without the kernel's per-connection lock: segments of one
-        // connection handled at the same instant on two CPUs can lose one's update, which the
-        // next segment restores.
+        // connection are handled at the same instant on two CPUs, so the window fields that
+        // only move forward are stored with compare-and-swap (kubesg_common::forward).
         let live = unsafe { &mut *slot };
         if !live.expired(now) {
             let step = Step::from_code(kubesg_track(slot, &seg, dir as u32, now, cfg));
