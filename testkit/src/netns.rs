@@ -522,6 +522,55 @@ impl RawSocket {
         Ok(Some((src, buf)))
     }
 
+    /// The whole length of the next packet received within `timeout` (its IPv4 header included
+    /// for IPv4), however large (a GRO packet of BIG TCP is over 64 KiB), or `None` when none
+    /// came. The packet itself is discarded.
+    pub fn recv_len_within(&self, timeout: Duration) -> io::Result<Option<usize>> {
+        if !wait_readable(self.fd.as_fd(), timeout)? {
+            return Ok(None);
+        }
+        let mut byte = [0u8; 1];
+        // SAFETY: the buffer is valid for its length; MSG_TRUNC makes a raw socket return the
+        // packet's real length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                byte.as_mut_ptr().cast(),
+                byte.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(n as usize))
+    }
+
+    /// Sets the receive buffer to `bytes`, above `rmem_max` (`SO_RCVBUFFORCE`, root): a copy of
+    /// every segment of a bulk transfer, or one BIG TCP packet, needs more than the default.
+    pub fn force_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        let value = bytes as libc::c_int;
+        // SAFETY: plain setsockopt(2) with a valid int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Waits up to `timeout` for a packet for which `want(source, segment)` holds, skipping the
     /// others; returns it, or `None` when none came in time.
     pub fn wait_for(
