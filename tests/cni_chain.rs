@@ -7,7 +7,9 @@ mod common;
 
 use std::{collections::BTreeSet, io, os::unix::fs::PermissionsExt as _};
 
-use common::{any, anywhere, hosts, policy, snapshot, tcp, udp, Cluster, ARRIVES, NAMESPACE};
+use common::{
+    any, anywhere, hosts, link_local, policy, snapshot, tcp, udp, Cluster, ARRIVES, NAMESPACE,
+};
 use kubesg_testkit::{agent::Startup, cni::CniPod, netns::RecvWithin};
 use serde_json::json;
 
@@ -83,8 +85,13 @@ fn pods_added_through_the_real_chain_are_enforced_by_the_rules_the_operator_push
         assert_eq!(ep.host_ifindex, cluster.host_ifindex(pod));
         assert_eq!(ep.netns, pod.attachment.netns.display().to_string());
         let ips: BTreeSet<String> = ep.ips.iter().cloned().collect();
-        let want: BTreeSet<String> =
-            [format!("{}/24", pod.ipv4), format!("{}/64", pod.ipv6)].into();
+        // Its CNI result's addresses, and its link-local one (never in a CNI result).
+        let want: BTreeSet<String> = [
+            format!("{}/24", pod.ipv4),
+            format!("{}/64", pod.ipv6),
+            format!("{}/64", link_local(&pod.ns)),
+        ]
+        .into();
         assert_eq!(ips, want);
     }
 

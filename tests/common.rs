@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     io::{self, Read, Write},
-    net::{IpAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv6Addr, TcpListener, TcpStream},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -18,7 +18,7 @@ use kubesg_testkit::{
     agent::{AgentConfig, AgentProcess, Startup},
     certs::{CertFiles, TempPki},
     cni::{pod_v4, pod_v6, CniError, CniNode, CniPod, NetworkList},
-    netns::{accept_within, is_timeout},
+    netns::{accept_within, is_timeout, Netns},
     operator::{server_tls_config, TestOperator},
 };
 use serde_json::Value;
@@ -428,4 +428,17 @@ pub fn snapshot(
             .collect(),
         ..pb::PolicyUpdate::default()
     }
+}
+
+/// The link-local address of `eth0` in `ns`: kubesg-cni registers it with the pod's addresses.
+pub fn link_local(ns: &Netns) -> Ipv6Addr {
+    let out = ns
+        .ip(&["-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"])
+        .expect("ip addr show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no link-local address on eth0 in {}: {text}", ns.name()))
 }

@@ -4,6 +4,7 @@
 
 use std::{collections::BTreeSet, io::Read};
 
+use ipnet::{IpNet, Ipv6Net};
 use kubesg_proto::{
     pending_deletes,
     v1alpha1::{Endpoint, EndpointKey, EnforcementState},
@@ -121,6 +122,24 @@ pub fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         }
     };
     let (host, source) = veth::discover_host_veth(&prev, netns, &attachment.ifname)?;
+    // The pod's link-local addresses (never in prevResult) go with its addresses: the agent's
+    // source check then refuses on-link messages from any other link-local address. Without
+    // them the pod is still registered, and judged as by an older plugin.
+    let mut ips = ips;
+    match crate::link_local::addresses(netns, &attachment.ifname) {
+        Ok(found) => {
+            for addr in found {
+                if !ips.iter().any(|n| n.addr() == addr) {
+                    ips.push(IpNet::V6(Ipv6Net::new_assert(addr, 64)));
+                }
+            }
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot read the pod's link-local addresses: any link-local source passes its \
+             source check"
+        ),
+    }
     tracing::info!(
         container = %attachment.container_id,
         ifname = %attachment.ifname,

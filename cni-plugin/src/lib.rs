@@ -16,6 +16,7 @@ pub mod commands;
 pub mod config;
 pub mod env;
 pub mod error;
+pub mod link_local;
 pub mod netlink;
 pub mod result;
 pub mod veth;

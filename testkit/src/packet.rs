@@ -452,6 +452,35 @@ pub fn neighbor_advertisement_of(src: Ipv6Addr, dst: Ipv6Addr, target: Ipv6Addr)
     out
 }
 
+/// An unsolicited neighbour advertisement with Override, as a host sends when its link-layer
+/// address changed: from `src` (MAC `src_mac`) to all nodes (ff02::1), saying `target` is now at
+/// `lladdr` (the Target Link-Layer Address option). Receivers that have `target` in their cache
+/// take the new address; one that names another host's target takes that host's traffic.
+pub fn unsolicited_neighbor_advertisement(
+    src: Ipv6Addr,
+    src_mac: [u8; 6],
+    target: Ipv6Addr,
+    lladdr: [u8; 6],
+) -> Vec<u8> {
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let mut payload = target.octets().to_vec();
+    payload.extend_from_slice(&[2, 1]);
+    payload.extend_from_slice(&lladdr);
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, [0x33, 0x33, 0, 0, 0, 1])
+        .ipv6(src.octets(), all_nodes.octets(), 255)
+        .icmpv6(Icmpv6Type::NeighborAdvertisement(
+            icmpv6::NeighborAdvertisementHeader {
+                router: false,
+                solicited: false,
+                r#override: true,
+            },
+        ))
+        .write(&mut out, &payload)
+        .unwrap_or_else(|e| panic!("building a neighbour advertisement: {e}"));
+    out
+}
+
 /// An ARP request from `sender` for `target`: not IP at all.
 pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
     let arp = ArpEthIpv4Packet {

@@ -24,7 +24,7 @@ use kubesg_common::{
     event::Counters,
     limits,
     policy::{PeerKey, PEER_KEY_FIXED_BITS},
-    source::{SourceKey, SRC_F_CHECK, SRC_F_MORE, SRC_F_V4, SRC_F_V6},
+    source::{SourceKey, SRC_F_CHECK, SRC_F_LINK_LOCAL, SRC_F_MORE, SRC_F_V4, SRC_F_V6},
     AF_INET, AF_INET6,
 };
 use tracing::{debug, info, warn};
@@ -909,6 +909,14 @@ impl Datapath {
         }
         if !addrs.is_empty() {
             ep.sources |= SRC_F_CHECK;
+        }
+        if addrs
+            .iter()
+            .any(|a| matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+        {
+            // The pod's link-local addresses are known: only they pass where the link scope
+            // did (Neighbor Discovery, MLD, DHCPv6).
+            ep.sources |= SRC_F_LINK_LOCAL;
         }
         if !more.is_empty() {
             ep.sources |= SRC_F_MORE;

@@ -146,6 +146,50 @@ fn neighbor_discovery_from_the_link_local_address_and_duplicate_detection_pass()
     );
 }
 
+/// With the pod's link-local address among its addresses (as kubesg-cni registers it), on-link
+/// messages must come from it: another link-local source, or a Neighbor Advertisement naming
+/// another link-local target, is spoofing. `::` still passes (duplicate address detection).
+#[test]
+fn with_its_link_local_address_known_only_it_passes_on_the_link() {
+    require_privileged!();
+    let mut dp = checked_member();
+    let mut addrs = own();
+    addrs.push(LINK_LOCAL.into());
+    dp.set_sources(&addrs);
+    let neighbour = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 9);
+    let target = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+    assert_eq!(
+        dp.pod_sends(&packet::neighbor_solicitation(LINK_LOCAL, target)),
+        ACCEPT
+    );
+    assert_eq!(
+        dp.pod_sends(&packet::neighbor_solicitation(
+            Ipv6Addr::UNSPECIFIED,
+            POD_V6
+        )),
+        ACCEPT
+    );
+    assert_eq!(
+        dp.pod_sends(&packet::neighbor_advertisement(LINK_LOCAL, neighbour)),
+        ACCEPT
+    );
+    assert_eq!(
+        dp.pod_sends(&packet::neighbor_solicitation(neighbour, target)),
+        DROP
+    );
+    dp.assert_denied(DenyReason::Spoofed);
+    assert_eq!(
+        dp.pod_sends(&packet::neighbor_advertisement_of(
+            LINK_LOCAL, neighbour, neighbour
+        )),
+        DROP
+    );
+    dp.assert_denied(DenyReason::Spoofed);
+    // Its own link-local address is its own for anything.
+    let echo = packet::icmp_echo_request(LINK_LOCAL.into(), V6.peer, 1, 1);
+    assert_eq!(dp.pod_sends(&echo), ACCEPT);
+}
+
 #[test]
 fn the_link_local_address_carries_only_on_link_messages() {
     require_privileged!();

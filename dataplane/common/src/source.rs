@@ -26,6 +26,13 @@ pub const SRC_F_V4: u32 = 1 << 1;
 pub const SRC_F_V6: u32 = 1 << 2;
 /// `Endpoint::sources` bit: the pod has more addresses, keys of the `SOURCES` map.
 pub const SRC_F_MORE: u32 = 1 << 3;
+/// `Endpoint::sources` bit: the pod's IPv6 link-local addresses are known (among its addresses,
+/// read from its namespace at CNI ADD). On-link messages from the link scope, DHCPv6 requests and
+/// link-local Neighbor Advertisement targets must then be the pod's own, not any link-local
+/// address: else a pod could claim a neighbour's or the gateway's link-local address in its
+/// neighbours' caches. Without it (an endpoint registered by an older plugin, or a pod with no
+/// link-local address at ADD) any link-local address passes there, as before.
+pub const SRC_F_LINK_LOCAL: u32 = 1 << 4;
 
 /// Key of the `SOURCES` map: one further address of the pod on `ifindex`. The value is unused
 /// (a `u32` 1): the key's presence is the answer.
@@ -53,8 +60,28 @@ pub const ICMPV6_REDIRECT: u8 = 137;
 /// messages before and besides a pod's own addresses.
 #[inline(always)]
 pub fn ipv6_link_scope(addr: &RawAddr) -> bool {
-    let first = u32::from_be(addr[0]);
-    first & 0xffc0_0000 == 0xfe80_0000 || (addr[0] | addr[1] | addr[2] | addr[3]) == 0
+    ipv6_link_local(addr) || ipv6_unspecified(addr)
+}
+
+/// Whether `addr` is IPv6 link-local (`fe80::/10`).
+#[inline(always)]
+pub fn ipv6_link_local(addr: &RawAddr) -> bool {
+    u32::from_be(addr[0]) & 0xffc0_0000 == 0xfe80_0000
+}
+
+/// Whether `addr` is the unspecified IPv6 address (`::`), the source of duplicate address
+/// detection.
+#[inline(always)]
+pub fn ipv6_unspecified(addr: &RawAddr) -> bool {
+    (addr[0] | addr[1] | addr[2] | addr[3]) == 0
+}
+
+/// Whether a packet from the link scope passes without being one of the pod's addresses: `::`
+/// always (no host owns it), a link-local address only while the pod's own are not known
+/// ([`SRC_F_LINK_LOCAL`]).
+#[inline(always)]
+fn link_scope_unchecked(ep: &Endpoint, addr: &RawAddr) -> bool {
+    ipv6_unspecified(addr) || (ep.sources & SRC_F_LINK_LOCAL == 0 && ipv6_link_local(addr))
 }
 
 /// ICMPv6 messages a host sends on its link from a link-local or unspecified source: MLD
@@ -108,8 +135,9 @@ pub fn is_own(
 
 /// Whether the IP packet `pkt` (parsed from `frame`), sent by the pod of `ep`, is sent as the pod
 /// itself: from one of its addresses, or an on-link ICMPv6 message from its link scope; never a
-/// router's message; a Neighbor Advertisement only for its own or a link-local target.
-/// `more` looks a [`SourceKey`] up in `SOURCES` (called at most twice).
+/// router's message; a Neighbor Advertisement only for its own target (or any link-local one
+/// while the pod's are not known, [`SRC_F_LINK_LOCAL`]). `more` looks a [`SourceKey`] up in
+/// `SOURCES` (called at most twice).
 #[inline(always)]
 pub fn sent_as_itself<F: Frame + ?Sized>(
     ep: &Endpoint,
@@ -127,11 +155,10 @@ pub fn sent_as_itself<F: Frame + ?Sized>(
         // messages): a first fragment would hide a Neighbor Advertisement's target.
         return false;
     }
-    let on_link = icmpv6 && on_link_message(pkt.icmp_type) && ipv6_link_scope(&pkt.src);
-    if !(on_link
-        || dhcp_client_before_address(pkt)
-        || is_own(ep, ifindex, pkt.family, &pkt.src, &more))
-    {
+    let on_link = icmpv6 && on_link_message(pkt.icmp_type) && link_scope_unchecked(ep, &pkt.src);
+    let dhcp = dhcp_client_before_address(pkt)
+        && (pkt.family == AF_INET || link_scope_unchecked(ep, &pkt.src));
+    if !(on_link || dhcp || is_own(ep, ifindex, pkt.family, &pkt.src, &more)) {
         return false;
     }
     if icmpv6 && pkt.icmp_type == ICMPV6_NEIGHBOR_ADVERTISEMENT {
@@ -140,7 +167,7 @@ pub fn sent_as_itself<F: Frame + ?Sized>(
             Some(t) => t,
             None => return false,
         };
-        let link_local = u32::from_be(target[0]) & 0xffc0_0000 == 0xfe80_0000;
+        let link_local = ipv6_link_local(&target) && ep.sources & SRC_F_LINK_LOCAL == 0;
         return link_local || is_own(ep, ifindex, AF_INET6, &target, &more);
     }
     true
@@ -359,6 +386,55 @@ mod tests {
         assert!(!judge(&icmpv6("fd00::2", 136, Some("fd00::99")), &[]));
         // Truncated: no target to check.
         assert!(!judge(&icmpv6("fe80::1", 136, None), &[]));
+    }
+
+    /// The pod's own link-local address fe80::2 known: a further address in `SOURCES`.
+    fn with_link_local(f: &[u8]) -> bool {
+        let own = SourceKey {
+            ifindex: 7,
+            family: AF_INET6,
+            addr: v6("fe80::2"),
+            ..SourceKey::default()
+        };
+        let mut e = ep();
+        e.sources |= SRC_F_MORE | SRC_F_LINK_LOCAL;
+        let pkt = parse(f).unwrap().unwrap();
+        sent_as_itself(&e, 7, &pkt, f, |k| *k == own)
+    }
+
+    fn dhcpv6(src: &str) -> Vec<u8> {
+        let mut udp = std::vec![0x02, 0x22, 0x02, 0x23, 0, 12, 0, 0];
+        udp.extend_from_slice(&[1, 2, 3, 4]);
+        let mut ip = std::vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+        ip.extend_from_slice(&[17, 1]);
+        ip.extend_from_slice(&src.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        ip.extend_from_slice(&"ff02::1:2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        ip.extend_from_slice(&udp);
+        eth(0x86dd, &ip)
+    }
+
+    #[test]
+    fn with_its_link_local_address_known_a_pod_may_not_use_a_neighbours() {
+        // Its own, and duplicate address detection from `::`, pass.
+        assert!(with_link_local(&icmpv6("fe80::2", 135, Some("fd00::7"))));
+        assert!(with_link_local(&icmpv6("::", 135, Some("fe80::2"))));
+        assert!(with_link_local(&icmpv6("fe80::2", 136, Some("fe80::2"))));
+        assert!(with_link_local(&dhcpv6("fe80::2")));
+        // A neighbour's (or the gateway's) link-local address, as source or as target: refused;
+        // without the flag the same messages pass.
+        for f in [
+            icmpv6("fe80::1", 135, Some("fd00::7")),
+            icmpv6("fe80::1", 143, None),
+            icmpv6("fe80::2", 136, Some("fe80::1")),
+            icmpv6("::", 136, Some("fe80::1")),
+            dhcpv6("fe80::1"),
+        ] {
+            assert!(!with_link_local(&f), "{f:?}");
+            assert!(judge(&f, &[]), "{f:?} passes without the flag");
+        }
+        // Its link-local address is its own for anything else too.
+        assert!(with_link_local(&icmpv6("fe80::2", 128, None)));
     }
 
     fn arp(spa: [u8; 4], fixed: [u8; 6]) -> Vec<u8> {
