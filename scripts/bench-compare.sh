@@ -6,8 +6,8 @@
 #
 #   scripts/bench-compare.sh BASE [RUNS]        (as root; RUNS defaults to 5)
 #
-# The base is checked out in a worktree under target/bench-base/ and built with that directory
-# as its own target directory (neither build evicts the other's artifacts); this tree's bench
+# The base is checked out in a worktree under target/bench-base/ and built with a target directory
+# of its own there (neither build evicts the other's artifacts); this tree's bench
 # source and test packet builder are copied over it so that both builds run the same cases.
 # Raw outputs are kept in target/bench-base/runs/.
 set -euo pipefail
@@ -33,7 +33,10 @@ bench_exe() {
     sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
 }
 echo "building the base ($rev)" >&2
-base_exe=$(bench_exe "$wt" "$PWD/$root")
+# One target directory per base: cargo hashes path dependencies by their place in the workspace,
+# so two bases sharing one would reuse each other's crates (their fingerprints name the other
+# worktree's unchanged files).
+base_exe=$(bench_exe "$wt" "$PWD/$root/target-$rev")
 echo "building this tree" >&2
 this_exe=$(bench_exe . "$PWD/target")
 [[ -x $base_exe && -x $this_exe ]] || { echo "bench-compare: no bench executable" >&2; exit 1; }

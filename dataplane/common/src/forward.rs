@@ -10,8 +10,9 @@
 //! stores a value ahead of the one it finds cannot move a field back: whichever CPU writes last,
 //! the field ends at the furthest value any of them saw.
 //!
-//! On the BPF target this is the `BPF_ATOMIC | BPF_CMPXCHG` instruction (kernel 5.12); in
-//! userspace (unit tests, the agent's migration of a table) the same loop over `AtomicU32`.
+//! On the BPF target this is the 32-bit `BPF_ATOMIC | BPF_CMPXCHG` instruction (kernel 5.12),
+//! written out as its encoding (see [`compare_and_swap`]); in userspace (unit tests, the agent's
+//! migration of a table) the same loop over `AtomicU32`.
 
 use crate::window::seq_after;
 
@@ -31,9 +32,25 @@ const TRIES: usize = 8;
 unsafe fn compare_and_swap(field: *mut u32, old: u32, new: u32) -> u32 {
     #[cfg(target_arch = "bpf")]
     {
-        use core::intrinsics::{atomic_cxchg, AtomicOrdering::Relaxed};
-        // SAFETY: as the caller promises.
-        unsafe { atomic_cxchg::<u32, { Relaxed }, { Relaxed }>(field, old, new).0 }
+        let found: u64;
+        // `w0 = cmpxchg32_32(r1 + 0, w0, w2)`, written out as its encoding: opcode 0xc3
+        // (BPF_STX | BPF_ATOMIC | BPF_W), registers 0x21 (source r2, destination r1), offset 0,
+        // immediate 0xf1 (BPF_CMPXCHG). The kernel has run it since 5.12 whatever the program
+        // was compiled for, but LLVM emits (and assembles) it only with ALU32, which for the
+        // whole program made the parser and the established path a third slower (measured
+        // with scripts/bench-compare.sh); LLVM's BPF backend takes no per-function features.
+        // SAFETY: as the caller promises; r0 (the value expected, then the one found, zero
+        // extended), r1 and r2 are declared to the compiler, nothing else is touched.
+        unsafe {
+            core::arch::asm!(
+                ".8byte 0x000000f1000021c3",
+                inout("r0") u64::from(old) => found,
+                in("r1") field,
+                in("r2") u64::from(new),
+                options(nostack),
+            );
+        }
+        found as u32
     }
     #[cfg(not(target_arch = "bpf"))]
     {

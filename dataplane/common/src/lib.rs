@@ -7,10 +7,8 @@
 //! of what a packet means.
 #![warn(missing_docs)]
 #![no_std]
-// For `core::intrinsics::atomic_cxchg` on the BPF target (see `forward`), whose `core` has no
-// compare-and-swap atomics.
-#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
-#![cfg_attr(target_arch = "bpf", allow(internal_features))]
+// For the compare-and-swap of `forward`, written as inline assembly on the BPF target.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 pub mod config;
 pub mod conntrack;
