@@ -32,7 +32,7 @@ if ((${#targets[@]} == 0)); then
   targets=(
     prog_timeouts prog_clock install_cni lib:kubesg-agent operator_link prog_fragments
     prog_malformed prog_policy prog_udp_icmp traffic_idle traffic_kernel_compare
-    traffic_protocols traffic_rule_change traffic_tcp_window traffic_table_pressure pinning agent_restart cni_chain manifests_e2e operator_trust
+    traffic_protocols traffic_rule_change traffic_tcp_window traffic_table_pressure traffic_kernel_verdicts spoofing pinning agent_restart cni_chain manifests_e2e operator_trust
     startup_policy manifests_mode push_sync reconcile agent_calls
   )
 fi
