@@ -41,8 +41,9 @@ fn reported_veth(result: &Value) -> String {
     names[0].to_owned()
 }
 
-/// The global addresses of the pod's interface, as the kernel has them.
-fn kernel_addresses(chain: &BridgeChain) -> BTreeSet<IpNet> {
+/// The global addresses of the pod's interface, as the kernel has them (and its link-local ones
+/// with `link_local`).
+fn kernel_addresses(chain: &BridgeChain, link_local: bool) -> BTreeSet<IpNet> {
     let out = chain
         .pod
         .ip(&["-j", "addr", "show", "dev", IFNAME])
@@ -52,7 +53,7 @@ fn kernel_addresses(chain: &BridgeChain) -> BTreeSet<IpNet> {
         .as_array()
         .expect("addr_info")
         .iter()
-        .filter(|a| a["scope"] == "global")
+        .filter(|a| a["scope"] == "global" || (link_local && a["scope"] == "link"))
         .map(|a| {
             format!("{}/{}", a["local"].as_str().expect("local"), a["prefixlen"])
                 .parse()
@@ -88,7 +89,7 @@ fn prev_result_gives_the_bridge_plugins_host_veth_and_the_pods_addresses() {
         .pod_interface(Path::new(&netns), IFNAME)
         .expect("pod interface");
     let ips: BTreeSet<IpNet> = result.pod_ips(pod_index).into_iter().collect();
-    assert_eq!(ips, kernel_addresses(&chain));
+    assert_eq!(ips, kernel_addresses(&chain, false));
     assert!(ips.iter().any(|n| matches!(n, IpNet::V4(_))), "{ips:?}");
     assert!(ips.iter().any(|n| matches!(n, IpNet::V6(_))), "{ips:?}");
 }
@@ -268,7 +269,14 @@ fn add_registers_the_bridge_veth_and_pod_addresses_and_passes_the_result_on_unch
         .iter()
         .map(|ip| ip.parse().expect("CIDR"))
         .collect();
-    assert_eq!(ips, kernel_addresses(&chain));
+    // The result's addresses and the pod's link-local one, which kubesg-cni reads from the pod's
+    // namespace (the source check needs it).
+    assert_eq!(ips, kernel_addresses(&chain, true));
+    assert!(
+        ips.iter()
+            .any(|n| matches!(n, IpNet::V6(v6) if v6.addr().is_unicast_link_local())),
+        "{ips:?}"
+    );
     assert_eq!(
         endpoint.pod,
         Some(PodRef {
