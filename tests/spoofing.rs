@@ -20,13 +20,21 @@ use kubesg_testkit::{
 
 const PORT: u16 = 5353;
 
+/// The three pods of an attack, through the real CNI chain, at host numbers `first` and the two
+/// after it (each test its own, so that tests running side by side do not collide).
+fn attacker_victim_server(cluster: &Cluster, first: u8) -> [CniPod; 3] {
+    [
+        cluster.add_pod("attacker", first),
+        cluster.add_pod("victim", first + 1),
+        cluster.add_pod("server", first + 2),
+    ]
+}
+
 #[test]
 fn a_pod_sending_from_another_pods_address_is_refused_and_its_own_traffic_still_works() {
     kubesg_testkit::require_privileged!();
     let cluster = Cluster::connected(Startup::Allow);
-    let attacker = cluster.add_pod("attacker", 41);
-    let victim = cluster.add_pod("victim", 42);
-    let server = cluster.add_pod("server", 43);
+    let [attacker, victim, server] = attacker_victim_server(&cluster, 41);
     // The server takes datagrams from the victim only, and TCP from the attacker; the others
     // may send anything.
     cluster.push(snapshot(
@@ -144,9 +152,7 @@ fn mac_text(mac: [u8; 6]) -> String {
 fn a_pod_claiming_a_neighbours_link_local_address_is_refused() {
     kubesg_testkit::require_privileged!();
     let cluster = Cluster::connected(Startup::Allow);
-    let attacker = cluster.add_pod("attacker", 44);
-    let victim = cluster.add_pod("victim", 45);
-    let server = cluster.add_pod("server", 46);
+    let [attacker, victim, server] = attacker_victim_server(&cluster, 44);
     cluster.push(snapshot(
         1,
         vec![policy("open", vec![any(anywhere())], vec![any(anywhere())])],

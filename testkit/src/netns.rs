@@ -357,6 +357,35 @@ impl Netns {
     }
 }
 
+/// Writes `total` bytes (whole MiB) from `tx` to `rx` and returns how many `rx` received: a
+/// bulk transfer that ends, rather than hangs, when the path stops carrying it (each side gives
+/// up after 5 s without progress).
+pub fn transfer(mut tx: TcpStream, mut rx: TcpStream, total: usize) -> io::Result<usize> {
+    const CHUNK: usize = 1 << 20;
+    rx.set_read_timeout(Some(Duration::from_secs(5)))?;
+    tx.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0;
+        while got < total {
+            match rx.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        got
+    });
+    let chunk = vec![0x5a; CHUNK];
+    for _ in 0..total / CHUNK {
+        if tx.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    reader
+        .join()
+        .map_err(|_| io::Error::other("the transfer's reader panicked"))
+}
+
 /// Accepts one connection on `listener`, giving up with `ErrorKind::TimedOut` after `timeout`
 /// (std's `accept` blocks for ever, which would hang a failing test).
 pub fn accept_within(listener: &TcpListener, timeout: Duration) -> io::Result<TcpStream> {
@@ -502,15 +531,10 @@ impl RawSocket {
                 &mut from_len,
             )
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        buf.truncate(n as usize);
+        let Some(n) = received(n)? else {
+            return Ok(None);
+        };
+        buf.truncate(n);
         let src = ip_of_sockaddr(&from)?;
         if !self.v6 {
             let ihl = usize::from(buf.first().copied().unwrap_or(0) & 0x0f) * 4;
@@ -540,15 +564,7 @@ impl RawSocket {
                 libc::MSG_DONTWAIT | libc::MSG_TRUNC,
             )
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(Some(n as usize))
+        received(n)
     }
 
     /// Sets the receive buffer to `bytes`, above `rmem_max` (`SO_RCVBUFFORCE`, root): a copy of
@@ -590,6 +606,20 @@ impl RawSocket {
                 return Ok(None);
             }
         }
+    }
+}
+
+/// What a non-blocking `recv(2)` returned: its length, `None` when nothing was queued, or the
+/// error.
+fn received(n: isize) -> io::Result<Option<usize>> {
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(None)
+    } else {
+        Err(e)
     }
 }
 

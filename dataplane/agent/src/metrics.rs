@@ -15,7 +15,12 @@ use axum::{extract::State, http::StatusCode, routing::get, Router};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        TypedMetric,
+    },
     registry::Registry,
 };
 use tracing::info;
@@ -197,43 +202,48 @@ impl Collector for DatapathCollector {
             }
         }
         drop(enforcer);
-        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(endpoints);
+        let gauge = ConstGauge::new(endpoints);
         gauge.encode(encoder.encode_descriptor(
             "endpoints",
             "Pod interfaces this agent enforces",
             None,
             gauge.metric_type(),
         )?)?;
-        let mut family = encoder.encode_descriptor(
+        encode_samples(
+            &mut encoder,
             "datapath_packets",
             "Packets by pod, direction (of the pod) and verdict",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            samples.into_iter().map(|(l, n)| (l, ConstCounter::new(n))),
         )?;
-        for (labels, n) in samples {
-            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
+        encode_samples(
+            &mut encoder,
             "conntrack_full",
             "NEW connections the conntrack table had no room for (the pod at its entry limit, or the node's table full): dropped for members, passed untracked otherwise",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            full.into_iter().map(|(l, n)| (l, ConstCounter::new(n))),
         )?;
-        for (labels, n) in full {
-            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
+        encode_samples(
+            &mut encoder,
             "conntrack_entries",
             "Conntrack entries the pod holds (its limit is the agent's --conntrack-endpoint-limit)",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            held.into_iter().map(|(l, n)| (l, ConstGauge::new(n))),
         )?;
-        for (labels, n) in held {
-            prometheus_client::metrics::gauge::ConstGauge::new(n)
-                .encode(family.encode_family(&labels)?)?;
-        }
         Ok(())
     }
+}
+
+/// One metric family read from the datapath at scrape time: its descriptor, then a sample per
+/// label set (the collector builds them fresh on every scrape, so they are constant metrics).
+fn encode_samples<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, metric) in samples {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 #[derive(Clone)]

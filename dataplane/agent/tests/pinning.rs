@@ -448,6 +448,40 @@ impl Upgrade {
         )
     }
 
+    /// The client's tracked connection (to the server's port 23) in `dp`'s table.
+    fn client_connection(&self, dp: &Datapath) -> conntrack::Connection {
+        let (ci, _) = self.ifindexes();
+        conntrack::list(dp.maps())
+            .expect("list")
+            .into_iter()
+            .find(|x| x.key.ifindex == ci && x.key.peer_port == 23)
+            .expect("the client's connection is in the new table")
+    }
+
+    /// After the upgrade the connection carries data both ways, the new programs learn both
+    /// windows from those segments, and the server still cannot connect back.
+    #[track_caller]
+    fn assert_flows_both_ways_and_not_back(&mut self, dp: &Datapath) {
+        echo(&mut self.client, &mut self.server, b"after").expect("data after the upgrade");
+        echo(&mut self.server, &mut self.client, b"reply").expect("reply after the upgrade");
+        let learnt = self.client_connection(dp).entry;
+        assert!(
+            learnt.seen.iter().all(|s| s.td_maxwin != 0),
+            "both windows learnt from the segments since: {:?}",
+            learnt.seen
+        );
+        let back = self.node.pods[1].ns.enter(|| {
+            TcpStream::connect_timeout(
+                &"192.168.1.5:22".parse().expect("addr"),
+                Duration::from_millis(500),
+            )
+        });
+        assert!(
+            back.is_err(),
+            "the way back stays refused after the upgrade"
+        );
+    }
+
     /// The upgraded agent loads and puts its programs on both interfaces.
     fn load(&self) -> Datapath {
         let mut dp = Datapath::load(&opts(self.pins.path(), AttachMode::Tcx)).expect("upgrade");
@@ -470,16 +504,8 @@ fn an_upgrade_from_the_layout_before_window_tracking_keeps_tcp_connections() {
     require_privileged!();
     let mut up = Upgrade::from_layout(size_of::<CtEntryV1>());
     assert!(up.held >= 1, "the older table holds the connection");
-    let (ci, _) = up.ifindexes();
     let mut dp = up.load();
-    let conn = |dp: &Datapath| {
-        conntrack::list(dp.maps())
-            .expect("list")
-            .into_iter()
-            .find(|x| x.key.ifindex == ci && x.key.peer_port == 23)
-            .expect("the client's connection is in the new table")
-    };
-    let migrated = conn(&dp);
+    let migrated = up.client_connection(&dp);
     assert_eq!(migrated.entry.state, TcpState::Established as u8);
     assert_ne!(migrated.entry.flags & CT_F_ASSURED, 0);
     assert_counted(&dp, &up);
@@ -489,14 +515,7 @@ fn an_upgrade_from_the_layout_before_window_tracking_keeps_tcp_connections() {
 
     // The older programs go on creating entries until the interfaces run the new ones: the
     // second pass adds what the new table lacks and keeps what it has.
-    let late = CtKey {
-        ifindex: 4242,
-        family: kubesg_common::AF_INET,
-        proto: 17,
-        pod_port: 5353,
-        peer_port: 53,
-        ..CtKey::default()
-    };
+    let late = late_key(4242);
     let late_entry = CtEntryV1 {
         expires_ns: u64::MAX,
         state: 0,
@@ -531,29 +550,24 @@ fn an_upgrade_from_the_layout_before_window_tracking_keeps_tcp_connections() {
         u64::MAX
     );
     assert_eq!(
-        conn(&dp).entry.state,
+        up.client_connection(&dp).entry.state,
         TcpState::Established as u8,
         "the second pass keeps what the new table has"
     );
 
-    echo(&mut up.client, &mut up.server, b"after").expect("data after the upgrade");
-    echo(&mut up.server, &mut up.client, b"reply").expect("reply after the upgrade");
-    let learnt = conn(&dp).entry;
-    assert!(
-        learnt.seen.iter().all(|s| s.td_maxwin != 0),
-        "both windows learnt from the segments since: {:?}",
-        learnt.seen
-    );
-    let back = up.node.pods[1].ns.enter(|| {
-        TcpStream::connect_timeout(
-            &"192.168.1.5:22".parse().expect("addr"),
-            Duration::from_millis(500),
-        )
-    });
-    assert!(
-        back.is_err(),
-        "the way back stays refused after the upgrade"
-    );
+    up.assert_flows_both_ways_and_not_back(&dp);
+}
+
+/// A UDP entry the older programs create after the first copy (a DNS query of the client's).
+fn late_key(ifindex: u32) -> CtKey {
+    CtKey {
+        ifindex,
+        family: kubesg_common::AF_INET,
+        proto: 17,
+        pod_port: 5353,
+        peer_port: 53,
+        ..CtKey::default()
+    }
 }
 
 /// Every endpoint's entry count is what the table holds for it (the limit checks the count).
@@ -623,14 +637,7 @@ fn an_upgrade_from_the_lru_table_keeps_tcp_connections_and_counts_them() {
 
     // What the older programs open before the new ones take the interfaces is copied and
     // counted on the second pass.
-    let late = CtKey {
-        ifindex: ci,
-        family: kubesg_common::AF_INET,
-        proto: 17,
-        pod_port: 5353,
-        peer_port: 53,
-        ..CtKey::default()
-    };
+    let late = late_key(ci);
     let late_entry = CtEntry {
         expires_ns: u64::MAX,
         ..CtEntry::default()
@@ -647,31 +654,7 @@ fn an_upgrade_from_the_lru_table_keeps_tcp_connections_and_counts_them() {
     );
     assert_eq!(dp.conntrack_held(ci).expect("reading"), Some(held + 1));
 
-    echo(&mut up.client, &mut up.server, b"after").expect("data after the upgrade");
-    echo(&mut up.server, &mut up.client, b"reply").expect("reply after the upgrade");
-    let learnt = dp
-        .maps()
-        .conntrack
-        .iter()
-        .filter_map(Result::ok)
-        .find(|(k, _)| k.ifindex == ci && k.peer_port == 23)
-        .expect("the client's connection")
-        .1;
-    assert!(
-        learnt.seen.iter().all(|s| s.td_maxwin != 0),
-        "both windows learnt from the segments since: {:?}",
-        learnt.seen
-    );
-    let back = up.node.pods[1].ns.enter(|| {
-        TcpStream::connect_timeout(
-            &"192.168.1.5:22".parse().expect("addr"),
-            Duration::from_millis(500),
-        )
-    });
-    assert!(
-        back.is_err(),
-        "the way back stays refused after the upgrade"
-    );
+    up.assert_flows_both_ways_and_not_back(&dp);
 }
 
 /// An iperf3 stream (100 Mbit/s) between the two pods across the upgrade from the LRU table:

@@ -521,33 +521,12 @@ fn big_tcp_ipv6_transfer_passes_the_attached_datapath() {
     const TOTAL: usize = 16 << 20;
     let listener = node.pods[b].tcp_listen(true, 9100).expect("listen");
     let to = node.pods[b].sockaddr(true, 9100);
-    let mut tx = node.pods[a]
+    let tx = node.pods[a]
         .tcp_connect(to, Duration::from_secs(3))
         .expect("connect");
-    let mut rx =
+    let rx =
         kubesg_testkit::netns::accept_within(&listener, Duration::from_secs(3)).expect("accept");
-    rx.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    let reader = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        while got < TOTAL {
-            match std::io::Read::read(&mut rx, &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n,
-            }
-        }
-        got
-    });
-    let chunk = vec![0x5a; 1 << 20];
-    tx.set_write_timeout(Some(Duration::from_secs(5)))
-        .expect("write timeout");
-    for _ in 0..TOTAL / chunk.len() {
-        if std::io::Write::write_all(&mut tx, &chunk).is_err() {
-            break;
-        }
-    }
-    let got = reader.join().expect("reader");
+    let got = kubesg_testkit::netns::transfer(tx, rx, TOTAL).expect("the transfer");
     let [eg, _] = dp.counters(ia).expect("counters").expect("endpoint a");
     let [_, ing] = dp.counters(ib).expect("counters").expect("endpoint b");
     assert_eq!(

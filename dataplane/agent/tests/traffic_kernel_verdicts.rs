@@ -10,7 +10,6 @@
 //! they pass kubesg's `to_pod` hook (or reach the kernel's firewall) as traffic from the bridge.
 
 use std::{
-    io::{Read, Write},
     net::{IpAddr, Ipv6Addr, UdpSocket},
     time::Duration,
 };
@@ -20,7 +19,7 @@ use kubesg_common::Direction;
 use kubesg_testkit::{
     family::Family,
     ipv4_and_ipv6,
-    netns::{accept_within, RecvWithin},
+    netns::{accept_within, transfer, RecvWithin},
     node::{TestNode, TestPod},
     packet::{self, IcmpError, Ipv6Ext},
     pods::{client_and_server, Pods, Who, ARRIVES},
@@ -325,24 +324,11 @@ fn big_tcp_transfer(judge: Judge) -> (usize, usize, u64) {
         .force_receive_buffer(64 << 20)
         .expect("a large receive buffer");
     let listener = w.server().tcp_listen(true, TCP_PORT).expect("listen");
-    let mut tx = w
+    let tx = w
         .client()
         .tcp_connect(w.server().sockaddr(true, TCP_PORT), Duration::from_secs(3))
         .expect("connect");
-    let mut rx = accept_within(&listener, Duration::from_secs(3)).expect("accept");
-    rx.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    let reader = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        while got < TOTAL {
-            match rx.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got += n,
-            }
-        }
-        got
-    });
+    let rx = accept_within(&listener, Duration::from_secs(3)).expect("accept");
     let watcher = std::thread::spawn(move || {
         let mut largest = 0;
         while let Some(n) = sniffer
@@ -353,15 +339,7 @@ fn big_tcp_transfer(judge: Judge) -> (usize, usize, u64) {
         }
         largest
     });
-    tx.set_write_timeout(Some(Duration::from_secs(5)))
-        .expect("write timeout");
-    let chunk = vec![0x5a; 1 << 20];
-    for _ in 0..TOTAL / chunk.len() {
-        if tx.write_all(&chunk).is_err() {
-            break;
-        }
-    }
-    let got = reader.join().expect("the reader");
+    let got = transfer(tx, rx, TOTAL).expect("the transfer");
     let largest = watcher.join().expect("the watcher");
     (got, largest, w.invalid())
 }
