@@ -307,6 +307,65 @@ fn pods_deleted_or_gone_while_the_agent_was_down_are_forgotten_when_it_is_back()
     }
 }
 
+/// Queued DELs are files the agent did not write. One naming no valid attachment (a NUL byte in
+/// the container id, a path out of the state directory) is moved aside (`.rejected`) and
+/// reported; it neither stops the agent from starting nor holds up the valid DEL queued with it,
+/// and removes no file. Before, the first made the agent fail at start, again at each restart,
+/// and the second removed the file its path led to.
+#[test]
+fn queued_dels_naming_no_valid_attachment_are_set_aside_and_the_rest_applied() {
+    kubesg_testkit::require_privileged!();
+    let mut cluster = Cluster::connected(Startup::Deny);
+    let deleted = cluster.add_pod("deleted-q", 67);
+    let deleted_if = cluster.host_ifindex(&deleted);
+    cluster.agent.kill().expect("killing the agent");
+    cluster
+        .node
+        .del(&cluster.network, &deleted)
+        .unwrap_or_else(|e| panic!("DEL while the agent is down must succeed: {e}"));
+    // Files a path of `../bait` would reach from the endpoint records' directory, under the
+    // names this build and the one before gave records.
+    let state = cluster.agent.state_dir();
+    let baits = [state.join("bait:eth0.json"), state.join("bait_eth0.json")];
+    for bait in &baits {
+        std::fs::write(bait, b"{}").expect("a bait file");
+    }
+    let dir = pending_deletes::dir_beside(&cluster.agent.socket());
+    for (file, container_id) in [
+        ("planted-nul.del", "abc\0def"),
+        ("planted-up.del", "../bait"),
+    ] {
+        let key = kubesg_proto::v1alpha1::EndpointKey {
+            container_id: container_id.into(),
+            ifname: "eth0".into(),
+        };
+        std::fs::write(dir.join(file), prost::Message::encode_to_vec(&key)).expect("planting");
+    }
+    assert_eq!(queued(&cluster), 3);
+
+    cluster
+        .agent
+        .start_again()
+        .unwrap_or_else(|e| panic!("the agent starts: {e}\n{}", cluster.agent.log()));
+    cluster.assert_nothing_registered(deleted.container_id(), Some(deleted_if), "deleted-q");
+    assert_eq!(queued(&cluster), 0, "no DEL left in the queue");
+    for file in ["planted-nul.rejected", "planted-up.rejected"] {
+        assert!(dir.join(file).exists(), "{file} kept for inspection");
+    }
+    for bait in &baits {
+        assert!(bait.exists(), "{} was removed", bait.display());
+    }
+    assert_eq!(
+        cluster
+            .agent
+            .log()
+            .matches("rejecting a queued CNI DEL that names no valid attachment")
+            .count(),
+        2,
+        "each is reported"
+    );
+}
+
 #[test]
 fn a_del_that_timed_out_on_a_hung_agent_is_applied_once_it_answers_again() {
     kubesg_testkit::require_privileged!();

@@ -46,6 +46,11 @@ impl Outcome {
     }
 }
 
+/// The most stdin may hold. A configuration with a previous result is a few KiB, and GC's list
+/// of valid attachments about 150 bytes an attachment: 1 MiB is room for several thousand, far
+/// past a node's pods, while a runaway writer cannot make the plugin hold more.
+pub const MAX_STDIN: u64 = 1 << 20;
+
 /// Runs one invocation: validates the environment (before reading stdin, as libcni's `skel`),
 /// reads and parses the config, dispatches. Errors are printed in the config's version when it
 /// declared one kubesg speaks, in the latest otherwise.
@@ -58,8 +63,15 @@ pub fn run(get_env: impl Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Ou
         return Outcome::ok(Some(version_info()));
     }
     let mut input = Vec::new();
-    if let Err(e) = stdin.read_to_end(&mut input) {
+    if let Err(e) = stdin.take(MAX_STDIN + 1).read_to_end(&mut input) {
         let err = CniError::new(ErrorCode::IoFailure, format!("reading stdin: {e}"));
+        return Outcome::failed(&err, CniVersion::LATEST);
+    }
+    if input.len() as u64 > MAX_STDIN {
+        let err = CniError::new(
+            ErrorCode::InvalidNetworkConfig,
+            format!("the network configuration on stdin is larger than {MAX_STDIN} bytes"),
+        );
         return Outcome::failed(&err, CniVersion::LATEST);
     }
     let version = NetConf::declared_version(&input).unwrap_or(CniVersion::LATEST);

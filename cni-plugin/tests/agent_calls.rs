@@ -18,7 +18,7 @@ use kubesg_testkit::{
     agent::{AgentConfig, AgentProcess, Startup},
     cni::{pod_v4, pod_v6, Attachment, CniNode, CniPod, NetworkList},
 };
-use plugin::{attachment_env, run_plugin, run_plugin_in, PluginRun};
+use plugin::{attachment_env, run_plugin, run_plugin_as, run_plugin_in, PluginRun};
 use serde_json::{json, Value};
 use stub_agent::{Answers, StubAgent};
 
@@ -271,6 +271,125 @@ fn status_of_a_serving_agent_succeeds_and_of_a_crashed_one_is_code_50_naming_its
         details.contains(&node.agent.socket().display().to_string()),
         "{details}"
     );
+}
+
+/// The socket's directory keeps other users out; a process that reaches the socket anyway (its
+/// permissions loosened here) is refused by the agent, which checks the caller's credentials,
+/// and says why. Root is still served.
+#[test]
+fn a_call_from_a_process_that_is_not_root_is_refused_with_the_reason() {
+    kubesg_testkit::require_privileged!();
+    use std::os::unix::fs::PermissionsExt as _;
+    let node = Node::start(Startup::Deny, None);
+    let socket = node.agent.socket();
+    let mut dir = socket.parent();
+    while let Some(d) = dir.filter(|d| d.starts_with(node.agent.dir())) {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+        dir = d.parent();
+    }
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let status = [("CNI_COMMAND", "STATUS")];
+    let conf = node.config("1.1.0", json!({}));
+    const NOBODY: u32 = 65534;
+    let err = run_plugin_as(NOBODY, &status, &conf).assert_error(50);
+    let details = err["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains("only root may use the kubesg agent's CNI socket")
+            && details.contains(&format!("uid {NOBODY}")),
+        "{err}"
+    );
+    assert!(
+        node.agent
+            .log()
+            .contains("refusing a CNI call from a process that is not root"),
+        "the agent logs the refusal"
+    );
+    run_plugin(&status, &conf).assert_silent_success();
+}
+
+/// CHECK and DEL name an attachment as ADD does, and the agent checks the names as it checks
+/// ADD's (they become file names): a DEL of `../bait` is refused and removes nothing; one with a
+/// NUL byte is refused, not an internal error. kubesg-cni checks them too, so these come from
+/// another caller of the socket.
+#[test]
+fn a_del_whose_names_are_not_valid_is_refused_and_removes_nothing() {
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let kept = node.registered_pod("kept", 13);
+    let state = node.agent.state_dir();
+    let baits = [state.join("bait:eth0.json"), state.join("bait_eth0.json")];
+    for bait in &baits {
+        std::fs::write(bait, b"{}").expect("a bait file");
+    }
+    for container_id in ["../bait", "abc\0def", ""] {
+        let answer = node
+            .agent
+            .delete_endpoint(EndpointKey {
+                container_id: container_id.into(),
+                ifname: "eth0".into(),
+            })
+            .expect("the agent answers");
+        let status = answer.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("invalid container id"),
+            "{status:?}"
+        );
+    }
+    for bait in &baits {
+        assert!(bait.exists(), "{} was removed", bait.display());
+    }
+    assert_eq!(
+        node.keys(),
+        vec![key(&kept.attachment)],
+        "nothing else deleted"
+    );
+}
+
+/// One interface, one endpoint: an ADD naming the host interface of another registered
+/// attachment is refused with the owner's name, and the owner stays registered and enforced.
+/// Before, the second registration took the interface over (its rules, counters and tracked
+/// connections).
+#[test]
+fn an_add_naming_another_endpoints_interface_is_refused() {
+    kubesg_testkit::require_privileged!();
+    let node = Node::start(Startup::Deny, None);
+    let kept = node.registered_pod("owner", 14);
+    let mut intruder = node
+        .agent
+        .list_endpoints()
+        .expect("ListEndpoints")
+        .into_iter()
+        .find(|e| e.key.as_ref().map(|k| &k.container_id) == Some(&kept.attachment.container_id))
+        .expect("the owner's endpoint");
+    intruder.key = Some(EndpointKey {
+        container_id: "intruder".into(),
+        ifname: "eth0".into(),
+    });
+    if let Some(pod) = intruder.pod.as_mut() {
+        pod.name = "intruder".into();
+    }
+    let status = node
+        .agent
+        .add_endpoint(intruder)
+        .expect("the agent answers")
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains(&format!(
+            "belongs to endpoint {}/eth0",
+            kept.attachment.container_id
+        )),
+        "{status:?}"
+    );
+    assert_eq!(node.keys(), vec![key(&kept.attachment)], "the owner alone");
+    let att = &kept.attachment;
+    let env = attachment_env("CHECK", &att.container_id, netns(att), "eth0");
+    node.run(
+        &env,
+        &node.config("1.0.0", json!({"prevResult": node.prev(att)})),
+    )
+    .assert_silent_success();
 }
 
 #[test]

@@ -111,6 +111,24 @@ fn invalid_container_id_is_code_4() {
     run_plugin(&env, &config("1.0.0", &socket, Some(prev_result(NETNS)))).assert_error(4);
 }
 
+/// stdin is read up to 1 MiB: a larger configuration (valid JSON here) is refused with code 7
+/// rather than held whole.
+#[test]
+fn a_configuration_over_1_mib_is_code_7() {
+    let (_dir, socket) = absent_socket();
+    let mut conf: Value = serde_json::from_str(&config("1.0.0", &socket, None)).expect("JSON");
+    conf["padding"] = Value::String("x".repeat(2 << 20));
+    let env = attachment_env("DEL", "c1", NETNS, "eth0");
+    let err = run_plugin(&env, &conf.to_string()).assert_error(7);
+    assert!(
+        err["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("larger than 1048576 bytes"),
+        "{err}"
+    );
+}
+
 #[test]
 fn unsupported_version_is_code_1_in_the_latest_version() {
     let (_dir, socket) = absent_socket();

@@ -454,14 +454,21 @@ impl AgentProcess {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The endpoints the running agent knows (`ListEndpoints` on its socket).
-    pub fn list_endpoints(&self) -> io::Result<Vec<pb::Endpoint>> {
+    /// Runs `call` with a client of the running agent's CNI socket, giving up after 10 s.
+    fn with_client<T, F>(
+        &self,
+        what: &str,
+        call: impl FnOnce(CniBackendClient<tonic::transport::Channel>) -> F,
+    ) -> io::Result<Result<T, tonic::Status>>
+    where
+        F: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
         let socket = self.socket();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         runtime.block_on(async move {
-            let call = async {
+            let answer = async {
                 let channel = tonic::transport::Endpoint::from_static("http://kubesg-agent.local")
                     .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                         let socket = socket.clone();
@@ -473,15 +480,41 @@ impl AgentProcess {
                     }))
                     .await
                     .map_err(io::Error::other)?;
-                CniBackendClient::new(channel)
-                    .list_endpoints(pb::ListEndpointsRequest {})
-                    .await
-                    .map(|r| r.into_inner().endpoints)
-                    .map_err(io::Error::other)
+                Ok(call(CniBackendClient::new(channel)).await)
             };
-            tokio::time::timeout(Duration::from_secs(10), call)
+            tokio::time::timeout(Duration::from_secs(10), answer)
                 .await
-                .map_err(|_| io::Error::other("ListEndpoints: no answer within 10 s"))?
+                .map_err(|_| io::Error::other(format!("{what}: no answer within 10 s")))?
+        })
+    }
+
+    /// The endpoints the running agent knows (`ListEndpoints` on its socket).
+    pub fn list_endpoints(&self) -> io::Result<Vec<pb::Endpoint>> {
+        self.with_client("ListEndpoints", |mut c| async move {
+            c.list_endpoints(pb::ListEndpointsRequest {})
+                .await
+                .map(|r| r.into_inner().endpoints)
+        })?
+        .map_err(io::Error::other)
+    }
+
+    /// An `AddEndpoint` call as a caller other than kubesg-cni could make it: the agent's
+    /// answer (`Err` with its status when it refused).
+    pub fn add_endpoint(&self, endpoint: pb::Endpoint) -> io::Result<Result<(), tonic::Status>> {
+        self.with_client("AddEndpoint", |mut c| async move {
+            c.add_endpoint(pb::AddEndpointRequest {
+                endpoint: Some(endpoint),
+            })
+            .await
+            .map(|_| ())
+        })
+    }
+
+    /// A `DeleteEndpoint` call as a caller other than kubesg-cni could make it: the agent's
+    /// answer (`Err` with its status when it refused).
+    pub fn delete_endpoint(&self, key: pb::EndpointKey) -> io::Result<Result<(), tonic::Status>> {
+        self.with_client("DeleteEndpoint", |mut c| async move {
+            c.delete_endpoint(key).await.map(|_| ())
         })
     }
 
@@ -508,7 +541,7 @@ impl AgentProcess {
                 for entry in entries {
                     let path = entry?.path();
                     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    if name.starts_with(&format!("{container_id}_")) {
+                    if name.starts_with(&format!("{container_id}:")) {
                         out.push(path);
                     }
                 }

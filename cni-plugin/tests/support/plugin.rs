@@ -69,6 +69,14 @@ pub fn run_plugin(env: &[(&str, &str)], stdin: &str) -> PluginRun {
     run(Command::new(env!("CARGO_BIN_EXE_kubesg-cni")), env, stdin)
 }
 
+/// Runs the plugin as user `uid` (and its group), as a process other than the runtime would.
+pub fn run_plugin_as(uid: u32, env: &[(&str, &str)], stdin: &str) -> PluginRun {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubesg-cni"));
+    cmd.uid(uid).gid(uid);
+    run(cmd, env, stdin)
+}
+
 /// Runs the plugin inside the named network namespace (`ip netns exec`, which also mounts that
 /// namespace's /sys), as a runtime on that node would.
 pub fn run_plugin_in(netns: &str, env: &[(&str, &str)], stdin: &str) -> PluginRun {

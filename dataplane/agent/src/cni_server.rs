@@ -11,7 +11,7 @@ use std::{
 
 use kubesg_proto::v1alpha1::{self as pb, cni_backend_server::CniBackend};
 use tokio::net::UnixListener;
-use tonic::{Request, Response, Status};
+use tonic::{transport::server::UdsConnectInfo, Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::{
@@ -57,14 +57,53 @@ impl CniService {
 fn status_of(e: EnforcerError) -> Status {
     match e {
         EnforcerError::Invalid(_) => Status::invalid_argument(e.to_string()),
-        EnforcerError::NoInterface { .. } => Status::failed_precondition(e.to_string()),
+        EnforcerError::NoInterface { .. } | EnforcerError::InterfaceOwned { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
         _ => Status::internal(e.to_string()),
     }
 }
 
+/// The attachment a CHECK or DEL names, checked as an ADD's is: its names become file names.
 fn endpoint_key(k: Option<&pb::EndpointKey>) -> Result<crate::endpoints::EndpointKey, Status> {
-    k.map(convert::endpoint_key)
-        .ok_or_else(|| Status::invalid_argument("missing endpoint key"))
+    let key = k
+        .map(convert::endpoint_key)
+        .ok_or_else(|| Status::invalid_argument("missing endpoint key"))?;
+    key.validate()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(key)
+}
+
+/// Lets only root call: the socket's mode already keeps others out, but a process that reaches
+/// it anyway (a pod given the host's runtime directory, a user with the directory's permissions
+/// loosened) must not register or delete endpoints. The kernel's record of the caller
+/// (`SO_PEERCRED`, taken when it connected) decides; a call whose caller is unknown is refused
+/// too. Refusals are logged and counted (`cni_requests{op="refused"}`).
+pub fn only_root(
+    metrics: crate::metrics::Metrics,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let cred = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred);
+        match cred {
+            Some(cred) if cred.uid() == 0 => Ok(request),
+            other => {
+                metrics.cni_request("refused", false);
+                let (uid, pid) = (other.map(|c| c.uid()), other.and_then(|c| c.pid()));
+                warn!(uid = ?uid, pid = ?pid, "refusing a CNI call from a process that is not root");
+                Err(Status::permission_denied(match uid {
+                    Some(uid) => format!(
+                        "only root may use the kubesg agent's CNI socket (the caller runs as uid {uid})"
+                    ),
+                    None => "only root may use the kubesg agent's CNI socket (the caller's \
+                             credentials are unknown)"
+                        .to_string(),
+                }))
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]

@@ -83,11 +83,15 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     let listener = CniService::bind(&settings.socket)
         .with_context(|| format!("binding {}", settings.socket.display()))?;
     let cni = CniService::new(node.clone(), settings.wait_timeout);
+    let metrics_for_cni = node.metrics.clone();
     let cni_task = tokio::spawn({
         let shutdown = stop.clone().cancelled_owned();
         async move {
             tonic::transport::Server::builder()
-                .add_service(CniBackendServer::new(cni))
+                .add_service(CniBackendServer::with_interceptor(
+                    cni,
+                    crate::cni_server::only_root(metrics_for_cni),
+                ))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
                 .await
         }

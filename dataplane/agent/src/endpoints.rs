@@ -9,7 +9,7 @@ use std::{
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// A CNI attachment: the container and the interface name inside its pod.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -77,11 +77,13 @@ pub enum InvalidEndpoint {
     Pod,
 }
 
-impl EndpointRecord {
-    /// Checks what the agent relies on: names safe for file names and the kernel, a host
-    /// interface, a pod.
+impl EndpointKey {
+    /// Checks that both names are what CNI and the kernel allow, which also keeps them safe as
+    /// parts of a file name: every request that names an attachment (ADD, CHECK, DEL, a queued
+    /// DEL) is checked, not only ADD, or a DEL of `../../x` would remove a file outside the state
+    /// directory.
     pub fn validate(&self) -> Result<(), InvalidEndpoint> {
-        let cid = &self.key.container_id;
+        let cid = &self.container_id;
         let cid_ok = cid
             .chars()
             .next()
@@ -92,10 +94,20 @@ impl EndpointRecord {
         if !cid_ok {
             return Err(InvalidEndpoint::ContainerId(cid.clone()));
         }
-        for name in [&self.key.ifname, &self.host_ifname] {
-            if !ifname_ok(name) {
-                return Err(InvalidEndpoint::Ifname(name.clone()));
-            }
+        if !ifname_ok(&self.ifname) {
+            return Err(InvalidEndpoint::Ifname(self.ifname.clone()));
+        }
+        Ok(())
+    }
+}
+
+impl EndpointRecord {
+    /// Checks what the agent relies on: names safe for file names and the kernel, a host
+    /// interface, a pod.
+    pub fn validate(&self) -> Result<(), InvalidEndpoint> {
+        self.key.validate()?;
+        if !ifname_ok(&self.host_ifname) {
+            return Err(InvalidEndpoint::Ifname(self.host_ifname.clone()));
         }
         if self.host_ifindex == 0 {
             return Err(InvalidEndpoint::HostIfindex);
@@ -107,7 +119,7 @@ impl EndpointRecord {
     }
 }
 
-/// A Linux interface name: 1–15 bytes, no `/`, no white space, not `.` or `..`.
+/// A Linux interface name: 1–15 bytes, no `/`, `:`, NUL or white space, not `.` or `..`.
 fn ifname_ok(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 15
@@ -115,10 +127,13 @@ fn ifname_ok(name: &str) -> bool {
         && name != ".."
         && !name
             .chars()
-            .any(|c| c == '/' || c.is_whitespace() || c == ':')
+            .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
 }
 
-/// The endpoint records on disk: `<dir>/<container id>_<ifname>.json`, written atomically.
+/// The endpoint records on disk: `<dir>/<container id>:<ifname>.json`, written atomically. `:`
+/// is in neither name (see [`EndpointKey::validate`]), so each attachment has a file of its own;
+/// builds before this one joined the names with `_`, which both may hold (`a_b`+`c` and `a`+`b_c`
+/// shared a file), and [`EndpointStore::load_all`] renames their files.
 #[derive(Clone, Debug)]
 pub struct EndpointStore {
     dir: PathBuf,
@@ -135,10 +150,12 @@ impl EndpointStore {
 
     fn path(&self, key: &EndpointKey) -> PathBuf {
         self.dir
-            .join(format!("{}_{}.json", key.container_id, key.ifname))
+            .join(format!("{}:{}.json", key.container_id, key.ifname))
     }
 
-    /// Every record; unreadable files are reported and skipped (and left for inspection).
+    /// Every record; unreadable files, and records whose names are not valid, are reported and
+    /// skipped (and left for inspection). A record under another name than its key's (an
+    /// earlier build's `_`-joined name) is moved to its own.
     pub fn load_all(&self) -> io::Result<Vec<EndpointRecord>> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
@@ -146,15 +163,33 @@ impl EndpointStore {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            match fs::read(&path).map(|b| serde_json::from_slice::<EndpointRecord>(&b)) {
-                Ok(Ok(rec)) => out.push(rec),
+            let rec = match fs::read(&path).map(|b| serde_json::from_slice::<EndpointRecord>(&b)) {
+                Ok(Ok(rec)) => rec,
                 Ok(Err(e)) => {
-                    warn!(file = %path.display(), error = %e, "skipping unreadable endpoint record")
+                    warn!(file = %path.display(), error = %e, "skipping unreadable endpoint record");
+                    continue;
                 }
                 Err(e) => {
-                    warn!(file = %path.display(), error = %e, "skipping unreadable endpoint record")
+                    warn!(file = %path.display(), error = %e, "skipping unreadable endpoint record");
+                    continue;
                 }
+            };
+            if let Err(e) = rec.key.validate() {
+                warn!(file = %path.display(), error = %e, "skipping an endpoint record with an invalid name");
+                continue;
             }
+            let own = self.path(&rec.key);
+            if path != own {
+                if own.exists() {
+                    // Written under the new name since: this copy is older.
+                    info!(file = %path.display(), "removing an endpoint record superseded by its file under the new name");
+                    fs::remove_file(&path)?;
+                    continue;
+                }
+                info!(from = %path.display(), to = %own.display(), "renaming an endpoint record to its own file name");
+                fs::rename(&path, &own)?;
+            }
+            out.push(rec);
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
@@ -242,6 +277,66 @@ mod tests {
     }
 
     #[test]
+    fn names_that_share_an_underscore_have_files_of_their_own() {
+        let dir = temp_dir("underscore");
+        let store = EndpointStore::open(&dir).unwrap();
+        let mut first = record("a_b");
+        first.key.ifname = "c".into();
+        let mut second = record("a");
+        second.key.ifname = "b_c".into();
+        second.host_ifindex = 8;
+        store.save(&first).unwrap();
+        store.save(&second).unwrap();
+        assert_eq!(
+            store.load_all().unwrap(),
+            vec![second.clone(), first.clone()]
+        );
+        store.remove(&first.key).unwrap();
+        assert_eq!(store.load_all().unwrap(), vec![second]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn records_of_the_underscore_naming_move_to_their_own_names() {
+        let dir = temp_dir("legacy");
+        let store = EndpointStore::open(&dir).unwrap();
+        let old = record("abc");
+        let json = serde_json::to_vec(&old).unwrap();
+        fs::write(dir.join("abc_eth0.json"), &json).unwrap();
+        // One whose new file was written since: the new one wins.
+        let mut newer = record("def");
+        newer.host_ifindex = 11;
+        store.save(&newer).unwrap();
+        fs::write(
+            dir.join("def_eth0.json"),
+            serde_json::to_vec(&record("def")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(store.load_all().unwrap(), vec![old.clone(), newer.clone()]);
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["abc:eth0.json", "def:eth0.json"]);
+        store.remove(&old.key).unwrap();
+        assert_eq!(store.load_all().unwrap(), vec![newer]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_record_with_an_invalid_name_is_skipped() {
+        let dir = temp_dir("invalid-name");
+        let store = EndpointStore::open(&dir).unwrap();
+        store.save(&record("abc")).unwrap();
+        let json = serde_json::to_vec(&record("../x")).unwrap();
+        fs::write(dir.join("planted.json"), json).unwrap();
+        assert_eq!(store.load_all().unwrap(), vec![record("abc")]);
+        assert!(dir.join("planted.json").exists(), "left for inspection");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn unsafe_names_are_refused() {
         let mut r = record("../../etc");
         assert_eq!(
@@ -254,6 +349,26 @@ mod tests {
         r = record("abc");
         r.host_ifname = "x".repeat(16);
         assert!(matches!(r.validate(), Err(InvalidEndpoint::Ifname(_))));
+        for bad in ["", ".", "..", "a:b", "a\0b", "a b", "x".repeat(16).as_str()] {
+            let key = EndpointKey {
+                container_id: "abc".into(),
+                ifname: bad.into(),
+            };
+            assert!(
+                matches!(key.validate(), Err(InvalidEndpoint::Ifname(_))),
+                "{bad:?}"
+            );
+        }
+        for bad in ["", "-a", "a/b", "a\0b", "a:b", "../x"] {
+            let key = EndpointKey {
+                container_id: bad.into(),
+                ifname: "eth0".into(),
+            };
+            assert!(
+                matches!(key.validate(), Err(InvalidEndpoint::ContainerId(_))),
+                "{bad:?}"
+            );
+        }
         r = record("abc");
         r.pod.name.clear();
         assert_eq!(r.validate(), Err(InvalidEndpoint::Pod));

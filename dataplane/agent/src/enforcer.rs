@@ -69,6 +69,20 @@ pub enum EnforcerError {
         /// Index given.
         ifindex: u32,
     },
+    /// The interface the CNI named is another attachment's: an ADD must not take over the
+    /// programs, counters and tracked connections of another pod's interface.
+    #[error(
+        "interface {name} (index {ifindex}) belongs to endpoint {owner}; delete that endpoint first"
+    )]
+    InterfaceOwned {
+        /// Name given.
+        name: String,
+        /// Index given.
+        ifindex: u32,
+        /// The attachment registered on it and its pod (`<container id>/<ifname> of pod
+        /// <namespace>/<name>`).
+        owner: String,
+    },
     /// The update was refused.
     #[error(transparent)]
     Update(#[from] UpdateError),
@@ -228,22 +242,41 @@ impl Enforcer {
     }
 
     /// Applies the DELs `kubesg-cni` queued while it could not reach this agent, removing each
-    /// file once its endpoint is gone; returns how many were applied. A file that cannot be read
-    /// is reported and left for inspection.
+    /// file once its endpoint is gone; returns how many were applied. One DEL never holds up the
+    /// others: a file that cannot be read, or names no valid attachment, is reported and moved
+    /// aside (`.rejected`, kept for inspection); one whose deletion fails is reported and tried
+    /// again the next time.
     pub fn apply_pending_deletes(&mut self) -> Result<usize, EnforcerError> {
         let mut applied = 0;
         for pending in pending_deletes::read_all(&self.pending_deletes)? {
-            match &pending.key {
-                Ok(key) => {
-                    let key = convert::endpoint_key(key);
-                    info!(endpoint = %key, queued = %pending.path.display(),
-                          "applying a CNI DEL queued while the agent was away");
-                    self.delete_endpoint(&key)?;
-                    std::fs::remove_file(&pending.path)?;
-                    applied += 1;
-                }
+            let key = pending
+                .key
+                .map(|k| convert::endpoint_key(&k))
+                .and_then(|k| {
+                    k.validate().map_err(|e| e.to_string())?;
+                    Ok(k)
+                });
+            let key = match key {
+                Ok(key) => key,
                 Err(e) => {
-                    warn!(file = %pending.path.display(), error = %e, "skipping an unreadable queued DEL")
+                    let aside = pending.path.with_extension("rejected");
+                    warn!(file = %pending.path.display(), moved_to = %aside.display(), error = %e,
+                          "rejecting a queued CNI DEL that names no valid attachment");
+                    if let Err(e) = std::fs::rename(&pending.path, &aside) {
+                        warn!(file = %pending.path.display(), error = %e, "moving the queued DEL aside");
+                    }
+                    continue;
+                }
+            };
+            info!(endpoint = %key, queued = %pending.path.display(),
+                  "applying a CNI DEL queued while the agent was away");
+            match self
+                .delete_endpoint(&key)
+                .and_then(|()| Ok(std::fs::remove_file(&pending.path)?))
+            {
+                Ok(()) => applied += 1,
+                Err(e) => {
+                    warn!(endpoint = %key, error = %e, "applying a queued CNI DEL failed; trying again later")
                 }
             }
         }
@@ -259,6 +292,17 @@ impl Enforcer {
             return Err(EnforcerError::NoInterface {
                 name: rec.host_ifname.clone(),
                 ifindex: rec.host_ifindex,
+            });
+        }
+        if let Some(owner) = self
+            .endpoints
+            .values()
+            .find(|r| r.key != rec.key && r.host_ifindex == rec.host_ifindex)
+        {
+            return Err(EnforcerError::InterfaceOwned {
+                name: rec.host_ifname.clone(),
+                ifindex: rec.host_ifindex,
+                owner: format!("{} of pod {}", owner.key, owner.pod),
             });
         }
         // From here on the ADD either registers the attachment or removes it whole (below), so
@@ -303,6 +347,7 @@ impl Enforcer {
     /// Forgets a pod's interface (CNI DEL): detached, removed from the datapath with its tracked
     /// connections, record deleted. Succeeds when it is already gone.
     pub fn delete_endpoint(&mut self, key: &EndpointKey) -> Result<(), EnforcerError> {
+        key.validate()?;
         let Some(rec) = self.endpoints.remove(key) else {
             self.store.remove(key)?;
             return Ok(());
