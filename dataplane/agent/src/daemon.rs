@@ -73,6 +73,8 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
         enforcer.datapath().maps().try_clone()?,
         settings.sweep_interval,
     );
+    let scrape_maps = enforcer.datapath().maps().try_clone()?;
+    let published = enforcer.published_endpoints();
     let events = enforcer.datapath_mut().take_events();
     let metrics = Metrics::default();
     let node = Node::new(enforcer, metrics.clone());
@@ -105,7 +107,7 @@ pub async fn run(settings: RunSettings) -> anyhow::Result<()> {
     info!(socket = %settings.socket.display(), startup = ?settings.startup.policy,
           exempt = ?exempt, "serving CNI");
 
-    let registry = metrics.registry(node.enforcer());
+    let registry = metrics.registry(published, scrape_maps);
     let http_task = tokio::spawn({
         let shutdown = stop.clone().cancelled_owned();
         let metrics = metrics.clone();

@@ -12,6 +12,7 @@ use std::{
     io,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::{Arc, RwLock},
 };
 
 use kubesg_common::config::CFG_RECHECK_ON_POLICY_CHANGE;
@@ -115,7 +116,14 @@ pub struct Enforcer {
     installed: BTreeMap<String, (CompiledPolicy, PolicyHandle)>,
     /// The empty policy pending members point at under the `deny` and `wait` startup policies.
     deny_all: Option<PolicyHandle>,
+    /// A copy of `endpoints`, renewed on every change, for readers that must not take the
+    /// enforcer's lock (see [`Enforcer::published_endpoints`]).
+    published: PublishedEndpoints,
 }
+
+/// The registered endpoints as last published by the enforcer: what a metrics scrape reads
+/// instead of locking the enforcer, whose lock every CNI call and policy update needs.
+pub type PublishedEndpoints = Arc<RwLock<Vec<EndpointRecord>>>;
 
 impl Enforcer {
     /// Loads the datapath (reusing pinned maps and links), the endpoint records and the last
@@ -146,6 +154,7 @@ impl Enforcer {
             desired,
             installed: BTreeMap::new(),
             deny_all: None,
+            published: PublishedEndpoints::default(),
         };
         for rec in enforcer.store.load_all()? {
             if interface_matches(&rec) {
@@ -158,6 +167,7 @@ impl Enforcer {
                 let _ = enforcer.dp.detach(rec.host_ifindex);
             }
         }
+        enforcer.publish_endpoints();
         // Endpoints in the (pinned) datapath that no record explains are left over from a
         // crash between the two writes: nothing should judge their interfaces any more.
         let known: BTreeSet<u32> = enforcer
@@ -229,6 +239,16 @@ impl Enforcer {
     /// The endpoint registered under `key`.
     pub fn endpoint(&self, key: &EndpointKey) -> Option<&EndpointRecord> {
         self.endpoints.get(key)
+    }
+
+    /// The registered endpoints, kept current by the enforcer, to read without its lock.
+    pub fn published_endpoints(&self) -> PublishedEndpoints {
+        self.published.clone()
+    }
+
+    fn publish_endpoints(&self) {
+        let now = self.endpoints.values().cloned().collect();
+        *self.published.write().unwrap_or_else(|p| p.into_inner()) = now;
     }
 
     /// Where the enforcement of `key`'s pod stands.
@@ -322,6 +342,7 @@ impl Enforcer {
         }
         self.store.save(&rec)?;
         self.endpoints.insert(rec.key.clone(), rec.clone());
+        self.publish_endpoints();
         let desired = self.desired.clone();
         let result = self.program(&desired).and_then(|()| {
             self.dp
@@ -352,6 +373,7 @@ impl Enforcer {
             self.store.remove(key)?;
             return Ok(());
         };
+        self.publish_endpoints();
         self.dp.detach(rec.host_ifindex)?;
         self.dp.remove_endpoint(rec.host_ifindex)?;
         self.store.remove(key)?;

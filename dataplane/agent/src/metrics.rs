@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc,
     },
 };
 
@@ -25,7 +25,9 @@ use prometheus_client::{
 };
 use tracing::info;
 
-use crate::{datapath::ClockCheck, enforcer::Enforcer};
+use kubesg_common::event::Counters;
+
+use crate::{datapath::ClockCheck, enforcer::PublishedEndpoints, maps::Maps};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CniLabels {
@@ -100,8 +102,9 @@ impl Metrics {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    /// A registry with these metrics and the datapath's counters of `enforcer`.
-    pub fn registry(&self, enforcer: Arc<Mutex<Enforcer>>) -> Registry {
+    /// A registry with these metrics and the datapath's counters of `endpoints`, read through
+    /// `maps` (handles of the collector's own: a scrape never takes the enforcer's lock).
+    pub fn registry(&self, endpoints: PublishedEndpoints, maps: Maps) -> Registry {
         let mut r = Registry::with_prefix("kubesg_agent");
         r.register(
             "cni_requests",
@@ -138,15 +141,33 @@ impl Metrics {
             "Times a clock check found the datapath's clock out of its bound and calibrated it again",
             self.clock_recalibrations.clone(),
         );
-        r.register_collector(Box::new(DatapathCollector { enforcer }));
+        r.register_collector(Box::new(DatapathCollector { endpoints, maps }));
         r
     }
 }
 
-/// Reads the per-endpoint counters of the datapath on each scrape.
-#[derive(Debug)]
+/// Reads the per-endpoint counters of the datapath on each scrape, from the endpoints the
+/// enforcer published and through maps of its own, so that a scrape (or a flood of them: the
+/// port is reachable from pods) never waits for, or holds up, CNI calls and policy updates.
 struct DatapathCollector {
-    enforcer: Arc<Mutex<Enforcer>>,
+    endpoints: PublishedEndpoints,
+    maps: Maps,
+}
+
+impl std::fmt::Debug for DatapathCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathCollector").finish_non_exhaustive()
+    }
+}
+
+impl DatapathCollector {
+    /// The counters and held conntrack entries of the endpoint on `ifindex`, `None` when the
+    /// datapath no longer has it (deleted since the list was published).
+    fn read(&self, ifindex: u32) -> Option<([Counters; 2], Option<i64>)> {
+        let ep = self.maps.endpoints.get(&ifindex, 0).ok()?;
+        let counters = crate::counters::read(&self.maps, ep.counter_slot).ok()?;
+        Some((counters, self.maps.ct_counts.get(ep.counter_slot)))
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -165,20 +186,24 @@ struct PacketLabels {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let enforcer = self.enforcer.lock().unwrap_or_else(|p| p.into_inner());
-        let endpoints = enforcer.endpoints().count() as i64;
+        let records = self
+            .endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let endpoints = records.len() as i64;
         let mut samples = Vec::new();
         let mut full = Vec::new();
         let mut held = Vec::new();
-        for rec in enforcer.endpoints() {
-            let Ok(Some(counters)) = enforcer.datapath().counters(rec.host_ifindex) else {
+        for rec in &records {
+            let Some((counters, entries)) = self.read(rec.host_ifindex) else {
                 continue;
             };
             let pod = PodLabels {
                 namespace: rec.pod.namespace.clone(),
                 pod: rec.pod.name.clone(),
             };
-            if let Ok(Some(n)) = enforcer.datapath().conntrack_held(rec.host_ifindex) {
+            if let Some(n) = entries {
                 held.push((pod.clone(), n));
             }
             full.push((pod, counters[0].conntrack_full + counters[1].conntrack_full));
@@ -201,7 +226,6 @@ impl Collector for DatapathCollector {
                 }
             }
         }
-        drop(enforcer);
         let gauge = ConstGauge::new(endpoints);
         gauge.encode(encoder.encode_descriptor(
             "endpoints",
@@ -246,10 +270,16 @@ fn encode_samples<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
     Ok(())
 }
 
+/// Scrapes encoded at once; more are answered 503 at once. Each one reads every endpoint's
+/// counters on a blocking thread: a flood of them must not take the blocking pool that CNI
+/// calls and policy updates run on.
+const CONCURRENT_SCRAPES: usize = 2;
+
 #[derive(Clone)]
 struct HttpState {
     registry: Arc<Registry>,
     ready: Arc<AtomicBool>,
+    scrapes: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` resolves.
@@ -262,6 +292,7 @@ pub async fn serve(
     let state = HttpState {
         registry: Arc::new(registry),
         ready: metrics.ready.clone(),
+        scrapes: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SCRAPES)),
     };
     let app = Router::new()
         .route("/metrics", get(metrics_text))
@@ -276,8 +307,15 @@ pub async fn serve(
 }
 
 async fn metrics_text(State(s): State<HttpState>) -> (StatusCode, String) {
+    let Ok(permit) = s.scrapes.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{CONCURRENT_SCRAPES} scrapes are being served; try again\n"),
+        );
+    };
     let registry = s.registry.clone();
     let encoded = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).map(|()| out)
     })
@@ -296,5 +334,40 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> HttpState {
+        let mut registry = Registry::with_prefix("kubesg_agent");
+        registry.register("operator_connected", "up", Gauge::<i64>::default());
+        HttpState {
+            registry: Arc::new(registry),
+            ready: Arc::default(),
+            scrapes: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_SCRAPES)),
+        }
+    }
+
+    #[tokio::test]
+    async fn scrapes_beyond_the_limit_are_answered_503_until_one_ends() {
+        let s = state();
+        let busy: Vec<_> = (0..CONCURRENT_SCRAPES)
+            .map(|_| s.scrapes.clone().try_acquire_owned().expect("a permit"))
+            .collect();
+        let (code, body) = metrics_text(State(s.clone())).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("try again"), "{body}");
+        drop(busy);
+        let (code, body) = metrics_text(State(s.clone())).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        assert!(body.contains("kubesg_agent_operator_connected 0"), "{body}");
+        assert_eq!(
+            s.scrapes.available_permits(),
+            CONCURRENT_SCRAPES,
+            "the scrape gave its permit back"
+        );
     }
 }

@@ -38,11 +38,6 @@ impl Node {
         })
     }
 
-    /// The lock itself, for the metrics collector (which runs on a blocking thread).
-    pub fn enforcer(&self) -> Arc<Mutex<Enforcer>> {
-        self.enforcer.clone()
-    }
-
     /// Locks the enforcer (blocking). A panic in an earlier holder does not poison the node:
     /// each enforcer call leaves a consistent state or reports an error.
     pub fn lock(&self) -> MutexGuard<'_, Enforcer> {
