@@ -366,6 +366,50 @@ fn queued_dels_naming_no_valid_attachment_are_set_aside_and_the_rest_applied() {
     );
 }
 
+/// A record that cannot be read at start leaves the agent unable to name the pod on that
+/// interface, so it cannot know the pod's rules: the pod is denied everything (its programs
+/// stay), not left unfiltered, and the agent says so; the other pods are enforced as before.
+/// Before, the interface's programs were detached and every packet to the pod passed.
+#[test]
+fn a_pod_whose_record_is_unreadable_at_start_is_denied_not_left_open() {
+    kubesg_testkit::require_privileged!();
+    let mut cluster = Cluster::connected(Startup::Allow);
+    let client = cluster.add_pod("client", 68);
+    let server = cluster.add_pod("unreadable", 69);
+    cluster.push(snapshot(
+        1,
+        vec![policy("srv", vec![tcp(&[8080], anywhere())], vec![])],
+        &[(&client, None), (&server, Some("srv"))],
+    ));
+    cluster.assert_opens(&client, &server, false, 8080);
+
+    cluster.agent.stop().expect("stopping the agent");
+    let files = cluster
+        .agent
+        .record_files(server.container_id())
+        .expect("the state directory");
+    assert_eq!(files.len(), 1, "{files:?}");
+    std::fs::write(&files[0], b"{not a record").expect("corrupting the record");
+    cluster.agent.start_again().expect("starting the agent");
+
+    for v6 in [false, true] {
+        cluster.assert_dropped(&client, &server, v6, 8080);
+        cluster.assert_dropped(&client, &server, v6, 9090);
+    }
+    assert!(
+        cluster
+            .agent
+            .log()
+            .contains("no endpoint record explains this enforced interface"),
+        "the agent says what it did\n{}",
+        cluster.agent.log()
+    );
+    assert!(
+        files[0].exists(),
+        "the unreadable record is kept for inspection"
+    );
+}
+
 #[test]
 fn a_del_that_timed_out_on_a_hung_agent_is_applied_once_it_answers_again() {
     kubesg_testkit::require_privileged!();

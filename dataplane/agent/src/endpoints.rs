@@ -148,6 +148,11 @@ impl EndpointStore {
         })
     }
 
+    /// The directory the records are in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn path(&self, key: &EndpointKey) -> PathBuf {
         self.dir
             .join(format!("{}:{}.json", key.container_id, key.ifname))

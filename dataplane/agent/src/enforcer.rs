@@ -116,6 +116,9 @@ pub struct Enforcer {
     installed: BTreeMap<String, (CompiledPolicy, PolicyHandle)>,
     /// The empty policy pending members point at under the `deny` and `wait` startup policies.
     deny_all: Option<PolicyHandle>,
+    /// Interfaces the datapath enforces that no endpoint record explains (the record lost or
+    /// unreadable) and that still exist: denied everything until an ADD registers them again.
+    unexplained: BTreeSet<u32>,
     /// A copy of `endpoints`, renewed on every change, for readers that must not take the
     /// enforcer's lock (see [`Enforcer::published_endpoints`]).
     published: PublishedEndpoints,
@@ -155,6 +158,7 @@ impl Enforcer {
             installed: BTreeMap::new(),
             deny_all: None,
             published: PublishedEndpoints::default(),
+            unexplained: BTreeSet::new(),
         };
         for rec in enforcer.store.load_all()? {
             if interface_matches(&rec) {
@@ -168,18 +172,36 @@ impl Enforcer {
             }
         }
         enforcer.publish_endpoints();
-        // Endpoints in the (pinned) datapath that no record explains are left over from a
-        // crash between the two writes: nothing should judge their interfaces any more.
+        // Endpoints in the (pinned) datapath that no record explains: their record was lost, or
+        // could not be read above. One whose interface is gone has nothing left to judge. One
+        // whose interface is still there belongs to a pod this agent can no longer name, so it
+        // cannot know the pod's rules: rather than leave the pod unfiltered (fail open), its
+        // programs stay and it is denied everything until a CNI ADD registers it again.
         let known: BTreeSet<u32> = enforcer
             .endpoints
             .values()
             .map(|r| r.host_ifindex)
             .collect();
         for (ifindex, _) in enforcer.dp.endpoints()? {
-            if !known.contains(&ifindex) {
-                info!(ifindex, "removing an endpoint no record explains");
-                enforcer.dp.remove_endpoint(ifindex)?;
-                let _ = enforcer.dp.detach(ifindex);
+            if known.contains(&ifindex) {
+                continue;
+            }
+            match attach::ifname(ifindex) {
+                Ok(name) => {
+                    error!(ifindex, interface = %name, records = %enforcer.store.dir().display(),
+                           "no endpoint record explains this enforced interface (lost or \
+                            unreadable): denying all of its traffic until a CNI ADD registers \
+                            it again");
+                    enforcer.unexplained.insert(ifindex);
+                }
+                Err(_) => {
+                    info!(
+                        ifindex,
+                        "removing an endpoint no record explains, whose interface is gone"
+                    );
+                    enforcer.dp.remove_endpoint(ifindex)?;
+                    let _ = enforcer.dp.detach(ifindex);
+                }
             }
         }
         let desired = enforcer.desired.clone();
@@ -195,6 +217,9 @@ impl Enforcer {
         enforcer.dp.retain_policies(&keep)?;
         for rec in enforcer.endpoints.values() {
             enforcer.dp.attach(rec.host_ifindex)?;
+        }
+        for &ifindex in &enforcer.unexplained {
+            enforcer.dp.attach(ifindex)?;
         }
         enforcer.dp.finish_conntrack_migration();
         enforcer.apply_pending_deletes()?;
@@ -342,6 +367,7 @@ impl Enforcer {
         }
         self.store.save(&rec)?;
         self.endpoints.insert(rec.key.clone(), rec.clone());
+        self.unexplained.remove(&rec.host_ifindex);
         self.publish_endpoints();
         let desired = self.desired.clone();
         let result = self.program(&desired).and_then(|()| {
@@ -495,7 +521,7 @@ impl Enforcer {
                 },
             }
         }
-        if any_pending && self.deny_all.is_none() {
+        if (any_pending || !self.unexplained.is_empty()) && self.deny_all.is_none() {
             match self.dp.install_policy(&CompiledPolicy::default()) {
                 Ok(h) => self.deny_all = Some(h),
                 Err(e) => {
@@ -546,6 +572,14 @@ impl Enforcer {
                 if let Err(e) = self.dp.set_sources(ifindex, &primary) {
                     error!(ifindex, error = %e, "could not set even those");
                 }
+            }
+        }
+        // Interfaces no record explains: denied everything (see `Enforcer::open`).
+        let unexplained: Vec<u32> = self.unexplained.iter().copied().collect();
+        for ifindex in unexplained {
+            if let Err(e) = self.dp.set_endpoint(ifindex, self.deny_all) {
+                self.drop_handles(&fresh);
+                return Err(e.into());
             }
         }
         // 3. Nothing points at the old versions any more: remove them.
