@@ -689,7 +689,11 @@ impl Inner {
                 }
                 state.last_nack = Some(Nack {
                     version: ack.version,
-                    reason: ack.reason.clone(),
+                    // Bounded here too: whatever an agent sends ends up in group statuses.
+                    reason: kubesg_proto::text::bounded(
+                        &ack.reason,
+                        kubesg_proto::text::MAX_NACK_REASON,
+                    ),
                     at: SystemTime::now(),
                 });
                 AckOutcome::Nacked {

@@ -141,12 +141,15 @@ pub fn group_status(
     }
 }
 
+/// A condition; its message is bounded to what the API server accepts (a validation error of
+/// a huge group, or many refusing nodes' reasons, would otherwise make every status write of the
+/// group fail).
 fn condition(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
     Condition {
         type_: type_.into(),
         status: if ok { "True" } else { "False" }.into(),
         reason: reason.into(),
-        message,
+        message: kubesg_proto::text::bounded(&message, kubesg_proto::text::MAX_CONDITION_MESSAGE),
         observed_generation: None,
         last_transition_time: Time(Timestamp::UNIX_EPOCH),
     }
@@ -214,6 +217,20 @@ mod tests {
         );
         assert_eq!(cond(&s, "Accepted").status, "True");
         assert_eq!(cond(&s, "Programmed").status, "True");
+    }
+
+    #[test]
+    fn a_huge_validation_error_is_cut_to_what_the_api_server_accepts() {
+        let mut r = report(&["n1"]);
+        r.accepted = Err(format!("rule 7: {}", "invalid peer; ".repeat(10_000)));
+        let s = group_status(&key(), &r, &BTreeMap::new(), None, Timestamp::now());
+        let message = &cond(&s, "Accepted").message;
+        assert!(message.len() <= 32 * 1024, "{}", message.len());
+        assert!(
+            message.starts_with("rule 7: invalid peer; "),
+            "{message:.40}"
+        );
+        assert!(message.ends_with("more bytes)"), "says what was cut");
     }
 
     #[test]

@@ -271,6 +271,37 @@ async fn nack_is_followed_by_a_full_snapshot() {
     assert_agent_has(&a.sink, &plan);
 }
 
+/// A NACK reason of a megabyte (an agent's error quoting its input) reaches the node's status
+/// cut to 4 KiB, saying how much was cut: it ends up in group statuses, whose writes it would
+/// otherwise make fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_nack_reason_arrives_bounded() {
+    let pki = TempPki::generate().unwrap();
+    let s = server(&pki).await;
+    s.server
+        .set_node_plan("node-a", web_plan(&["web-1"], 443, 1));
+    let a = agent(&s, &pki, "node-a");
+    s.wait_node("node-a", "the snapshot acked", |n| n.up_to_date)
+        .await;
+
+    let reason = format!("the disk is full: {}", "x".repeat(1 << 20));
+    a.sink.refuse_next(&reason);
+    s.server
+        .set_node_plan("node-a", web_plan(&["web-1", "web-2"], 443, 1));
+    a.sink.wait_received(3).await;
+    let status = s
+        .wait_node("node-a", "the snapshot acked", |n| n.up_to_date)
+        .await;
+    let nack = status.last_nack.expect("the NACK is recorded");
+    assert!(nack.reason.len() <= 4096, "{}", nack.reason.len());
+    assert!(
+        nack.reason.starts_with("the disk is full: xxx"),
+        "{:.40}",
+        nack.reason
+    );
+    assert!(nack.reason.ends_with("more bytes)"), "says what was cut");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_the_agent_refuses_is_not_resent_until_the_plan_changes() {
     let pki = TempPki::generate().unwrap();

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod pending_deletes;
+pub mod text;
 pub mod tls;
 
 /// Version v1alpha1 of the contracts.

@@ -330,7 +330,10 @@ async fn session(
                 pb::Ack {
                     version,
                     applied: false,
-                    reason,
+                    reason: kubesg_proto::text::bounded(
+                        &reason,
+                        kubesg_proto::text::MAX_NACK_REASON,
+                    ),
                 }
             }
         };
