@@ -34,12 +34,14 @@ pub struct SecurityGroupSpec {
     /// The members: pods of this namespace whose labels match. An empty selector selects every
     /// pod of the namespace.
     pub pod_selector: LabelSelector,
-    /// Connections members may accept. Omitted: this group allows no ingress (other groups of
-    /// the pod may).
+    /// Connections members may accept, each rule allowing what it matches. Omitted or empty
+    /// (`[]`): this group allows no ingress (other groups of the pod may).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::validate::MAX_RULES))]
     pub ingress: Option<Vec<IngressRule>>,
-    /// Connections members may open. Omitted: this group allows all egress.
+    /// Connections members may open, each rule allowing what it matches. Omitted: this group
+    /// allows all egress. Empty (`[]`): it allows none (a deny-all egress group), unlike an
+    /// empty `to` of a rule, which means anyone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::validate::MAX_RULES))]
     pub egress: Option<Vec<EgressRule>>,
@@ -173,15 +175,16 @@ pub struct IngressRule {
     /// The protocol (default TCP).
     #[serde(default)]
     pub protocol: Protocol,
-    /// Destination ports (on the member); omitted: every port.
+    /// Destination ports (on the member); omitted or empty (`[]`): every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::validate::MAX_PORTS))]
     pub ports: Option<Vec<Port>>,
-    /// ICMP messages; omitted: every type.
+    /// ICMP messages; omitted or empty (`[]`): every type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::validate::MAX_ICMP_TYPES))]
     pub icmp_types: Option<Vec<IcmpType>>,
-    /// Who may connect; omitted: anyone.
+    /// Who may connect; omitted or empty (`[]`): anyone, not no one (to allow no ingress, leave
+    /// the rule out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::validate::MAX_PEERS))]
     pub from: Option<Vec<Peer>>,
@@ -198,16 +201,17 @@ pub struct EgressRule {
     /// The protocol (default TCP).
     #[serde(default)]
     pub protocol: Protocol,
-    /// Destination ports (on the peer; a named port is looked up on each peer pod); omitted:
-    /// every port.
+    /// Destination ports (on the peer; a named port is looked up on each peer pod); omitted or
+    /// empty (`[]`): every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::validate::MAX_PORTS))]
     pub ports: Option<Vec<Port>>,
-    /// ICMP messages; omitted: every type.
+    /// ICMP messages; omitted or empty (`[]`): every type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::validate::MAX_ICMP_TYPES))]
     pub icmp_types: Option<Vec<IcmpType>>,
-    /// Whom members may connect to; omitted: anyone.
+    /// Whom members may connect to; omitted or empty (`[]`): anyone, not no one (to allow no
+    /// egress, set `egress: []`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = crate::validate::MAX_PEERS))]
     pub to: Option<Vec<Peer>>,

@@ -140,3 +140,37 @@ fn a_valid_group_is_stored_and_listed_with_the_printer_columns() {
     let short = kube.must(&["get", "sg/web", "-n", &ns.name, "-o", "name"]);
     assert_eq!(short.trim(), "securitygroup.kubesg.io/web");
 }
+
+/// What an empty list means differs by field (`to: []` is anyone, `egress: []` is no one), so
+/// `kubectl explain` says it for each list that can be empty, as the API server serves the
+/// CRD's field docs.
+#[test]
+fn kubectl_explain_says_what_each_empty_list_means() {
+    require_privileged!();
+    let kube = Kube::from_env();
+    kube.apply_crds();
+    let explain = |field: &str| {
+        kube.must(&["explain", &format!("securitygroups.{field}")])
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let want = [
+        ("spec.ingress", "Omitted or empty (`[]`): this group allows no ingress"),
+        ("spec.egress", "Empty (`[]`): it allows none (a deny-all egress group)"),
+        ("spec.ingress.from", "omitted or empty (`[]`): anyone, not no one"),
+        ("spec.egress.to", "omitted or empty (`[]`): anyone, not no one"),
+        ("spec.ingress.ports", "omitted or empty (`[]`): every port"),
+        ("spec.egress.ports", "omitted or empty (`[]`): every port"),
+        ("spec.ingress.icmpTypes", "omitted or empty (`[]`): every type"),
+        ("spec.egress.icmpTypes", "omitted or empty (`[]`): every type"),
+    ];
+    let wrong: Vec<String> = want
+        .iter()
+        .filter_map(|(field, says)| {
+            let text = explain(field);
+            (!text.contains(says)).then(|| format!("{field}: want {says:?} in\n{text}"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
+}
