@@ -156,14 +156,32 @@ fn kubectl_explain_says_what_each_empty_list_means() {
             .join(" ")
     };
     let want = [
-        ("spec.ingress", "Omitted or empty (`[]`): this group allows no ingress"),
-        ("spec.egress", "Empty (`[]`): it allows none (a deny-all egress group)"),
-        ("spec.ingress.from", "omitted or empty (`[]`): anyone, not no one"),
-        ("spec.egress.to", "omitted or empty (`[]`): anyone, not no one"),
+        (
+            "spec.ingress",
+            "Omitted or empty (`[]`): this group allows no ingress",
+        ),
+        (
+            "spec.egress",
+            "Empty (`[]`): it allows none (a deny-all egress group)",
+        ),
+        (
+            "spec.ingress.from",
+            "omitted or empty (`[]`): anyone, not no one",
+        ),
+        (
+            "spec.egress.to",
+            "omitted or empty (`[]`): anyone, not no one",
+        ),
         ("spec.ingress.ports", "omitted or empty (`[]`): every port"),
         ("spec.egress.ports", "omitted or empty (`[]`): every port"),
-        ("spec.ingress.icmpTypes", "omitted or empty (`[]`): every type"),
-        ("spec.egress.icmpTypes", "omitted or empty (`[]`): every type"),
+        (
+            "spec.ingress.icmpTypes",
+            "omitted or empty (`[]`): every type",
+        ),
+        (
+            "spec.egress.icmpTypes",
+            "omitted or empty (`[]`): every type",
+        ),
     ];
     let wrong: Vec<String> = want
         .iter()
