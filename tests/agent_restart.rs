@@ -410,6 +410,54 @@ fn a_pod_whose_record_is_unreadable_at_start_is_denied_not_left_open() {
     );
 }
 
+/// A desired state that cannot be read at start (a torn or corrupted file) leaves the agent
+/// without the rules it applied. It keeps what the datapath enforces (each pod's last rules,
+/// pinned) and asks the operator for a snapshot, rather than give every pod the startup policy
+/// (here `allow`: every port open); the snapshot then replaces it. Before, the pod was open
+/// until the operator came back.
+#[test]
+fn a_corrupt_desired_state_keeps_what_the_datapath_enforces_until_the_snapshot() {
+    kubesg_testkit::require_privileged!();
+    let mut cluster = Cluster::connected(Startup::Allow);
+    let client = cluster.add_pod("client", 70);
+    let server = cluster.add_pod("kept-rules", 71);
+    let rules = |version, ports: &[u16]| {
+        snapshot(
+            version,
+            vec![policy("srv", vec![tcp(ports, anywhere())], vec![])],
+            &[(&client, None), (&server, Some("srv"))],
+        )
+    };
+    cluster.push(rules(1, &[8080]));
+    cluster.assert_dropped(&client, &server, false, 9090);
+
+    cluster.agent.stop().expect("stopping the agent");
+    let state = cluster.agent.state_dir().join("desired.json");
+    std::fs::write(&state, b"{\"version\": 1, \"policies\": {").expect("tearing the file");
+    cluster.agent.start_again().expect("starting the agent");
+    let hello = cluster.hello();
+    assert_eq!(
+        hello.applied_version, 0,
+        "it asks for a snapshot: {hello:?}"
+    );
+    for v6 in [false, true] {
+        cluster.assert_opens(&client, &server, v6, 8080);
+        cluster.assert_dropped(&client, &server, v6, 9090);
+    }
+    assert!(
+        cluster
+            .agent
+            .log()
+            .contains("the desired state cannot be read: keeping what the datapath enforces"),
+        "the agent says what it did\n{}",
+        cluster.agent.log()
+    );
+
+    cluster.push(rules(2, &[8080, 9090]));
+    cluster.assert_opens(&client, &server, false, 9090);
+    cluster.assert_dropped(&client, &server, false, 7070);
+}
+
 #[test]
 fn a_del_that_timed_out_on_a_hung_agent_is_applied_once_it_answers_again() {
     kubesg_testkit::require_privileged!();

@@ -116,6 +116,10 @@ pub struct Enforcer {
     installed: BTreeMap<String, (CompiledPolicy, PolicyHandle)>,
     /// The empty policy pending members point at under the `deny` and `wait` startup policies.
     deny_all: Option<PolicyHandle>,
+    /// The desired state could not be read at start: the endpoints the datapath already has
+    /// keep the policies it holds for them (pinned) until the operator's next snapshot, rather
+    /// than all get the startup policy (with `allow`, every pod open).
+    desired_lost: bool,
     /// Interfaces the datapath enforces that no endpoint record explains (the record lost or
     /// unreadable) and that still exist: denied everything until an ADD registers them again.
     unexplained: BTreeSet<u32>,
@@ -136,9 +140,13 @@ impl Enforcer {
         let dp = Datapath::load(&opts.datapath)?;
         let store = EndpointStore::open(&opts.state_dir.join("endpoints"))?;
         let state_file = opts.state_dir.join("desired.json");
+        let mut desired_lost = false;
         let desired = match std::fs::read(&state_file) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                warn!(file = %state_file.display(), error = %e, "ignoring an unreadable desired state");
+                error!(file = %state_file.display(), error = %e,
+                       "the desired state cannot be read: keeping what the datapath enforces \
+                        (each pod's rules as last applied) until the operator sends a snapshot");
+                desired_lost = true;
                 DesiredState::default()
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => DesiredState {
@@ -159,6 +167,7 @@ impl Enforcer {
             deny_all: None,
             published: PublishedEndpoints::default(),
             unexplained: BTreeSet::new(),
+            desired_lost,
         };
         for rec in enforcer.store.load_all()? {
             if interface_matches(&rec) {
@@ -205,16 +214,12 @@ impl Enforcer {
             }
         }
         let desired = enforcer.desired.clone();
-        enforcer.apply_settings(&desired)?;
+        if !enforcer.desired_lost {
+            // Without it, the datapath's settings stay as they were too.
+            enforcer.apply_settings(&desired)?;
+        }
         enforcer.program(&desired)?;
-        // Policy entries from before the restart that this process did not install.
-        let keep: BTreeSet<u32> = enforcer
-            .installed
-            .values()
-            .map(|(_, h)| h.id)
-            .chain(enforcer.deny_all.map(|h| h.id))
-            .collect();
-        enforcer.dp.retain_policies(&keep)?;
+        enforcer.retain_used_policies()?;
         for rec in enforcer.endpoints.values() {
             enforcer.dp.attach(rec.host_ifindex)?;
         }
@@ -440,6 +445,7 @@ impl Enforcer {
     pub fn apply_update(&mut self, update: &Update) -> Result<(), EnforcerError> {
         let next = self.desired.apply(update)?;
         let previous = self.desired.clone();
+        let lost = std::mem::replace(&mut self.desired_lost, false);
         let result = self.program(&next).and_then(|()| {
             self.apply_settings(&next)?;
             let json = serde_json::to_vec(&next).map_err(io::Error::other)?;
@@ -450,6 +456,7 @@ impl Enforcer {
             // Whatever step failed, the NACK promises the previous version: program it again
             // (policies, endpoints and settings), so no half of the refused one stays.
             warn!(version = update.version, error = %e, "update failed; restoring the previous version");
+            self.desired_lost = lost;
             let restored = self
                 .program(&previous)
                 .and_then(|()| self.apply_settings(&previous));
@@ -459,6 +466,17 @@ impl Enforcer {
             return Err(e);
         }
         self.desired = next;
+        if lost {
+            info!(
+                version = update.version,
+                "the operator's snapshot replaces what the datapath enforced since the desired \
+                   state was lost"
+            );
+            // The pinned policies of the lost state: nothing points at them any more.
+            if let Err(e) = self.retain_used_policies() {
+                warn!(error = %e, "could not remove the policies of the lost desired state");
+            }
+        }
         info!(
             version = update.version,
             snapshot = update.snapshot,
@@ -532,9 +550,17 @@ impl Enforcer {
         }
         // 2. Every endpoint pointed at its target: one atomic map update each; and told what it
         // may send as (its addresses: the source check).
+        // While the desired state is lost, the endpoints the datapath already has keep what it
+        // holds for them; only new ones (ADDs since) are programmed.
+        let keep_as_is: BTreeSet<u32> = if self.desired_lost {
+            self.dp.endpoints()?.into_iter().map(|(i, _)| i).collect()
+        } else {
+            BTreeSet::new()
+        };
         let targets: Vec<(u32, Option<PolicyHandle>, Vec<IpAddr>)> = self
             .endpoints
             .values()
+            .filter(|rec| !keep_as_is.contains(&rec.host_ifindex))
             .filter_map(|rec| {
                 let target = match desired.assignment(&rec.pod) {
                     // Always present: DesiredState::apply checked every reference.
@@ -602,6 +628,23 @@ impl Enforcer {
                 warn!(policy_id = h.id, error = %e, "could not remove an unused policy");
             }
         }
+        Ok(())
+    }
+
+    /// Removes the policy entries in the datapath that neither this process installed nor any
+    /// endpoint points at (left from before a restart). While the desired state is lost, the
+    /// endpoints point at policies no process installed, which stay.
+    fn retain_used_policies(&mut self) -> Result<(), EnforcerError> {
+        let mut keep: BTreeSet<u32> = self
+            .installed
+            .values()
+            .map(|(_, h)| h.id)
+            .chain(self.deny_all.map(|h| h.id))
+            .collect();
+        if self.desired_lost {
+            keep.extend(self.dp.endpoints()?.into_iter().map(|(_, ep)| ep.policy_id));
+        }
+        self.dp.retain_policies(&keep)?;
         Ok(())
     }
 
