@@ -481,6 +481,20 @@ fn main() {
                 .sum::<usize>()
         })
         .sum();
+    // What each node's agent receives on connecting: its plan's snapshot, encoded.
+    let mut snapshot_bytes: Vec<(usize, String)> = plan
+        .nodes
+        .iter()
+        .map(|(node, p)| {
+            let update = kubesg_operator::wire::snapshot(
+                p,
+                1,
+                &kubesg_proto::v1alpha1::DatapathSettings::default(),
+            );
+            (prost::Message::encoded_len(&update), node.clone())
+        })
+        .collect();
+    snapshot_bytes.sort();
     let plan_only = {
         let plan = compiler.into_plan();
         let live = LIVE.load(Ordering::Relaxed) - base;
@@ -650,6 +664,17 @@ fn main() {
         set_instances,
         set_addresses as f64 / set_instances.max(1) as f64
     );
+    if let (Some((largest, node)), Some((median, _))) = (
+        snapshot_bytes.last(),
+        snapshot_bytes.get(snapshot_bytes.len() / 2),
+    ) {
+        println!(
+            "| node snapshot, encoded: largest ({node}) / median | {:.2} MiB / {:.2} MiB (message limit {} MiB) |",
+            mib(*largest),
+            mib(*median),
+            kubesg_proto::MAX_MESSAGE_BYTES >> 20
+        );
+    }
     println!();
     println!("| incremental change | median | max | runs | |");
     println!("| --- | --- | --- | --- | --- |");

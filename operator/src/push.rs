@@ -118,6 +118,10 @@ pub struct PushSettings {
     pub keepalive_timeout: Duration,
     /// Whether the client certificate must name the node of the Hello.
     pub node_identity: NodeIdentityCheck,
+    /// The largest update sent (encoded bytes; at most [`kubesg_proto::MAX_MESSAGE_BYTES`],
+    /// what the agents accept). A larger one is not sent: the node's status says so, as a
+    /// refusal, and its agent keeps its rules, connected, until the plan changes.
+    pub max_message_bytes: usize,
 }
 
 impl Default for PushSettings {
@@ -129,6 +133,7 @@ impl Default for PushSettings {
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
             node_identity: NodeIdentityCheck::LogOnly,
+            max_message_bytes: kubesg_proto::MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -349,6 +354,7 @@ impl NodeState {
         &mut self,
         session_id: u64,
         settings: &pb::DatapathSettings,
+        max_bytes: usize,
         now: Instant,
     ) -> (Option<pb::PolicyUpdate>, Vec<Duration>) {
         let plan_seq = self.plan_seq;
@@ -380,6 +386,25 @@ impl NodeState {
             },
             None => wire::snapshot(&plan, version, settings),
         };
+        let bytes = prost::Message::encoded_len(&update);
+        if bytes > max_bytes {
+            // Sent, it would fail the stream and the agent would redial into the same failure;
+            // not sent, the agent keeps its rules and the status says why, until the plan
+            // changes (a new stream tries again).
+            session.refused_seq = Some(plan_seq);
+            self.last_nack =
+                Some(Nack {
+                    version,
+                    reason: format!(
+                    "the {} is {bytes} bytes encoded, over the {max_bytes}-byte message limit: \
+                     not sent, the node keeps its current rules",
+                    if update.snapshot { "snapshot" } else { "update" }
+                ),
+                    at: SystemTime::now(),
+                });
+            self.last_version = version;
+            return (None, Vec::new());
+        }
         let applied = Applied {
             version,
             plan,
@@ -458,7 +483,11 @@ impl PushServer {
             .tls_config(tls)?
             .http2_keepalive_interval(Some(settings.keepalive_interval))
             .http2_keepalive_timeout(Some(settings.keepalive_timeout))
-            .add_service(PolicyDistributionServer::new(service));
+            .add_service(
+                PolicyDistributionServer::new(service)
+                    .max_encoding_message_size(kubesg_proto::MAX_MESSAGE_BYTES)
+                    .max_decoding_message_size(kubesg_proto::MAX_MESSAGE_BYTES),
+            );
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let signal = async move {
             shutdown.await;
@@ -714,12 +743,22 @@ impl Inner {
     fn next_update(&self, node: &str, id: u64) -> (Option<pb::PolicyUpdate>, Option<Instant>) {
         let now = Instant::now();
         let settings = self.datapath_settings();
+        let mut oversize = false;
         let (update, latencies, deadline) = {
             let mut nodes = lock(&self.nodes);
             let Some(state) = nodes.get_mut(node) else {
                 return (None, None);
             };
-            let (update, latencies) = state.next_update(id, &settings, now);
+            let nacks = state.last_nack.clone();
+            let (update, latencies) =
+                state.next_update(id, &settings, self.settings.max_message_bytes, now);
+            if state.last_nack != nacks {
+                if let Some(nack) = &state.last_nack {
+                    warn!(node = %node, version = nack.version, reason = %nack.reason,
+                          "a plan too large to send");
+                }
+                oversize = true;
+            }
             let deadline = state
                 .session
                 .as_ref()
@@ -730,6 +769,10 @@ impl Inner {
         };
         if !latencies.is_empty() {
             self.observe(node, &latencies);
+            self.changed();
+        }
+        if oversize {
+            self.observer.nacked(node);
             self.changed();
         }
         (update, deadline)

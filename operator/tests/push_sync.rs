@@ -445,6 +445,76 @@ async fn plans_set_while_an_update_is_unacked_are_coalesced_into_one_delta() {
     assert_agent_has(&a.sink, &last);
 }
 
+/// A snapshot over gRPC's default 4 MiB message limit (which both ends had: the agent's stream
+/// failed on it and it redialled for ever) arrives whole: both ends take messages up to
+/// `kubesg_proto::MAX_MESSAGE_BYTES`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_over_4_mib_arrives() {
+    let pki = TempPki::generate().unwrap();
+    let s = server(&pki).await;
+    let names: Vec<String> = (0..100_000).map(|i| format!("web-{i:06}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let plan = web_plan(&names, 443, 1);
+    let bytes = prost::Message::encoded_len(&kubesg_operator::wire::snapshot(
+        &plan,
+        1,
+        &Default::default(),
+    ));
+    assert!(bytes > 4 << 20, "{bytes} bytes");
+    s.server.set_node_plan("node-a", plan.clone());
+    let a = agent(&s, &pki, "node-a");
+    s.wait_node("node-a", "the snapshot acked", |n| n.up_to_date)
+        .await;
+    assert_eq!(a.status.borrow().streams_opened, 1, "no redial");
+    assert_agent_has(&a.sink, &plan);
+}
+
+/// An update over the message limit is not sent (sent, it would fail the stream, and the agent
+/// would redial into the same failure for ever): the node's status says why, as a refusal; the
+/// agent stays connected on its one stream with the rules it has; the next plan that fits is
+/// sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_over_the_message_limit_is_refused_with_a_status_not_a_redial_loop() {
+    let pki = TempPki::generate().unwrap();
+    let small = web_plan(&["web-1"], 443, 1);
+    let fits = prost::Message::encoded_len(&kubesg_operator::wire::snapshot(
+        &small,
+        1,
+        &Default::default(),
+    )) + 200;
+    let settings = PushSettings {
+        max_message_bytes: fits,
+        ..PushSettings::default()
+    };
+    let s = TestServer::with_settings(&pki, settings).await;
+    s.server.set_node_plan("node-a", small);
+    let a = agent(&s, &pki, "node-a");
+    s.wait_node("node-a", "the snapshot acked", |n| n.up_to_date)
+        .await;
+
+    let names: Vec<String> = (0..200).map(|i| format!("web-{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    s.server.set_node_plan("node-a", web_plan(&names, 443, 1));
+    let status = s
+        .wait_node("node-a", "the refusal", |n| n.last_nack.is_some())
+        .await;
+    let reason = status.last_nack.clone().expect("the refusal").reason;
+    assert!(
+        reason.contains(&format!("over the {fits}-byte message limit: not sent")),
+        "{reason}"
+    );
+    assert!(status.connected && !status.up_to_date, "{status:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.status.borrow().streams_opened, 1, "no redial");
+    assert_eq!(a.sink.received().len(), 1, "nothing more was sent");
+
+    let plan = web_plan(&["web-1", "web-2"], 443, 1);
+    s.server.set_node_plan("node-a", plan.clone());
+    s.wait_node("node-a", "the plan that fits acked", |n| n.up_to_date)
+        .await;
+    assert_agent_has(&a.sink, &plan);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_unacked_past_the_bound_ends_the_stream_and_the_agent_resumes() {
     let pki = TempPki::generate().unwrap();

@@ -8,6 +8,12 @@
 
 #![warn(missing_docs)]
 
+/// The largest `PolicyDistribution` message either end sends or accepts (gRPC's default is
+/// 4 MiB, which a node's snapshot outgrows: every stream then failed and the agent redialled for
+/// ever). The operator checks each update against it before sending and refuses, with a status,
+/// one that is larger; see docs/architecture.md for the sizes the benchmark cluster gives.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 pub mod pending_deletes;
 pub mod text;
 pub mod tls;

@@ -258,7 +258,9 @@ async fn session(
         .connect()
         .await
         .map_err(LinkError::Connect)?;
-    let mut client = PolicyDistributionClient::new(channel);
+    let mut client = PolicyDistributionClient::new(channel)
+        .max_decoding_message_size(kubesg_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(kubesg_proto::MAX_MESSAGE_BYTES);
 
     // The Hello is queued before the call so it goes out with the request.
     let (to_operator, outbound) = mpsc::channel(16);
