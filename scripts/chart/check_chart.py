@@ -309,7 +309,9 @@ def settings_reach_the_command_lines():
     ignore = find(render(CHART / "ci" / "network-policies-ignore-values.yaml"), "Deployment", "kubesg-operator")
     assert "--network-policies=ignore" in ignore["spec"]["template"]["spec"]["containers"][0]["args"]
     single = find(render(CHART / "ci" / "single-operator-values.yaml"), "Deployment", "kubesg-operator")
-    assert "--no-leader-election" in single["spec"]["template"]["spec"]["containers"][0]["args"]
+    # Leader election on with one replica too: scaled to two later, they must not both lead.
+    single_args = single["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--leader-election" in single_args and "--no-leader-election" not in single_args, single_args
     default_watch = agent_container(render(), "cni-watch")["args"]
     assert "--watch" in default_watch and "--uninstall-on-exit" not in default_watch
     docs = render(CHART / "ci" / "cni-uninstall-values.yaml")
