@@ -81,8 +81,8 @@ impl Cluster {
             .expect("tokio runtime");
         let server = server(&pki);
         let operator = start_operator_in(&node, &rt, &pki, &server);
-        let mut config =
-            AgentConfig::new(NODE, startup).with_operator(operator.url(), pki.agent_tls());
+        let mut config = AgentConfig::new(NODE, startup)
+            .with_operator(operator.url(), pki.agent_tls_for(NODE).unwrap());
         configure(&pki, &mut config);
         let agent = AgentProcess::start(node.name(), config).expect("starting kubesg-agent");
         let network = node.pod_network(&agent.socket(), 10);

@@ -140,7 +140,14 @@ async fn bench() {
     let started = Instant::now();
     let agents: Vec<TestAgent> = nodes
         .iter()
-        .map(|node| TestAgent::start(node, &s.url(), pki.agent_tls(), AgentSink::new()))
+        .map(|node| {
+            TestAgent::start(
+                node,
+                &s.url(),
+                pki.agent_tls_for(node).unwrap(),
+                AgentSink::new(),
+            )
+        })
         .collect();
     let mut total = AGENTS;
     let connect = collector.take(total).await;

@@ -38,6 +38,7 @@ use crate::{
     manifest_source,
     metrics::{self, Metrics},
     netpol,
+    node_identity::{AgentTokens, KubeTokenReviewer, TokenReviewer},
     push::{PushServer, PushSettings},
     runtime::{self, Runtime, MANIFESTS},
     status_api,
@@ -47,6 +48,8 @@ use crate::{
 };
 
 /// Where the cluster comes from.
+// One value, built once at start and moved into the daemon: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Source {
     /// The Kubernetes API.
     Api {
@@ -56,6 +59,8 @@ pub enum Source {
         election: Option<LeaseSettings>,
         /// This replica's name in Events.
         instance: String,
+        /// Whose node tokens the push server accepts (reviewed with the API server).
+        agent_tokens: AgentTokens,
     },
     /// A directory of manifests, polled.
     Manifests {
@@ -132,7 +137,22 @@ impl Operator {
     pub async fn start(settings: OperatorSettings) -> Result<Operator, DaemonError> {
         let tls = settings.tls.load().map_err(DaemonError::Tls)?;
         let metrics = Metrics::default();
-        let push = PushServer::with_observer(settings.push.clone(), Arc::new(metrics.clone()));
+        let token_reviewer = match &settings.source {
+            Source::Api {
+                client,
+                agent_tokens,
+                ..
+            } => Some(
+                Arc::new(KubeTokenReviewer::new(client.clone(), agent_tokens))
+                    as Arc<dyn TokenReviewer>,
+            ),
+            Source::Manifests { .. } => None,
+        };
+        let push = PushServer::with_token_reviewer(
+            settings.push.clone(),
+            Arc::new(metrics.clone()),
+            token_reviewer,
+        );
         let stop = CancellationToken::new();
         let metrics_listener = match settings.metrics_address {
             Some(addr) => {
@@ -162,6 +182,7 @@ impl Operator {
                 client,
                 election,
                 instance,
+                agent_tokens: _,
             } => {
                 let c = client.clone();
                 let s = stop.clone();

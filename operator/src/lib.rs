@@ -16,6 +16,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod netpol;
+pub mod node_identity;
 pub mod objects;
 mod peers;
 pub mod plan;

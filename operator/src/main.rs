@@ -1,6 +1,6 @@
 //! `kubesg-operator`: argument parsing and wiring only; the work is in the library.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _};
 use clap::{ArgAction, Args, Parser, Subcommand};
@@ -9,10 +9,11 @@ use kubesg_operator::{
     daemon::{Operator, OperatorSettings, Source, DEFAULT_TLS_POLL},
     leader::{default_identity, LeaseSettings},
     netpol,
-    push::PushSettings,
+    node_identity::{AgentTokens, DEFAULT_TOKEN_AUDIENCE},
+    push::{NodeIdentityCheck, PushSettings},
     tls::ServerTlsFiles,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 /// kubesg operator: compiles SecurityGroups and NetworkPolicies into per-node rule sets and
 /// pushes them to agents.
@@ -85,6 +86,18 @@ struct RunArgs {
     /// them to another enforcer chained on the same pods.
     #[arg(long, value_enum, value_name = "MODE", default_value = "enforce")]
     network_policies: netpol::Mode,
+    /// What to do with an agent that does not prove the node its Hello names (by a client
+    /// certificate naming it, or, API mode, a node token the API server binds to it): refuse it
+    /// (the default), or log and count it and serve it anyway.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "require")]
+    node_identity: NodeIdentityCheck,
+    /// API mode: the audience agents' node tokens must carry (the chart's projected token).
+    #[arg(long, value_name = "AUDIENCE", default_value = DEFAULT_TOKEN_AUDIENCE)]
+    node_token_audience: String,
+    /// API mode: the agents' ServiceAccount, NAMESPACE/NAME; a token of any other account
+    /// proves no node. Default: kubesg-agent in the operator's namespace.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    agent_service_account: Option<String>,
     /// Log filter (tracing's EnvFilter syntax), e.g. info or kubesg_operator=debug.
     #[arg(long, env = "KUBESG_LOG", default_value = "info")]
     log: String,
@@ -109,6 +122,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .with_context(|| format!("--log {}", args.log))?,
                 )
                 .with_writer(std::io::stderr)
+                // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
+                .with_ansi(std::io::stderr().is_terminal())
                 .init();
             tokio::runtime::Runtime::new()?.block_on(run_operator(*args))
         }
@@ -130,6 +145,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
+    if args.node_identity == NodeIdentityCheck::LogOnly {
+        warn!("--node-identity log-only: agents that do not prove their node are served; any holder of an agent certificate can read every node's rules and ack for any node");
+    }
     let source = match args.manifests {
         Some(dir) => {
             if args.leader_election {
@@ -146,17 +164,30 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
             let identity = default_identity();
-            let election = (!args.no_leader_election).then(|| {
-                let namespace = args
-                    .lease_namespace
-                    .clone()
-                    .unwrap_or_else(|| client.default_namespace().to_owned());
-                LeaseSettings::new(namespace, identity.clone())
-            });
+            let namespace = args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            let (agents_namespace, agents_account) = match &args.agent_service_account {
+                Some(account) => match account.split_once('/') {
+                    Some((ns, name)) if !ns.is_empty() && !name.is_empty() => {
+                        (ns.to_owned(), name.to_owned())
+                    }
+                    _ => bail!("--agent-service-account {account:?}: expected NAMESPACE/NAME"),
+                },
+                None => (namespace.clone(), "kubesg-agent".to_owned()),
+            };
+            let election =
+                (!args.no_leader_election).then(|| LeaseSettings::new(namespace, identity.clone()));
             Source::Api {
                 client,
                 election,
                 instance: identity,
+                agent_tokens: AgentTokens {
+                    audience: args.node_token_audience.clone(),
+                    namespace: agents_namespace,
+                    service_account: agents_account,
+                },
             }
         }
     };
@@ -171,6 +202,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         metrics_address: Some(args.metrics_address),
         push: PushSettings {
             recheck_on_policy_change: args.recheck_on_policy_change,
+            node_identity: args.node_identity,
             ..PushSettings::default()
         },
         tls_poll: DEFAULT_TLS_POLL,

@@ -50,7 +50,7 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EventLabels {
+struct ReasonLabels {
     reason: &'static str,
 }
 
@@ -69,8 +69,9 @@ pub struct Metrics {
     agents_connected: Gauge,
     updates: Family<UpdateLabels, Counter>,
     nacks: Counter,
+    agent_refusals: Family<ReasonLabels, Counter>,
     status_writes: Family<ResultLabels, Counter>,
-    events: Family<EventLabels, Counter>,
+    events: Family<ReasonLabels, Counter>,
     leader: Gauge,
     synced: Arc<AtomicBool>,
     leading: Arc<AtomicBool>,
@@ -85,6 +86,7 @@ impl Default for Metrics {
             agents_connected: Gauge::default(),
             updates: Family::default(),
             nacks: Counter::default(),
+            agent_refusals: Family::default(),
             status_writes: Family::default(),
             events: Family::default(),
             leader: Gauge::default(),
@@ -129,7 +131,7 @@ impl Metrics {
 
     /// Counts a Kubernetes Event emitted, by reason.
     pub fn event(&self, reason: &'static str) {
-        self.events.get_or_create(&EventLabels { reason }).inc();
+        self.events.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Marks the first full compile done: the plans the push server holds are the cluster's.
@@ -178,6 +180,11 @@ impl Metrics {
         );
         r.register("nacks", "Updates agents refused", self.nacks.clone());
         r.register(
+            "agent_refusals",
+            "Agent streams that did not prove the node their Hello names, by reason (no-proof, other-node, invalid-token, review-failed)",
+            self.agent_refusals.clone(),
+        );
+        r.register(
             "status_writes",
             "SecurityGroup status writes, by result",
             self.status_writes.clone(),
@@ -216,6 +223,12 @@ impl PushObserver for Metrics {
 
     fn nacked(&self, _node: &str) {
         self.nacks.inc();
+    }
+
+    fn agent_refused(&self, _node: &str, reason: &'static str) {
+        self.agent_refusals
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 }
 

@@ -62,9 +62,12 @@
 //! # Peers
 //!
 //! Only clients whose certificate chains to the configured agents' CA get past the TLS
-//! handshake (the [`ServerTlsConfig`] requires one). The certificate's names are logged with the
-//! node its Hello claims; with [`NodeIdentityCheck::Require`] a certificate that does not name
-//! that node ([`PeerIdentity::names_node`]) is refused with `PERMISSION_DENIED`.
+//! handshake (the [`ServerTlsConfig`] requires one). Then the stream must prove the node its
+//! Hello names ([`crate::node_identity`]): a certificate naming it, or a node token the
+//! server's [`TokenReviewer`] binds to it. Under [`NodeIdentityCheck::Require`] (the default)
+//! a stream that does not is refused with `PERMISSION_DENIED` (`UNAVAILABLE` when the token
+//! could not be reviewed), logged and counted ([`PushObserver::agent_refused`]); under
+//! [`NodeIdentityCheck::LogOnly`] it is logged, counted and served.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -95,6 +98,7 @@ use tonic::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    node_identity::{Proof, Refusal, TokenReviewer},
     plan::{GroupGeneration, NodePlan},
     tls::PeerIdentity,
     wire,
@@ -132,22 +136,21 @@ impl Default for PushSettings {
             hello_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
-            node_identity: NodeIdentityCheck::LogOnly,
+            node_identity: NodeIdentityCheck::Require,
             max_message_bytes: kubesg_proto::MAX_MESSAGE_BYTES,
         }
     }
 }
 
-/// What the server does with the names in an agent's client certificate.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What the server does with a stream that does not prove the node its Hello names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum NodeIdentityCheck {
-    /// Log them with the node the Hello names (the default: the chart may issue one certificate
-    /// for the whole DaemonSet).
+    /// Refuse it (the default): otherwise any holder of an agent certificate could read every
+    /// node's plan, replace a node's real agent and ack rules that node never enforces.
     #[default]
-    LogOnly,
-    /// Refuse a stream whose certificate does not name its Hello's node (per-node
-    /// certificates, e.g. issued per node by cert-manager or the kubelet's CSR flow).
     Require,
+    /// Log and count it, and serve it (while moving a cluster to per-node proofs).
+    LogOnly,
 }
 
 /// Metrics hooks; every method defaults to doing nothing. The metrics module implements it with
@@ -171,6 +174,11 @@ pub trait PushObserver: Send + Sync + 'static {
     /// `node`'s agent NACKed an update.
     fn nacked(&self, node: &str) {
         let _ = node;
+    }
+    /// A stream naming `node` did not prove it (`reason`: [`Refusal::reason`]); it was refused,
+    /// or served under [`NodeIdentityCheck::LogOnly`].
+    fn agent_refused(&self, node: &str, reason: &'static str) {
+        let _ = (node, reason);
     }
 }
 
@@ -247,6 +255,8 @@ pub struct PushServer {
 struct Inner {
     settings: PushSettings,
     observer: Arc<dyn PushObserver>,
+    /// Reviews node tokens; `None` (manifests mode): only certificates prove nodes.
+    token_reviewer: Option<Arc<dyn TokenReviewer>>,
     nodes: Mutex<HashMap<String, NodeState>>,
     /// Bumped after every change the status writer may care about.
     changes: watch::Sender<u64>,
@@ -447,10 +457,21 @@ impl PushServer {
 
     /// A server reporting to `observer` (the metrics).
     pub fn with_observer(settings: PushSettings, observer: Arc<dyn PushObserver>) -> PushServer {
+        PushServer::with_token_reviewer(settings, observer, None)
+    }
+
+    /// A server reporting to `observer` that accepts node tokens `token_reviewer` binds to the
+    /// Hello's node (in a cluster, the agents' ServiceAccount tokens reviewed by the API server).
+    pub fn with_token_reviewer(
+        settings: PushSettings,
+        observer: Arc<dyn PushObserver>,
+        token_reviewer: Option<Arc<dyn TokenReviewer>>,
+    ) -> PushServer {
         PushServer {
             inner: Arc::new(Inner {
                 settings,
                 observer,
+                token_reviewer,
                 nodes: Mutex::new(HashMap::new()),
                 changes: watch::Sender::new(0),
                 next_session: AtomicU64::new(1),
@@ -883,6 +904,59 @@ async fn run_session(
     inner.close_session(&node, id);
 }
 
+/// The token of the stream's `authorization: Bearer` metadata, if any.
+fn bearer_token<T>(request: &Request<T>) -> Option<String> {
+    let value = request
+        .metadata()
+        .get(kubesg_proto::NODE_TOKEN_METADATA)?
+        .to_str()
+        .ok()?;
+    let token = value.strip_prefix("Bearer ")?.trim();
+    (!token.is_empty()).then(|| token.to_owned())
+}
+
+impl Service {
+    /// How the stream proves `node` (see [`crate::node_identity`]): a certificate naming it
+    /// suffices; otherwise the token must be bound to it.
+    async fn prove(
+        &self,
+        node: &str,
+        identity: Option<&PeerIdentity>,
+        identity_text: &str,
+        token: Option<String>,
+    ) -> Result<Proof, Refusal> {
+        if identity.is_some_and(|i| i.names_node(node)) {
+            return Ok(Proof::Certificate);
+        }
+        let Some(token) = token else {
+            return Err(Refusal::NoProof {
+                identity: identity_text.to_owned(),
+                node: node.to_owned(),
+            });
+        };
+        let Some(reviewer) = &self.inner.token_reviewer else {
+            return Err(Refusal::NoReviewer {
+                identity: identity_text.to_owned(),
+                node: node.to_owned(),
+            });
+        };
+        // The API server's answer is bounded like the Hello: a stuck review must not hold the
+        // stream (the agent redials).
+        let wait = self.inner.settings.hello_timeout;
+        let proven = tokio::time::timeout(wait, reviewer.node_of(&token))
+            .await
+            .map_err(|_| Refusal::ReviewFailed(format!("no answer within {wait:?}")))??;
+        if proven == node {
+            Ok(Proof::Token)
+        } else {
+            Err(Refusal::OtherNode {
+                proven,
+                claimed: node.to_owned(),
+            })
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl PolicyDistribution for Service {
     type SyncStream = UpdateStream;
@@ -900,6 +974,7 @@ impl PolicyDistribution for Service {
         let identity = request
             .peer_certs()
             .and_then(|certs| certs.first().and_then(|c| PeerIdentity::from_der(c)));
+        let token = bearer_token(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.inner.settings.hello_timeout, inbound.message())
             .await
@@ -920,26 +995,45 @@ impl PolicyDistribution for Service {
         let identity_text = identity
             .as_ref()
             .map_or_else(|| "unparsable certificate".to_owned(), |i| i.to_string());
-        let named = identity.as_ref().is_some_and(|i| i.names_node(&hello.node));
-        if self.inner.settings.node_identity == NodeIdentityCheck::Require && !named {
-            warn!(
-                node = %hello.node,
-                peer = %remote,
-                identity = %identity_text,
-                "refusing an agent whose certificate does not name its node"
-            );
-            return Err(Status::permission_denied(format!(
-                "the client certificate ({identity_text}) does not name node {}",
-                hello.node
-            )));
-        }
+        let proof = self
+            .prove(&hello.node, identity.as_ref(), &identity_text, token)
+            .await;
+        let proof = match proof {
+            Ok(proof) => proof.to_string(),
+            Err(refusal) => {
+                self.inner
+                    .observer
+                    .agent_refused(&hello.node, refusal.reason());
+                if self.inner.settings.node_identity == NodeIdentityCheck::Require {
+                    warn!(
+                        node = %hello.node,
+                        peer = %remote,
+                        identity = %identity_text,
+                        reason = refusal.reason(),
+                        "refusing an agent that does not prove its node: {refusal}"
+                    );
+                    return Err(match refusal {
+                        Refusal::ReviewFailed(_) => Status::unavailable(refusal.to_string()),
+                        _ => Status::permission_denied(refusal.to_string()),
+                    });
+                }
+                warn!(
+                    node = %hello.node,
+                    peer = %remote,
+                    identity = %identity_text,
+                    reason = refusal.reason(),
+                    "serving an agent that does not prove its node (--node-identity log-only): {refusal}"
+                );
+                "none".to_owned()
+            }
+        };
         let peer = format!("{remote} {identity_text}");
         let handle = self.inner.open_session(&hello, peer);
         info!(
             node = %hello.node,
             peer = %remote,
             identity = %identity_text,
-            certificate_names_node = named,
+            proof = %proof,
             applied_version = hello.applied_version,
             agent_version = %hello.agent_version,
             resume = handle.resume,

@@ -169,7 +169,7 @@ impl Cluster {
         TestAgent::start(
             node,
             &format!("https://{addr}"),
-            self.pki.agent_tls(),
+            self.pki.agent_tls_for(node).unwrap(),
             AgentSink::new(),
         )
     }

@@ -27,7 +27,12 @@ async fn server(pki: &TempPki) -> TestServer {
 }
 
 fn agent(server: &TestServer, pki: &TempPki, node: &str) -> TestAgent {
-    TestAgent::start(node, &server.url(), pki.agent_tls(), AgentSink::new())
+    TestAgent::start(
+        node,
+        &server.url(),
+        pki.agent_tls_for(node).unwrap(),
+        AgentSink::new(),
+    )
 }
 
 fn ok(version: u64, snapshot: bool, base_version: u64) -> Received {
@@ -162,7 +167,12 @@ async fn reconnecting_agent_resumes_with_a_delta_from_its_applied_version() {
         .await;
     let plan = web_plan(&["web-1", "web-2"], 443, 1);
     s.server.set_node_plan("node-a", plan.clone());
-    let _a = TestAgent::start("node-a", &s.url(), pki.agent_tls(), sink.clone());
+    let _a = TestAgent::start(
+        "node-a",
+        &s.url(),
+        pki.agent_tls_for("node-a").unwrap(),
+        sink.clone(),
+    );
 
     let received = sink.wait_received(2).await;
     assert_eq!(
@@ -187,7 +197,12 @@ async fn reconnecting_agent_that_has_the_latest_plan_is_sent_nothing() {
     let sink = a.stop().await;
     s.wait_node("node-a", "the agent gone", |n| !n.connected)
         .await;
-    let mut a = TestAgent::start("node-a", &s.url(), pki.agent_tls(), sink.clone());
+    let mut a = TestAgent::start(
+        "node-a",
+        &s.url(),
+        pki.agent_tls_for("node-a").unwrap(),
+        sink.clone(),
+    );
     a.wait_status("reconnected", |l| l.connected).await;
     // A change after the reconnect arrives as the second update: nothing was sent in between.
     let plan = web_plan(&["web-1", "web-2"], 443, 1);
@@ -601,7 +616,14 @@ async fn ack_tracking_reports_acked_versions_groups_and_latencies_per_node() {
     let acked_a = status_a.acked.clone().unwrap();
     assert_eq!(acked_a.version, received[0].version);
     assert_eq!(*acked_a.plan, plan_a);
-    assert!(status_a.connected && status_a.peer.as_ref().unwrap().contains("CN=kubesg-agent"));
+    assert!(
+        status_a.connected
+            && status_a
+                .peer
+                .as_ref()
+                .unwrap()
+                .contains("CN=system:node:node-a")
+    );
     assert_eq!(
         status_a.acked_groups().into_iter().collect::<Vec<_>>(),
         vec![GroupGeneration {

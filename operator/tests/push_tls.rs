@@ -1,12 +1,19 @@
 //! The push server's mTLS: only agents presenting a certificate from the configured CA reach
-//! the service (no Hello from anyone else is ever seen), the optional node identity check, and
-//! TLS files reported by name. Not privileged.
+//! the service (no Hello from anyone else is ever seen), the node identity check (a certificate
+//! or a node token must prove the Hello's node; refusals counted), and TLS files reported by
+//! name. Not privileged.
 
 mod push_support;
 
-use kubesg_agent::tls::ClientTlsFiles;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+use kubesg_agent::{operator_link::LinkSettings, tls::ClientTlsFiles};
 use kubesg_operator::{
-    push::{NodeIdentityCheck, PushSettings},
+    node_identity::{Refusal, TokenReviewer},
+    push::{NodeIdentityCheck, PushObserver, PushServer, PushSettings},
     tls::{server_tls_config, TlsFileError},
 };
 use kubesg_proto::v1alpha1 as pb;
@@ -89,40 +96,205 @@ async fn agent_with_a_certificate_from_another_ca_is_refused_before_its_hello() 
     assert!(sink.received().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificate_not_naming_the_node_is_refused_when_identity_is_required() {
-    let pki = TempPki::generate().unwrap();
-    let settings = PushSettings {
-        node_identity: NodeIdentityCheck::Require,
-        ..PushSettings::default()
-    };
-    let s = TestServer::with_settings(&pki, settings).await;
+/// Records the refusals the server reports, as the metrics do.
+#[derive(Default)]
+struct Refusals(Mutex<Vec<(String, &'static str)>>);
+
+impl PushObserver for Refusals {
+    fn agent_refused(&self, node: &str, reason: &'static str) {
+        self.0.lock().unwrap().push((node.to_owned(), reason));
+    }
+}
+
+impl Refusals {
+    fn seen(&self) -> Vec<(String, &'static str)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Stands in for the API server's TokenReview: each token proves the node it maps to; any
+/// other token is refused as the API server refuses one (tests of the real review run against
+/// the real API server: tests/cluster/node_identity.rs).
+struct Tokens(BTreeMap<&'static str, &'static str>);
+
+#[tonic::async_trait]
+impl TokenReviewer for Tokens {
+    async fn node_of(&self, token: &str) -> Result<String, Refusal> {
+        self.0
+            .get(token)
+            .map(|node| (*node).to_owned())
+            .ok_or_else(|| Refusal::InvalidToken("not authenticated".into()))
+    }
+}
+
+/// A server with `settings` that counts refusals into the returned observer and reviews tokens
+/// with `tokens` (`None`: no reviewer, as in manifests mode).
+async fn counted_server(
+    pki: &TempPki,
+    settings: PushSettings,
+    tokens: Option<Tokens>,
+) -> (TestServer, Arc<Refusals>) {
+    let refusals = Arc::new(Refusals::default());
+    let server = PushServer::with_token_reviewer(
+        settings,
+        refusals.clone(),
+        tokens.map(|t| Arc::new(t) as Arc<dyn TokenReviewer>),
+    );
+    let s = TestServer::start(pki, server, "127.0.0.1:0".parse().unwrap()).await;
     s.server
         .set_node_plan("node-a", web_plan(&["web-1"], 443, 1));
-    // The test agent certificate is the DaemonSet-wide CN=kubesg-agent: it names no node.
-    let sink = AgentSink::new();
-    let mut a = TestAgent::start("node-a", &s.url(), pki.agent_tls(), sink.clone());
-    a.wait_status("a failed attempt", |l| l.failures >= 1).await;
-    let error = a.status.borrow().last_error.clone().unwrap_or_default();
+    (s, refusals)
+}
+
+/// An agent of `node` presenting `tls` and, if given, the token in a file of its own.
+fn agent_with_token(
+    s: &TestServer,
+    node: &str,
+    tls: kubesg_agent::tls::ClientTlsFiles,
+    token_file: Option<&std::path::Path>,
+) -> TestAgent {
+    let settings = LinkSettings {
+        token_file: token_file.map(|p| p.to_owned()),
+        ..LinkSettings::new(node, s.url(), tls)
+    };
+    TestAgent::start_with(settings, AgentSink::new())
+}
+
+/// Waits for a failed attempt and returns the link's error.
+async fn refused(agent: &mut TestAgent) -> String {
+    agent
+        .wait_status("a failed attempt", |l| l.failures >= 1)
+        .await;
+    agent.status.borrow().last_error.clone().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_naming_no_node_is_refused_by_default_and_counted() {
+    let pki = TempPki::generate().unwrap();
+    let (s, refusals) = counted_server(&pki, PushSettings::default(), None).await;
+    // The DaemonSet-wide CN=kubesg-agent, no token: nothing says which node it runs on.
+    let mut a = agent_with_token(&s, "node-a", pki.agent_tls(), None);
+    let error = refused(&mut a).await;
     assert!(
-        error.contains("PermissionDenied") && error.contains("does not name node node-a"),
+        error.contains("PermissionDenied")
+            && error.contains("does not name node node-a")
+            && error.contains("no node token"),
         "{error}"
     );
     let status = s.server.node_status("node-a").unwrap();
     assert!(!status.connected && status.acked.is_none(), "{status:?}");
-    assert!(sink.received().is_empty(), "no rules for an unproven node");
+    assert!(
+        a.sink.received().is_empty(),
+        "no rules for an unproven node"
+    );
+    assert!(refusals.seen().contains(&("node-a".into(), "no-proof")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn same_certificate_is_served_when_identity_is_only_logged() {
+async fn a_certificate_of_another_node_is_refused_and_its_own_is_served() {
     let pki = TempPki::generate().unwrap();
-    let s = TestServer::with_settings(&pki, PushSettings::default()).await;
+    let (s, refusals) = counted_server(&pki, PushSettings::default(), None).await;
     s.server
-        .set_node_plan("node-a", web_plan(&["web-1"], 443, 1));
-    let a = TestAgent::start("node-a", &s.url(), pki.agent_tls(), AgentSink::new());
+        .set_node_plan("node-b", web_plan(&["web-2"], 443, 1));
+    // node-b's certificate claiming node-a: refused, node-a gets no agent.
+    let mut impostor = agent_with_token(&s, "node-a", pki.agent_tls_for("node-b").unwrap(), None);
+    let error = refused(&mut impostor).await;
+    assert!(error.contains("does not name node node-a"), "{error}");
+    assert!(impostor.sink.received().is_empty());
+    assert_eq!(refusals.seen()[0], ("node-a".into(), "no-proof"));
+    assert!(!s.server.node_status("node-a").unwrap().connected);
+    // The same certificate for its own node is served.
+    let own = agent_with_token(&s, "node-b", pki.agent_tls_for("node-b").unwrap(), None);
+    s.wait_node("node-b", "acked", |n| n.up_to_date).await;
+    assert_eq!(own.sink.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_bound_to_the_node_is_served_and_reread_at_every_dial() {
+    let pki = TempPki::generate().unwrap();
+    let tokens = Tokens(BTreeMap::from([("token-of-a", "node-a")]));
+    let (s, refusals) = counted_server(&pki, PushSettings::default(), Some(tokens)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "expired-token\n").unwrap();
+    let mut a = agent_with_token(&s, "node-a", pki.agent_tls(), Some(&token));
+    let error = refused(&mut a).await;
+    assert!(
+        error.contains("PermissionDenied") && error.contains("the node token was refused"),
+        "{error}"
+    );
+    assert!(refusals
+        .seen()
+        .contains(&("node-a".into(), "invalid-token")));
+    // The kubelet rotates the token: the next dial reads the new one.
+    std::fs::write(&token, "token-of-a\n").unwrap();
     let status = s.wait_node("node-a", "acked", |n| n.up_to_date).await;
     assert!(status.peer.unwrap().contains("CN=kubesg-agent"));
     assert_eq!(a.sink.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_another_node_is_refused_and_counted() {
+    let pki = TempPki::generate().unwrap();
+    let tokens = Tokens(BTreeMap::from([("token-of-b", "node-b")]));
+    let (s, refusals) = counted_server(&pki, PushSettings::default(), Some(tokens)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "token-of-b").unwrap();
+    let mut a = agent_with_token(&s, "node-a", pki.agent_tls(), Some(&token));
+    let error = refused(&mut a).await;
+    assert!(
+        error.contains("PermissionDenied")
+            && error.contains("the node token is node node-b's, not node node-a's"),
+        "{error}"
+    );
+    assert!(a.sink.received().is_empty());
+    assert!(!s.server.node_status("node-a").unwrap().connected);
+    assert!(refusals.seen().contains(&("node-a".into(), "other-node")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_where_nothing_can_review_it_proves_nothing() {
+    let pki = TempPki::generate().unwrap();
+    let (s, refusals) = counted_server(&pki, PushSettings::default(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "anything").unwrap();
+    let mut a = agent_with_token(&s, "node-a", pki.agent_tls(), Some(&token));
+    let error = refused(&mut a).await;
+    assert!(error.contains("no API server to review it"), "{error}");
+    assert!(refusals.seen().contains(&("node-a".into(), "no-proof")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_token_file_is_named_in_the_link_status() {
+    let pki = TempPki::generate().unwrap();
+    let (s, refusals) = counted_server(&pki, PushSettings::default(), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("absent-token");
+    let mut a = agent_with_token(&s, "node-a", pki.agent_tls(), Some(&token));
+    let error = refused(&mut a).await;
+    assert!(
+        error.contains("the node identity token") && error.contains("absent-token"),
+        "{error}"
+    );
+    assert_eq!(a.status.borrow().streams_opened, 0);
+    assert!(refusals.seen().is_empty(), "nothing reached the server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unproven_agent_is_served_but_counted_when_identity_is_only_logged() {
+    let pki = TempPki::generate().unwrap();
+    let settings = PushSettings {
+        node_identity: NodeIdentityCheck::LogOnly,
+        ..PushSettings::default()
+    };
+    let (s, refusals) = counted_server(&pki, settings, None).await;
+    let a = agent_with_token(&s, "node-a", pki.agent_tls(), None);
+    let status = s.wait_node("node-a", "acked", |n| n.up_to_date).await;
+    assert!(status.peer.unwrap().contains("CN=kubesg-agent"));
+    assert_eq!(a.sink.received().len(), 1);
+    assert_eq!(refusals.seen(), vec![("node-a".to_owned(), "no-proof")]);
 }
 
 #[test]

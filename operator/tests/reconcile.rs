@@ -920,6 +920,11 @@ async fn only_the_lease_holder_serves_agents_and_writes_status() {
             client,
             election: Some(election),
             instance: "operator-a".into(),
+            agent_tokens: kubesg_operator::node_identity::AgentTokens {
+                audience: "kubesg-operator".into(),
+                namespace: "kubesg".into(),
+                service_account: "kubesg-agent".into(),
+            },
         },
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: pki.operator_tls(&pki.operator),

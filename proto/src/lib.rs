@@ -14,6 +14,11 @@
 /// one that is larger; see docs/architecture.md for the sizes the benchmark cluster gives.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// The gRPC metadata key of the token an agent proves its node with (`Bearer <token>`): in a
+/// cluster one certificate serves the whole DaemonSet, so the certificate cannot say which node
+/// an agent runs on; its pod's ServiceAccount token, reviewed by the API server, can.
+pub const NODE_TOKEN_METADATA: &str = "authorization";
+
 pub mod pending_deletes;
 pub mod text;
 pub mod tls;

@@ -255,6 +255,13 @@ def the_agent_runs_on_every_node_with_the_documented_capabilities_and_no_api_acc
     hostpaths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert hostpaths == {"bpffs": "/sys/fs/bpf", "run": "/var/run/kubesg", "cni-bin": "/opt/cni/bin",
                          "cni-conf": "/etc/cni/net.d"}, hostpaths
+    # The agent proves its node with a token for the operator's audience only, short-lived (the
+    # kubelet renews it), mounted where --node-token reads it.
+    token = next(v for v in spec["volumes"] if v["name"] == "node-token")
+    assert token["projected"]["sources"] == [{"serviceAccountToken": {
+        "audience": "kubesg-operator", "expirationSeconds": 3600, "path": "token"}}], token
+    assert mounts["/var/run/secrets/kubesg/node-token"]["name"] == "node-token"
+    assert "--node-token=/var/run/secrets/kubesg/node-token/token" in agent_container(docs)["args"]
     # No binding gives the agent's ServiceAccount any permission.
     for d in docs:
         if d["kind"] in ("RoleBinding", "ClusterRoleBinding"):
@@ -275,6 +282,7 @@ def the_operator_has_exactly_the_permissions_it_uses():
         ("networking.k8s.io", ("networkpolicies",), ("get", "list", "watch")),
         ("", ("pods", "namespaces", "nodes", "services"), ("list", "watch")),
         ("events.k8s.io", ("events",), ("create",)),
+        ("authentication.k8s.io", ("tokenreviews",), ("create",)),
     ]), rules
     # NetworkPolicies left to another enforcer: the operator may not even read them.
     ignoring = find(render(CHART / "ci" / "network-policies-ignore-values.yaml"), "ClusterRole", "kubesg-operator")
@@ -288,6 +296,10 @@ def the_operator_has_exactly_the_permissions_it_uses():
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert {e["name"] for e in c["env"]} == {"POD_NAME", "POD_NAMESPACE"}
     assert "--leader-election" in c["args"]
+    # Agents must prove their node: tokens of the agents' account, for the operator's audience.
+    for arg in ["--node-identity=require", "--node-token-audience=kubesg-operator",
+                f"--agent-service-account={NAMESPACE}/kubesg-agent"]:
+        assert arg in c["args"], (arg, c["args"])
     assert c["resources"]["requests"]
     pdb = find(docs, "PodDisruptionBudget", "kubesg-operator")
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]

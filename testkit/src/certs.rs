@@ -34,12 +34,15 @@ pub struct CertFiles {
 #[derive(Debug)]
 pub struct TempPki {
     dir: tempfile::TempDir,
+    /// Signs per-node agent certificates ([`TempPki::agent_tls_for`]).
+    issuer: CaIssuer,
     /// The CA both sides trust.
     pub ca: PathBuf,
     /// The operator's server certificate from `ca`: SAN DNS [`OPERATOR_SERVER_NAME`] and
     /// `localhost`, IP 127.0.0.1.
     pub operator: CertFiles,
-    /// An agent's client certificate from `ca` (CN `kubesg-agent`).
+    /// An agent's client certificate from `ca` (CN `kubesg-agent`): one for every node, as
+    /// the chart's, so it proves no node.
     pub agent: CertFiles,
     /// A server certificate from `ca` that lacks [`OPERATOR_SERVER_NAME`] (it is for
     /// `kubesg-operator.elsewhere.svc`, `localhost` and 127.0.0.1).
@@ -85,6 +88,7 @@ impl TempPki {
                 Leaf::Client("kubesg-agent"),
             )?,
             dir,
+            issuer: CaIssuer(ca),
         };
         Ok(pki)
     }
@@ -106,6 +110,24 @@ impl TempPki {
         }
     }
 
+    /// The TLS configuration of `node`'s agent with a certificate of its own from `ca`
+    /// (CN `system:node:<node>`, as the kubelet's), which proves that node to the operator.
+    /// Each call issues a new certificate (files named for the node).
+    pub fn agent_tls_for(&self, node: &str) -> io::Result<ClientTlsFiles> {
+        let common_name = format!("system:node:{node}");
+        let files = leaf(
+            self.dir(),
+            &format!("agent-{node}"),
+            &self.issuer.0,
+            Leaf::Client(&common_name),
+        )?;
+        Ok(ClientTlsFiles {
+            cert: files.cert,
+            key: files.key,
+            ..self.agent_tls()
+        })
+    }
+
     /// The operator's TLS configuration: presents `server`, accepts clients of `ca` only.
     pub fn operator_tls(&self, server: &CertFiles) -> ServerTlsFiles {
         ServerTlsFiles {
@@ -113,6 +135,15 @@ impl TempPki {
             cert: server.cert.clone(),
             key: server.key.clone(),
         }
+    }
+}
+
+/// The CA's signing half (rcgen's issuer has no `Debug`).
+struct CaIssuer(Issuer<'static, KeyPair>);
+
+impl std::fmt::Debug for CaIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CaIssuer")
     }
 }
 

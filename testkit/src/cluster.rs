@@ -353,7 +353,7 @@ impl LocalCluster {
             let agent = AgentProcess::start(
                 cni.name(),
                 AgentConfig::new(&node_name(i), config.startup)
-                    .with_operator(address, pki.agent_tls()),
+                    .with_operator(address, pki.agent_tls_for(&node_name(i))?),
             )?;
             nodes.push(Node {
                 name: node_name(i),

@@ -5,7 +5,8 @@
 //! One release serves every test, so they run one after another in the order below (this file
 //! is its own test harness: `harness = false`, libtest-mimic), each named for what it checks:
 //! the install (two operators, one leader holding the Lease, the agent Ready and chained into
-//! the node's real CNI configuration, connected to the operator through its Service's name),
+//! the node's real CNI configuration, connected to the operator through its Service's name and
+//! served for its node on its pod's token),
 //! a SecurityGroup enforced on pods the kubelet starts, the agent replaced under load with no
 //! failed request, a pod created while the agent is away, leader failover, operators recreated
 //! while kubesg is chained, an upgrade that keeps the certificates and the running operators, no
@@ -204,6 +205,17 @@ fn the_chart_installs_with_the_image_settings_only(run: &Run) {
                 .to_string()),
             _ => Ok(()),
         },
+    );
+    // Its certificate is the DaemonSet's (it names no node): the leader served it for its node
+    // because the API server bound its pod's token to that node.
+    let node = kube.must(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"]);
+    let leader = lease_holder(kube);
+    let log = kube.must(&["-n", "kube-system", "logs", &leader]);
+    assert!(
+        log.lines().any(|l| l.contains("agent connected")
+            && l.contains(&format!("node={}", node.trim()))
+            && l.contains("proof=token")),
+        "the leader {leader} never served the agent on its token:\n{log}"
     );
 }
 

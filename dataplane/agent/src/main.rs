@@ -1,7 +1,7 @@
 //! `kubesg-agent`: the node agent's command line. Argument parsing and wiring only; the work is in
 //! the library.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
@@ -176,6 +176,13 @@ struct RunArgs {
         default_value = "/etc/kubesg/tls/tls.key"
     )]
     tls_key: PathBuf,
+    /// A token that proves to the operator which node this agent runs on, re-read at every
+    /// connection (the kubelet rotates it). In a cluster the chart mounts the pod's projected
+    /// ServiceAccount token here (audience kubesg-operator), which the operator reviews with the
+    /// API server; without it the client certificate must name the node (CN system:node:NAME,
+    /// CN NAME or a DNS name NAME) or the operator refuses the agent.
+    #[arg(long, env = "KUBESG_NODE_TOKEN", value_name = "FILE")]
+    node_token: Option<PathBuf>,
     /// The CNI socket (created 0600, root only).
     #[arg(long, default_value = cni_server::DEFAULT_SOCKET)]
     socket: PathBuf,
@@ -284,9 +291,12 @@ fn run_agent(args: RunArgs, pin_dir: PathBuf, state_dir: PathBuf) -> Result<()> 
                 .with_context(|| format!("--log {}", args.log))?,
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let operator = args.operator_address.map(|address| {
-        LinkSettings::new(
+    let operator = args.operator_address.map(|address| LinkSettings {
+        token_file: args.node_token,
+        ..LinkSettings::new(
             args.node_name.clone(),
             address,
             ClientTlsFiles {
@@ -329,6 +339,8 @@ fn install_cni(args: InstallCniArgs) -> Result<()> {
                 .with_context(|| format!("--log {}", args.log))?,
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: `kubectl logs` and log collectors get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let plugin_binary = match args.plugin_binary {
         Some(p) => p,

@@ -5,13 +5,14 @@
 //! every `PolicyUpdate` through an [`UpdateSink`] and answers each with an `Ack` (a NACK, with the
 //! sink's reason, when it fails). On any failure (TLS files, connection, handshake, stream error,
 //! end of stream) it marks itself disconnected, waits with jittered exponential backoff and dials
-//! again, re-reading the TLS files (rotation) and sending a new `Hello` with the version applied
+//! again, re-reading the TLS files and the node token (rotation) and sending a new `Hello` with the version applied
 //! by then, from which the operator resumes. It never gives up and never touches what the sink
 //! applied: while the operator is away the agent keeps enforcing the last version (fail static).
 
 use std::{
     convert::Infallible,
     error::Error as StdError,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -21,7 +22,7 @@ use pb::{agent_message::Kind, policy_distribution_client::PolicyDistributionClie
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::{metadata::AsciiMetadataValue, transport::Endpoint, Request};
 use tracing::{info, warn};
 
 use crate::tls::{ClientTlsFiles, TlsFileError};
@@ -46,6 +47,11 @@ pub struct LinkSettings {
     pub operator: String,
     /// The TLS files and expected server name, re-read on every connection attempt.
     pub tls: ClientTlsFiles,
+    /// A token proving which node the agent runs on (in a cluster: the agent pod's projected
+    /// ServiceAccount token, which the operator reviews with the API server and which names the
+    /// pod's node), re-read on every connection attempt because the kubelet rotates it; sent as
+    /// `authorization: Bearer`. `None`: the certificate alone must name the node.
+    pub token_file: Option<PathBuf>,
     /// Waits between connection attempts.
     pub backoff: Backoff,
     /// Bound on the TCP connect and TLS handshake, so a black-holed address is retried.
@@ -64,6 +70,7 @@ impl LinkSettings {
             node: node.into(),
             operator: operator.into(),
             tls,
+            token_file: None,
             backoff: Backoff::default(),
             connect_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(20),
@@ -139,6 +146,8 @@ enum LinkError {
     Address { address: String, reason: String },
     #[error("cannot connect to the operator: {}", chain(.0))]
     Connect(tonic::transport::Error),
+    #[error("the node identity token {}: {reason}", path.display())]
+    Token { path: PathBuf, reason: String },
     #[error("the Sync stream failed: {}", status_text(.0))]
     Stream(tonic::Status),
     #[error("the operator ended the Sync stream")]
@@ -230,6 +239,21 @@ pub async fn run(
     info!(node = %settings.node, operator = %settings.operator, "operator link stopped");
 }
 
+/// The `authorization` value carrying the token in `path`: `Bearer <token>`.
+fn bearer(path: &Path) -> Result<AsciiMetadataValue, LinkError> {
+    let error = |reason: String| LinkError::Token {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(error("is empty".into()));
+    }
+    AsciiMetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| error("is not a token (characters a header cannot carry)".into()))
+}
+
 /// One connection and stream, from dialling to its end (always an error: the stream is meant to
 /// last forever). Sets `opened` once the stream is open, which resets the backoff.
 async fn session(
@@ -248,6 +272,7 @@ async fn session(
         return Err(address_error("the scheme must be https".into()));
     }
     let tls = settings.tls.load()?;
+    let token = settings.token_file.as_deref().map(bearer).transpose()?;
     let channel = endpoint
         .tls_config(tls)
         .map_err(|e| address_error(chain(&e)))?
@@ -276,8 +301,14 @@ async fn session(
         .send(hello)
         .await
         .map_err(|_| LinkError::Closed)?;
+    let mut request = Request::new(ReceiverStream::new(outbound));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert(kubesg_proto::NODE_TOKEN_METADATA, token);
+    }
     let mut updates = client
-        .sync(ReceiverStream::new(outbound))
+        .sync(request)
         .await
         .map_err(LinkError::Stream)?
         .into_inner();

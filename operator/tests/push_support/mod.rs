@@ -156,7 +156,11 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts `node`'s link to `url` with `tls` and a short backoff, applying into `sink`.
     pub fn start(node: &str, url: &str, tls: ClientTlsFiles, sink: Arc<AgentSink>) -> TestAgent {
-        let mut settings = LinkSettings::new(node, url, tls);
+        TestAgent::start_with(LinkSettings::new(node, url, tls), sink)
+    }
+
+    /// Starts a link with `settings` but a short backoff, applying into `sink`.
+    pub fn start_with(mut settings: LinkSettings, sink: Arc<AgentSink>) -> TestAgent {
         settings.backoff = Backoff {
             min: Duration::from_millis(10),
             max: Duration::from_millis(100),
