@@ -208,6 +208,7 @@ fn group(spec: &str) -> Group {
         spec: serde_yaml::from_str(spec).expect("bench group YAML"),
         kind: kubesg_operator::model::GroupKind::SecurityGroup,
         origins: None,
+        unreadable: None,
     }
 }
 

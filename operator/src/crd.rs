@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A security group: its member pods (in its namespace) and the rules that apply to them.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[kube(
     group = "kubesg.io",
     version = "v1alpha1",
@@ -230,7 +230,10 @@ pub struct SecurityGroupStatus {
     /// `Accepted` (the spec is valid; the reason when not) and `Programmed` (every node with a
     /// member or an affected peer acked a version that includes this generation; which lag or
     /// refused it when not).
+    // A map keyed by `type` for server-side apply: each writer owns its own condition types,
+    // so another controller's conditions survive the operator's writes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Nodes that enforce this generation, out of those it concerns.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -10,6 +10,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use kube::{
+    api::{ApiResource, DynamicObject},
     runtime::{watcher, WatchStreamExt as _},
     Api, Client, Resource, ResourceExt as _,
 };
@@ -90,16 +91,21 @@ impl Kind for K8sPod {
     }
 }
 
-impl Kind for SecurityGroup {
+/// SecurityGroups, watched untyped and read one by one ([`objects::stored_group`]): one this
+/// version cannot read is reported on its own status instead of failing every list and watch
+/// of the kind. The only kind watched as a [`DynamicObject`].
+impl Kind for DynamicObject {
     const NAME: &'static str = "SecurityGroup";
     type Key = ObjectKey;
     fn key(obj: &Self) -> Option<ObjectKey> {
         Some(ObjectKey::new(obj.namespace()?, obj.name_any()))
     }
     fn upsert(obj: &Self) -> Option<ClusterChange> {
-        objects::group(obj)
-            .ok()
-            .map(|(k, g)| ClusterChange::UpsertGroup(k, g))
+        let (key, group) = objects::stored_group(obj).ok()?;
+        if let Some(unreadable) = &group.unreadable {
+            warn!(group = %key, error = %unreadable, "SecurityGroup this version cannot read: not Accepted, contributes nothing");
+        }
+        Some(ClusterChange::UpsertGroup(key, group))
     }
     fn delete(key: ObjectKey) -> ClusterChange {
         ClusterChange::DeleteGroup(key)
@@ -156,7 +162,7 @@ pub fn kinds(mode: Mode) -> Vec<&'static str> {
         <Node as Kind>::NAME,
         <K8sPod as Kind>::NAME,
         <Service as Kind>::NAME,
-        <SecurityGroup as Kind>::NAME,
+        <DynamicObject as Kind>::NAME,
     ];
     if mode == Mode::Enforce {
         kinds.push(<NetworkPolicy as Kind>::NAME);
@@ -180,7 +186,10 @@ pub async fn run(client: Client, mode: Mode, tx: mpsc::Sender<SourceEvent>) {
         watch::<Node>(Api::all(client.clone()), tx.clone()),
         watch::<K8sPod>(Api::all(client.clone()), tx.clone()),
         watch::<Service>(Api::all(client.clone()), tx.clone()),
-        watch::<SecurityGroup>(Api::all(client), tx),
+        watch::<DynamicObject>(
+            Api::all_with(client, &ApiResource::erase::<SecurityGroup>(&())),
+            tx
+        ),
     );
 }
 

@@ -18,10 +18,10 @@ use k8s_openapi::api::{
     core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod, Service as K8sService},
     networking::v1::NetworkPolicy,
 };
+use kube::api::DynamicObject;
 use serde::Deserialize;
 
 use crate::{
-    crd::SecurityGroup,
     model::{Cluster, Group, Namespace, ObjectKey, Pod, Service},
     netpol, objects,
 };
@@ -198,7 +198,7 @@ impl ManifestDir {
                 continue; // the manifest says
             }
             let mut h = DefaultHasher::new();
-            format!("{:?}", group.spec).hash(&mut h);
+            format!("{:?} {:?}", group.spec, group.unreadable).hash(&mut h);
             let spec_hash = h.finish();
             let entry = self
                 .generations
@@ -301,11 +301,13 @@ fn object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String>
             out.push(Object::Service(key, model));
         }
         ("kubesg.io/v1alpha1", "SecurityGroup") => {
-            let mut sg: SecurityGroup = serde_yaml::from_value(value).map_err(typed)?;
+            // Its spec read on its own, as the API source reads it: one this version cannot
+            // read is a group that is not Accepted, with the field in its status.
+            let mut sg: DynamicObject = serde_yaml::from_value(value).map_err(typed)?;
             if sg.metadata.namespace.is_none() {
                 sg.metadata.namespace = Some(DEFAULT_NAMESPACE.into());
             }
-            let (key, model) = objects::group(&sg).map_err(|e| e.to_string())?;
+            let (key, model) = objects::stored_group(&sg).map_err(|e| e.to_string())?;
             out.push(Object::Group(key, model));
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => {
@@ -480,6 +482,23 @@ spec:
             s.cluster.groups[&ObjectKey::new("shop", "web")].generation,
             2
         );
+    }
+
+    #[test]
+    fn a_security_group_this_version_cannot_read_is_a_group_not_a_problem() {
+        let d = TempDir::new("unreadable");
+        fs::write(
+            d.0.join("sg.yaml"),
+            "apiVersion: kubesg.io/v1alpha1\nkind: SecurityGroup\nmetadata: { name: web }\n\
+             spec:\n  podSelector: {}\n  ingress:\n  - ports: [{ port: 4294967296 }]\n",
+        )
+        .unwrap();
+        let s = ManifestDir::new(&d.0).scan().unwrap();
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        let g = &s.cluster.groups[&ObjectKey::new(DEFAULT_NAMESPACE, "web")];
+        let why = g.unreadable.as_ref().expect("unreadable");
+        assert_eq!(why.path, "spec.ingress[0].ports[0].port");
+        assert_eq!(g.generation, 1);
     }
 
     #[test]

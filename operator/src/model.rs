@@ -7,7 +7,7 @@ use std::{
     net::IpAddr,
 };
 
-use crate::crd::SecurityGroupSpec;
+use crate::{crd::SecurityGroupSpec, validate::FieldError};
 
 /// A namespaced object's identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -135,6 +135,11 @@ pub struct Group {
     /// NetworkPolicy rule becomes one rule per protocol it names), for `kubesg-agent explain`
     /// and the logs. `None`: the rules are the object's own.
     pub origins: Option<RuleOrigins>,
+    /// Why the stored object's spec could not be read by this version (e.g. a number the API
+    /// server's schema admits but no field here can hold): the group is then not Accepted and
+    /// contributes nothing, like an invalid one, and says which field. `None`: `spec` is the
+    /// object's.
+    pub unreadable: Option<FieldError>,
 }
 
 /// Names of the rules a group's rules were translated from, by direction and index.

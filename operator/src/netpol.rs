@@ -122,6 +122,7 @@ pub fn group(np: &NetworkPolicy) -> Result<(ObjectKey, Group), ObjectError> {
                 egress: egress_types,
             },
             origins: Some(origins),
+            unreadable: None,
         },
     ))
 }

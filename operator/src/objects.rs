@@ -7,14 +7,15 @@ use k8s_openapi::{
     api::core::v1::{Namespace as K8sNamespace, Pod as K8sPod, Service as K8sService},
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use kube::ResourceExt as _;
+use kube::{api::DynamicObject, ResourceExt as _};
 
 use crate::{
-    crd::SecurityGroup,
+    crd::SecurityGroupSpec,
     model::{
         Group, GroupKind, NamedPort, Namespace, ObjectKey, Pod, PortProtocol, Service, ServicePort,
         TargetPort,
     },
+    validate::FieldError,
 };
 
 /// Why an object cannot be used.
@@ -179,17 +180,36 @@ pub fn service(s: &K8sService) -> Result<(ObjectKey, Service), ObjectError> {
     ))
 }
 
-/// A group's key and model. Its generation is `metadata.generation` (the API server's); the
-/// manifests source, which has none, supplies its own.
-pub fn group(sg: &SecurityGroup) -> Result<(ObjectKey, Group), ObjectError> {
+/// A SecurityGroup as the API server stores it, its spec read here rather than by the watch: a
+/// stored object this version cannot read (written before a schema change, or holding a number
+/// the schema admits and no field here can, such as a port of 2^32) becomes an unreadable group
+/// naming the field, reported on its own status, while every other group keeps working (read
+/// as a typed list, one such object fails the whole list, and nothing compiles again).
+pub fn stored_group(sg: &DynamicObject) -> Result<(ObjectKey, Group), ObjectError> {
     let key = key("SecurityGroup", sg.namespace(), sg.name_any())?;
+    let spec = sg.data.get("spec").cloned().unwrap_or_default();
+    let (spec, unreadable) = match serde_path_to_error::deserialize::<_, SecurityGroupSpec>(spec) {
+        Ok(spec) => (spec, None),
+        Err(e) => {
+            let path = match e.path().to_string() {
+                root if root == "." => "spec".to_owned(),
+                field => format!("spec.{field}"),
+            };
+            let message = format!("this version of kubesg cannot read it: {}", e.inner());
+            (
+                SecurityGroupSpec::default(),
+                Some(FieldError { path, message }),
+            )
+        }
+    };
     Ok((
         key,
         Group {
             generation: sg.metadata.generation.unwrap_or(0),
-            spec: sg.spec.clone(),
+            spec,
             kind: GroupKind::SecurityGroup,
             origins: None,
+            unreadable,
         },
     ))
 }
@@ -197,6 +217,58 @@ pub fn group(sg: &SecurityGroup) -> Result<(ObjectKey, Group), ObjectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::SecurityGroup;
+
+    fn stored(spec: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubesg.io/v1alpha1",
+            "kind": "SecurityGroup",
+            "metadata": { "name": "web", "namespace": "shop", "generation": 3 },
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_stored_group_reads_as_the_typed_one() {
+        let spec = serde_json::json!({
+            "podSelector": { "matchLabels": { "app": "web" } },
+            "ingress": [{ "ports": [{ "port": 8080 }, { "port": "http" }] }],
+        });
+        let typed: SecurityGroup =
+            serde_json::from_value(serde_json::to_value(stored(spec.clone())).unwrap()).unwrap();
+        let (key, g) = stored_group(&stored(spec)).unwrap();
+        assert_eq!(key, ObjectKey::new("shop", "web"));
+        assert_eq!(
+            (g.generation, &g.spec, g.unreadable),
+            (3, &typed.spec, None)
+        );
+        assert_eq!(g.kind, GroupKind::SecurityGroup);
+    }
+
+    #[test]
+    fn a_stored_group_this_version_cannot_read_is_invalid_and_names_the_field() {
+        // The CRD's int-or-string port admits any integer; no port field holds 2^32.
+        let spec = serde_json::json!({
+            "podSelector": {},
+            "ingress": [{ "ports": [{ "port": 80 }, { "port": 4_294_967_296_u64 }] }],
+        });
+        let (key, g) = stored_group(&stored(spec)).unwrap();
+        assert_eq!(key, ObjectKey::new("shop", "web"));
+        assert_eq!(g.generation, 3);
+        let why = crate::validate::validate_group("shop", &g)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            why.starts_with(
+                "spec.ingress[0].ports[1].port: this version of kubesg cannot read it:"
+            ) && why.contains("4294967296"),
+            "{why}"
+        );
+        // A spec that is not an object at all names the spec.
+        let (_, g) = stored_group(&stored(serde_json::json!("web"))).unwrap();
+        assert_eq!(g.unreadable.unwrap().path, "spec");
+    }
 
     fn service_yaml(yaml: &str) -> (ObjectKey, Service) {
         service(&serde_yaml::from_str::<K8sService>(yaml).unwrap()).unwrap()

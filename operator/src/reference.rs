@@ -463,6 +463,7 @@ mod tests {
             spec: serde_yaml::from_str(yaml).unwrap(),
             kind: crate::model::GroupKind::SecurityGroup,
             origins: None,
+            unreadable: None,
         }
     }
 

@@ -297,6 +297,7 @@ mod tests {
             },
             kind: crate::model::GroupKind::SecurityGroup,
             origins: None,
+            unreadable: None,
         }
     }
 

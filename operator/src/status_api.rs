@@ -1,8 +1,8 @@
-//! The API status writer: merge-patches each SecurityGroup's `status` subresource and emits
-//! Kubernetes Events, in the shape of kube-rs controllers: a [`Context`] carries the client, the
-//! event recorder, what is known of each group and the metrics, and [`write_status`] is a free
-//! function that reads the world (the group's current status, fetched once and then remembered)
-//! rather than trusting an event.
+//! The API status writer: server-side applies each SecurityGroup's `status` subresource (field
+//! manager [`FIELD_MANAGER`]) and emits Kubernetes Events, in the shape of kube-rs controllers:
+//! a [`Context`] carries the client, the event recorder, what is known of each group and the
+//! metrics, and [`write_status`] is a free function that reads the world (the group's current
+//! status, fetched once and then remembered) rather than trusting an event.
 //!
 //! - A status is written only when it differs from the one the group has: an unchanged status
 //!   costs no request (after the first read), and transition times stay put because
@@ -27,7 +27,7 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    api::{Api, Patch, PatchParams},
+    api::{Api, ApiResource, DynamicObject, Patch, PatchParams},
     runtime::events::{Event, EventType, Recorder, Reporter},
     Client, Resource,
 };
@@ -45,6 +45,10 @@ use crate::{
 
 /// The controller name in Events (`reportingController`).
 pub const CONTROLLER: &str = "kubesg.io/operator";
+
+/// The field manager of the status the operator applies (`kubectl get sg NAME
+/// --show-managed-fields` names it).
+pub const FIELD_MANAGER: &str = "kubesg-operator";
 
 /// Reason of the Warning Event of a group whose spec is invalid.
 pub const INVALID_SPEC: &str = "InvalidSpec";
@@ -128,20 +132,27 @@ fn note(message: &str) -> String {
 /// `status`, its status); `None` when it does not exist.
 async fn read_known<K>(
     api: &Api<K>,
+    kind: &K::DynamicType,
     name: &str,
     status: impl FnOnce(K) -> Option<SecurityGroupStatus>,
 ) -> Result<Option<Known>, kube::Error>
 where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     Ok(api.get_opt(name).await?.map(|object| {
-        let mut reference = object.object_ref(&());
+        let mut reference = object.object_ref(kind);
         reference.resource_version = None;
         Known {
             reference,
             status: status(object),
         }
     }))
+}
+
+/// The status a stored SecurityGroup holds; `None` when it has none or one this version cannot
+/// read (the next write replaces it).
+fn stored_status(sg: DynamicObject) -> Option<SecurityGroupStatus> {
+    serde_json::from_value(sg.data.get("status")?.clone()).ok()
 }
 
 /// Writes `key`'s status from `report` and `acks` if it changed, and emits the Events the
@@ -153,7 +164,10 @@ pub async fn write_status(
     acks: &BTreeMap<String, NodeAcks>,
     now: Timestamp,
 ) -> Result<Outcome, kube::Error> {
-    let api: Api<SecurityGroup> = Api::namespaced(ctx.client.clone(), &key.namespace);
+    // Untyped, as the source reads SecurityGroups: a group whose spec this version cannot read
+    // still gets its status (it says why), which a typed read or patch response would fail on.
+    let kind = ApiResource::erase::<SecurityGroup>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &key.namespace, &kind);
     // A generation below the one last seen means the group was deleted and recreated under the
     // same name (a new object, a new uid): read it again.
     let stale = ctx.known.get(key).is_some_and(|k| {
@@ -167,9 +181,9 @@ pub async fn write_status(
         (Some(k), _) if !stale => Some(k.clone()),
         (_, Some(name)) => {
             let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &key.namespace);
-            read_known(&policies, name, |_| None).await?
+            read_known(&policies, &(), name, |_| None).await?
         }
-        (_, None) => read_known(&api, &key.name, |sg| sg.status).await?,
+        (_, None) => read_known(&api, &kind, &key.name, stored_status).await?,
     };
     let Some(known) = read else {
         ctx.known.remove(key);
@@ -183,9 +197,18 @@ pub async fn write_status(
         log_status(key, &status);
         Outcome::Written
     } else {
-        let patch = serde_json::json!({ "status": status });
+        // Server-side apply as the operator's field manager: it owns the status fields it
+        // writes (a field it stops writing is removed), and conditions of other types, which
+        // other controllers may own, are kept (the CRD makes `conditions` a map keyed by type).
+        // Forced: the operator is the status's authority for the fields it writes.
+        let patch = serde_json::json!({
+            "apiVersion": SecurityGroup::api_version(&()),
+            "kind": SecurityGroup::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
         match api
-            .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&key.name, &params, &Patch::Apply(&patch))
             .await
         {
             Ok(_) => ctx.metrics.status_write(true),

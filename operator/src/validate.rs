@@ -165,6 +165,9 @@ pub fn validate(namespace: &str, spec: &SecurityGroupSpec) -> Result<CheckedGrou
 /// (`crate::netpol`): the API server validated the NetworkPolicy itself, and the SecurityGroup
 /// CRD's size limits (there for the CEL cost budget) do not apply to it.
 pub fn validate_group(namespace: &str, group: &Group) -> Result<CheckedGroup, Invalid> {
+    if let Some(unreadable) = &group.unreadable {
+        return Err(Invalid(vec![unreadable.clone()]));
+    }
     check(namespace, &group.spec, !group.kind.is_network_policy())
 }
 

@@ -405,6 +405,7 @@ fn group_spec() -> impl Strategy<Value = Group> {
             },
             kind: GroupKind::SecurityGroup,
             origins: None,
+            unreadable: None,
         })
 }
 

@@ -164,6 +164,16 @@ const SG_PATH: &str = "/apis/kubesg.io/v1alpha1/namespaces/shop/securitygroups/w
 const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events?";
 const INSTANCE: &str = "kubesg-operator-0";
 
+/// The status write: server-side apply as the operator's field manager, forced.
+fn status_apply() -> String {
+    format!("{SG_PATH}/status?&force=true&fieldManager=kubesg-operator")
+}
+
+/// The body of a status apply carrying `status`.
+fn applied(status: &Value) -> Value {
+    json!({ "apiVersion": "kubesg.io/v1alpha1", "kind": "SecurityGroup", "status": status })
+}
+
 fn key() -> ObjectKey {
     ObjectKey::new("shop", "web")
 }
@@ -263,9 +273,7 @@ async fn valid_group_status_reports_members_nodes_and_programmed_per_acks() {
     api.expect(Method::GET, SG_PATH)
         .await
         .ok(&group_object(2, None));
-    let patch = api
-        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
-        .await;
+    let patch = api.expect(Method::PATCH, &status_apply()).await;
     let pending = json!({
         "observedGeneration": 2,
         "members": 3,
@@ -283,14 +291,12 @@ async fn valid_group_status_reports_members_nodes_and_programmed_per_acks() {
         ],
         "nodes": { "programmed": 1, "total": 2 }
     });
-    assert_eq!(patch.body, json!({ "status": pending }));
+    assert_eq!(patch.body, applied(&pending));
     patch.ok(&group_object(2, Some(pending)));
 
     // n2 acks: Programmed turns True (its transition time moves, Accepted's does not), and a
     // Normal Event says so.
-    let patch = api
-        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
-        .await;
+    let patch = api.expect(Method::PATCH, &status_apply()).await;
     let programmed = json!({
         "observedGeneration": 2,
         "members": 3,
@@ -308,7 +314,7 @@ async fn valid_group_status_reports_members_nodes_and_programmed_per_acks() {
         ],
         "nodes": { "programmed": 2, "total": 2 }
     });
-    assert_eq!(patch.body, json!({ "status": programmed }));
+    assert_eq!(patch.body, applied(&programmed));
     patch.ok(&group_object(2, Some(programmed)));
     let event = api.expect(Method::POST, EVENTS_PATH).await;
     assert_event(
@@ -360,9 +366,7 @@ async fn invalid_group_is_not_accepted_and_warned_once_per_generation() {
     api.expect(Method::GET, SG_PATH)
         .await
         .ok(&group_object(4, None));
-    let patch = api
-        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
-        .await;
+    let patch = api.expect(Method::PATCH, &status_apply()).await;
     let status = &patch.body["status"];
     assert_eq!(status["observedGeneration"], 4);
     assert_eq!(
@@ -382,9 +386,7 @@ async fn invalid_group_is_not_accepted_and_warned_once_per_generation() {
     event.created();
 
     // Generation 5.
-    let patch = api
-        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
-        .await;
+    let patch = api.expect(Method::PATCH, &status_apply()).await;
     assert_eq!(patch.body["status"]["observedGeneration"], 5);
     assert_eq!(
         patch.body["status"]["conditions"][0]["message"],
@@ -448,9 +450,7 @@ async fn a_node_refusing_the_group_is_warned_with_the_agents_reason_once() {
         .ok(&group_object(3, None));
     for why in ["egress rules need 129 classes", "conntrack table full"] {
         let message = format!("1/2 nodes enforce generation 3; refused by n2 ({why})");
-        let patch = api
-            .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
-            .await;
+        let patch = api.expect(Method::PATCH, &status_apply()).await;
         let programmed = &patch.body["status"]["conditions"][1];
         assert_eq!(programmed["status"], "False", "{programmed}");
         assert_eq!(programmed["reason"], "Refused", "{programmed}");
@@ -533,13 +533,11 @@ async fn deleted_group_is_forgotten_without_finalizers_or_further_writes() {
     api.expect(Method::GET, SG_PATH)
         .await
         .ok(&group_object(1, None));
-    let patch = api
-        .expect(Method::PATCH, &format!("{SG_PATH}/status?"))
-        .await;
-    // Only the status: no finalizer, no metadata at all.
+    let patch = api.expect(Method::PATCH, &status_apply()).await;
+    // Only the status (and the type apply needs): no finalizer, no metadata at all.
     assert_eq!(
         patch.body.as_object().unwrap().keys().collect::<Vec<_>>(),
-        vec!["status"]
+        vec!["apiVersion", "kind", "status"]
     );
     let written = patch.body["status"].clone();
     patch.ok(&group_object(1, Some(written)));
@@ -970,7 +968,7 @@ async fn only_the_lease_holder_serves_agents_and_writes_status() {
         let writes = cluster.recorded();
         let patched = writes
             .iter()
-            .any(|(m, uri, _)| *m == Method::PATCH && uri == &format!("{SG_PATH}/status?"));
+            .any(|(m, uri, _)| *m == Method::PATCH && uri == &status_apply());
         if patched && operator.metrics().ready() {
             break;
         }
@@ -1142,7 +1140,22 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
             ("/api/v1/pods", false) => call.ok(&list_of("v1", "Pod", "3", pod_items())),
             ("/api/v1/services", false) => call.ok(&list_of("v1", "Service", "6", service_items())),
             ("/apis/kubesg.io/v1alpha1/securitygroups", false) => {
-                call.ok(&list_of("kubesg.io/v1alpha1", "SecurityGroup", "5", vec![]))
+                // One group this version reads, one it cannot (the CRD's int-or-string port
+                // admits 2^32): the list must not fail for both.
+                let group = |name: &str, port: Value| {
+                    json!({
+                        "apiVersion": "kubesg.io/v1alpha1", "kind": "SecurityGroup",
+                        "metadata": { "name": name, "namespace": "shop", "generation": 1,
+                                      "resourceVersion": "5" },
+                        "spec": { "podSelector": { "matchLabels": { "app": name } },
+                                  "ingress": [{ "ports": [{ "port": port }] }] }
+                    })
+                };
+                let items = vec![
+                    group("web", json!(8080)),
+                    group("broken", json!(4_294_967_296_u64)),
+                ];
+                call.ok(&list_of("kubesg.io/v1alpha1", "SecurityGroup", "5", items))
             }
             ("/apis/networking.k8s.io/v1/networkpolicies", false) => {
                 let policy = json!({
@@ -1222,6 +1235,19 @@ async fn the_api_source_follows_lists_and_watches_and_catches_up_deletes_missed_
             "Service"
         ]
     );
+
+    // Each SecurityGroup read on its own: the readable one as it is, the other reported as
+    // unreadable at its field (its status will say so), neither failing the list.
+    let web = &groups[&ObjectKey::new("shop", "web")];
+    assert_eq!(web.unreadable, None);
+    assert_eq!(web.spec.ingress.as_ref().map(Vec::len), Some(1));
+    let broken = &groups[&ObjectKey::new("shop", "broken")];
+    let why = broken
+        .unreadable
+        .as_ref()
+        .expect("the broken group is unreadable");
+    assert_eq!(why.path, "spec.ingress[0].ports[0].port");
+    assert!(why.message.contains("4294967296"), "{why}");
 
     // A NetworkPolicy is a group of its own layer under its own key: this default deny
     // isolates ingress (policyTypes defaulted) and admits nothing.

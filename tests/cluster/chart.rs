@@ -7,7 +7,8 @@
 //! the install (two operators, one leader holding the Lease, the agent Ready and chained into
 //! the node's real CNI configuration, connected to the operator through its Service's name and
 //! served for its node on its pod's token),
-//! a SecurityGroup enforced on pods the kubelet starts, the agent replaced under load with no
+//! a SecurityGroup enforced on pods the kubelet starts, one this version cannot read reported
+//! alone while the rest work, the agent replaced under load with no
 //! failed request, a pod created while the agent is away, leader failover, operators recreated
 //! while kubesg is chained, an upgrade that keeps the certificates and the running operators, no
 //! 403 for the operators under the chart's RBAC for the whole run, and the documented uninstall
@@ -53,6 +54,9 @@ struct Run {
     /// The logs of operator pods the tests deleted, read just before (the 403 check reads them
     /// with the live ones at the end).
     operator_logs: Mutex<Vec<(String, String)>>,
+    /// The namespace of a SecurityGroup this version cannot read, kept until the end: every
+    /// later test (a failover's relist included) runs with it in the cluster.
+    unreadable: Mutex<Option<kubesg_testkit::kube::Namespace>>,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         cni_before: cni_files(),
         kube,
         operator_logs: Mutex::new(Vec::new()),
+        unreadable: Mutex::new(None),
     });
     let _release = Release(run.kube.kubeconfig().to_path_buf());
     let trial = |name: &str, test: fn(&Run)| {
@@ -86,6 +91,10 @@ fn main() -> ExitCode {
         trial(
             "a_security_group_is_enforced_on_pods_the_kubelet_starts",
             a_security_group_is_enforced_on_pods_the_kubelet_starts,
+        ),
+        trial(
+            "a_security_group_this_version_cannot_read_is_reported_alone_and_the_rest_work",
+            a_security_group_this_version_cannot_read_is_reported_alone_and_the_rest_work,
         ),
         trial(
             "network_policies_are_enforced_as_their_own_layer_and_told_by_events",
@@ -272,6 +281,131 @@ fn a_security_group_is_enforced_on_pods_the_kubelet_starts(run: &Run) {
         events.lines().any(|l| l == "Normal Programmed"),
         "no Programmed event:\n{events}"
     );
+
+    // The status is the operator's by server-side apply, and a condition another controller
+    // applies is its own: the operator's next write (a new generation) keeps it.
+    let managed: serde_json::Value = serde_json::from_str(&kube.must(&[
+        "-n",
+        n,
+        "get",
+        "sg",
+        "server",
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]))
+    .expect("kubectl prints JSON");
+    let owners: Vec<String> = managed["metadata"]["managedFields"]
+        .as_array()
+        .expect("managed fields")
+        .iter()
+        .filter(|f| f["subresource"] == "status")
+        .map(|f| format!("{} {}", f["manager"], f["operation"]))
+        .collect();
+    assert_eq!(
+        owners,
+        ["\"kubesg-operator\" \"Apply\""],
+        "the status's managers"
+    );
+    let audited = format!(
+        "apiVersion: kubesg.io/v1alpha1\nkind: SecurityGroup\nmetadata:\n  name: server\n  namespace: {n}\n\
+         status:\n  conditions:\n  - type: Audited\n    status: \"True\"\n    reason: Checked\n    \
+         message: checked by another controller\n    lastTransitionTime: \"2026-01-01T00:00:00Z\"\n"
+    );
+    let out = kube.kubectl_with_input(
+        &[
+            "apply",
+            "--server-side",
+            "--subresource=status",
+            "--field-manager=auditor",
+            "-f",
+            "-",
+        ],
+        Some(&audited),
+    );
+    assert!(out.ok, "the auditor's apply failed: {}", out.stderr);
+    apply_group(kube, n, "server", "server", &ingress_from("other", 8080));
+    wait_programmed(kube, n, "server");
+    connects(kube, n, "other", &server).expect("the newly allowed client connects");
+    let types = kube.must(&[
+        "-n",
+        n,
+        "get",
+        "sg",
+        "server",
+        "-o",
+        "jsonpath={.status.conditions[*].type}",
+    ]);
+    let mut types: Vec<&str> = types.split_whitespace().collect();
+    types.sort_unstable();
+    assert_eq!(
+        types,
+        ["Accepted", "Audited", "Programmed"],
+        "the operator's write kept the other controller's condition"
+    );
+}
+
+/// A SecurityGroup the API server stores but this version cannot read (the CRD's int-or-string
+/// port admits any integer; no port holds 2^32, as after a schema change an old object may not
+/// fit): it is reported on its own status (Accepted=False naming the field, a Warning Event)
+/// while a group applied after it is programmed. It stays in the cluster for every later test,
+/// so the failover test's new leader must list SecurityGroups with it there (a typed list fails
+/// whole on one such object).
+fn a_security_group_this_version_cannot_read_is_reported_alone_and_the_rest_work(run: &Run) {
+    let kube = &run.kube;
+    let ns = kube.namespace("sg-unreadable-");
+    let n = ns.name.clone();
+    apply_group(
+        kube,
+        &n,
+        "broken",
+        "server",
+        "  ingress:\n  - ports: [{port: 4294967296}]\n",
+    );
+    let accepted = eventually("the unreadable group reported not Accepted", || {
+        let s = kube.must(&[
+            "-n",
+            &n,
+            "get",
+            "sg",
+            "broken",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Accepted\")].status} {.status.conditions[?(@.type==\"Accepted\")].message}",
+        ]);
+        if s.starts_with("False ") {
+            Ok(s)
+        } else {
+            Err(s)
+        }
+    });
+    assert!(
+        accepted.contains("spec.ingress[0].ports[0].port: this version of kubesg cannot read it")
+            && accepted.contains("4294967296"),
+        "the condition does not name the field: {accepted}"
+    );
+    eventually(
+        "a Warning InvalidSpec Event on the unreadable group",
+        || {
+            let events = kube.must(&[
+                "-n",
+                &n,
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.kind=SecurityGroup,involvedObject.name=broken",
+                "-o",
+                "jsonpath={range .items[*]}{.type} {.reason}{\"\\n\"}{end}",
+            ]);
+            if events.lines().any(|l| l == "Warning InvalidSpec") {
+                Ok(())
+            } else {
+                Err(events)
+            }
+        },
+    );
+    apply_group(kube, &n, "server", "server", &ingress_from("client", 8080));
+    wait_programmed(kube, &n, "server");
+    *run.unreadable.lock().unwrap_or_else(|p| p.into_inner()) = Some(ns);
 }
 
 /// Kubernetes NetworkPolicies on pods the kubelet starts: a default deny refuses everyone, an
@@ -633,7 +767,9 @@ impl Drop for Cordon<'_> {
 }
 
 /// Deleting the leader: the other replica takes the Lease and alone is Ready, the agent
-/// reconnects to it, and a SecurityGroup changed afterwards is programmed at its new generation.
+/// reconnects to it, and a SecurityGroup changed afterwards is programmed at its new generation
+/// (the new leader listed every kind with an unreadable SecurityGroup in the cluster: see
+/// `a_security_group_this_version_cannot_read_is_reported_alone_and_the_rest_work`).
 fn the_other_replica_leads_when_the_leader_is_deleted_and_programs_later_changes(run: &Run) {
     let kube = &run.kube;
     let ns = kube.namespace("sg-failover-");

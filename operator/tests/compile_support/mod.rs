@@ -44,6 +44,7 @@ pub fn group_gen(spec_yaml: &str, generation: i64) -> Group {
         spec: serde_yaml::from_str(spec_yaml).unwrap(),
         kind: GroupKind::SecurityGroup,
         origins: None,
+        unreadable: None,
     }
 }
 
