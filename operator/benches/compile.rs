@@ -166,6 +166,7 @@ fn pod_for(ns: usize, app: usize, replica: usize, node: usize, addr: (IpAddr, Ip
         ports,
         host_network: false,
         terminated: false,
+        deleting: false,
     }
 }
 

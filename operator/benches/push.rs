@@ -91,6 +91,7 @@ fn node_plan(node: usize, extra: usize, moved: usize) -> NodePlan {
             PodPlan {
                 uid: format!("uid-{name}"),
                 policy: Some(ids[i % ids.len()].clone()),
+                set_up: true,
             },
         );
     }

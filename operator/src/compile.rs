@@ -1118,6 +1118,7 @@ impl Compiler {
     fn place(&mut self, p: PodId) {
         let Some(e) = self.ix.pod(p) else { return };
         let class = e.class;
+        let set_up = !e.pod.ips.is_empty() && !e.pod.deleting;
         let desired = match (&e.pod.node, e.enforced()) {
             (Some(node), true) => Some((
                 node.clone(),
@@ -1132,6 +1133,7 @@ impl Compiler {
             node: self.ix.nodes.id(&node),
             uid,
             policy,
+            set_up,
         });
         let Some(e) = self.ix.pods.get_mut(p) else {
             return;
@@ -1153,6 +1155,7 @@ impl Compiler {
                     PodPlan {
                         uid: d.uid.clone(),
                         policy: d.policy.clone(),
+                        set_up: d.set_up,
                     },
                 );
             }

@@ -161,6 +161,7 @@ pub(crate) struct StoredPod {
     pub ports: Box<[NamedPort]>,
     pub host_network: bool,
     pub terminated: bool,
+    pub deleting: bool,
 }
 
 impl From<&Pod> for StoredPod {
@@ -173,6 +174,7 @@ impl From<&Pod> for StoredPod {
             ports: p.ports.as_slice().into(),
             host_network: p.host_network,
             terminated: p.terminated,
+            deleting: p.deleting,
         }
     }
 }
@@ -187,6 +189,7 @@ impl From<Pod> for StoredPod {
             ports: p.ports.into(),
             host_network: p.host_network,
             terminated: p.terminated,
+            deleting: p.deleting,
         }
     }
 }
@@ -206,12 +209,13 @@ pub(crate) struct PodEntry {
     pub placed: Option<Placement>,
 }
 
-/// Where the plan shows a pod: its node, its UID and its policy.
+/// Where the plan shows a pod: its node, its UID, its policy and whether its network is up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Placement {
     pub node: NodeId,
     pub uid: String,
     pub policy: Option<PolicyId>,
+    pub set_up: bool,
 }
 
 impl PodEntry {

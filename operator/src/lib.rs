@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 pub mod changes;
 pub mod compile;
+pub mod coverage;
 pub mod crd;
 pub mod crdgen;
 pub mod daemon;

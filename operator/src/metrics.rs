@@ -9,6 +9,7 @@
 //! connected and refusing updates, how many status writes succeed, and who leads.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -25,7 +26,7 @@ use prometheus_client::{
 };
 use tracing::info;
 
-use crate::push::PushObserver;
+use crate::{coverage::Gap, model::ObjectKey, push::PushObserver};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
@@ -54,6 +55,16 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeReasonLabels {
+    node: String,
+    /// [`Gap::label`]: `no-endpoint` or `uid-mismatch`.
+    reason: &'static str,
+}
+
+/// Every [`Gap::label`], so a node's gauge goes back to 0 for each when its gaps close.
+const GAP_LABELS: [&str; 2] = ["no-endpoint", "uid-mismatch"];
+
 /// Seconds buckets from 100 µs to ~100 s: an incremental batch is sub-millisecond, a full
 /// compile of a large cluster takes seconds, an apply-to-ack round trip milliseconds.
 fn seconds_buckets() -> impl Iterator<Item = f64> {
@@ -70,6 +81,7 @@ pub struct Metrics {
     updates: Family<UpdateLabels, Counter>,
     nacks: Counter,
     agent_refusals: Family<ReasonLabels, Counter>,
+    unenforced: Family<NodeReasonLabels, Gauge>,
     status_writes: Family<ResultLabels, Counter>,
     events: Family<ReasonLabels, Counter>,
     leader: Gauge,
@@ -87,6 +99,7 @@ impl Default for Metrics {
             updates: Family::default(),
             nacks: Counter::default(),
             agent_refusals: Family::default(),
+            unenforced: Family::default(),
             status_writes: Family::default(),
             events: Family::default(),
             leader: Gauge::default(),
@@ -185,6 +198,11 @@ impl Metrics {
             self.agent_refusals.clone(),
         );
         r.register(
+            "unenforced_pods",
+            "Pods placed on a node that its agent does not enforce, by node and reason (no-endpoint: set up without kubesg in the CNI chain; uid-mismatch: the agent's endpoint has another uid)",
+            self.unenforced.clone(),
+        );
+        r.register(
             "status_writes",
             "SecurityGroup status writes, by result",
             self.status_writes.clone(),
@@ -229,6 +247,18 @@ impl PushObserver for Metrics {
         self.agent_refusals
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    fn unenforced(&self, node: &str, gaps: &BTreeMap<ObjectKey, Gap>) {
+        for reason in GAP_LABELS {
+            let count = gaps.values().filter(|g| g.label() == reason).count();
+            self.unenforced
+                .get_or_create(&NodeReasonLabels {
+                    node: node.to_owned(),
+                    reason,
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 }
 

@@ -82,6 +82,9 @@ pub struct Pod {
     pub host_network: bool,
     /// Whether it is finished (phase Succeeded or Failed): it holds no address any more.
     pub terminated: bool,
+    /// Whether it is being deleted (`metadata.deletionTimestamp`): the kubelet tears its
+    /// network down (CNI DEL) before the object goes, so its endpoint may be gone already.
+    pub deleting: bool,
 }
 
 /// Where a Service port sends its connections on a backend pod (`spec.ports[].targetPort`).

@@ -66,6 +66,10 @@ pub fn namespace(ns: &K8sNamespace) -> Result<(String, Namespace), ObjectError> 
     ))
 }
 
+/// The annotation of a static pod's mirror object holding the uid the kubelet gave the pod
+/// (`kubernetes.io/config.mirror`, the hash of its manifest).
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 /// A pod's key and model: addresses from `status.podIPs` (or `podIP`), named ports from its
 /// containers, the node from `spec.nodeName`.
 pub fn pod(p: &K8sPod) -> Result<(ObjectKey, Pod), ObjectError> {
@@ -103,16 +107,26 @@ pub fn pod(p: &K8sPod) -> Result<(ObjectKey, Pod), ObjectError> {
         })
         .unwrap_or_default();
     let phase = status.and_then(|s| s.phase.as_deref());
+    // A static pod's object is its mirror, whose uid is not the one the kubelet runs it (and
+    // calls the CNI) with: that one is the config hash the mirror carries.
+    let uid = p
+        .annotations()
+        .get(MIRROR_ANNOTATION)
+        .filter(|hash| !hash.is_empty())
+        .cloned()
+        .or_else(|| p.uid())
+        .unwrap_or_default();
     Ok((
         key,
         Pod {
-            uid: p.uid().unwrap_or_default(),
+            uid,
             node: spec.and_then(|s| s.node_name.clone()),
             labels: p.labels().clone(),
             ips,
             ports,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             terminated: matches!(phase, Some("Succeeded") | Some("Failed")),
+            deleting: p.metadata.deletion_timestamp.is_some(),
         },
     ))
 }
@@ -227,6 +241,42 @@ mod tests {
             "spec": spec,
         }))
         .unwrap()
+    }
+
+    fn k8s_pod(metadata: serde_json::Value, status: serde_json::Value) -> K8sPod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": metadata,
+            "spec": { "nodeName": "vm", "containers": [] },
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_static_pods_uid_is_the_one_the_kubelet_gives_the_cni_not_its_mirrors() {
+        let mirror = k8s_pod(
+            serde_json::json!({
+                "name": "etcd-vm", "namespace": "kube-system", "uid": "mirror-uid",
+                "annotations": { "kubernetes.io/config.mirror": "3f2e1d", "kubernetes.io/config.hash": "3f2e1d" },
+            }),
+            serde_json::json!({ "podIP": "10.0.0.9" }),
+        );
+        let (_, p) = pod(&mirror).unwrap();
+        assert_eq!(p.uid, "3f2e1d");
+        assert!(!p.deleting);
+        let plain = k8s_pod(
+            serde_json::json!({
+                "name": "web", "namespace": "shop", "uid": "u1",
+                "deletionTimestamp": "2026-12-07T00:00:00Z",
+            }),
+            serde_json::json!({}),
+        );
+        let (_, p) = pod(&plain).unwrap();
+        assert_eq!(p.uid, "u1");
+        assert!(
+            p.deleting,
+            "a pod with a deletion timestamp is being torn down"
+        );
     }
 
     #[test]

@@ -153,6 +153,10 @@ pub struct PodPlan {
     pub uid: String,
     /// Its policy; `None`: a member of no group (tracked, not filtered).
     pub policy: Option<PolicyId>,
+    /// The kubelet set its network up (it has an address) and is not tearing it down, so the
+    /// node's agent must hold its endpoint: one it lacks runs without kubesg's programs
+    /// ([`crate::coverage`]). Not sent to the agent.
+    pub set_up: bool,
 }
 
 /// Everything one node's agent needs.

@@ -98,6 +98,8 @@ use tonic::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    coverage::{self, Endpoints, Gap},
+    model::ObjectKey,
     node_identity::{Proof, Refusal, TokenReviewer},
     plan::{GroupGeneration, NodePlan},
     tls::PeerIdentity,
@@ -180,6 +182,11 @@ pub trait PushObserver: Send + Sync + 'static {
     fn agent_refused(&self, node: &str, reason: &'static str) {
         let _ = (node, reason);
     }
+    /// `node`'s pods the agent does not enforce, after an answer changed them (empty: all of
+    /// them enforced again); see [`crate::coverage`].
+    fn unenforced(&self, node: &str, gaps: &BTreeMap<ObjectKey, Gap>) {
+        let _ = (node, gaps);
+    }
 }
 
 /// The observer of a server nobody measures.
@@ -227,6 +234,9 @@ pub struct NodeStatus {
     pub up_to_date: bool,
     /// The last NACK; a NACK with a version above `acked`'s is the latest attempt failing.
     pub last_nack: Option<Nack>,
+    /// The pods of the acked plan the agent did not enforce when it acked it, by the endpoints
+    /// it reported then; `None` when the agent never reported any (an older agent).
+    pub gaps: Option<Arc<BTreeMap<ObjectKey, Gap>>>,
 }
 
 impl NodeStatus {
@@ -305,6 +315,9 @@ struct Session {
     in_flight: Option<InFlight>,
     /// A snapshot of this plan sequence number was NACKed on this stream: wait for another.
     refused_seq: Option<u64>,
+    /// The endpoints of the agent's last report on this stream (answers carry one only when
+    /// they changed).
+    endpoints: Option<Arc<Endpoints>>,
 }
 
 #[derive(Default)]
@@ -320,6 +333,8 @@ struct NodeState {
     /// The last acked update, a possible resume point and what the status reports.
     acked: Option<(Applied, SystemTime)>,
     last_nack: Option<Nack>,
+    /// What [`NodeStatus::gaps`] reports, kept across disconnections like `acked`.
+    gaps: Option<Arc<BTreeMap<ObjectKey, Gap>>>,
     session: Option<Session>,
 }
 
@@ -432,8 +447,15 @@ impl NodeState {
 }
 
 /// What an ack did, reported outside the lock.
+/// Gaps before and after an answer, when it changed them.
+type MovedGaps = Option<(
+    Option<Arc<BTreeMap<ObjectKey, Gap>>>,
+    Option<Arc<BTreeMap<ObjectKey, Gap>>>,
+)>;
+
 enum AckOutcome {
-    Acked(Vec<Duration>),
+    /// Applied: the push latencies it completes, and the node's gaps if they moved.
+    Acked(Vec<Duration>, MovedGaps),
     Nacked {
         snapshot: bool,
     },
@@ -604,6 +626,7 @@ fn status_of(state: &NodeState) -> NodeStatus {
                 .as_ref()
                 .is_some_and(|(a, _)| a.seq == state.plan_seq),
         last_nack: state.last_nack.clone(),
+        gaps: state.gaps.clone(),
     }
 }
 
@@ -676,6 +699,7 @@ impl Inner {
                 agent,
                 in_flight: None,
                 refused_seq: None,
+                endpoints: None,
             });
             (latencies, resume)
         };
@@ -731,7 +755,18 @@ impl Inner {
             };
             if ack.applied {
                 session.agent = Some(flight.applied.clone());
-                AckOutcome::Acked(state.record_ack(flight.applied, now))
+                if let Some(report) = &ack.endpoints {
+                    session.endpoints = Some(Arc::new(coverage::endpoints(report)));
+                }
+                let gaps = session
+                    .endpoints
+                    .as_ref()
+                    .map(|e| Arc::new(coverage::gaps(&flight.applied.plan, e)));
+                let moved = (gaps != state.gaps).then(|| {
+                    let before = std::mem::replace(&mut state.gaps, gaps);
+                    (before, state.gaps.clone())
+                });
+                AckOutcome::Acked(state.record_ack(flight.applied, now), moved)
             } else {
                 session.agent = None;
                 if flight.snapshot {
@@ -752,7 +787,14 @@ impl Inner {
             }
         };
         match &outcome {
-            AckOutcome::Acked(latencies) => self.observe(node, latencies),
+            AckOutcome::Acked(latencies, moved) => {
+                self.observe(node, latencies);
+                if let Some((before, after)) = moved {
+                    log_gaps(node, before.as_deref(), after.as_deref());
+                    self.observer
+                        .unenforced(node, after.as_deref().unwrap_or(&BTreeMap::new()));
+                }
+            }
             AckOutcome::Nacked { .. } => self.observer.nacked(node),
             AckOutcome::Unexpected => {}
         }
@@ -797,6 +839,24 @@ impl Inner {
             self.changed();
         }
         (update, deadline)
+    }
+}
+
+/// Logs the pods of `node` that stopped or started being enforced between two answers.
+fn log_gaps(
+    node: &str,
+    before: Option<&BTreeMap<ObjectKey, Gap>>,
+    after: Option<&BTreeMap<ObjectKey, Gap>>,
+) {
+    let empty = BTreeMap::new();
+    let (before, after) = (before.unwrap_or(&empty), after.unwrap_or(&empty));
+    for (pod, gap) in after {
+        if before.get(pod) != Some(gap) {
+            warn!(node = %node, pod = %pod, reason = gap.label(), "pod not enforced: {gap}");
+        }
+    }
+    for pod in before.keys().filter(|p| !after.contains_key(*p)) {
+        info!(node = %node, pod = %pod, "pod enforced again (or gone from the node)");
     }
 }
 
@@ -855,7 +915,7 @@ async fn run_session(
             message = inbound.message() => match message {
                 Ok(Some(pb::AgentMessage { kind: Some(Kind::Ack(ack)) })) => {
                     match inner.on_ack(&node, id, &ack) {
-                        AckOutcome::Acked(_) => {
+                        AckOutcome::Acked(..) => {
                             debug!(node = %node, version = ack.version, "agent acked");
                         }
                         AckOutcome::Nacked { snapshot } => warn!(

@@ -24,6 +24,9 @@ pub struct NodeAcks {
     pub nack: Option<String>,
     /// Whether its agent is connected.
     pub connected: bool,
+    /// The member pods of each group that the agent does not enforce (its answer lacked their
+    /// endpoint, or named another uid), each `namespace/name (why)`; see [`crate::coverage`].
+    pub unenforced: BTreeMap<ObjectKey, Vec<String>>,
 }
 
 /// `Accepted` reasons.
@@ -40,6 +43,8 @@ pub mod reason {
     pub const REFUSED: &str = "Refused";
     /// No node has a member or an affected peer.
     pub const NO_NODES: &str = "NoNodes";
+    /// Nodes enforce it, but some member pods run without kubesg's programs.
+    pub const NOT_ENFORCED: &str = "PodsNotEnforced";
 }
 
 /// The status of a group at time `now`. Condition transition times move only when the status
@@ -59,10 +64,13 @@ pub fn group_status(
     let mut lagging = Vec::new();
     let mut refused = Vec::new();
     let mut programmed = 0;
+    let mut unenforced = Vec::new();
     for node in &report.nodes {
         let a = acks.get(node);
         if a.is_some_and(|a| a.programmed.contains(&wanted)) {
             programmed += 1;
+            let pods = a.and_then(|a| a.unenforced.get(key)).into_iter().flatten();
+            unenforced.extend(pods.map(|p| format!("{p} on {node}")));
         } else if let Some(why) = a.and_then(|a| a.nack.as_ref()) {
             refused.push(format!("{node} ({why})"));
         } else if a.is_some_and(|a| a.connected) {
@@ -95,6 +103,19 @@ pub fn group_status(
                 "{programmed}/{total} nodes enforce generation {}; refused by {}",
                 report.generation,
                 list(&refused)
+            ),
+        )
+    } else if !unenforced.is_empty() {
+        condition(
+            "Programmed",
+            false,
+            reason::NOT_ENFORCED,
+            format!(
+                "{programmed}/{total} nodes enforce generation {}, but {} member pods run \
+                 without kubesg's programs: {}",
+                report.generation,
+                unenforced.len(),
+                list(&unenforced)
             ),
         )
     } else if !lagging.is_empty() {
@@ -187,6 +208,7 @@ mod tests {
             programmed: [(key(), generation)].into_iter().collect(),
             nack: None,
             connected: true,
+            unenforced: BTreeMap::new(),
         }
     }
 
@@ -216,6 +238,52 @@ mod tests {
             })
         );
         assert_eq!(cond(&s, "Accepted").status, "True");
+        assert_eq!(cond(&s, "Programmed").status, "True");
+    }
+
+    #[test]
+    fn a_member_pod_the_agent_does_not_enforce_keeps_the_group_from_programmed() {
+        let mut n2 = acked(3);
+        n2.unenforced.insert(
+            key(),
+            vec!["shop/web-0 (the node's agent has no endpoint for it)".to_string()],
+        );
+        // Another group's pod on the same node does not concern this one.
+        n2.unenforced.insert(
+            ObjectKey::new("shop", "db"),
+            vec!["shop/db-0 (no endpoint)".to_string()],
+        );
+        let acks = [("n1".to_string(), acked(3)), ("n2".to_string(), n2)]
+            .into_iter()
+            .collect();
+        let s = group_status(
+            &key(),
+            &report(&["n1", "n2"]),
+            &acks,
+            None,
+            Timestamp::now(),
+        );
+        let p = cond(&s, "Programmed");
+        assert_eq!(p.status, "False");
+        assert_eq!(p.reason, reason::NOT_ENFORCED);
+        assert_eq!(
+            p.message,
+            "2/2 nodes enforce generation 3, but 1 member pods run without kubesg's programs: \
+             shop/web-0 (the node's agent has no endpoint for it) on n2"
+        );
+        assert_eq!(s.nodes.map(|n| n.programmed), Some(2));
+
+        let mut other = acks.clone();
+        if let Some(n2) = other.get_mut("n2") {
+            n2.unenforced.remove(&key());
+        }
+        let s = group_status(
+            &key(),
+            &report(&["n1", "n2"]),
+            &other,
+            None,
+            Timestamp::now(),
+        );
         assert_eq!(cond(&s, "Programmed").status, "True");
     }
 

@@ -13,6 +13,9 @@
 //!   across operator restarts: the previous status is on the object).
 //! - A Warning Event `ProgrammingRefused` when a node refused (NACKed) the version carrying the
 //!   group, with the nodes and the agents' reasons: once per generation and set of refusals.
+//! - A Warning Event `NotEnforced` on a Pod its node's agent does not enforce (no endpoint, or
+//!   an endpoint under another uid: [`crate::coverage`]), once per pod and reason while this
+//!   replica leads.
 //! - A NetworkPolicy has no status to write: the same conditions are computed and kept in
 //!   memory, logged, and told by the same Events on the NetworkPolicy (`kubectl events --for
 //!   networkpolicy/NAME` shows them). Memory does not survive the operator, so a new leader
@@ -34,6 +37,7 @@ use kube::{
 use tracing::{info, warn};
 
 use crate::{
+    coverage::Gap,
     crd::{SecurityGroup, SecurityGroupStatus},
     metrics::Metrics,
     model::ObjectKey,
@@ -58,6 +62,10 @@ pub const PROGRAMMED: &str = "Programmed";
 
 /// Reason of the Warning Event of a group some node refused to program (NACK).
 pub const PROGRAMMING_REFUSED: &str = "ProgrammingRefused";
+
+/// Reason of the Warning Event of a pod its node's agent does not enforce
+/// ([`crate::coverage`]).
+pub const NOT_ENFORCED: &str = "NotEnforced";
 
 /// What is known of a group on the API server.
 #[derive(Clone, Debug)]
@@ -329,5 +337,27 @@ impl StatusSink for Context {
 
     fn reset(&mut self) {
         self.known.clear();
+    }
+
+    async fn pod_not_enforced(&mut self, node: &str, pod: &ObjectKey, gap: &Gap) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(pod.namespace.clone()),
+            name: Some(pod.name.clone()),
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: NOT_ENFORCED.into(),
+            note: Some(note(&format!("not enforced on node {node}: {gap}"))),
+            action: "Enforce".into(),
+            secondary: None,
+        };
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        match recorder.publish(&event, &reference).await {
+            Ok(()) => self.metrics.event(NOT_ENFORCED),
+            Err(e) => warn!(pod = %pod, node, error = %e, "could not emit an Event"),
+        }
     }
 }

@@ -16,6 +16,7 @@ use std::{
     future::Future,
     io,
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
+    coverage::Gap,
     model::ObjectKey,
     plan::GroupReport,
     push::{NodeStatus, PushServer},
@@ -76,6 +78,19 @@ pub trait StatusSink: Send {
 
     /// What the sink believes is written may be stale (another replica led meanwhile).
     fn reset(&mut self);
+
+    /// `pod`, placed on `node`, is not enforced there (seen once per pod and reason while
+    /// leading): the API sink tells it in an Event on the pod; files have nowhere to say it
+    /// (the push server's log and metric already do).
+    fn pod_not_enforced(
+        &mut self,
+        node: &str,
+        pod: &ObjectKey,
+        gap: &Gap,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (node, pod, gap);
+        async {}
+    }
 }
 
 /// What one node's agent has acked, as [`group_status`](crate::status::group_status) needs it:
@@ -95,7 +110,31 @@ pub fn node_acks(status: &NodeStatus) -> NodeAcks {
             .filter(|n| acked_version.is_none_or(|v| n.version > v))
             .map(|n| n.reason.clone()),
         connected: status.connected,
+        unenforced: unenforced_members(status),
     }
+}
+
+/// The acked plan's pods the agent does not enforce, under each group they are members of.
+fn unenforced_members(status: &NodeStatus) -> BTreeMap<ObjectKey, Vec<String>> {
+    let mut by_group: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
+    let (Some(gaps), Some(acked)) = (&status.gaps, &status.acked) else {
+        return by_group;
+    };
+    for (pod, gap) in gaps.iter() {
+        let policy = acked
+            .plan
+            .pods
+            .get(pod)
+            .and_then(|p| p.policy.as_ref())
+            .and_then(|id| acked.plan.policies.get(id));
+        for g in policy.iter().flat_map(|p| p.groups.iter()) {
+            by_group
+                .entry(g.group.clone())
+                .or_default()
+                .push(format!("{pod} ({})", gap.brief()));
+        }
+    }
+    by_group
 }
 
 /// What changes a node's [`NodeAcks`]; compared so that only nodes whose acks moved are
@@ -130,6 +169,10 @@ pub struct StatusWriter<S> {
     failed: BTreeSet<ObjectKey>,
     acks: BTreeMap<String, NodeAcks>,
     marks: BTreeMap<String, AckMark>,
+    /// Each node's pods its agent does not enforce, as of its last answer.
+    gaps: BTreeMap<String, Arc<BTreeMap<ObjectKey, Gap>>>,
+    /// The gaps told to the sink while leading, so each is told once.
+    told: BTreeMap<(String, ObjectKey), Gap>,
 }
 
 impl<S: StatusSink> StatusWriter<S> {
@@ -143,6 +186,8 @@ impl<S: StatusSink> StatusWriter<S> {
             failed: BTreeSet::new(),
             acks: BTreeMap::new(),
             marks: BTreeMap::new(),
+            gaps: BTreeMap::new(),
+            told: BTreeMap::new(),
         }
     }
 
@@ -182,12 +227,21 @@ impl<S: StatusSink> StatusWriter<S> {
         for node in &moved {
             self.marks.remove(node);
             self.acks.remove(node);
+            self.gaps.remove(node);
         }
         for (node, status) in &statuses {
             let mark = AckMark::of(status);
             if self.marks.get(node) != Some(&mark) {
                 self.acks.insert(node.clone(), node_acks(status));
                 self.marks.insert(node.clone(), mark);
+                match &status.gaps {
+                    Some(gaps) if !gaps.is_empty() => {
+                        self.gaps.insert(node.clone(), Arc::clone(gaps));
+                    }
+                    _ => {
+                        self.gaps.remove(node);
+                    }
+                }
                 moved.insert(node.clone());
             }
         }
@@ -201,10 +255,31 @@ impl<S: StatusSink> StatusWriter<S> {
         }
     }
 
-    /// Leadership (re)gained: every group is rewritten, without trusting what was known.
+    /// Leadership (re)gained: every group is rewritten, without trusting what was known, and
+    /// every pod not enforced is told again.
     pub fn lead(&mut self) {
         self.sink.reset();
         self.dirty.extend(self.reports.keys().cloned());
+        self.told.clear();
+    }
+
+    /// Tells the sink the pods not enforced that it was not told of yet, and forgets the ones
+    /// enforced again (so a new gap of the same pod is told).
+    pub async fn tell_gaps(&mut self) {
+        let now: BTreeMap<(String, ObjectKey), Gap> = self
+            .gaps
+            .iter()
+            .flat_map(|(node, gaps)| {
+                gaps.iter()
+                    .map(|(pod, gap)| ((node.clone(), pod.clone()), gap.clone()))
+            })
+            .collect();
+        for ((node, pod), gap) in &now {
+            if self.told.get(&(node.clone(), pod.clone())) != Some(gap) {
+                self.sink.pod_not_enforced(node, pod, gap).await;
+            }
+        }
+        self.told = now;
     }
 
     /// Writes every dirty group, until done or `stop` says to stop (shutdown, or leadership
@@ -251,6 +326,9 @@ impl<S: StatusSink> StatusWriter<S> {
                 let stopping = shutdown.clone();
                 self.write_dirty(move || stopping.is_cancelled() || !*leading_now.borrow())
                     .await;
+            }
+            if *leading.borrow() {
+                self.tell_gaps().await;
                 if !self.failed.is_empty() && retry_at.is_none() {
                     retry_at = Some(tokio::time::Instant::now() + RETRY_AFTER);
                 }

@@ -277,6 +277,7 @@ mod tests {
             PodPlan {
                 uid: "u1".into(),
                 policy: Some("p1".into()),
+                set_up: true,
             },
         );
         plan.pods.insert(
@@ -284,6 +285,7 @@ mod tests {
             PodPlan {
                 uid: "u2".into(),
                 policy: None,
+                set_up: true,
             },
         );
         plan
@@ -365,6 +367,7 @@ mod tests {
             PodPlan {
                 uid: "u3".into(),
                 policy: Some("p1".into()),
+                set_up: true,
             },
         );
         let d = delta(&old, &new, 5, 6).unwrap();

@@ -164,6 +164,7 @@ fn pod_data(i: usize) -> impl Strategy<Value = Pod> {
                     ports,
                     host_network,
                     terminated,
+                    deleting: false,
                 }
             },
         )

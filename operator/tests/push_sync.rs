@@ -7,14 +7,18 @@
 mod push_support;
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use kubesg_operator::{
+    coverage::Gap,
+    metrics::Metrics,
     model::ObjectKey,
     plan::{GroupGeneration, NodePlan, PodPlan},
     push::{PushObserver, PushServer, PushSettings},
+    status_writer::node_acks,
 };
 use kubesg_testkit::certs::TempPki;
 use push_support::{
@@ -337,6 +341,7 @@ async fn plan_the_agent_refuses_is_not_resent_until_the_plan_changes() {
         PodPlan {
             uid: "uid-api".into(),
             policy: Some("missing".into()),
+            set_up: true,
         },
     );
     s.server.set_node_plan("node-a", bad);
@@ -657,4 +662,92 @@ async fn ack_tracking_reports_acked_versions_groups_and_latencies_per_node() {
     s.server.remove_node("node-a");
     assert!(s.server.node_status("node-a").is_none());
     assert_eq!(s.server.agents_connected(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_the_agent_has_no_endpoint_for_or_under_another_uid_are_reported_and_counted() {
+    let pki = TempPki::generate().unwrap();
+    let metrics = Metrics::default();
+    let server = PushServer::with_observer(PushSettings::default(), Arc::new(metrics.clone()));
+    let s = TestServer::start(&pki, server, "127.0.0.1:0".parse().unwrap()).await;
+    let mut plan = web_plan(&["web-1", "web-2"], 443, 4);
+    // A pod the kubelet has not set up yet (no address): no endpoint is expected of it.
+    plan.pods.insert(
+        ObjectKey::new("shop", "starting"),
+        PodPlan {
+            uid: "uid-starting".into(),
+            policy: Some(web_policy_id(443)),
+            set_up: false,
+        },
+    );
+    s.server.set_node_plan("node-a", plan.clone());
+    let a = agent(&s, &pki, "node-a");
+    // web-2's endpoint has another uid; batch (a pod of no group) has none: set up before
+    // kubesg was chained.
+    a.sink.set_endpoints(&[
+        ("shop", "web-1", "uid-web-1"),
+        ("shop", "web-2", "uid-old"),
+        ("shop", "elsewhere", "uid-x"),
+    ]);
+
+    let status = s
+        .wait_node("node-a", "acked with gaps", |n| {
+            n.up_to_date && n.gaps.is_some()
+        })
+        .await;
+    let gaps = status.gaps.clone().unwrap();
+    assert_eq!(
+        *gaps,
+        BTreeMap::from([
+            (ObjectKey::new("shop", "batch"), Gap::NoEndpoint),
+            (
+                ObjectKey::new("shop", "web-2"),
+                Gap::OtherUid {
+                    agent: "uid-old".into(),
+                    pod: "uid-web-2".into()
+                }
+            ),
+        ])
+    );
+    // The group's status hears of its member only (batch is in no group).
+    assert_eq!(
+        node_acks(&status).unenforced,
+        BTreeMap::from([(
+            ObjectKey::new("shop", "web"),
+            vec!["shop/web-2 (its endpoint has another uid, uid-old)".to_string()]
+        )])
+    );
+    let text = metrics_text(&metrics);
+    for reason in ["no-endpoint", "uid-mismatch"] {
+        let line =
+            format!("kubesg_operator_unenforced_pods{{node=\"node-a\",reason=\"{reason}\"}} 1");
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
+
+    // The pods are set up again through kubesg: the next answer closes the gaps.
+    a.sink.set_endpoints(&[
+        ("shop", "web-1", "uid-web-1"),
+        ("shop", "web-2", "uid-web-2"),
+        ("shop", "batch", "uid-batch"),
+    ]);
+    s.server
+        .set_node_plan("node-a", web_plan(&["web-1", "web-2"], 443, 5));
+    let status = s
+        .wait_node("node-a", "acked without gaps", |n| {
+            n.up_to_date && n.gaps.as_ref().is_some_and(|g| g.is_empty())
+        })
+        .await;
+    assert!(node_acks(&status).unenforced.is_empty());
+    let text = metrics_text(&metrics);
+    for reason in ["no-endpoint", "uid-mismatch"] {
+        let line =
+            format!("kubesg_operator_unenforced_pods{{node=\"node-a\",reason=\"{reason}\"}} 0");
+        assert!(text.contains(&line), "{line} in\n{text}");
+    }
+}
+
+fn metrics_text(metrics: &Metrics) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &metrics.registry()).unwrap();
+    out
 }

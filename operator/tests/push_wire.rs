@@ -55,6 +55,7 @@ fn plans() -> impl Strategy<Value = NodePlan> {
                 PodPlan {
                     uid: format!("uid-{pod}-{uid}"),
                     policy: choice.checked_sub(1).map(|i| ids[i].clone()),
+                    set_up: true,
                 },
             );
         }

@@ -218,6 +218,7 @@ fn acked(node_generations: &[(&str, i64)]) -> BTreeMap<String, NodeAcks> {
                     programmed: [(key(), *generation)].into_iter().collect(),
                     nack: None,
                     connected: true,
+                    unenforced: BTreeMap::new(),
                 },
             )
         })

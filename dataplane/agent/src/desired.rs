@@ -309,14 +309,22 @@ impl DesiredState {
         Ok(next)
     }
 
+    /// The uid the operator gives `pod`'s name when it is not `pod`'s: the pod stays pending
+    /// (denied) until they agree, which the operator and the logs must say (a static pod whose
+    /// mirror the operator read without its config hash, a pod recreated under the same name).
+    pub fn other_uid(&self, pod: &PodRef) -> Option<&str> {
+        let a = self.pods.get(&(pod.namespace.clone(), pod.name.clone()))?;
+        (!a.uid.is_empty() && !pod.uid.is_empty() && a.uid != pod.uid).then_some(a.uid.as_str())
+    }
+
     /// The policy of `pod`. A uid known on both sides must match: a pod recreated under the
     /// same name is another pod until the operator says otherwise.
     pub fn assignment(&self, pod: &PodRef) -> Assignment {
+        if self.other_uid(pod).is_some() {
+            return Assignment::Unknown;
+        }
         match self.pods.get(&(pod.namespace.clone(), pod.name.clone())) {
             None => Assignment::Unknown,
-            Some(a) if !a.uid.is_empty() && !pod.uid.is_empty() && a.uid != pod.uid => {
-                Assignment::Unknown
-            }
             Some(PodAssignment { policy: None, .. }) => Assignment::NonMember,
             Some(PodAssignment {
                 policy: Some(p), ..

@@ -23,7 +23,9 @@ use crate::{
     attach, convert,
     datapath::{Datapath, DatapathError, DatapathOptions, PolicyHandle},
     desired::{Assignment, DesiredState, Update, UpdateError},
-    endpoints::{write_atomically, EndpointKey, EndpointRecord, EndpointStore, InvalidEndpoint},
+    endpoints::{
+        write_atomically, EndpointKey, EndpointRecord, EndpointStore, InvalidEndpoint, PodRef,
+    },
     policy::CompiledPolicy,
     startup::Startup,
 };
@@ -271,6 +273,26 @@ impl Enforcer {
         self.endpoints.get(key)
     }
 
+    /// The pods with at least one registered endpoint, once each: what the operator is told the
+    /// node enforces.
+    pub fn endpoint_pods(&self) -> Vec<PodRef> {
+        let pods: BTreeSet<&PodRef> = self.endpoints.values().map(|r| &r.pod).collect();
+        pods.into_iter().cloned().collect()
+    }
+
+    /// Warns about each endpoint whose pod the operator knows under another uid: it stays
+    /// pending (denied) while the operator's status would otherwise look complete.
+    fn warn_uid_conflicts<'a>(&self, records: impl IntoIterator<Item = &'a EndpointRecord>) {
+        for rec in records {
+            if let Some(theirs) = self.desired.other_uid(&rec.pod) {
+                warn!(endpoint = %rec.key, pod = %rec.pod, cni_uid = %rec.pod.uid,
+                      operator_uid = %theirs,
+                      "the operator places a pod of this name with another uid: this endpoint \
+                       stays pending (denied) until they agree");
+            }
+        }
+    }
+
     /// The registered endpoints, kept current by the enforcer, to read without its lock.
     pub fn published_endpoints(&self) -> PublishedEndpoints {
         self.published.clone()
@@ -388,6 +410,7 @@ impl Enforcer {
         let state = self.enforcement(&rec.key).unwrap_or(Enforcement::Pending);
         info!(endpoint = %rec.key, pod = %rec.pod, ifindex = rec.host_ifindex,
               host_ifname = %rec.host_ifname, ips = ?rec.ips, state = ?state, "endpoint added");
+        self.warn_uid_conflicts([&rec]);
         if rec.ips.is_empty() {
             warn!(endpoint = %rec.key, pod = %rec.pod,
                   "the CNI result gives this interface no address: what the pod sends on it is \
@@ -466,6 +489,17 @@ impl Enforcer {
             return Err(e);
         }
         self.desired = next;
+        // Each conflict once, when the operator (re)places the pod, not at every update.
+        let placed: BTreeSet<(&str, &str)> = update
+            .upsert_pods
+            .iter()
+            .map(|(p, _)| (p.namespace.as_str(), p.name.as_str()))
+            .collect();
+        self.warn_uid_conflicts(
+            self.endpoints
+                .values()
+                .filter(|r| placed.contains(&(r.pod.namespace.as_str(), r.pod.name.as_str()))),
+        );
         if lost {
             info!(
                 version = update.version,

@@ -74,15 +74,26 @@ impl UpdateSink for Node {
         self.lock().applied_version()
     }
 
-    fn apply(&self, update: &pb::PolicyUpdate) -> Result<(), String> {
+    fn apply(&self, update: &pb::PolicyUpdate) -> Result<Vec<pb::PodRef>, String> {
         let result = convert::update(update)
             .map_err(EnforcerError::from)
-            .and_then(|u| self.lock().apply_update(&u));
+            .and_then(|u| {
+                let mut enforcer = self.lock();
+                enforcer.apply_update(&u)?;
+                Ok(enforcer.endpoint_pods())
+            });
         self.metrics.update(result.is_ok(), update.version);
         match result {
-            Ok(()) => {
+            Ok(pods) => {
                 self.versions.send_replace(update.version);
-                Ok(())
+                Ok(pods
+                    .into_iter()
+                    .map(|p| pb::PodRef {
+                        namespace: p.namespace,
+                        name: p.name,
+                        uid: p.uid,
+                    })
+                    .collect())
             }
             Err(e) => {
                 warn!(version = update.version, error = %e, "update refused (NACK)");

@@ -33,8 +33,11 @@ use crate::tls::{ClientTlsFiles, TlsFileError};
 pub trait UpdateSink: Send + Sync + 'static {
     /// The last applied version (0: none).
     fn applied_version(&self) -> u64;
-    /// Applies one update (blocking; quick: map updates).
-    fn apply(&self, update: &pb::PolicyUpdate) -> Result<(), String>;
+    /// Applies one update (blocking; quick: map updates) and returns the pods the agent holds
+    /// endpoints for right after it, read in the same step: each answer then tells the operator
+    /// which of the pods it placed on the node the agent enforces (a pod set up without kubesg
+    /// in the CNI chain has none).
+    fn apply(&self, update: &pb::PolicyUpdate) -> Result<Vec<pb::PodRef>, String>;
 }
 
 /// How the link reaches the operator; built once by the daemon from its flags.
@@ -326,6 +329,9 @@ async fn session(
         "connected to the operator"
     );
 
+    // The endpoints of the last report on this stream: an answer carries them only when they
+    // changed (the operator keeps the last report of the stream).
+    let mut reported: Option<Vec<pb::PodRef>> = None;
     loop {
         let update = match updates.message().await {
             Ok(Some(update)) => update,
@@ -338,17 +344,22 @@ async fn session(
             .await
             .unwrap_or_else(|e| Err(format!("applying the update failed: {e}")));
         let ack = match result {
-            Ok(()) => {
+            Ok(mut pods) => {
                 let applied_version = sink.applied_version();
                 status.send_modify(|s| {
                     s.updates_applied += 1;
                     s.applied_version = applied_version;
                 });
                 info!(node = %settings.node, version, "applied policy update");
+                pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+                let endpoints = (reported.as_ref() != Some(&pods))
+                    .then(|| pb::EndpointReport { pods: pods.clone() });
+                reported = Some(pods);
                 pb::Ack {
                     version,
                     applied: true,
                     reason: String::new(),
+                    endpoints,
                 }
             }
             Err(reason) => {
@@ -367,6 +378,7 @@ async fn session(
                         &reason,
                         kubesg_proto::text::MAX_NACK_REASON,
                     ),
+                    endpoints: None,
                 }
             }
         };

@@ -6,7 +6,7 @@
 //! drive the real enforcer through it.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -37,6 +37,9 @@ struct RecordingSink {
     applied: Mutex<Vec<u64>>,
     refuse: Mutex<HashMap<u64, String>>,
     calls: AtomicU64,
+    /// The pods the sink says it has endpoints for once it applied a version (the latest
+    /// version at or below the applied one counts; none: no endpoints).
+    endpoints: Mutex<BTreeMap<u64, Vec<pb::PodRef>>>,
 }
 
 impl RecordingSink {
@@ -53,6 +56,18 @@ impl RecordingSink {
             .insert(version, reason.to_owned());
     }
 
+    fn endpoints_from(&self, version: u64, pods: &[(&str, &str)]) {
+        let pods = pods
+            .iter()
+            .map(|&(name, uid)| pb::PodRef {
+                namespace: "shop".into(),
+                name: name.into(),
+                uid: uid.into(),
+            })
+            .collect();
+        self.endpoints.lock().unwrap().insert(version, pods);
+    }
+
     fn applied(&self) -> Vec<u64> {
         self.applied.lock().unwrap().clone()
     }
@@ -63,14 +78,19 @@ impl UpdateSink for RecordingSink {
         self.version.load(Ordering::SeqCst)
     }
 
-    fn apply(&self, update: &pb::PolicyUpdate) -> Result<(), String> {
+    fn apply(&self, update: &pb::PolicyUpdate) -> Result<Vec<pb::PodRef>, String> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if let Some(reason) = self.refuse.lock().unwrap().get(&update.version) {
             return Err(reason.clone());
         }
         self.applied.lock().unwrap().push(update.version);
         self.version.store(update.version, Ordering::SeqCst);
-        Ok(())
+        let endpoints = self.endpoints.lock().unwrap();
+        Ok(endpoints
+            .range(..=update.version)
+            .next_back()
+            .map(|(_, pods)| pods.clone())
+            .unwrap_or_default())
     }
 }
 
@@ -143,10 +163,16 @@ async fn expect_ack(operator: &TestOperator) -> pb::Ack {
 }
 
 #[tokio::test]
-async fn agent_sends_hello_with_its_applied_version_then_applies_and_acks_updates_in_order() {
+async fn agent_sends_hello_with_its_applied_version_then_acks_updates_in_order_with_its_endpoints_when_they_change(
+) {
     let pki = TempPki::generate().unwrap();
     let operator = operator(&pki, &pki.operator).await;
     let sink = RecordingSink::at_version(7);
+    // The pods the agent holds endpoints for: reported in the first answer, then only when
+    // they change (9 has the same as 8; the order of the sink's list does not matter).
+    sink.endpoints_from(8, &[("web", "u1"), ("db", "u2")]);
+    sink.endpoints_from(9, &[("db", "u2"), ("web", "u1")]);
+    sink.endpoints_from(10, &[("db", "u2")]);
     let mut agent = Agent::start(settings(&operator, pki.agent_tls()), sink.clone());
 
     let hello = operator
@@ -160,14 +186,32 @@ async fn agent_sends_hello_with_its_applied_version_then_applies_and_acks_update
     for version in [8, 9, 10] {
         operator.push(update(version)).unwrap();
     }
-    for version in [8, 9, 10] {
+    let report = |pods: &[(&str, &str)]| {
+        Some(pb::EndpointReport {
+            pods: pods
+                .iter()
+                .map(|&(name, uid)| pb::PodRef {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                    uid: uid.into(),
+                })
+                .collect(),
+        })
+    };
+    let reports = [
+        report(&[("db", "u2"), ("web", "u1")]),
+        None,
+        report(&[("db", "u2")]),
+    ];
+    for (version, endpoints) in [8, 9, 10].into_iter().zip(reports) {
         let ack = expect_ack(&operator).await;
         assert_eq!(
             ack,
             pb::Ack {
                 version,
                 applied: true,
-                reason: String::new()
+                reason: String::new(),
+                endpoints,
             }
         );
     }
@@ -203,7 +247,8 @@ async fn sink_error_becomes_a_nack_with_its_reason_and_the_link_goes_on() {
         pb::Ack {
             version: 2,
             applied: false,
-            reason: "delta base 1 is not the applied version 0".into()
+            reason: "delta base 1 is not the applied version 0".into(),
+            endpoints: None,
         }
     );
     let after = expect_ack(&operator).await;

@@ -58,6 +58,7 @@ pub fn pod(node: &str, pairs: &[(&str, &str)], ips: &[&str]) -> Pod {
         ports: Vec::new(),
         host_network: false,
         terminated: false,
+        deleting: false,
     }
 }
 

@@ -54,6 +54,9 @@ pub struct AgentSink {
     hold_next: Mutex<Option<Duration>>,
     count: watch::Sender<usize>,
     started: watch::Sender<usize>,
+    /// The pods the agent says it has endpoints for; `None`: every pod placed on it (a node
+    /// where kubesg set up every pod).
+    endpoints: Mutex<Option<Vec<pb::PodRef>>>,
 }
 
 impl AgentSink {
@@ -65,6 +68,7 @@ impl AgentSink {
             hold_next: Mutex::new(None),
             count: watch::Sender::new(0),
             started: watch::Sender::new(0),
+            endpoints: Mutex::new(None),
         })
     }
 
@@ -81,6 +85,20 @@ impl AgentSink {
     /// NACK the next update with `reason` (whatever it holds).
     pub fn refuse_next(&self, reason: &str) {
         *self.refuse_next.lock().unwrap() = Some(reason.to_owned());
+    }
+
+    /// Report these pods' endpoints from the next answer on, as the CNI named them (a pod
+    /// missing: set up without kubesg; another uid: the CNI's differs from the operator's).
+    pub fn set_endpoints(&self, pods: &[(&str, &str, &str)]) {
+        *self.endpoints.lock().unwrap() = Some(
+            pods.iter()
+                .map(|&(namespace, name, uid)| pb::PodRef {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    uid: uid.into(),
+                })
+                .collect(),
+        );
     }
 
     /// Sleep this long before applying the next update (a slow or stuck agent).
@@ -119,7 +137,7 @@ impl UpdateSink for AgentSink {
         self.state.lock().unwrap().version
     }
 
-    fn apply(&self, update: &pb::PolicyUpdate) -> Result<(), String> {
+    fn apply(&self, update: &pb::PolicyUpdate) -> Result<Vec<pb::PodRef>, String> {
         self.started.send_modify(|c| *c += 1);
         if let Some(wait) = self.hold_next.lock().unwrap().take() {
             std::thread::sleep(wait);
@@ -141,7 +159,21 @@ impl UpdateSink for AgentSink {
             result: result.clone(),
         });
         self.count.send_modify(|c| *c += 1);
-        result
+        result?;
+        let endpoints = self.endpoints.lock().unwrap().clone();
+        Ok(endpoints.unwrap_or_else(|| {
+            self.state
+                .lock()
+                .unwrap()
+                .pods
+                .iter()
+                .map(|((namespace, name), a)| pb::PodRef {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    uid: a.uid.clone(),
+                })
+                .collect()
+        }))
     }
 }
 
@@ -378,6 +410,7 @@ pub fn web_plan(members: &[&str], port: u16, generation: i64) -> NodePlan {
             PodPlan {
                 uid: format!("uid-{name}"),
                 policy: Some(id.clone()),
+                set_up: true,
             },
         );
     }
@@ -386,6 +419,7 @@ pub fn web_plan(members: &[&str], port: u16, generation: i64) -> NodePlan {
         PodPlan {
             uid: "uid-batch".into(),
             policy: None,
+            set_up: true,
         },
     );
     plan
