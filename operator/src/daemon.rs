@@ -39,9 +39,11 @@ use crate::{
     metrics::{self, Metrics},
     netpol,
     node_identity::{AgentTokens, KubeTokenReviewer, TokenReviewer},
+    node_taint,
     push::{PushServer, PushSettings},
     runtime::{self, Runtime, MANIFESTS},
     status_api,
+    status_controller::ControllerSink,
     status_files::StatusFiles,
     status_writer::StatusWriter,
     tls::{ServerTlsFiles, TlsFileError},
@@ -192,8 +194,19 @@ impl Operator {
                         _ = kube_source::run(c, network_policies, source_tx) => {}
                     }
                 }));
+                tasks.push(tokio::spawn(node_taint::run(
+                    client.clone(),
+                    push.clone(),
+                    leading_rx.clone(),
+                    stop.clone(),
+                )));
                 let ctx = status_api::Context::new(client.clone(), &instance, metrics.clone());
-                tasks.push(tokio::spawn(StatusWriter::new(ctx, push.clone()).run(
+                let sink = ControllerSink::new(
+                    client.clone(),
+                    ctx,
+                    network_policies == netpol::Mode::Enforce,
+                );
+                tasks.push(tokio::spawn(StatusWriter::new(sink, push.clone()).run(
                     reports_rx,
                     leading_rx.clone(),
                     stop.clone(),

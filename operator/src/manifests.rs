@@ -26,13 +26,19 @@ use crate::{
     netpol, objects,
 };
 
-/// One object read from a file.
+/// One object read from a file. Public only for the fuzz target that feeds [`parse`] any text
+/// (`fuzz/fuzz_targets/manifests.rs`); the operator itself reads them through [`ManifestDir`].
 #[derive(Clone, Debug, PartialEq)]
-enum Object {
+pub enum Object {
+    /// A Namespace: its name and what the model keeps of it.
     Namespace(String, Namespace),
+    /// A Pod (in `default` when its manifest names no namespace).
     Pod(ObjectKey, Pod),
+    /// A Node, by name.
     Node(String),
+    /// A Service (in `default` when its manifest names no namespace).
     Service(ObjectKey, Service),
+    /// A SecurityGroup, or a NetworkPolicy read as a group ([`netpol::is_key`]).
     Group(ObjectKey, Group),
 }
 
@@ -243,8 +249,9 @@ struct TypeMeta {
 }
 
 /// Every object of a (multi-document) file, or what is wrong with it. Unknown kinds are an
-/// error: a typo must not silently remove objects.
-fn parse(text: &str) -> Result<Vec<Object>, String> {
+/// error: a typo must not silently remove objects. Public only so that the fuzz target
+/// (`fuzz/fuzz_targets/manifests.rs`) can feed it any text, as an edit in the directory would.
+pub fn parse(text: &str) -> Result<Vec<Object>, String> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value =

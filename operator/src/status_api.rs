@@ -163,6 +163,66 @@ fn stored_status(sg: DynamicObject) -> Option<SecurityGroupStatus> {
     serde_json::from_value(sg.data.get("status")?.clone()).ok()
 }
 
+/// What the API server holds of a group, as a reflector store gives it: what
+/// [`write_stored`] needs instead of reading it.
+#[derive(Clone, Debug)]
+pub struct Stored(Known);
+
+impl Stored {
+    /// A stored SecurityGroup (untyped, as the source reads them).
+    pub fn group(sg: &DynamicObject) -> Self {
+        let kind = ApiResource::erase::<SecurityGroup>(&());
+        let mut reference = sg.object_ref(&kind);
+        reference.resource_version = None;
+        Stored(Known {
+            reference,
+            status: stored_status(sg.clone()),
+        })
+    }
+
+    /// A stored NetworkPolicy (it has no status: what was computed is kept in memory).
+    pub fn policy(np: &NetworkPolicy) -> Self {
+        let mut reference = np.object_ref(&());
+        reference.resource_version = None;
+        Stored(Known {
+            reference,
+            status: None,
+        })
+    }
+}
+
+impl Context {
+    /// Forgets what was written of `key` (it is gone).
+    pub fn forget(&mut self, key: &ObjectKey) {
+        self.known.remove(key);
+    }
+
+    /// Forgets what was written of every group (another leader may have written since).
+    pub fn forget_all(&mut self) {
+        self.known.clear();
+    }
+}
+
+/// Writes `key`'s status as [`write_status`] does, from `stored`, what the API server holds
+/// (a controller's store), instead of reading it. What this context wrote to the same object
+/// (same uid) counts as the previous status when it has it: the store may not have seen the
+/// context's own last write yet.
+pub async fn write_stored(
+    ctx: &mut Context,
+    key: &ObjectKey,
+    report: &GroupReport,
+    acks: &BTreeMap<String, NodeAcks>,
+    now: Timestamp,
+    stored: Stored,
+) -> Result<Outcome, kube::Error> {
+    let Stored(stored) = stored;
+    let known = match ctx.known.get(key) {
+        Some(k) if k.reference.uid == stored.reference.uid => k.clone(),
+        _ => stored,
+    };
+    write_known(ctx, key, report, acks, now, known).await
+}
+
 /// Writes `key`'s status from `report` and `acks` if it changed, and emits the Events the
 /// change calls for.
 pub async fn write_status(
@@ -197,6 +257,21 @@ pub async fn write_status(
         ctx.known.remove(key);
         return Ok(Outcome::Gone);
     };
+    write_known(ctx, key, report, acks, now, known).await
+}
+
+/// The write of [`write_status`] once `known` holds what the API server has.
+async fn write_known(
+    ctx: &mut Context,
+    key: &ObjectKey,
+    report: &GroupReport,
+    acks: &BTreeMap<String, NodeAcks>,
+    now: Timestamp,
+    known: Known,
+) -> Result<Outcome, kube::Error> {
+    let kind = ApiResource::erase::<SecurityGroup>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &key.namespace, &kind);
+    let policy = netpol::name(key);
     let previous = known.status.as_ref();
     let status = group_status(key, report, acks, previous, now);
     let outcome = if previous == Some(&status) {
@@ -340,6 +415,14 @@ impl StatusSink for Context {
     }
 
     async fn pod_not_enforced(&mut self, node: &str, pod: &ObjectKey, gap: &Gap) {
+        Context::pod_not_enforced(self, node, pod, gap).await;
+    }
+}
+
+impl Context {
+    /// Tells, in a Warning Event `NotEnforced` on the pod, that `node`'s agent does not
+    /// enforce it, and why.
+    pub async fn pod_not_enforced(&self, node: &str, pod: &ObjectKey, gap: &Gap) {
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),

@@ -79,6 +79,9 @@ pub trait StatusSink: Send {
     /// What the sink believes is written may be stale (another replica led meanwhile).
     fn reset(&mut self);
 
+    /// This replica stopped leading: nothing is published until [`StatusSink::reset`] again.
+    fn follow(&mut self) {}
+
     /// `pod`, placed on `node`, is not enforced there (seen once per pod and reason while
     /// leading): the API sink tells it in an Event on the pod; files have nowhere to say it
     /// (the push server's log and metric already do).
@@ -363,6 +366,8 @@ impl<S: StatusSink> StatusWriter<S> {
                     if *leading.borrow_and_update() {
                         debug!("leading: rewriting every group's status");
                         self.lead();
+                    } else {
+                        self.sink.follow();
                     }
                 }
                 _ = retry => {

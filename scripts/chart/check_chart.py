@@ -281,6 +281,7 @@ def the_operator_has_exactly_the_permissions_it_uses():
         ("kubesg.io", ("securitygroups/status",), ("patch",)),
         ("networking.k8s.io", ("networkpolicies",), ("get", "list", "watch")),
         ("", ("pods", "namespaces", "nodes", "services"), ("list", "watch")),
+        ("", ("nodes",), ("get", "patch")),
         ("events.k8s.io", ("events",), ("create",)),
         ("authentication.k8s.io", ("tokenreviews",), ("create",)),
     ]), rules
@@ -296,6 +297,9 @@ def the_operator_has_exactly_the_permissions_it_uses():
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert {e["name"] for e in c["env"]} == {"POD_NAME", "POD_NAMESPACE"}
     assert "--leader-election" in c["args"]
+    # The operator removes kubesg.io/agent-not-ready, so it must run where that taint still is.
+    taint = {"key": "kubesg.io/agent-not-ready", "operator": "Exists", "effect": "NoSchedule"}
+    assert taint in dep["spec"]["template"]["spec"]["tolerations"]
     # Agents must prove their node: tokens of the agents' account, for the operator's audience.
     for arg in ["--node-identity=require", "--node-token-audience=kubesg-operator",
                 f"--agent-service-account={NAMESPACE}/kubesg-agent"]:

@@ -166,6 +166,25 @@ fn the_chart_installs_with_the_image_settings_only(run: &Run) {
         !run.cni_before.is_empty(),
         "the cluster has a primary CNI network"
     );
+    let node = kube
+        .must(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"])
+        .trim()
+        .to_string();
+    // A pod the kubelet set up before kubesg was in the CNI chain runs without its programs:
+    // kubesg must say so, on the pod and on its group.
+    let early = kube.namespace("sg-early-");
+    agnhost_pod(kube, &early.name, "early", &["pause"]);
+    wait_ready(kube, &early.name, &["early"]);
+    apply_group(
+        kube,
+        &early.name,
+        "early",
+        "early",
+        &ingress_from("nobody", 8080),
+    );
+    // The node registered as the chart documents: nothing that does not tolerate the taint is
+    // scheduled there until kubesg enforces.
+    let _taint = AgentNotReady::add(kube, &node);
     let tag = env!("CARGO_PKG_VERSION");
     helm(
         kube,
@@ -217,15 +236,108 @@ fn the_chart_installs_with_the_image_settings_only(run: &Run) {
     );
     // Its certificate is the DaemonSet's (it names no node): the leader served it for its node
     // because the API server bound its pod's token to that node.
-    let node = kube.must(&["get", "nodes", "-o", "jsonpath={.items[0].metadata.name}"]);
     let leader = lease_holder(kube);
     let log = kube.must(&["-n", "kube-system", "logs", &leader]);
     assert!(
         log.lines().any(|l| l.contains("agent connected")
-            && l.contains(&format!("node={}", node.trim()))
+            && l.contains(&format!("node={node}"))
             && l.contains("proof=token")),
         "the leader {leader} never served the agent on its token:\n{log}"
     );
+
+    // The agent enforces: the operator took the taint away.
+    eventually(&format!("{AGENT_NOT_READY} removed from {node}"), || {
+        let keys = kube.must(&["get", "node", &node, "-o", "jsonpath={.spec.taints[*].key}"]);
+        if keys.contains(AGENT_NOT_READY) {
+            Err(keys)
+        } else {
+            Ok(())
+        }
+    });
+
+    // The pod set up before the install: its group is not Programmed, saying why and where,
+    // and the pod has a Warning NotEnforced Event.
+    let e = early.name.as_str();
+    let programmed = eventually("the early pod's group says it is not enforced", || {
+        let s = kube.must(&[
+            "-n",
+            e,
+            "get",
+            "sg",
+            "early",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Programmed\")].status} {.status.conditions[?(@.type==\"Programmed\")].reason} {.status.conditions[?(@.type==\"Programmed\")].message}",
+        ]);
+        if s.starts_with("False PodsNotEnforced ") {
+            Ok(s)
+        } else {
+            Err(s)
+        }
+    });
+    assert!(
+        programmed.contains(&format!(
+            "{e}/early (no endpoint: set up without kubesg in the CNI chain) on {node}"
+        )),
+        "{programmed}"
+    );
+    let event = eventually("a Warning NotEnforced Event on the early pod", || {
+        let events = kube.must(&[
+            "-n",
+            e,
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.kind=Pod,involvedObject.name=early",
+            "-o",
+            "jsonpath={range .items[*]}{.type} {.reason} {.note}{.message}{\"\\n\"}{end}",
+        ]);
+        events
+            .lines()
+            .find(|l| l.starts_with("Warning NotEnforced "))
+            .map(str::to_owned)
+            .ok_or(events)
+    });
+    assert!(
+        event.contains(&format!(
+            "not enforced on node {node}: the node's agent has no endpoint"
+        )),
+        "{event}"
+    );
+}
+
+/// The taint a node registers with until kubesg enforces there; removed on drop if it is
+/// still there (a failed run must not leave the node unschedulable for the next tests).
+const AGENT_NOT_READY: &str = "kubesg.io/agent-not-ready";
+
+struct AgentNotReady<'a> {
+    kube: &'a Kube,
+    node: String,
+}
+
+impl<'a> AgentNotReady<'a> {
+    fn add(kube: &'a Kube, node: &str) -> Self {
+        kube.must(&[
+            "taint",
+            "nodes",
+            node,
+            &format!("{AGENT_NOT_READY}=:NoSchedule"),
+        ]);
+        AgentNotReady {
+            kube,
+            node: node.to_owned(),
+        }
+    }
+}
+
+impl Drop for AgentNotReady<'_> {
+    fn drop(&mut self) {
+        let _ = self.kube.kubectl(&[
+            "taint",
+            "nodes",
+            &self.node,
+            &format!("{AGENT_NOT_READY}:NoSchedule-"),
+        ]);
+    }
 }
 
 /// A SecurityGroup on a server admits one client and not another, on pods the kubelet starts
