@@ -1,5 +1,5 @@
 # The two commands of the README: `make test` runs every test; `make demo` runs kubesg locally.
-.PHONY: test demo bootstrap bench image chart cluster cluster-down conformance
+.PHONY: test demo bootstrap bench fuzz image chart cluster cluster-down conformance
 
 test:
 	scripts/test.sh
@@ -21,6 +21,14 @@ bench:
 	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-agent --bench datapath
 	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-operator --bench compile
 	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-operator --bench push
+
+# The fuzz targets (fuzz/: the packet parser, the CNI plugin's stdin and environment, the agent's
+# PolicyUpdate handling, the operator's manifests), each for FUZZ_SECONDS (default 60) with
+# nightly and libFuzzer: a table of executions and crashes last; crash inputs under
+# target/fuzz-artifacts/. FUZZ_MERGE=1 merges what they found into fuzz/corpus.
+fuzz:
+	scripts/bootstrap.sh
+	scripts/fuzz.sh $${FUZZ_SECONDS:-60}
 
 # The container image (Dockerfile) built with buildah, no registry (scripts/image.sh), then run:
 # kubesg-agent --version, kubesg-operator --version, kubesg-cni VERSION inside it.

@@ -60,6 +60,13 @@ if ((build_only)); then
   exit 0
 fi
 
+# cargo-fuzz for the fuzz targets (fuzz/, scripts/fuzz.sh), run with the nightly above.
+cargo_fuzz_version=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz $cargo_fuzz_version\$"; then
+  log "installing cargo-fuzz $cargo_fuzz_version"
+  cargo install cargo-fuzz --version "$cargo_fuzz_version" --locked
+fi
+
 # The chart checks (scripts/check-chart.sh): Helm's Go library for Python (helm-sdkpy, lint) and
 # the Kubernetes OpenAPI schemas (kubernetes-validate); pip skips what is installed.
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \

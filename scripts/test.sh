@@ -37,6 +37,11 @@ step "tests"
 cargo test --workspace --exclude kubesg-ebpf --exclude kubesg-cluster-e2e --locked -- \
   --test-threads="${KUBESG_TEST_THREADS:-4}"
 
+# Each fuzz target for a fixed number of executions from a fixed seed over its committed corpus:
+# the same inputs every run, so a failure here is a regression (`make fuzz` explores further).
+step "fuzz targets, briefly (scripts/fuzz.sh --brief)"
+scripts/fuzz.sh --brief
+
 if [[ "${KUBESG_SKIP_PRIVILEGED:-}" == 1 ]]; then
   step "tests in a real cluster: skipped (KUBESG_SKIP_PRIVILEGED=1)"
 else
