@@ -6,9 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-# Each step says how much disk is left: builds and their caches take tens of GB, and a full
-# disk shows up later as evicted pods or failed writes far from its cause.
-step() { printf '\n==> %s (disk: %s free)\n' "$*" "$(df -Ph . | awk 'NR == 2 { print $4 }')" >&2; }
+# Each step says how much disk is left (builds and their caches take tens of GB, and a full
+# disk shows up later as evicted pods or failed writes far from its cause) and how long the run
+# has taken so far (CI has a time budget; this says which step spends it).
+step() {
+  printf '\n==> %s (disk: %s free, %d s so far)\n' "$*" \
+    "$(df -Ph . | awk 'NR == 2 { print $4 }')" "$SECONDS" >&2
+}
 
 step "bootstrap"
 scripts/bootstrap.sh

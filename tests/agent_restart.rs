@@ -17,8 +17,12 @@ use kubesg_testkit::{agent::Startup, cni::CniPod};
 use serde_json::Value;
 
 const IPERF_PORT: u16 = 5201;
-/// How long the stream runs (seconds); the restart happens in its middle.
-const STREAM_SECONDS: u64 = 6;
+/// How long the stream runs before the restart and after the agent is back (seconds). The
+/// stream itself has no set length (`iperf3 -t 0`): the test ends it once the restarted agent
+/// has carried it this long, so a slow restart (a loaded machine) cannot outlast it.
+const STREAM_SECONDS_AROUND: u64 = 2;
+/// What iperf3 -J reports as its error when it is ended by SIGINT, as the test ends it.
+const INTERRUPTED: &str = "interrupt - the client has terminated";
 
 /// A child process killed and reaped on drop (iperf3 must not outlive a failing test).
 struct Reaped(Child);
@@ -59,9 +63,35 @@ fn wait_listening(pod: &CniPod, port: u16) {
     }
 }
 
-/// Waits for `child` to exit (at most `patience`) and returns its stdout; `None` when it did
-/// not finish in time (a stalled stream).
-fn finish(mut child: Reaped, patience: Duration) -> Option<String> {
+/// Waits until the iperf3 client in `pod` has its data connection up beside its control
+/// connection (two established connections to `port`): the stream is running.
+fn wait_streaming(pod: &CniPod, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = pod
+            .ns
+            .exec(
+                "ss",
+                &["-Htn", "state", "established", &format!("dport = :{port}")],
+            )
+            .expect("ss");
+        if String::from_utf8_lossy(&out.stdout).lines().count() >= 2 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the iperf3 stream never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Ends an unbounded iperf3 client the way a user would (SIGINT: it reports what it sent),
+/// waits for it to exit (at most `patience`) and returns its stdout; `None` when it did not
+/// finish in time.
+fn interrupt(mut child: Reaped, patience: Duration) -> Option<String> {
+    let status = Command::new("kill")
+        .args(["-INT", &child.0.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success(), "kill -INT iperf3: {status}");
     let deadline = Instant::now() + patience;
     while child.0.try_wait().expect("waiting for iperf3").is_none() {
         if Instant::now() > deadline {
@@ -138,7 +168,7 @@ fn stream_survives_an_agent_restart(crash: bool) {
             "-p",
             &IPERF_PORT.to_string(),
             "-t",
-            &STREAM_SECONDS.to_string(),
+            "0",
             "-b",
             "100M",
             "-J",
@@ -148,7 +178,9 @@ fn stream_survives_an_agent_restart(crash: bool) {
     );
 
     // Mid-stream: the agent goes away and comes back on the same pins and state.
-    std::thread::sleep(Duration::from_secs(2));
+    wait_streaming(&client, IPERF_PORT);
+    std::thread::sleep(Duration::from_secs(STREAM_SECONDS_AROUND));
+    let restart = Instant::now();
     if crash {
         cluster.agent.kill().expect("killing the agent");
     } else {
@@ -161,13 +193,22 @@ fn stream_survives_an_agent_restart(crash: bool) {
     let mut iperf_client = iperf_client;
     assert!(
         iperf_client.0.try_wait().expect("iperf3").is_none(),
-        "the stream ended before the agent was back: the restart was not mid-stream"
+        "the stream ended while the agent was away\n{}",
+        cluster.dump()
     );
+    let restarted = restart.elapsed();
+    std::thread::sleep(Duration::from_secs(STREAM_SECONDS_AROUND));
+    let since_restart = restart.elapsed();
 
-    let output = finish(iperf_client, Duration::from_secs(STREAM_SECONDS + 10))
-        .unwrap_or_else(|| panic!("the stream stalled after the restart\n{}", cluster.dump()));
+    let output = interrupt(iperf_client, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("iperf3 did not end on SIGINT\n{}", cluster.dump()));
     let report: Value = serde_json::from_str(&output).expect("iperf3 -J output");
-    assert!(report.get("error").is_none(), "iperf3: {}", report["error"]);
+    assert_eq!(
+        report["error"].as_str(),
+        Some(INTERRUPTED),
+        "iperf3 failed before it was ended\n{}",
+        cluster.dump()
+    );
     // No segment of the stream was lost: iperf3 counts retransmissions, and the only ones
     // allowed are those the receiver reports as duplicates (D-SACK): a tail loss probe sent
     // because an ACK was late (the machine is busy: the agent's restart verifies its programs,
@@ -183,9 +224,19 @@ fn stream_survives_an_agent_restart(crash: bool) {
          segments of which {duplicates} had arrived\n{sent}\n{}",
         cluster.dump()
     );
+    // The stream spanned the restart: it was measuring before the agent went away (its setup
+    // may be slow on a loaded machine) …
+    let seconds = sent["seconds"].as_f64().expect("seconds");
+    assert!(
+        seconds > since_restart.as_secs_f64(),
+        "the stream began after the restart had started: {seconds} s streamed, the restart \
+         began {since_restart:?} before the end ({restarted:?} to restart)"
+    );
+    // … and every whole second of it, before, across and after the restart, carried data (the
+    // last interval is cut short by the SIGINT and may be a few microseconds long).
     let intervals = report["intervals"].as_array().expect("intervals");
-    assert!(intervals.len() as u64 >= STREAM_SECONDS, "{intervals:?}");
-    for i in intervals {
+    let whole = intervals.len().saturating_sub(1);
+    for i in &intervals[..whole] {
         let sum = &i["sum"];
         assert!(
             sum["bytes"].as_u64().unwrap_or(0) > 0,
