@@ -64,12 +64,12 @@ pub enum Source {
         /// Whose node tokens the push server accepts (reviewed with the API server).
         agent_tokens: AgentTokens,
     },
-    /// A directory of manifests, polled.
+    /// A directory of manifests, followed by file-system notifications.
     Manifests {
         /// The directory.
         dir: PathBuf,
-        /// Time between scans.
-        poll: Duration,
+        /// Also read the whole directory this often (file systems without notifications).
+        rescan: Option<Duration>,
         /// Where status files go; `None`: statuses are only logged.
         status_dir: Option<PathBuf>,
     },
@@ -233,7 +233,7 @@ impl Operator {
             }
             Source::Manifests {
                 dir,
-                poll,
+                rescan,
                 status_dir,
             } => {
                 if let Err(error) = std::fs::read_dir(&dir) {
@@ -249,7 +249,7 @@ impl Operator {
                 info!(dir = %dir.display(), "manifests mode");
                 tasks.push(tokio::spawn(manifest_source::run(
                     dir,
-                    poll,
+                    rescan,
                     network_policies,
                     source_tx,
                     stop.clone(),

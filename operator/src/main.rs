@@ -42,16 +42,19 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Take the cluster from this directory of Namespace, Pod, Node, Service, SecurityGroup and
-    /// NetworkPolicy YAML instead of the Kubernetes API; it is re-read every --poll-interval and
-    /// changes apply live. Without it: the API (in-cluster config, or the kubeconfig).
+    /// NetworkPolicy YAML instead of the Kubernetes API; changes apply live (followed by
+    /// file-system notifications: a file is read again when its writer closes it or moves it
+    /// into place). Without it: the API (in-cluster config, or the kubeconfig).
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
     /// Manifests mode: write each SecurityGroup's status to DIR/<namespace>_<name>.yaml.
     #[arg(long, value_name = "DIR", requires = "manifests")]
     status_dir: Option<PathBuf>,
-    /// Manifests mode: time between two reads of the directory, in milliseconds.
-    #[arg(long, value_name = "MS", default_value = "500", requires = "manifests")]
-    poll_interval: u64,
+    /// Manifests mode: also read the whole directory every MS milliseconds, for file systems
+    /// that deliver no notifications of changes made elsewhere (NFS, some network mounts).
+    /// Without it the directory is read only when notifications say it changed.
+    #[arg(long, value_name = "MS", requires = "manifests")]
+    rescan_interval: Option<u64>,
     /// Where agents connect (gRPC over mTLS).
     #[arg(long, default_value = "0.0.0.0:9443")]
     listen: SocketAddr,
@@ -155,7 +158,9 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             }
             Source::Manifests {
                 dir,
-                poll: Duration::from_millis(args.poll_interval.max(10)),
+                rescan: args
+                    .rescan_interval
+                    .map(|ms| Duration::from_millis(ms.max(10))),
                 status_dir: args.status_dir,
             }
         }

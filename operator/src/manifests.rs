@@ -8,7 +8,7 @@
 //! when the group's spec changes.
 
 use std::{
-    collections::{hash_map::DefaultHasher, BTreeMap},
+    collections::{hash_map::DefaultHasher, BTreeMap, BTreeSet},
     fs,
     hash::{Hash as _, Hasher as _},
     path::{Path, PathBuf},
@@ -64,6 +64,8 @@ pub struct ManifestDir {
     files: BTreeMap<PathBuf, FileState>,
     generations: BTreeMap<ObjectKey, (u64, i64)>,
     problems: BTreeMap<PathBuf, String>,
+    parses: u64,
+    scans: u64,
 }
 
 /// What a scan found.
@@ -87,11 +89,16 @@ impl ManifestDir {
             files: BTreeMap::new(),
             generations: BTreeMap::new(),
             problems: BTreeMap::new(),
+            parses: 0,
+            scans: 0,
         }
     }
 
-    /// Re-reads the files whose content changed and returns the cluster they describe.
+    /// Reads the whole directory again, re-parses the files whose content changed and returns
+    /// the cluster they describe: the first read, and the fallback when the file-system
+    /// notifications cannot say which files changed.
     pub fn scan(&mut self) -> std::io::Result<Scan> {
+        self.scans += 1;
         let mut paths = Vec::new();
         collect(&self.dir, &mut paths)?;
         paths.sort();
@@ -103,41 +110,119 @@ impl ManifestDir {
             changed = true;
         }
         for path in &paths {
-            let bytes = match fs::read(path) {
-                Ok(b) => b,
-                Err(e) => {
-                    self.problems.insert(path.clone(), e.to_string());
-                    continue;
-                }
-            };
-            let mut h = DefaultHasher::new();
-            bytes.hash(&mut h);
-            let fingerprint = h.finish();
-            if self
-                .files
-                .get(path)
-                .is_some_and(|f| f.fingerprint == fingerprint)
-            {
-                continue;
-            }
-            match parse(&String::from_utf8_lossy(&bytes)) {
-                Ok(objects) => {
-                    self.files.insert(
-                        path.clone(),
-                        FileState {
-                            fingerprint,
-                            objects,
-                        },
-                    );
-                    self.problems.remove(path);
-                    changed = true;
-                }
-                Err(message) => {
-                    // Reported through `Scan::problems` (the manifests source logs them).
-                    self.problems.insert(path.clone(), message);
+            changed |= self.read(path);
+        }
+        Ok(self.finish(changed))
+    }
+
+    /// Reads only `paths` again (files the notifications named: written, created, moved in or
+    /// out, removed) and returns the cluster the directory describes now. A path that is not a
+    /// manifest file this directory reads (a directory, a hidden or non-YAML name) must go to
+    /// [`ManifestDir::scan`] instead: see [`ManifestDir::is_manifest_path`].
+    pub fn update(&mut self, paths: &BTreeSet<PathBuf>) -> Scan {
+        let mut changed = false;
+        for path in paths {
+            if path.is_file() {
+                changed |= self.read(path);
+            } else {
+                // Gone (removed, or moved out): its objects go with it, and those of the files
+                // under it if it was a directory with a manifest's name.
+                let gone: Vec<PathBuf> = self
+                    .files
+                    .keys()
+                    .chain(self.problems.keys())
+                    .filter(|f| f.starts_with(path))
+                    .cloned()
+                    .collect();
+                for f in gone {
+                    changed |= self.files.remove(&f).is_some();
+                    self.problems.remove(&f);
                 }
             }
         }
+        self.finish(changed)
+    }
+
+    /// Whether `path` names a file this directory reads (or read) itself, so that a change to it
+    /// is handled by [`ManifestDir::update`]: under the directory, no hidden component, a YAML or
+    /// JSON name, and not a directory now.
+    pub fn is_manifest_path(&self, path: &Path) -> bool {
+        let Ok(relative) = path.strip_prefix(&self.dir) else {
+            return false;
+        };
+        let visible = relative
+            .components()
+            .all(|c| !c.as_os_str().to_string_lossy().starts_with('.'));
+        visible && is_manifest_name(path) && !path.is_dir()
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether files under `path` (a directory) were read: a directory removed or moved away
+    /// takes them with it.
+    pub fn holds_under(&self, path: &Path) -> bool {
+        self.files
+            .keys()
+            .chain(self.problems.keys())
+            .any(|f| f != path && f.starts_with(path))
+    }
+
+    /// How many times a file was parsed since this directory was opened: a change must cost the
+    /// files it touched, not the directory.
+    pub fn parses(&self) -> u64 {
+        self.parses
+    }
+
+    /// How many times the whole directory was read since it was opened ([`ManifestDir::scan`]).
+    pub fn scans(&self) -> u64 {
+        self.scans
+    }
+
+    /// Reads `path` and parses it when its content changed; whether the directory's objects
+    /// changed.
+    fn read(&mut self, path: &Path) -> bool {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                self.problems.insert(path.to_path_buf(), e.to_string());
+                return false;
+            }
+        };
+        let mut h = DefaultHasher::new();
+        bytes.hash(&mut h);
+        let fingerprint = h.finish();
+        if self
+            .files
+            .get(path)
+            .is_some_and(|f| f.fingerprint == fingerprint)
+        {
+            return false;
+        }
+        self.parses += 1;
+        match parse(&String::from_utf8_lossy(&bytes)) {
+            Ok(objects) => {
+                self.files.insert(
+                    path.to_path_buf(),
+                    FileState {
+                        fingerprint,
+                        objects,
+                    },
+                );
+                self.problems.remove(path);
+                true
+            }
+            Err(message) => {
+                // Reported through `Scan::problems` (the manifests source logs them).
+                self.problems.insert(path.to_path_buf(), message);
+                false
+            }
+        }
+    }
+
+    fn finish(&mut self, changed: bool) -> Scan {
         let (cluster, duplicates) = self.assemble();
         let mut problems: Vec<Problem> = self
             .problems
@@ -148,11 +233,11 @@ impl ManifestDir {
             })
             .collect();
         problems.extend(duplicates);
-        Ok(Scan {
+        Scan {
             changed,
             cluster,
             problems,
-        })
+        }
     }
 
     /// The cluster from every file's objects; a later file wins over an earlier one for the same
@@ -230,14 +315,16 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
         if path.is_dir() {
             collect(&path, out)?;
-        } else if path
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
-        {
+        } else if is_manifest_name(&path) {
             out.push(path);
         }
     }
     Ok(())
+}
+
+fn is_manifest_name(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
 }
 
 #[derive(Deserialize)]

@@ -146,7 +146,7 @@ impl Cluster {
         let mut operator = Operator::start(OperatorSettings {
             source: Source::Manifests {
                 dir: self.manifests.path().into(),
-                poll: Duration::from_millis(50),
+                rescan: None,
                 status_dir: Some(self.statuses.path().into()),
             },
             listen,

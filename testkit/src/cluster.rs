@@ -72,8 +72,6 @@ use crate::{
 const PATIENCE: Duration = Duration::from_secs(30);
 /// The port agents dial on the operator.
 const OPERATOR_PORT: u16 = 9443;
-/// How often the operator re-reads the manifests directory.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The IP protocol of a container port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -338,7 +336,6 @@ impl LocalCluster {
                 metrics: (Ipv4Addr::LOCALHOST, 9966).into(),
                 tls: pki.operator_tls(&pki.operator),
                 recheck_on_policy_change: config.recheck_on_policy_change,
-                poll_interval: POLL_INTERVAL,
             },
         )?;
         let mut agents = Vec::new();

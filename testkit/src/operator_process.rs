@@ -37,8 +37,6 @@ pub struct OperatorConfig {
     pub tls: ServerTlsFiles,
     /// `--recheck-on-policy-change`.
     pub recheck_on_policy_change: bool,
-    /// `--poll-interval`: how often the manifests directory is re-read.
-    pub poll_interval: Duration,
 }
 
 /// A running (or stopped) `kubesg-operator run` in a network namespace. Its methods take
@@ -120,10 +118,6 @@ impl OperatorProcess {
             .arg(&c.manifests)
             .arg("--status-dir")
             .arg(&c.status_dir)
-            .args([
-                "--poll-interval",
-                &c.poll_interval.as_millis().max(10).to_string(),
-            ])
             .args(["--listen", &c.listen.to_string()])
             .args(["--metrics-address", &c.metrics.to_string()])
             .arg("--tls-cert")
