@@ -1,6 +1,9 @@
 //! How the agent applies the operator's versions: one it cannot program is refused (NACK with the
 //! datapath's reason) and the version before it stays enforced, whole: its held connections
-//! carry data, its rules still decide NEW connections, and the next good version applies.
+//! carry data, its rules still decide NEW connections, and the next good version applies. A
+//! peer joining a large group changes the installed policy in place (the endpoint keeps its
+//! policy id, one host entry per address is written); one leaving takes the switch to a new id,
+//! which re-checks the connections it held.
 
 mod common;
 
@@ -196,6 +199,88 @@ fn a_layered_version_is_enforced_layer_by_layer_and_a_layer_listed_twice_is_nack
     assert!(
         !common::data_gets_through(&mut held_c, &mut held_s),
         "version 4's NetworkPolicy no longer allows 8080: the held connection is cut\n{}",
+        cluster.dump()
+    );
+}
+
+/// The server's policy: TCP 8080 from 2 000 filler hosts and, with `client`, the client.
+fn large_group(client: Option<&CniPod>) -> pb::Policy {
+    let mut peers: Vec<pb::PeerBlock> = (0..2_000)
+        .map(|i| pb::PeerBlock {
+            cidr: format!("10.88.{}.{}/32", i / 250, i % 250 + 1),
+            except: vec![],
+        })
+        .collect();
+    if let Some(c) = client {
+        peers.extend(hosts(&[c]));
+    }
+    policy("srv", vec![tcp(&[8080], peers)], vec![])
+}
+
+fn delta(version: u64, policy: pb::Policy) -> pb::PolicyUpdate {
+    pb::PolicyUpdate {
+        version,
+        base_version: version - 1,
+        upsert_policies: vec![policy],
+        ..pb::PolicyUpdate::default()
+    }
+}
+
+#[test]
+fn a_peer_joining_a_large_group_changes_its_policy_in_place_and_one_leaving_switches_it() {
+    kubesg_testkit::require_privileged!();
+    let cluster = Cluster::connected(Startup::Deny);
+    let client = cluster.add_pod("client", 43);
+    let server = cluster.add_pod("server", 44);
+    let cli = policy("cli", vec![], vec![tcp(&[8080], hosts(&[&server]))]);
+    cluster.push(snapshot(
+        1,
+        vec![cli, large_group(None)],
+        &[(&client, Some("cli")), (&server, Some("srv"))],
+    ));
+    cluster.assert_dropped(&client, &server, false, 8080);
+    let server_if = cluster.host_ifindex(&server);
+    let policy_id = || {
+        let maps = cluster.agent.maps().expect("the agent's maps");
+        maps.endpoints
+            .get(&server_if, 0)
+            .expect("the server's endpoint")
+            .policy_id
+    };
+    let hosts_of = |id: u32| {
+        let maps = cluster.agent.maps().expect("the agent's maps");
+        maps.hosts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.policy_id == id)
+            .count()
+    };
+    let first = policy_id();
+    assert_eq!(hosts_of(first), 2_000);
+
+    cluster.push(delta(2, large_group(Some(&client))));
+    let (mut held_c, mut held_s) = cluster.assert_opens(&client, &server, false, 8080);
+    cluster.assert_opens(&client, &server, true, 8080);
+    assert_eq!(
+        policy_id(),
+        first,
+        "the policy was switched, not changed in place\n{}",
+        cluster.dump()
+    );
+    assert_eq!(hosts_of(first), 2_002, "the client's two addresses added");
+
+    cluster.push(delta(3, large_group(None)));
+    let after = policy_id();
+    assert_ne!(
+        after, first,
+        "a narrowing change under re-check takes a new id"
+    );
+    assert_eq!(hosts_of(after), 2_000);
+    assert_eq!(hosts_of(first), 0, "the old version is gone");
+    cluster.assert_dropped(&client, &server, false, 8080);
+    assert!(
+        !common::data_gets_through(&mut held_c, &mut held_s),
+        "the client left the group: its held connection is cut\n{}",
         cluster.dump()
     );
 }

@@ -23,7 +23,7 @@ use kubesg_common::{
     endpoint::{cache_slot, CachedEndpoint, Endpoint, EP_F_LAYERED, EP_F_STATELESS, POLICY_NONE},
     event::Counters,
     limits,
-    policy::{PeerKey, PEER_KEY_FIXED_BITS},
+    policy::{ClassSet, PeerKey},
     source::{SourceKey, SRC_F_CHECK, SRC_F_LINK_LOCAL, SRC_F_MORE, SRC_F_V4, SRC_F_V6},
     AF_INET, AF_INET6,
 };
@@ -38,6 +38,7 @@ use crate::{
     maps::{map_pin_path, names, Maps, MapsError},
     pin_compat,
     policy::CompiledPolicy,
+    policy_in_place::{self, is_host},
     tables::{self, TablesError},
 };
 
@@ -109,6 +110,20 @@ impl PolicyHandle {
             flags |= EP_F_LAYERED;
         }
         flags
+    }
+}
+
+/// What one in-place policy change wrote ([`Datapath::update_policy_in_place`]), in order.
+#[derive(Debug)]
+pub struct InPlaceChange {
+    policy_id: u32,
+    ops: Vec<policy_in_place::HostOp>,
+}
+
+impl InPlaceChange {
+    /// How many `POLICY_HOSTS` entries it wrote or deleted: what the change cost the maps.
+    pub fn entries(&self) -> usize {
+        self.ops.len()
     }
 }
 
@@ -199,12 +214,6 @@ fn count_in(counts: &CtCounts, slots: &HashMap<u32, u32>, key: &CtKey) {
     if let Some(slot) = slots.get(&key.ifindex) {
         counts.add(*slot, 1);
     }
-}
-
-/// Whether a peer entry is a single address, which lives in `POLICY_HOSTS` rather than the trie.
-fn is_host(prefix_len: u32, key: &PeerKey) -> bool {
-    let addr_bits = if key.family == AF_INET6 { 128 } else { 32 };
-    prefix_len == PEER_KEY_FIXED_BITS + addr_bits
 }
 
 fn map_err(op: impl Into<String>) -> impl FnOnce(MapError) -> DatapathError {
@@ -755,6 +764,74 @@ impl Datapath {
             }
         }
         Ok(())
+    }
+
+    /// Changes installed policy `h` from `old` to `new` where it stands, when
+    /// [`policy_in_place::plan`] finds that as safe as the switch (only host entries change, and
+    /// only widening unless `narrowing_allowed`): returns what it did, to undo it, or `None`
+    /// (nothing written) when the change needs [`Datapath::install_policy`] and a switch. On
+    /// error what it wrote is undone.
+    pub fn update_policy_in_place(
+        &mut self,
+        h: PolicyHandle,
+        old: &CompiledPolicy,
+        new: &CompiledPolicy,
+        narrowing_allowed: bool,
+    ) -> Result<Option<InPlaceChange>, DatapathError> {
+        if (old.stateless, old.layered) != (new.stateless, new.layered)
+            || (new.stateless, new.layered) != (h.stateless, h.layered)
+        {
+            return Ok(None);
+        }
+        let Some(ops) = policy_in_place::plan(
+            &tables::compile(h.id, old)?,
+            &tables::compile(h.id, new)?,
+            narrowing_allowed,
+        ) else {
+            return Ok(None);
+        };
+        let mut done = InPlaceChange {
+            policy_id: h.id,
+            ops: Vec::with_capacity(ops.len()),
+        };
+        for op in ops {
+            if let Err(e) = self.write_host(&op.key, op.new) {
+                self.undo_in_place(done);
+                return Err(e);
+            }
+            done.ops.push(op);
+        }
+        debug!(
+            policy_id = h.id,
+            host_entries = done.ops.len(),
+            "policy changed in place"
+        );
+        Ok(Some(done))
+    }
+
+    /// Puts back what [`Datapath::update_policy_in_place`] changed (best effort: an entry that
+    /// cannot be restored is logged).
+    pub fn undo_in_place(&mut self, change: InPlaceChange) {
+        for op in change.ops.iter().rev() {
+            if let Err(e) = self.write_host(&op.key, op.old) {
+                warn!(policy_id = change.policy_id, error = %e, "could not undo a policy's in-place change");
+            }
+        }
+    }
+
+    fn write_host(&mut self, key: &PeerKey, value: Option<ClassSet>) -> Result<(), DatapathError> {
+        match value {
+            Some(classes) => self
+                .maps
+                .hosts
+                .insert(key, classes, 0)
+                .map_err(map_err("writing POLICY_HOSTS")),
+            None => self
+                .maps
+                .hosts
+                .remove(key)
+                .map_err(map_err("deleting from POLICY_HOSTS")),
+        }
     }
 
     /// Replaces the policy of every endpoint using `old` by `policy`, atomically per endpoint,

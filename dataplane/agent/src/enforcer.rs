@@ -17,11 +17,11 @@ use std::{
 
 use kubesg_common::config::CFG_RECHECK_ON_POLICY_CHANGE;
 use kubesg_proto::{pending_deletes, v1alpha1 as pb};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     attach, convert,
-    datapath::{Datapath, DatapathError, DatapathOptions, PolicyHandle},
+    datapath::{Datapath, DatapathError, DatapathOptions, InPlaceChange, PolicyHandle},
     desired::{Assignment, DesiredState, Update, UpdateError},
     endpoints::{
         write_atomically, EndpointKey, EndpointRecord, EndpointStore, InvalidEndpoint, PodRef,
@@ -554,30 +554,53 @@ impl Enforcer {
                 Assignment::NonMember => {}
             }
         }
-        let mut fresh: Vec<PolicyHandle> = Vec::new();
+        // What this call wrote, undone if it fails: policies installed beside the old ones, and
+        // policies changed in place (a peer joining a large group: one host entry, not a new
+        // copy of the group; `Datapath::update_policy_in_place` says when that is safe).
+        let mut undo = Undo::default();
         let mut handles: BTreeMap<String, PolicyHandle> = BTreeMap::new();
         for (id, policy) in &needed {
-            match self.installed.get(id) {
-                Some((installed, h)) if installed == *policy => {
+            let installed = self.installed.get(id);
+            if let Some((old, h)) = installed {
+                if old == *policy {
                     handles.insert(id.clone(), *h);
+                    continue;
                 }
-                _ => match self.dp.install_policy(policy) {
-                    Ok(h) => {
-                        fresh.push(h);
-                        handles.insert(id.clone(), h);
+                match self.dp.update_policy_in_place(
+                    *h,
+                    old,
+                    policy,
+                    !desired.recheck_on_policy_change,
+                ) {
+                    Ok(Some(change)) => {
+                        debug!(policy = %id, entries = change.entries(), "policy changed in place");
+                        undo.in_place.push(change);
+                        handles.insert(id.clone(), *h);
+                        continue;
                     }
+                    Ok(None) => {}
                     Err(e) => {
-                        self.drop_handles(&fresh);
+                        self.undo(undo);
                         return Err(e.into());
                     }
-                },
+                }
+            }
+            match self.dp.install_policy(policy) {
+                Ok(h) => {
+                    undo.fresh.push(h);
+                    handles.insert(id.clone(), h);
+                }
+                Err(e) => {
+                    self.undo(undo);
+                    return Err(e.into());
+                }
             }
         }
         if (any_pending || !self.unexplained.is_empty()) && self.deny_all.is_none() {
             match self.dp.install_policy(&CompiledPolicy::default()) {
                 Ok(h) => self.deny_all = Some(h),
                 Err(e) => {
-                    self.drop_handles(&fresh);
+                    self.undo(undo);
                     return Err(e.into());
                 }
             }
@@ -620,7 +643,7 @@ impl Enforcer {
                 self.dp.set_endpoint(ifindex, wanted)
             };
             if let Err(e) = set {
-                self.drop_handles(&fresh);
+                self.undo(undo);
                 return Err(e.into());
             }
             // A failure here is this endpoint's alone: it keeps its first address of each family
@@ -638,7 +661,7 @@ impl Enforcer {
         let unexplained: Vec<u32> = self.unexplained.iter().copied().collect();
         for ifindex in unexplained {
             if let Err(e) = self.dp.set_endpoint(ifindex, self.deny_all) {
-                self.drop_handles(&fresh);
+                self.undo(undo);
                 return Err(e.into());
             }
         }
@@ -682,13 +705,25 @@ impl Enforcer {
         Ok(())
     }
 
-    fn drop_handles(&mut self, handles: &[PolicyHandle]) {
-        for h in handles {
+    /// Takes back what a failed [`Enforcer::program`] wrote: the previous version stays in
+    /// force.
+    fn undo(&mut self, undo: Undo) {
+        for h in &undo.fresh {
             if let Err(e) = self.dp.remove_policy(h.id) {
                 warn!(policy_id = h.id, error = %e, "could not remove a policy while undoing");
             }
         }
+        for change in undo.in_place.into_iter().rev() {
+            self.dp.undo_in_place(change);
+        }
     }
+}
+
+/// What one [`Enforcer::program`] wrote so far.
+#[derive(Default)]
+struct Undo {
+    fresh: Vec<PolicyHandle>,
+    in_place: Vec<InPlaceChange>,
 }
 
 impl std::fmt::Debug for Enforcer {

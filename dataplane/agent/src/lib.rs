@@ -27,6 +27,7 @@ pub mod node;
 pub mod operator_link;
 pub mod pin_compat;
 pub mod policy;
+pub mod policy_in_place;
 pub mod startup;
 pub mod tables;
 pub mod testrun;

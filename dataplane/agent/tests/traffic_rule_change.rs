@@ -2,10 +2,13 @@
 //! connection the new rules no longer allow is cut on its next packet and its entry deleted, one
 //! they still allow lives on; with re-check off (AWS's behaviour) tracked connections live on
 //! whatever the new rules say. A rule added while a refused SYN is being retransmitted lets the
-//! retransmission open the connection (a refused SYN left no state behind).
+//! retransmission open the connection (a refused SYN left no state behind). A peer joining a
+//! large group is one map update on the policy in place (no switch, open at once); a peer leaving
+//! takes the switch under re-check (its connection is cut) and goes in place without.
 
 use std::time::{Duration, Instant};
 
+use kubesg_agent::policy::PeerBlock;
 use kubesg_agent::policy::{CompiledPolicy, Protocol};
 use kubesg_common::{config::CFG_RECHECK_ON_POLICY_CHANGE, event::Counters};
 use kubesg_testkit::{
@@ -148,3 +151,121 @@ fn dp_counters(dp: &kubesg_agent::datapath::Datapath, ifindex: u32) -> [Counters
         .expect("reading counters")
         .expect("a registered endpoint")
 }
+
+/// The server's ingress on [`PORT`] from `others` filler hosts (none of them the client) and,
+/// with `client`, the client too.
+fn server_group(others: usize, client: bool) -> CompiledPolicy {
+    let mut peers: Vec<PeerBlock> = (0..others)
+        .map(|i| {
+            PeerBlock::cidr(
+                format!("10.77.{}.{}/32", i / 250, i % 250 + 1)
+                    .parse()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    if client {
+        peers.extend(Who::Client.hosts());
+    }
+    ingress(vec![rule_with(Protocol::Tcp, vec![port(PORT)], peers)])
+}
+
+fn hosts_of(pods: &Pods, policy_id: u32) -> usize {
+    pods.dp
+        .maps()
+        .hosts
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.policy_id == policy_id)
+        .count()
+}
+
+#[test]
+fn a_peer_joining_a_large_group_is_one_map_update_and_connects_at_once() {
+    require_privileged!();
+    let without = server_group(2_000, false);
+    let with = server_group(2_000, true);
+    let mut pods = Pods::new(Some(&client_allowing(&[PORT])), Some(&without));
+    let h = pods.policy(Who::Server).expect("a member");
+    let listener = pods.server().tcp_listen(false, PORT).expect("listening");
+    let refused = pods
+        .client()
+        .tcp_connect(pods.server().sockaddr(false, PORT), NEVER_SHORT);
+    pods.assert(refused.is_err(), "the client is not a peer yet");
+    drop(listener);
+    let before = hosts_of(&pods, h.id);
+
+    let change = pods
+        .dp
+        .update_policy_in_place(h, &without, &with, false)
+        .expect("changing the policy")
+        .expect("a widening host change goes in place");
+    // The client's IPv4 and IPv6 addresses: two host entries, nothing else rewritten.
+    pods.assert_eq(change.entries(), 2, "host entries written");
+    pods.assert_eq(
+        hosts_of(&pods, h.id),
+        before + 2,
+        "the policy's host entries",
+    );
+    pods.assert_eq(
+        pods.policy(Who::Server),
+        Some(h),
+        "the endpoint kept its policy",
+    );
+    let (mut c, mut s) = pods.tcp_open(false, PORT);
+    pods.assert(
+        pods.still_carries((&mut c, &mut s), Who::Server, PORT, h),
+        "the connection flows",
+    );
+}
+
+#[test]
+fn a_peer_leaving_takes_the_switch_under_recheck_and_goes_in_place_without() {
+    require_privileged!();
+    let with = server_group(2_000, true);
+    let without = server_group(2_000, false);
+    for recheck in [true, false] {
+        let mut pods = Pods::new(Some(&client_allowing(&[PORT])), Some(&with));
+        if !recheck {
+            let mut c = pods.dp.config().expect("reading the config");
+            c.flags &= !CFG_RECHECK_ON_POLICY_CHANGE;
+            pods.dp.set_config(&c).expect("writing the config");
+        }
+        let h = pods.policy(Who::Server).expect("a member");
+        let (mut c, mut s) = pods.tcp_open(false, PORT);
+        let change = pods
+            .dp
+            .update_policy_in_place(h, &with, &without, !recheck)
+            .expect("changing the policy");
+        if recheck {
+            // Narrowing under re-check: nothing written; the switch's new id re-checks.
+            pods.assert(
+                change.is_none(),
+                "narrowing under re-check is not done in place",
+            );
+            let new = pods
+                .dp
+                .replace_policy(h, &without)
+                .expect("replacing the policy");
+            pods.assert(
+                !pods.still_carries((&mut c, &mut s), Who::Server, PORT, new),
+                "the connection is cut",
+            );
+            pods.assert_cut(Who::Server, PORT);
+        } else {
+            let change = change.expect("in place without re-check");
+            pods.assert_eq(change.entries(), 2, "host entries deleted");
+            pods.assert(
+                pods.still_carries((&mut c, &mut s), Who::Server, PORT, h),
+                "tracked connections live on",
+            );
+            let again = pods
+                .client()
+                .tcp_connect(pods.server().sockaddr(false, PORT), NEVER_SHORT);
+            pods.assert(again.is_err(), "a new connection is refused");
+        }
+    }
+}
+
+/// How long a refused connection attempt is given (its SYN is dropped: it can only time out).
+const NEVER_SHORT: Duration = Duration::from_millis(500);
