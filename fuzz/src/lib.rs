@@ -107,14 +107,16 @@ pub fn check_push(old: &Cluster, new: &Cluster) {
         for (i, policy) in at_new.policies.values().enumerate() {
             let _ = tables::compile(i as u32 + 1, policy);
         }
-        match wire::delta(before, after, 1, 2) {
-            None => assert_eq!(before, after, "no delta between different plans"),
-            Some(delta) => {
-                let by_delta = agent_applies(&at_old, &delta, "delta");
-                assert_eq!(
-                    by_delta, at_new,
-                    "node {node}: the delta and the snapshot disagree"
-                );
+        for form in [wire::SetForm::Whole, wire::SetForm::Changes] {
+            match wire::delta(before, after, 1, 2, form) {
+                None => assert_eq!(before, after, "no delta between different plans"),
+                Some(delta) => {
+                    let by_delta = agent_applies(&at_old, &delta, "delta");
+                    assert_eq!(
+                        by_delta, at_new,
+                        "node {node}: the delta ({form:?} sets) and the snapshot disagree"
+                    );
+                }
             }
         }
     }

@@ -310,6 +310,8 @@ struct Session {
     replaced: CancellationToken,
     peer: String,
     agent_version: String,
+    /// How deltas spell changed sets for this agent (its Hello's capabilities).
+    set_form: wire::SetForm,
     /// What the agent is known to have applied; `None`: the next update is a snapshot.
     agent: Option<Applied>,
     in_flight: Option<InFlight>,
@@ -393,9 +395,10 @@ impl NodeState {
             return (None, Vec::new());
         }
         let version = next_version(self.last_version);
+        let sets = session.set_form;
         let update = match &mut session.agent {
             Some(agent) if agent.seq == plan_seq => return (None, Vec::new()),
-            Some(agent) => match wire::delta(&agent.plan, &plan, agent.version, version) {
+            Some(agent) => match wire::delta(&agent.plan, &plan, agent.version, version, sets) {
                 Some(delta) => delta,
                 None => {
                     // The plan went back to what the agent has (A → B → A between two acks).
@@ -696,6 +699,15 @@ impl Inner {
                 replaced: replaced.clone(),
                 peer,
                 agent_version: hello.agent_version.clone(),
+                set_form: if hello
+                    .capabilities
+                    .iter()
+                    .any(|c| c == kubesg_proto::CAPABILITY_SET_CHANGES)
+                {
+                    wire::SetForm::Changes
+                } else {
+                    wire::SetForm::Whole
+                },
                 agent,
                 in_flight: None,
                 refused_seq: None,

@@ -6,12 +6,15 @@
 //! A delta from `old` to `new` carries exactly the differences: the policies that are new or
 //! changed in any way (rules or the group generations they list, so the status can see a new
 //! generation acked even when the rules did not move), the ids no longer used, the address sets
-//! that are new or changed (whole) and the set ids no longer used, the pods that are new or
+//! that are new or changed (whole, or as the addresses added and removed for an agent that
+//! applies that: [`SetForm`]) and the set ids no longer used, the pods that are new or
 //! changed (policy or uid), and the pods gone. Applied on top of `old` by the agent
 //! (`kubesg_agent::desired::DesiredState::apply`), it gives the same state as a snapshot of
 //! `new`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
 
 use kubesg_proto::v1alpha1 as pb;
 
@@ -46,7 +49,18 @@ pub fn snapshot(
         settings: Some(*settings),
         upsert_sets: plan.sets.iter().map(|(id, s)| set(id, s)).collect(),
         remove_sets: Vec::new(),
+        change_sets: Vec::new(),
     }
+}
+
+/// How a delta spells a set that changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetForm {
+    /// Whole (`upsert_sets`): what every agent applies.
+    Whole,
+    /// The addresses added and removed (`change_sets`) where that is shorter than the whole
+    /// set: for agents whose Hello lists [`kubesg_proto::CAPABILITY_SET_CHANGES`].
+    Changes,
 }
 
 /// The delta that turns `old` (the agent's state at `base_version`) into `new` at `version`;
@@ -56,9 +70,21 @@ pub fn delta(
     new: &NodePlan,
     base_version: u64,
     version: u64,
+    sets: SetForm,
 ) -> Option<pb::PolicyUpdate> {
     if old == new {
         return None;
+    }
+    let mut upsert_sets = Vec::new();
+    let mut change_sets = Vec::new();
+    for (id, s) in changed(&old.sets, &new.sets) {
+        match (sets, old.sets.get(id)) {
+            (SetForm::Changes, Some(before)) => match set_change(id, before, s) {
+                Some(change) => change_sets.push(change),
+                None => upsert_sets.push(set(id, s)),
+            },
+            _ => upsert_sets.push(set(id, s)),
+        }
     }
     Some(pb::PolicyUpdate {
         version,
@@ -77,12 +103,25 @@ pub fn delta(
             .map(|(key, pod)| pod_ref(key, &pod.uid))
             .collect(),
         settings: None,
-        upsert_sets: changed(&old.sets, &new.sets)
-            .map(|(id, s)| set(id, s))
-            .collect(),
+        upsert_sets,
         remove_sets: gone(&old.sets, &new.sets)
             .map(|(id, _)| id.clone())
             .collect(),
+        change_sets,
+    })
+}
+
+/// Set `id` going from `before` to `after` (both sorted, without duplicates) as the addresses
+/// it gains and loses, or `None` when that is not shorter than `after` whole.
+fn set_change(id: &str, before: &AddressSet, after: &AddressSet) -> Option<pb::AddressSetChange> {
+    let (old, new): (BTreeSet<&IpNet>, BTreeSet<&IpNet>) =
+        (before.iter().collect(), after.iter().collect());
+    let add: Vec<String> = new.difference(&old).map(|n| n.to_string()).collect();
+    let remove: Vec<String> = old.difference(&new).map(|n| n.to_string()).collect();
+    (add.len() + remove.len() < after.len()).then(|| pb::AddressSetChange {
+        id: id.to_owned(),
+        add,
+        remove,
     })
 }
 
@@ -348,7 +387,7 @@ mod tests {
 
     #[test]
     fn delta_of_equal_plans_is_nothing() {
-        assert_eq!(delta(&plan(), &plan(), 1, 2), None);
+        assert_eq!(delta(&plan(), &plan(), 1, 2, SetForm::Changes), None);
     }
 
     #[test]
@@ -370,7 +409,7 @@ mod tests {
                 set_up: true,
             },
         );
-        let d = delta(&old, &new, 5, 6).unwrap();
+        let d = delta(&old, &new, 5, 6, SetForm::Whole).unwrap();
         assert!(!d.snapshot);
         assert_eq!((d.base_version, d.version), (5, 6));
         assert_eq!(d.upsert_policies.len(), 1);
@@ -392,12 +431,55 @@ mod tests {
             "group:shop/lb".into(),
             std::sync::Arc::new(vec!["10.0.0.8/32".parse().unwrap()]),
         );
-        let d = delta(&old, &new, 1, 2).unwrap();
+        let d = delta(&old, &new, 1, 2, SetForm::Whole).unwrap();
         assert!(d.upsert_policies.is_empty(), "the rules did not move");
         assert_eq!(d.upsert_sets.len(), 1);
         assert_eq!(d.upsert_sets[0].cidrs, vec!["10.0.0.8/32".to_owned()]);
         new.sets.clear();
-        let d = delta(&old, &new, 1, 2).unwrap();
+        let d = delta(&old, &new, 1, 2, SetForm::Whole).unwrap();
         assert_eq!(d.remove_sets, vec!["group:shop/lb".to_owned()]);
+    }
+
+    #[test]
+    fn a_set_changed_in_part_is_its_added_and_removed_addresses_for_agents_that_apply_them() {
+        let addrs = |range: std::ops::Range<u32>| -> Vec<IpNet> {
+            range
+                .map(|i| {
+                    IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::from(
+                        0x0a00_0000 + i,
+                    )))
+                })
+                .collect()
+        };
+        let mut old = plan();
+        old.sets
+            .insert("group:shop/lb".into(), std::sync::Arc::new(addrs(0..1000)));
+        let mut new = old.clone();
+        // One address leaves, two join.
+        new.sets
+            .insert("group:shop/lb".into(), std::sync::Arc::new(addrs(1..1002)));
+        let d = delta(&old, &new, 1, 2, SetForm::Changes).unwrap();
+        assert!(d.upsert_sets.is_empty(), "{:?}", d.upsert_sets.len());
+        assert_eq!(
+            d.change_sets,
+            vec![pb::AddressSetChange {
+                id: "group:shop/lb".into(),
+                add: vec!["10.0.3.232/32".into(), "10.0.3.233/32".into()],
+                remove: vec!["10.0.0.0/32".into()],
+            }]
+        );
+        // An older agent gets the set whole.
+        let whole = delta(&old, &new, 1, 2, SetForm::Whole).unwrap();
+        assert!(whole.change_sets.is_empty());
+        assert_eq!(whole.upsert_sets[0].cidrs.len(), 1001);
+        // A change as long as the set is sent whole.
+        let mut replaced = old.clone();
+        replaced.sets.insert(
+            "group:shop/lb".into(),
+            std::sync::Arc::new(addrs(5000..5002)),
+        );
+        let d = delta(&old, &replaced, 1, 2, SetForm::Changes).unwrap();
+        assert!(d.change_sets.is_empty());
+        assert_eq!(d.upsert_sets[0].cidrs.len(), 2);
     }
 }

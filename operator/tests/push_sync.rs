@@ -20,10 +20,11 @@ use kubesg_operator::{
     push::{PushObserver, PushServer, PushSettings},
     status_writer::node_acks,
 };
+use kubesg_proto::v1alpha1 as pb;
 use kubesg_testkit::certs::TempPki;
 use push_support::{
-    assert_agent_has, web_plan, web_policy, web_policy_id, AgentSink, Received, TestAgent,
-    TestServer,
+    assert_agent_has, expected_state, web_plan, web_policy, web_policy_id, AgentSink, Received,
+    TestAgent, TestServer,
 };
 
 async fn server(pki: &TempPki) -> TestServer {
@@ -750,4 +751,151 @@ fn metrics_text(metrics: &Metrics) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &metrics.registry()).unwrap();
     out
+}
+
+/// `plan` whose web policy also admits the addresses of set `lb`, which holds `addrs`.
+fn with_lb_set(mut plan: NodePlan, addrs: std::ops::Range<u32>) -> NodePlan {
+    let id = web_policy_id(443);
+    let mut policy = (*plan.policies[&id]).clone();
+    policy.ingress[0].sets = vec!["group:shop/lb".into()];
+    plan.policies.insert(id, Arc::new(policy));
+    let set: Vec<ipnet::IpNet> = addrs
+        .map(|i| std::net::IpAddr::from(std::net::Ipv4Addr::from(0xc0a8_0000 + i)).into())
+        .collect();
+    plan.sets.insert("group:shop/lb".into(), Arc::new(set));
+    plan
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_a_large_group_is_one_address_on_the_wire() {
+    let pki = TempPki::generate().unwrap();
+    let s = server(&pki).await;
+    let before = with_lb_set(web_plan(&["web-1"], 443, 1), 0..10_000);
+    s.server.set_node_plan("node-a", before.clone());
+    let a = agent(&s, &pki, "node-a");
+    s.wait_node("node-a", "acked", |n| n.up_to_date).await;
+
+    let after = with_lb_set(web_plan(&["web-1"], 443, 1), 0..10_001);
+    s.server.set_node_plan("node-a", after.clone());
+    s.wait_node("node-a", "the change acked", |n| {
+        n.up_to_date && *n.acked.as_ref().unwrap().plan == after
+    })
+    .await;
+    assert_agent_has(&a.sink, &after);
+    assert_eq!(a.sink.state().sets, expected_state(&after, true).sets);
+    let updates = a.sink.updates();
+    let (snapshot, delta) = (&updates[0], &updates[1]);
+    assert!(
+        delta.upsert_sets.is_empty() && delta.upsert_policies.is_empty(),
+        "{delta:?}"
+    );
+    assert_eq!(
+        delta.change_sets,
+        vec![pb::AddressSetChange {
+            id: "group:shop/lb".into(),
+            add: vec!["192.168.39.16/32".into()],
+            remove: vec![],
+        }]
+    );
+    let (whole, change) = (
+        prost::Message::encoded_len(snapshot),
+        prost::Message::encoded_len(delta),
+    );
+    assert!(
+        change * 1000 < whole,
+        "the delta is {change} bytes, the snapshot {whole}"
+    );
+}
+
+/// An agent of an older build: its Hello lists no capabilities. Dials `url` with `node`'s
+/// certificate, acks every update it gets, and returns the first `n` of them.
+async fn old_agent_updates(
+    pki: &TempPki,
+    url: &str,
+    node: &str,
+    mut next_plan: impl FnMut(),
+    n: usize,
+) -> Vec<pb::PolicyUpdate> {
+    use pb::{agent_message::Kind, policy_distribution_client::PolicyDistributionClient};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let files = pki.agent_tls_for(node).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&files.ca).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(&files.cert).unwrap(),
+            std::fs::read(&files.key).unwrap(),
+        ))
+        .domain_name(files.server_name.clone());
+    let channel = Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(pb::AgentMessage {
+        kind: Some(Kind::Hello(pb::Hello {
+            node: node.into(),
+            applied_version: 0,
+            agent_version: "0.0.1".into(),
+            capabilities: vec![],
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = PolicyDistributionClient::new(channel)
+        .max_decoding_message_size(kubesg_proto::MAX_MESSAGE_BYTES)
+        .sync(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while got.len() < n {
+        let update = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("an update in time")
+            .unwrap()
+            .expect("the stream stays open");
+        tx.send(pb::AgentMessage {
+            kind: Some(Kind::Ack(pb::Ack {
+                version: update.version,
+                applied: true,
+                ..pb::Ack::default()
+            })),
+        })
+        .await
+        .unwrap();
+        got.push(update);
+        next_plan();
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_does_not_list_set_changes_gets_changed_sets_whole() {
+    let pki = TempPki::generate().unwrap();
+    let s = server(&pki).await;
+    s.server.set_node_plan(
+        "node-a",
+        with_lb_set(web_plan(&["web-1"], 443, 1), 0..1_000),
+    );
+    let after = with_lb_set(web_plan(&["web-1"], 443, 1), 0..1_001);
+    let server = s.server.clone();
+    let updates = old_agent_updates(
+        &pki,
+        &s.url(),
+        "node-a",
+        move || server.set_node_plan("node-a", after.clone()),
+        2,
+    )
+    .await;
+    assert!(updates[0].snapshot && !updates[1].snapshot);
+    assert!(
+        updates[1].change_sets.is_empty(),
+        "{:?}",
+        updates[1].change_sets
+    );
+    assert_eq!(updates[1].upsert_sets.len(), 1);
+    assert_eq!(updates[1].upsert_sets[0].cidrs.len(), 1_001);
 }

@@ -41,6 +41,7 @@ async fn sync_without_client_certificate(pki: &TempPki, url: &str) -> Result<(),
             node: "node-a".into(),
             applied_version: 0,
             agent_version: "test".into(),
+            capabilities: vec![],
         })),
     };
     let mut updates = PolicyDistributionClient::new(channel)

@@ -76,23 +76,28 @@ proptest! {
     ) {
         let base = apply(&DesiredState::default(), &wire::snapshot(&old, 10, &SETTINGS));
         let via_snapshot = apply(&base, &wire::snapshot(&new, 11, &SETTINGS));
-        let via_delta = match wire::delta(&old, &new, 10, 11) {
-            Some(delta) => {
-                prop_assert!(!delta.snapshot);
-                prop_assert_eq!(delta.base_version, 10);
-                apply(&base, &delta)
-            }
-            None => {
-                prop_assert_eq!(&old, &new);
-                DesiredState { version: 11, ..base.clone() }
-            }
-        };
-        prop_assert_eq!(via_delta, via_snapshot);
+        for form in [wire::SetForm::Whole, wire::SetForm::Changes] {
+            let via_delta = match wire::delta(&old, &new, 10, 11, form) {
+                Some(delta) => {
+                    prop_assert!(!delta.snapshot);
+                    prop_assert_eq!(delta.base_version, 10);
+                    if form == wire::SetForm::Whole {
+                        prop_assert!(delta.change_sets.is_empty());
+                    }
+                    apply(&base, &delta)
+                }
+                None => {
+                    prop_assert_eq!(&old, &new);
+                    DesiredState { version: 11, ..base.clone() }
+                }
+            };
+            prop_assert_eq!(&via_delta, &via_snapshot, "{:?}", form);
+        }
     }
 
     #[test]
     fn delta_carries_no_unchanged_policy_or_pod(old in plans(), new in plans()) {
-        if let Some(delta) = wire::delta(&old, &new, 1, 2) {
+        if let Some(delta) = wire::delta(&old, &new, 1, 2, wire::SetForm::Changes) {
             for p in &delta.upsert_policies {
                 let planned = &new.policies[&p.id];
                 prop_assert_ne!(old.policies.get(&p.id), Some(planned));

@@ -19,6 +19,10 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// an agent runs on; its pod's ServiceAccount token, reviewed by the API server, can.
 pub const NODE_TOKEN_METADATA: &str = "authorization";
 
+/// The `Hello.capabilities` entry of an agent that applies `PolicyUpdate.change_sets` (address
+/// sets changed in part): the operator sends them to such agents only.
+pub const CAPABILITY_SET_CHANGES: &str = "set-changes";
+
 pub mod pending_deletes;
 pub mod text;
 pub mod tls;

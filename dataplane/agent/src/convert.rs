@@ -8,7 +8,7 @@ use kubesg_proto::v1alpha1 as pb;
 use std::collections::BTreeMap;
 
 use crate::{
-    desired::{PolicySets, Update, UpdateError},
+    desired::{PolicySets, SetChange, Update, UpdateError},
     endpoints::{EndpointKey, EndpointRecord, PodRef},
     policy::{CompiledPolicy, Layer, PeerBlock, PortMatch, Protocol, Rule},
 };
@@ -53,6 +53,24 @@ pub fn update(u: &pb::PolicyUpdate) -> Result<Update, UpdateError> {
             .map_err(|e| invalid(format!("address set {}: {e}", s.id)))?;
         upsert_sets.push((s.id.clone(), addrs));
     }
+    let mut change_sets = Vec::with_capacity(u.change_sets.len());
+    for c in &u.change_sets {
+        if c.id.is_empty() {
+            return Err(invalid("an address set change without id".into()));
+        }
+        let parse = |cidrs: &[String]| {
+            cidrs
+                .iter()
+                .map(|c| cidr(c))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(format!("address set change {}: {e}", c.id)))
+        };
+        change_sets.push(SetChange {
+            id: c.id.clone(),
+            add: parse(&c.add)?,
+            remove: parse(&c.remove)?,
+        });
+    }
     let mut pods = Vec::with_capacity(u.upsert_pods.len());
     for pp in &u.upsert_pods {
         let pod = pod_ref(pp.pod.as_ref()).map_err(invalid)?;
@@ -74,6 +92,7 @@ pub fn update(u: &pb::PolicyUpdate) -> Result<Update, UpdateError> {
         policy_sets,
         upsert_sets,
         remove_sets: u.remove_sets.clone(),
+        change_sets,
         upsert_pods: pods,
         remove_pods,
         recheck_on_policy_change: u.settings.as_ref().map(|s| s.recheck_on_policy_change),

@@ -149,6 +149,8 @@ pub struct Update {
     pub upsert_sets: Vec<(String, Vec<IpNet>)>,
     /// Address sets to drop.
     pub remove_sets: Vec<String>,
+    /// Address sets changed in part (after the upserts and removals).
+    pub change_sets: Vec<SetChange>,
     /// Policies to drop.
     pub remove_policies: Vec<String>,
     /// Pods and their policies.
@@ -157,6 +159,17 @@ pub struct Update {
     pub remove_pods: Vec<PodRef>,
     /// New value of the re-check setting, if it changes.
     pub recheck_on_policy_change: Option<bool>,
+}
+
+/// Part of an address set changed: `remove` taken out, then `add` put in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetChange {
+    /// The set.
+    pub id: String,
+    /// Addresses and blocks it gains.
+    pub add: Vec<IpNet>,
+    /// Addresses and blocks it loses.
+    pub remove: Vec<IpNet>,
 }
 
 /// Why an update was refused (the NACK's reason).
@@ -241,6 +254,22 @@ impl DesiredState {
         for (id, addrs) in &update.upsert_sets {
             next.sets.insert(id.clone(), addrs.clone());
             changed_sets.insert(id);
+        }
+        for change in &update.change_sets {
+            let Some(set) = next.sets.get_mut(&change.id) else {
+                return Err(UpdateError::Invalid(format!(
+                    "address set {:?} is changed in part but not defined",
+                    change.id
+                )));
+            };
+            // The same order and uniqueness as a whole set from the operator (sorted).
+            let mut addrs: BTreeSet<IpNet> = set.iter().copied().collect();
+            for a in &change.remove {
+                addrs.remove(a);
+            }
+            addrs.extend(change.add.iter().copied());
+            *set = addrs.into_iter().collect();
+            changed_sets.insert(&change.id);
         }
         for id in &update.remove_policies {
             next.policies.remove(id);
@@ -605,5 +634,55 @@ mod tests {
             s.apply(&drop),
             Err(UpdateError::UnknownSet { .. })
         ));
+    }
+
+    #[test]
+    fn a_set_changed_in_part_gains_and_loses_its_addresses_and_refolds_its_policies() {
+        let mut update = snapshot(1);
+        update.policy_sets.insert(
+            "p1".into(),
+            PolicySets {
+                ingress: vec![vec!["lb".into()]],
+                egress: vec![],
+            },
+        );
+        update.upsert_sets = vec![(
+            "lb".into(),
+            vec![
+                "192.0.2.1/32".parse().unwrap(),
+                "192.0.2.3/32".parse().unwrap(),
+            ],
+        )];
+        let s = DesiredState::default().apply(&update).unwrap();
+        let change = Update {
+            version: 2,
+            base_version: 1,
+            change_sets: vec![SetChange {
+                id: "lb".into(),
+                add: vec!["192.0.2.2/32".parse().unwrap()],
+                remove: vec!["192.0.2.3/32".parse().unwrap()],
+            }],
+            ..Update::default()
+        };
+        let changed = s.apply(&change).unwrap();
+        assert!(allows(&changed, "p1", "192.0.2.2"), "the address added");
+        assert!(!allows(&changed, "p1", "192.0.2.3"), "the address removed");
+        assert!(allows(&changed, "p1", "192.0.2.1"), "the address kept");
+        // The same state as the whole set, sorted, would give.
+        let whole = s
+            .apply(&set_delta(2, &[("lb", &["192.0.2.1/32", "192.0.2.2/32"])]))
+            .unwrap();
+        assert_eq!(changed, whole);
+        // A set the agent does not have cannot be changed in part.
+        let unknown = Update {
+            version: 2,
+            base_version: 1,
+            change_sets: vec![SetChange {
+                id: "nope".into(),
+                ..SetChange::default()
+            }],
+            ..Update::default()
+        };
+        assert!(matches!(s.apply(&unknown), Err(UpdateError::Invalid(_))));
     }
 }

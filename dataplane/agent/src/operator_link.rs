@@ -298,6 +298,7 @@ async fn session(
             node: settings.node.clone(),
             applied_version,
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            capabilities: vec![kubesg_proto::CAPABILITY_SET_CHANGES.to_owned()],
         })),
     };
     to_operator

@@ -50,6 +50,8 @@ pub struct Received {
 pub struct AgentSink {
     state: Mutex<DesiredState>,
     received: Mutex<Vec<Received>>,
+    /// The updates as they came over the wire.
+    updates: Mutex<Vec<pb::PolicyUpdate>>,
     refuse_next: Mutex<Option<String>>,
     hold_next: Mutex<Option<Duration>>,
     count: watch::Sender<usize>,
@@ -64,6 +66,7 @@ impl AgentSink {
         Arc::new(AgentSink {
             state: Mutex::new(DesiredState::default()),
             received: Mutex::new(Vec::new()),
+            updates: Mutex::new(Vec::new()),
             refuse_next: Mutex::new(None),
             hold_next: Mutex::new(None),
             count: watch::Sender::new(0),
@@ -80,6 +83,11 @@ impl AgentSink {
     /// Every update received so far.
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// The updates as they came over the wire, in order.
+    pub fn updates(&self) -> Vec<pb::PolicyUpdate> {
+        self.updates.lock().unwrap().clone()
     }
 
     /// NACK the next update with `reason` (whatever it holds).
@@ -139,6 +147,7 @@ impl UpdateSink for AgentSink {
 
     fn apply(&self, update: &pb::PolicyUpdate) -> Result<Vec<pb::PodRef>, String> {
         self.started.send_modify(|c| *c += 1);
+        self.updates.lock().unwrap().push(update.clone());
         if let Some(wait) = self.hold_next.lock().unwrap().take() {
             std::thread::sleep(wait);
         }

@@ -26,6 +26,11 @@ pub struct Hello {
     /// The agent's build, for logs and the operator's status.
     #[prost(string, tag = "3")]
     pub agent_version: ::prost::alloc::string::String,
+    /// What this agent understands beyond the fields every agent reads, so that an operator sends
+    /// a newer form only to agents that apply it (an older agent would ignore an unknown field and
+    /// acknowledge a version it did not apply). Known: "set-changes" (PolicyUpdate.change_sets).
+    #[prost(string, repeated, tag = "4")]
+    pub capabilities: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// The agent's answer to one PolicyUpdate.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -86,6 +91,23 @@ pub struct PolicyUpdate {
     /// Address set ids no policy of this node names any more.
     #[prost(string, repeated, tag = "10")]
     pub remove_sets: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Address sets changed in part: addresses added and removed (a delta only, and only to an
+    /// agent whose Hello lists "set-changes"). A pod joining a group of 10 000 is one address on
+    /// the wire, not the group's 10 000. The set must exist on the agent (base_version has it).
+    #[prost(message, repeated, tag = "11")]
+    pub change_sets: ::prost::alloc::vec::Vec<AddressSetChange>,
+}
+/// Part of an address set changed: `remove` taken out, then `add` put in.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AddressSetChange {
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// Addresses and blocks the set gains, sorted, without duplicates, none already in it.
+    #[prost(string, repeated, tag = "2")]
+    pub add: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Addresses and blocks the set loses, sorted, without duplicates, each one in it.
+    #[prost(string, repeated, tag = "3")]
+    pub remove: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// The addresses of the pods a peer selects (the members of a group, or the pods a pod and
 /// namespace selector match), kept apart from the rules that name it: a pod's address change
