@@ -71,10 +71,20 @@ fi
 # is bounds-checked before it), where AddressSanitizer finds nothing a panic would not, and it
 # would double the build and slow every execution. Debug assertions (overflow checks included)
 # stay on: an overflow is a bug found. One target dir under target/ so builds are reused.
+# A brief run (make test, CI: a cold build each time) builds with fuzz/Cargo.toml's dev profile
+# (opt-level 1, no debug info), which compiles the dependency tree (kube, k8s-openapi, tonic)
+# faster than -O's opt-level 3 and ran manifest_values' 3 000 executions in the same time (26.7 s
+# against 27.4 s); a timed run builds with -O.
 build_dir=target/fuzz
-log "building the fuzz targets (cargo +nightly fuzz build, $build_dir)"
-cargo +nightly fuzz build --sanitizer none --debug-assertions -O --target-dir "$build_dir"
-bin_dir="$build_dir/x86_64-unknown-linux-gnu/release"
+if [[ -n "${brief:-}" ]]; then
+  profile=(--dev)
+  bin_dir="$build_dir/x86_64-unknown-linux-gnu/debug"
+else
+  profile=(-O)
+  bin_dir="$build_dir/x86_64-unknown-linux-gnu/release"
+fi
+log "building the fuzz targets (cargo +nightly fuzz build ${profile[*]}, $build_dir)"
+cargo +nightly fuzz build --sanitizer none --debug-assertions "${profile[@]}" --target-dir "$build_dir"
 
 # A brief run replays the same inputs only if nothing else varies: no periodic re-reading of the
 # corpus directory (-reload=0) and no address randomization (setarch -R, where the sandbox allows
