@@ -1,5 +1,5 @@
 # The two commands of the README: `make test` runs every test; `make demo` runs kubesg locally.
-.PHONY: test demo bootstrap bench fuzz image chart cluster cluster-down conformance
+.PHONY: test demo bootstrap bench bench-traffic fuzz image chart cluster cluster-down conformance
 
 test:
 	scripts/test.sh
@@ -21,6 +21,14 @@ bench:
 	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-agent --bench datapath
 	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-operator --bench compile
 	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-operator --bench push
+
+# Real traffic between two pods (as root): kubesg against iptables (seed form), iptables + ipset
+# and nftables for N = 10, 1 000, 10 000 peers (new connections/s, keep-alive requests/s and
+# latency, iperf3, sockperf ping-pong, time to enforcement, memory per tracked connection).
+# Writes docs/benchmarks.md; options through BENCH_ARGS, e.g. BENCH_ARGS='--rounds 1 --peers 10'.
+bench-traffic:
+	scripts/bootstrap.sh
+	scripts/bench-traffic.sh $(BENCH_ARGS)
 
 # The fuzz targets (fuzz/: the packet parser, the CNI plugin's stdin and environment, the agent's
 # PolicyUpdate handling, the operator's manifests), each for FUZZ_SECONDS (default 60) with

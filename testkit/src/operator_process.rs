@@ -68,6 +68,14 @@ impl OperatorProcess {
         Ok(operator)
     }
 
+    /// The process id of the running operator (what a benchmark reads its CPU time by).
+    pub fn pid(&self) -> Option<u32> {
+        self.process
+            .lock()
+            .ok()
+            .and_then(|p| p.0.as_ref().map(Child::id))
+    }
+
     /// Its command line.
     pub fn config(&self) -> &OperatorConfig {
         &self.config
