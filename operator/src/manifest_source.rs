@@ -278,6 +278,13 @@ impl Gathered {
             self.read_all = Some("the kernel dropped notifications (queue overflow)");
             return;
         }
+        // Opened or read (by anyone, this source's own reads included: a whole read opens every
+        // directory, which must not call for another one): nothing changed. Only a writer's
+        // close says something.
+        if matches!(event.kind, EventKind::Access(kind) if kind != AccessKind::Close(AccessMode::Write))
+        {
+            return;
+        }
         for path in &event.paths {
             if *path == w.root {
                 if matches!(
@@ -293,12 +300,11 @@ impl Gathered {
                 continue;
             }
             match event.kind {
-                // Opened (by anyone, this source included) or read: nothing changed.
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                EventKind::Access(_) => {
+                    // Closed after writing (nothing else gets here).
                     w.writing.remove(path);
                     self.files.insert(path.clone());
                 }
-                EventKind::Access(_) => {}
                 // A symlink is complete when it appears.
                 EventKind::Create(_) if is_symlink(path) => {
                     w.writing.remove(path);
@@ -522,18 +528,17 @@ mod tests {
     async fn an_edit_is_read_from_its_notification_alone_and_only_its_file_is_parsed() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("ns.yaml"), NAMESPACE).unwrap();
+        // A subdirectory: a whole read opens it, which must not call for another whole read.
+        fs::create_dir(dir.path().join("groups")).unwrap();
         for (i, name) in ["a", "b", "c"].iter().enumerate() {
-            fs::write(
-                dir.path().join(format!("{name}.yaml")),
-                group(name, 8000 + i as u16),
-            )
-            .unwrap();
+            let file = dir.path().join("groups").join(format!("{name}.yaml"));
+            fs::write(file, group(name, 8000 + i as u16)).unwrap();
         }
         let mut source = Following::start(dir.path(), WRITE_PATIENCE);
         let first = source.changes().await;
         assert_eq!(first.len(), 4, "{first:?}");
 
-        fs::write(dir.path().join("b.yaml"), group("b", 9443)).unwrap();
+        fs::write(dir.path().join("groups/b.yaml"), group("b", 9443)).unwrap();
         let edit = source.changes().await;
         assert_eq!(edit.len(), 1, "{edit:?}");
         assert!(
@@ -541,7 +546,7 @@ mod tests {
             "{edit:?}"
         );
 
-        fs::remove_file(dir.path().join("c.yaml")).unwrap();
+        fs::remove_file(dir.path().join("groups/c.yaml")).unwrap();
         let removal = source.changes().await;
         assert_eq!(
             removal,
