@@ -1438,7 +1438,7 @@ fn report(
     if !results.idle.is_empty() {
         let _ = write!(
             s,
-            "\nCPU at rest: the operator's and the agent's user + system CPU time              (`/proc/PID/stat`) over {} s in which nothing changes, kubesg's N-peer groups in              force (after the rounds of that N), as CPU seconds per minute.\n\n",
+            "\nCPU at rest: the operator's and the agent's user + system CPU time (`/proc/PID/stat`) over {} s in which nothing changes, kubesg's N-peer groups in force (after the rounds of that N), as CPU seconds per minute.\n\n",
             args.idle_seconds
         );
         s.push_str("| N | operator, CPU s/min | agent, CPU s/min |\n| ---: | ---: | ---: |\n");
