@@ -14,11 +14,13 @@ demo:
 bootstrap:
 	scripts/bootstrap.sh
 
-# The benchmarks (tables, not tests): the datapath per packet (as root), the compiler on a
-# synthetic 150 000-pod cluster, apply-to-ack latency with 200 agents.
+# The benchmarks (tables, not tests): the datapath per packet and the conntrack sweep by table
+# size (as root), the compiler on a synthetic 150 000-pod cluster, apply-to-ack latency with
+# 200 agents.
 bench:
 	scripts/bootstrap.sh
 	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-agent --bench datapath
+	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-agent --bench sweep
 	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-operator --bench compile
 	PATH="$$HOME/.cargo/bin:$$PATH" cargo bench -p kubesg-operator --bench push
 

@@ -12,7 +12,11 @@ footprint() {
     ip netns list | awk '{print "netns " $1}'
     find /sys/fs/bpf -mindepth 1 -maxdepth 1 -printf 'bpffs %f\n'
     # By process name: a command line that only mentions them (cargo test -p kubesg-agent) is not one.
-    pgrep -a -x 'kubesg-(agent|operator|cni)' | sed 's/^[0-9]* /process /' || true
+    # One name at a time: pgrep matches no name against a pattern longer than the kernel's 15
+    # characters of a process name, and says so only on stderr.
+    for name in kubesg-agent kubesg-operator kubesg-cni; do
+      pgrep -a -x "$name" | sed 's/^[0-9]* /process /' || true
+    done
     # The demo's temporary directories (manifests, statuses, PKI, IPAM, the agents' and the
     # operator's), all named kubesg-*; other files in /tmp are not the demo's.
     find "${TMPDIR:-/tmp}" -mindepth 1 -maxdepth 1 -type d -newer "$stamp" -name 'kubesg-*' \

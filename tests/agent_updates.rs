@@ -203,8 +203,147 @@ fn a_layered_version_is_enforced_layer_by_layer_and_a_layer_listed_twice_is_nack
     );
 }
 
+/// The operator names a policy by a hash of its content, so a peer added to a group's ipBlocks
+/// comes as a new policy id that the group's pods move to. When every pod of the old policy
+/// moves to the new one, the agent changes the old one in place (the same datapath policy, one
+/// host entry per address) rather than installing a copy of 2 000 peers and deleting the old.
+#[test]
+fn an_ip_block_joining_under_a_new_policy_id_changes_the_old_policy_in_place() {
+    kubesg_testkit::require_privileged!();
+    let cluster = Cluster::connected(Startup::Deny);
+    let client = cluster.add_pod("client", 45);
+    let server = cluster.add_pod("server", 46);
+    let cli = policy("cli", vec![], vec![tcp(&[8080], hosts(&[&server]))]);
+    cluster.push(snapshot(
+        1,
+        vec![cli, large_group_as("srv-a", None)],
+        &[(&client, Some("cli")), (&server, Some("srv-a"))],
+    ));
+    cluster.assert_dropped(&client, &server, false, 8080);
+    let first = datapath_policy(&cluster, &server);
+    assert_eq!(host_entries(&cluster, first), 2_000);
+
+    cluster.push(renamed(
+        2,
+        "srv-a",
+        large_group_as("srv-b", Some(&client)),
+        &server,
+    ));
+    for v6 in [false, true] {
+        cluster.assert_opens(&client, &server, v6, 8080);
+    }
+    assert_eq!(
+        datapath_policy(&cluster, &server),
+        first,
+        "the policy was installed anew, not changed in place\n{}",
+        cluster.dump()
+    );
+    assert_eq!(
+        host_entries(&cluster, first),
+        2_002,
+        "the client's two addresses added"
+    );
+
+    // Narrowing under re-check takes a new datapath policy (its id makes the datapath re-check
+    // established connections), and the old one goes.
+    cluster.push(renamed(3, "srv-b", large_group_as("srv-c", None), &server));
+    let after = datapath_policy(&cluster, &server);
+    assert_ne!(
+        after, first,
+        "a narrowing change under re-check takes a new id"
+    );
+    assert_eq!(host_entries(&cluster, after), 2_000);
+    assert_eq!(host_entries(&cluster, first), 0, "the old version is gone");
+    cluster.assert_dropped(&client, &server, false, 8080);
+}
+
+/// A policy two pods leave for two different ones is not changed in place: between the change
+/// and the second pod's switch, that pod would get the first one's new rules.
+#[test]
+fn a_policy_whose_pods_leave_for_different_ones_is_not_changed_in_place() {
+    kubesg_testkit::require_privileged!();
+    let cluster = Cluster::connected(Startup::Deny);
+    let client = cluster.add_pod("client", 47);
+    let one = cluster.add_pod("server-1", 48);
+    let two = cluster.add_pod("server-2", 49);
+    let cli = policy("cli", vec![], vec![tcp(&[8080], hosts(&[&one, &two]))]);
+    cluster.push(snapshot(
+        1,
+        vec![cli, large_group_as("srv-a", None)],
+        &[
+            (&client, Some("cli")),
+            (&one, Some("srv-a")),
+            (&two, Some("srv-a")),
+        ],
+    ));
+    let first = datapath_policy(&cluster, &one);
+    assert_eq!(datapath_policy(&cluster, &two), first);
+
+    let mut update = renamed(2, "srv-a", large_group_as("srv-b", Some(&client)), &one);
+    // The second pod's new policy: the same peers on another port.
+    let mut other = large_group_as("srv-c", None);
+    other.ingress[0] = tcp(&[8081], other.ingress[0].peers.clone());
+    update.upsert_pods.push(pb::PodPolicy {
+        pod: Some(two.pod_ref()),
+        policy_id: other.id.clone(),
+    });
+    update.upsert_policies.push(other);
+    cluster.push(update);
+    cluster.assert_opens(&client, &one, false, 8080);
+    cluster.assert_dropped(&client, &two, false, 8080);
+    let (a, b) = (
+        datapath_policy(&cluster, &one),
+        datapath_policy(&cluster, &two),
+    );
+    assert!(
+        a != first && b != first && a != b,
+        "each pod has a policy of its own, neither the old one changed: {first} → {a}, {b}\n{}",
+        cluster.dump()
+    );
+    assert_eq!(host_entries(&cluster, first), 0, "the old version is gone");
+}
+
+/// The datapath policy id `pod`'s interface points at.
+fn datapath_policy(cluster: &Cluster, pod: &CniPod) -> u32 {
+    let maps = cluster.agent.maps().expect("the agent's maps");
+    maps.endpoints
+        .get(&cluster.host_ifindex(pod), 0)
+        .expect("the pod's endpoint")
+        .policy_id
+}
+
+/// How many single-address peer entries datapath policy `id` has.
+fn host_entries(cluster: &Cluster, id: u32) -> usize {
+    let maps = cluster.agent.maps().expect("the agent's maps");
+    maps.hosts
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.policy_id == id)
+        .count()
+}
+
+/// Version `version`: policy `old` replaced by `new`, which `pod` moves to.
+fn renamed(version: u64, old: &str, new: pb::Policy, pod: &CniPod) -> pb::PolicyUpdate {
+    pb::PolicyUpdate {
+        version,
+        base_version: version - 1,
+        remove_policies: vec![old.into()],
+        upsert_pods: vec![pb::PodPolicy {
+            pod: Some(pod.pod_ref()),
+            policy_id: new.id.clone(),
+        }],
+        upsert_policies: vec![new],
+        ..pb::PolicyUpdate::default()
+    }
+}
+
 /// The server's policy: TCP 8080 from 2 000 filler hosts and, with `client`, the client.
 fn large_group(client: Option<&CniPod>) -> pb::Policy {
+    large_group_as("srv", client)
+}
+
+/// [`large_group`] under policy id `id`.
+fn large_group_as(id: &str, client: Option<&CniPod>) -> pb::Policy {
     let mut peers: Vec<pb::PeerBlock> = (0..2_000)
         .map(|i| pb::PeerBlock {
             cidr: format!("10.88.{}.{}/32", i / 250, i % 250 + 1),
@@ -214,7 +353,7 @@ fn large_group(client: Option<&CniPod>) -> pb::Policy {
     if let Some(c) = client {
         peers.extend(hosts(&[c]));
     }
-    policy("srv", vec![tcp(&[8080], peers)], vec![])
+    policy(id, vec![tcp(&[8080], peers)], vec![])
 }
 
 fn delta(version: u64, policy: pb::Policy) -> pb::PolicyUpdate {
@@ -239,22 +378,8 @@ fn a_peer_joining_a_large_group_changes_its_policy_in_place_and_one_leaving_swit
         &[(&client, Some("cli")), (&server, Some("srv"))],
     ));
     cluster.assert_dropped(&client, &server, false, 8080);
-    let server_if = cluster.host_ifindex(&server);
-    let policy_id = || {
-        let maps = cluster.agent.maps().expect("the agent's maps");
-        maps.endpoints
-            .get(&server_if, 0)
-            .expect("the server's endpoint")
-            .policy_id
-    };
-    let hosts_of = |id: u32| {
-        let maps = cluster.agent.maps().expect("the agent's maps");
-        maps.hosts
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.policy_id == id)
-            .count()
-    };
+    let policy_id = || datapath_policy(&cluster, &server);
+    let hosts_of = |id| host_entries(&cluster, id);
     let first = policy_id();
     assert_eq!(hosts_of(first), 2_000);
 

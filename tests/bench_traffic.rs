@@ -41,10 +41,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::{Child, Command, ExitCode, Output, Stdio},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{atomic::AtomicBool, Arc},
     time::{Duration, Instant},
 };
 
@@ -52,7 +49,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Parser;
 use kubesg_common::conntrack::{CtEntry, CtKey};
 use kubesg_testkit::{
-    cluster::{ClusterConfig, LocalCluster, PodSpec},
+    cluster::{ClusterConfig, LocalCluster, PodSpec, StagedGroup},
     netns::Netns,
 };
 use serde_json::{json, Value};
@@ -171,11 +168,11 @@ impl Drop for Kid {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if !is_root() {
+    if !kubesg_testkit::privileged::is_root() {
         eprintln!("bench-traffic: needs root (network namespaces, eBPF, netfilter)");
         return ExitCode::FAILURE;
     }
-    let interrupted = match interrupt_flag() {
+    let interrupted = match kubesg_testkit::interrupt::flag("bench-traffic") {
         Ok(f) => f,
         Err(e) => {
             eprintln!("bench-traffic: cannot handle signals: {e:#}");
@@ -184,7 +181,7 @@ fn main() -> ExitCode {
     };
     match run(&args, &interrupted) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(_) if interrupted.load(Ordering::SeqCst) => {
+        Err(_) if kubesg_testkit::interrupt::is_set(&interrupted) => {
             eprintln!("bench-traffic: interrupted; cleaned up");
             ExitCode::from(130)
         }
@@ -195,47 +192,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// A flag set on SIGINT or SIGTERM (the measurements' children get the terminal's SIGINT too and
-/// stop); the bench checks it between steps and unwinds, and dropping cleans up.
-fn interrupt_flag() -> Result<Arc<AtomicBool>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let flag = Arc::new(AtomicBool::new(false));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (mut int, mut term) = runtime.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-        ))
-    })?;
-    let set = flag.clone();
-    std::thread::spawn(move || {
-        runtime.block_on(async {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        });
-        eprintln!("\nbench-traffic: interrupted; stopping and cleaning up…");
-        set.store(true, Ordering::SeqCst);
-    });
-    Ok(flag)
-}
-
 fn check(interrupted: &AtomicBool) -> Result<()> {
-    if interrupted.load(Ordering::SeqCst) {
+    if kubesg_testkit::interrupt::is_set(interrupted) {
         bail!("interrupted");
     }
     Ok(())
@@ -591,20 +549,53 @@ fn group_manifest(name: &str, peers: &[Ipv4Addr]) -> String {
 
 /// kubesg: the peer groups (64 rules of 64 ipBlocks each at most, the CRD's limits), all
 /// selecting the server.
-fn kubesg_apply(world: &mut World, peers: &[Ipv4Addr]) -> Result<()> {
+/// kubesg's groups for `peers`, rendered (the clock not started yet): the manifests to write
+/// (only those whose spec changes, as a user applies the one group they edit) and the groups to
+/// delete.
+struct KubesgChange {
+    write: Vec<StagedGroup>,
+    delete: Vec<String>,
+    names: Vec<String>,
+}
+
+fn kubesg_stage(world: &World, peers: &[Ipv4Addr]) -> Result<KubesgChange> {
+    let mut write = Vec::new();
     let mut names = Vec::new();
     for (i, chunk) in peers.chunks(PEERS_PER_RULE * RULES_PER_GROUP).enumerate() {
         let name = format!("bench-peers-{i}");
-        world.cluster.apply_group(&group_manifest(&name, chunk))?;
+        let staged = world.cluster.stage_group(&group_manifest(&name, chunk))?;
+        if !staged.unchanged() {
+            write.push(staged);
+        }
         names.push(name);
     }
-    for old in std::mem::take(&mut world.groups) {
-        if !names.contains(&old) {
-            world.cluster.delete_group(&old)?;
-        }
+    let delete = world
+        .groups
+        .iter()
+        .filter(|old| !names.contains(old))
+        .cloned()
+        .collect();
+    Ok(KubesgChange {
+        write,
+        delete,
+        names,
+    })
+}
+
+fn kubesg_commit(world: &mut World, change: KubesgChange) -> Result<()> {
+    for staged in change.write {
+        world.cluster.write_group(staged)?;
     }
-    world.groups = names;
+    for old in &change.delete {
+        world.cluster.delete_group(old)?;
+    }
+    world.groups = change.names;
     Ok(())
+}
+
+fn kubesg_apply(world: &mut World, peers: &[Ipv4Addr]) -> Result<()> {
+    let change = kubesg_stage(world, peers)?;
+    kubesg_commit(world, change)
 }
 
 fn kubesg_settle(world: &World) -> Result<()> {
@@ -703,79 +694,93 @@ fn deny(world: &mut World, config: Config) -> Result<()> {
     Ok(())
 }
 
-/// Writes the filter for `peers` in one go (from the deny state): what (a) times.
-fn write_whole(world: &mut World, config: Config, peers: &[Ipv4Addr]) -> Result<()> {
-    let (_, _, ns, _) = world.endpoints(config)?;
-    let ns = ns.to_owned();
-    match config {
-        Config::Iptables => {
-            exec_in(&ns, "iptables-restore", &[], Some(&iptables_rules(peers)))?;
-        }
-        Config::Ipset => {
-            exec_in(
-                &ns,
-                "ipset",
-                &["restore", "-exist"],
-                Some(&ipset_adds(peers)),
-            )?;
-        }
-        Config::Nft => {
-            exec_in(&ns, "nft", &["-f", "-"], Some(&nft_elements(peers)))?;
-        }
-        Config::Kubesg => kubesg_apply(world, peers)?,
-        Config::None | Config::KubesgNoGroup => bail!("{config:?} has no filter"),
-    }
-    Ok(())
+/// A change to a filter, prepared before the clock starts (rules, element lists and manifests
+/// rendered) so that what is timed is the change itself and its taking effect.
+enum Change {
+    /// A command run in the server's namespace (its standard input, if any).
+    Command {
+        program: &'static str,
+        args: Vec<String>,
+        stdin: Option<String>,
+    },
+    Kubesg(KubesgChange),
 }
 
-/// Adds the client (the last peer) to a filter of the others: what (b) times.
-fn add_client(world: &mut World, config: Config, peers: &[Ipv4Addr]) -> Result<()> {
-    let (_, client, ns, _) = world.endpoints(config)?;
-    let ns = ns.to_owned();
-    let client = client.to_string();
-    match config {
-        Config::Iptables => {
-            // Before the DROP: after the conntrack rule and the N−1 peers.
-            let position = peers.len() + 1;
-            exec_in(
-                &ns,
-                "iptables",
-                &[
-                    "-I",
-                    "INPUT",
-                    &position.to_string(),
-                    "-s",
-                    &format!("{client}/32"),
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    &ports_range(),
-                    "-j",
-                    "ACCEPT",
-                ],
-                None,
-            )?;
+impl Change {
+    fn command(program: &'static str, args: &[&str], stdin: Option<String>) -> Change {
+        Change::Command {
+            program,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            stdin,
         }
-        Config::Ipset => {
-            exec_in(&ns, "ipset", &["add", "peers", &client], None)?;
-        }
-        Config::Nft => {
-            exec_in(
-                &ns,
-                "nft",
-                &[
-                    "add",
-                    "element",
-                    "inet",
-                    "bench",
-                    "peers",
-                    &format!("{{ {client} }}"),
-                ],
-                None,
-            )?;
-        }
-        Config::Kubesg => kubesg_apply(world, peers)?,
+    }
+}
+
+/// The filter for `peers` in one go (from the deny state): what (a) times.
+fn whole(world: &World, config: Config, peers: &[Ipv4Addr]) -> Result<Change> {
+    Ok(match config {
+        Config::Iptables => Change::command("iptables-restore", &[], Some(iptables_rules(peers))),
+        Config::Ipset => Change::command("ipset", &["restore", "-exist"], Some(ipset_adds(peers))),
+        Config::Nft => Change::command("nft", &["-f", "-"], Some(nft_elements(peers))),
+        Config::Kubesg => Change::Kubesg(kubesg_stage(world, peers)?),
         Config::None | Config::KubesgNoGroup => bail!("{config:?} has no filter"),
+    })
+}
+
+/// The client (the last peer) added to a filter of the others: what (b) times.
+fn client_added(world: &World, config: Config, peers: &[Ipv4Addr]) -> Result<Change> {
+    let (_, client, _, _) = world.endpoints(config)?;
+    let client = client.to_string();
+    Ok(match config {
+        // Before the DROP: after the conntrack rule and the N−1 peers.
+        Config::Iptables => Change::command(
+            "iptables",
+            &[
+                "-I",
+                "INPUT",
+                &(peers.len() + 1).to_string(),
+                "-s",
+                &format!("{client}/32"),
+                "-p",
+                "tcp",
+                "--dport",
+                &ports_range(),
+                "-j",
+                "ACCEPT",
+            ],
+            None,
+        ),
+        Config::Ipset => Change::command("ipset", &["add", "peers", &client], None),
+        Config::Nft => Change::command(
+            "nft",
+            &[
+                "add",
+                "element",
+                "inet",
+                "bench",
+                "peers",
+                &format!("{{ {client} }}"),
+            ],
+            None,
+        ),
+        Config::Kubesg => Change::Kubesg(kubesg_stage(world, peers)?),
+        Config::None | Config::KubesgNoGroup => bail!("{config:?} has no filter"),
+    })
+}
+
+/// Makes a prepared change: the command run, or the manifests written.
+fn commit(world: &mut World, config: Config, change: Change) -> Result<()> {
+    match change {
+        Change::Command {
+            program,
+            args,
+            stdin,
+        } => {
+            let (_, _, ns, _) = world.endpoints(config)?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            exec_in(ns, program, &args, stdin.as_deref())?;
+        }
+        Change::Kubesg(change) => kubesg_commit(world, change)?,
     }
     Ok(())
 }
@@ -825,18 +830,21 @@ fn enforce(world: &mut World, config: Config, peers: &[Ipv4Addr]) -> Result<(f64
     let others = &peers[..peers.len() - 1];
     deny(world, config)?;
     expect_refused(world, config)?;
+    let change = whole(world, config, peers)?;
     let start = Instant::now();
-    write_whole(world, config, peers)?;
+    commit(world, config, change)?;
     let a = poll_allowed(world, config, start)?;
     // (b): the others only, settled, then the client added.
     deny(world, config)?;
-    write_whole(world, config, others)?;
+    let change = whole(world, config, others)?;
+    commit(world, config, change)?;
     if config == Config::Kubesg {
         kubesg_settle(world)?;
     }
     expect_refused(world, config)?;
+    let change = client_added(world, config, peers)?;
     let start = Instant::now();
-    add_client(world, config, peers)?;
+    commit(world, config, change)?;
     let b = poll_allowed(world, config, start)?;
     if config == Config::Kubesg {
         kubesg_settle(world)?;

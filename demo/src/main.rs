@@ -15,10 +15,7 @@ use std::{
     io::{self, IsTerminal as _},
     path::PathBuf,
     process::ExitCode,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::{atomic::AtomicBool, Arc},
     time::{Duration, Instant},
 };
 
@@ -156,11 +153,11 @@ impl From<io::Error> for Failure {
 type Result<T> = std::result::Result<T, Failure>;
 
 fn main() -> ExitCode {
-    if !is_root() {
+    if !kubesg_testkit::privileged::is_root() {
         eprintln!("kubesg demo: needs root (network namespaces, eBPF); run `make demo` as root");
         return ExitCode::FAILURE;
     }
-    let interrupted = match interrupt_flag() {
+    let interrupted = match kubesg_testkit::interrupt::flag("kubesg demo") {
         Ok(flag) => flag,
         Err(e) => {
             eprintln!("kubesg demo: cannot handle signals: {e}");
@@ -178,7 +175,7 @@ fn main() -> ExitCode {
         }
         // A Ctrl-C also reaches the plugins and processes the demo runs, whose failure may
         // surface first: it is still the interruption.
-        Err(_) if interrupted.load(Ordering::SeqCst) => {
+        Err(_) if kubesg_testkit::interrupt::is_set(&interrupted) => {
             eprintln!("\nkubesg demo: interrupted; cleaned up.");
             ExitCode::from(130)
         }
@@ -193,49 +190,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// A flag set on SIGINT (Ctrl-C) or SIGTERM, watched by a thread of its own. The demo checks it
-/// between steps and the cluster's waits check it, so the demo unwinds and dropping the cluster
-/// cleans up (processes stopped, namespaces deleted, pins removed) instead of dying mid-way.
-fn interrupt_flag() -> io::Result<Arc<AtomicBool>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let flag = Arc::new(AtomicBool::new(false));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    // Registered here, before any step runs: from now on the signals only set the flag.
-    let (mut int, mut term) = runtime.block_on(async {
-        Ok::<_, io::Error>((
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::terminate())?,
-        ))
-    })?;
-    let set = flag.clone();
-    std::thread::spawn(move || {
-        runtime.block_on(async {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        });
-        eprintln!("\nkubesg demo: interrupted; stopping and cleaning up…");
-        set.store(true, Ordering::SeqCst);
-    });
-    Ok(flag)
-}
-
 fn check(interrupted: &AtomicBool) -> Result<()> {
-    if interrupted.load(Ordering::SeqCst) {
+    if kubesg_testkit::interrupt::is_set(interrupted) {
         return Err(Failure::Interrupted);
     }
     Ok(())

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 use crate::{
     changes::{self, ClusterChange},
     kube_source::SourceEvent,
-    manifests::{ManifestDir, Scan},
+    manifests::{is_manifest_name, ManifestDir, Scan},
     model::Cluster,
     netpol::{self, Mode},
     runtime::MANIFESTS,
@@ -336,10 +336,7 @@ impl Gathered {
             self.read_all = Some("a symlink changed");
         } else if manifests.holds_under(path) {
             self.files.insert(path.to_path_buf());
-        } else if path
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
-        {
+        } else if is_manifest_name(path) {
             self.read_all = Some("a manifest under a hidden directory changed");
         }
     }

@@ -127,13 +127,7 @@ impl ManifestDir {
             } else {
                 // Gone (removed, or moved out): its objects go with it, and those of the files
                 // under it if it was a directory with a manifest's name.
-                let gone: Vec<PathBuf> = self
-                    .files
-                    .keys()
-                    .chain(self.problems.keys())
-                    .filter(|f| f.starts_with(path))
-                    .cloned()
-                    .collect();
+                let gone: Vec<PathBuf> = self.read_under(path).cloned().collect();
                 for f in gone {
                     changed |= self.files.remove(&f).is_some();
                     self.problems.remove(&f);
@@ -164,10 +158,15 @@ impl ManifestDir {
     /// Whether files under `path` (a directory) were read: a directory removed or moved away
     /// takes them with it.
     pub fn holds_under(&self, path: &Path) -> bool {
+        self.read_under(path).any(|f| f != path)
+    }
+
+    /// The files read (parsed, or found wrong) at `path` or under it.
+    fn read_under<'a>(&'a self, path: &'a Path) -> impl Iterator<Item = &'a PathBuf> + 'a {
         self.files
             .keys()
             .chain(self.problems.keys())
-            .any(|f| f != path && f.starts_with(path))
+            .filter(move |f| f.starts_with(path))
     }
 
     /// How many times a file was parsed since this directory was opened: a change must cost the
@@ -322,7 +321,8 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn is_manifest_name(path: &Path) -> bool {
+/// Whether `path` has a manifest's extension (`.yaml`, `.yml`, `.json`).
+pub fn is_manifest_name(path: &Path) -> bool {
     path.extension()
         .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
 }

@@ -276,6 +276,31 @@ fn yaml(value: &Value) -> io::Result<String> {
     serde_yaml::to_string(value).map_err(io::Error::other)
 }
 
+/// A SecurityGroup or NetworkPolicy manifest rendered for the manifests directory and not yet
+/// written ([`LocalCluster::stage_group`]).
+#[derive(Debug)]
+pub struct StagedGroup {
+    name: String,
+    path: PathBuf,
+    contents: String,
+    spec: Value,
+    generation: i64,
+    unchanged: bool,
+}
+
+impl StagedGroup {
+    /// The name the fixture will know it by (see [`LocalCluster::apply_group`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the manifest in place already has this spec: writing it would change nothing
+    /// but its file (the operator reads it again and finds nothing new).
+    pub fn unchanged(&self) -> bool {
+        self.unchanged
+    }
+}
+
 impl LocalCluster {
     /// Creates the nodes, the PKI, the operator and the agents; no pods, no groups yet.
     pub fn start(config: ClusterConfig) -> io::Result<LocalCluster> {
@@ -587,6 +612,15 @@ impl LocalCluster {
     /// this fixture knows it by: a group's name, `networkpolicy/<name>` for a policy (the
     /// operator's key, so [`LocalCluster::wait_programmed`] finds its status file).
     pub fn apply_group(&mut self, manifest: &str) -> io::Result<String> {
+        let staged = self.stage_group(manifest)?;
+        self.write_group(staged)
+    }
+
+    /// [`LocalCluster::apply_group`]'s parsing and rendering, without the write: what a bench
+    /// does before it starts its clock, so that what it times is the write and what follows,
+    /// as a user's `kubectl apply` of a file already written. `unchanged` says whether the
+    /// manifest in place already says the same (writing it would change nothing).
+    pub fn stage_group(&self, manifest: &str) -> io::Result<StagedGroup> {
         let mut value: Value = serde_yaml::from_str(manifest).map_err(io::Error::other)?;
         let prefix = match value["kind"].as_str() {
             Some("SecurityGroup") => "",
@@ -603,10 +637,10 @@ impl LocalCluster {
             .map(|n| format!("{prefix}{n}"))
             .ok_or_else(|| io::Error::other("a manifest without metadata.name"))?;
         let spec = value["spec"].clone();
-        let generation = match self.groups.get(&name) {
-            Some((old, g)) if *old == spec => *g,
-            Some((_, g)) => g + 1,
-            None => 1,
+        let (generation, unchanged) = match self.groups.get(&name) {
+            Some((old, g)) if *old == spec => (*g, true),
+            Some((_, g)) => (g + 1, false),
+            None => (1, false),
         };
         let meta = value["metadata"]
             .as_object_mut()
@@ -614,9 +648,23 @@ impl LocalCluster {
         meta.entry("namespace")
             .or_insert_with(|| json!(self.config.namespace));
         meta.insert("generation".into(), json!(generation));
-        write_atomically(&self.group_path(&name), &yaml(&value)?)?;
-        self.groups.insert(name.clone(), (spec, generation));
-        Ok(name)
+        Ok(StagedGroup {
+            path: self.group_path(&name),
+            contents: yaml(&value)?,
+            name,
+            spec,
+            generation,
+            unchanged,
+        })
+    }
+
+    /// Writes a manifest [`LocalCluster::stage_group`] rendered; returns its name (as
+    /// [`LocalCluster::apply_group`]).
+    pub fn write_group(&mut self, staged: StagedGroup) -> io::Result<String> {
+        write_atomically(&staged.path, &staged.contents)?;
+        self.groups
+            .insert(staged.name.clone(), (staged.spec, staged.generation));
+        Ok(staged.name)
     }
 
     /// Deletes group `name`'s manifest.

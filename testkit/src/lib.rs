@@ -12,6 +12,7 @@ pub mod child;
 pub mod cluster;
 pub mod cni;
 pub mod family;
+pub mod interrupt;
 pub mod iperf;
 pub mod kube;
 pub mod loopback;

@@ -9,11 +9,17 @@ pub fn check() -> bool {
         return false;
     }
     assert!(
-        nix::unistd::geteuid().is_root(),
+        is_root(),
         "this test needs root (network namespaces, eBPF); run the suite as root, or set \
          KUBESG_SKIP_PRIVILEGED=1 to skip privileged tests explicitly"
     );
     true
+}
+
+/// Whether this process runs as root: the programs built on the testkit (the demo, the traffic
+/// bench) say so plainly up front rather than failing at their first namespace.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 /// First line of every privileged test: returns from the test when privileged tests are

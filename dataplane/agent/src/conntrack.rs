@@ -12,7 +12,7 @@ use kubesg_common::{
     proto, AF_INET6,
 };
 
-use crate::{maps::Maps, tables::ip_of};
+use crate::{map_batch, maps::Maps, tables::ip_of};
 
 /// One tracked connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,11 +192,10 @@ fn fmt_addr(ip: IpAddr) -> String {
 
 /// Every entry of the table (expired ones included: the sweep removes those), in a stable order.
 pub fn list(maps: &Maps) -> Result<Vec<Connection>, MapError> {
-    let mut v: Vec<Connection> = maps
-        .conntrack
-        .iter()
-        .map(|r| r.map(|(key, entry)| Connection { key, entry }))
-        .collect::<Result<_, _>>()?;
+    let mut v: Vec<Connection> = entries(maps)?
+        .into_iter()
+        .map(|(key, entry)| Connection { key, entry })
+        .collect();
     v.sort_by_key(|c| {
         (
             c.key.ifindex,
@@ -231,10 +230,8 @@ pub fn sweep_with(
     now_ns: u64,
     between: impl FnOnce(&mut Maps),
 ) -> Result<usize, MapError> {
-    let dead: Vec<CtKey> = maps
-        .conntrack
-        .iter()
-        .filter_map(Result::ok)
+    let dead: Vec<CtKey> = entries(maps)?
+        .into_iter()
         .filter(|(_, e)| e.expired(now_ns))
         .map(|(k, _)| k)
         .collect();
@@ -277,6 +274,16 @@ pub fn sweep_with(
         }
     }
     Ok(removed)
+}
+
+/// Every conntrack entry: in batches where the kernel has them (a few system calls for the
+/// whole table), else entry by entry.
+fn entries(maps: &Maps) -> Result<Vec<(CtKey, CtEntry)>, MapError> {
+    match map_batch::read_all(maps.conntrack.map()) {
+        Ok(v) => Ok(v),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => maps.conntrack.iter().collect(),
+        Err(e) => Err(MapError::IoError(e)),
+    }
 }
 
 /// Each endpoint's counter slot, by interface index: whose count an entry's key belongs to.

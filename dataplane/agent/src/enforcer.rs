@@ -13,6 +13,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
+    time::{Duration, Instant},
 };
 
 use kubesg_common::config::CFG_RECHECK_ON_POLICY_CHANGE;
@@ -466,13 +467,20 @@ impl Enforcer {
     /// Applies an operator update transactionally: on error the previous version stays
     /// enforced and the error is the NACK's reason.
     pub fn apply_update(&mut self, update: &Update) -> Result<(), EnforcerError> {
+        let started = Instant::now();
         let next = self.desired.apply(update)?;
         let previous = self.desired.clone();
         let lost = std::mem::replace(&mut self.desired_lost, false);
+        let mut took = ApplyTimes {
+            state: started.elapsed(),
+            ..ApplyTimes::default()
+        };
         let result = self.program(&next).and_then(|()| {
+            took.program = started.elapsed() - took.state;
             self.apply_settings(&next)?;
             let json = serde_json::to_vec(&next).map_err(io::Error::other)?;
             write_atomically(&self.state_file, &json)?;
+            took.persist = started.elapsed() - took.state - took.program;
             Ok(())
         });
         if let Err(e) = result {
@@ -515,6 +523,10 @@ impl Enforcer {
             version = update.version,
             snapshot = update.snapshot,
             policies = self.installed.len(),
+            took_ms = ms(started.elapsed()),
+            state_ms = ms(took.state),
+            program_ms = ms(took.program),
+            persist_ms = ms(took.persist),
             "update applied"
         );
         Ok(())
@@ -559,8 +571,15 @@ impl Enforcer {
         // copy of the group; `Datapath::update_policy_in_place` says when that is safe).
         let mut undo = Undo::default();
         let mut handles: BTreeMap<String, PolicyHandle> = BTreeMap::new();
+        let mut successors = self.successors(desired, &needed)?;
         for (id, policy) in &needed {
-            let installed = self.installed.get(id);
+            // Installed under this id, or under the id it replaces: the operator names a policy
+            // by a hash of its content, so an ipBlock added to a group comes as a new id that
+            // every endpoint of the old one moves to.
+            let installed = self
+                .installed
+                .get(id)
+                .or_else(|| self.installed.get(&successors.remove(id)?));
             if let Some((old, h)) = installed {
                 if old == *policy {
                     handles.insert(id.clone(), *h);
@@ -688,6 +707,57 @@ impl Enforcer {
         Ok(())
     }
 
+    /// For a policy `needed` that is not installed, the installed one it replaces: no longer
+    /// needed, and every endpoint on it moves to the new one (so that changing it in place
+    /// changes what those endpoints, and only they, are about to get). New id → old id.
+    fn successors(
+        &self,
+        desired: &DesiredState,
+        needed: &BTreeMap<String, &CompiledPolicy>,
+    ) -> Result<BTreeMap<String, String>, EnforcerError> {
+        let by_handle: BTreeMap<u32, &String> = self
+            .installed
+            .iter()
+            .filter(|(id, _)| !needed.contains_key(*id))
+            .map(|(id, (_, h))| (h.id, id))
+            .collect();
+        if by_handle.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        // Old id → where its endpoints go (`None`: somewhere not a new policy).
+        let mut moves: BTreeMap<&String, BTreeSet<Option<&String>>> = BTreeMap::new();
+        for rec in self.endpoints.values() {
+            let Some(ep) = self.dp.endpoint(rec.host_ifindex)? else {
+                continue;
+            };
+            let Some(old) = by_handle.get(&ep.policy_id) else {
+                continue;
+            };
+            let to = match desired.assignment(&rec.pod) {
+                Assignment::Member(id) => needed
+                    .get_key_value(&id)
+                    .map(|(k, _)| k)
+                    .filter(|k| !self.installed.contains_key(*k)),
+                Assignment::NonMember | Assignment::Unknown => None,
+            };
+            moves.entry(old).or_default().insert(to);
+        }
+        let mut out: BTreeMap<String, String> = BTreeMap::new();
+        let mut taken: BTreeSet<&String> = BTreeSet::new();
+        for (old, to) in moves {
+            let mut to = to.into_iter();
+            if let (Some(Some(new)), None) = (to.next(), to.next()) {
+                // One old policy per new one: two endpoints' policies merging take a new copy.
+                if taken.insert(new) {
+                    out.insert(new.clone(), old.clone());
+                } else {
+                    out.remove(new);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes the policy entries in the datapath that neither this process installed nor any
     /// endpoint points at (left from before a restart). While the desired state is lost, the
     /// endpoints point at policies no process installed, which stay.
@@ -717,6 +787,20 @@ impl Enforcer {
             self.dp.undo_in_place(change);
         }
     }
+}
+
+/// Where an update's time went, for its log line: the new desired state computed, the datapath
+/// programmed, the state written to disk.
+#[derive(Default)]
+struct ApplyTimes {
+    state: Duration,
+    program: Duration,
+    persist: Duration,
+}
+
+/// Milliseconds with a tenth, for a log field.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
 /// What one [`Enforcer::program`] wrote so far.

@@ -21,6 +21,7 @@ pub mod events;
 pub mod explain;
 pub mod inspect;
 pub mod install_cni;
+pub mod map_batch;
 pub mod maps;
 pub mod metrics;
 pub mod node;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use kubesg_proto::v1alpha1 as pb;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     convert,
@@ -75,9 +75,15 @@ impl UpdateSink for Node {
     }
 
     fn apply(&self, update: &pb::PolicyUpdate) -> Result<Vec<pb::PodRef>, String> {
+        let started = std::time::Instant::now();
         let result = convert::update(update)
             .map_err(EnforcerError::from)
             .and_then(|u| {
+                debug!(
+                    version = update.version,
+                    convert_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "update converted"
+                );
                 let mut enforcer = self.lock();
                 enforcer.apply_update(&u)?;
                 Ok(enforcer.endpoint_pods())

@@ -257,3 +257,47 @@ fn sweep_keeps_a_connection_reopened_between_its_read_and_its_removal(f: Family)
     assert_eq!(dp.pod_receives(&f.udp_out_reply(53, b"answer")), ACCEPT);
     assert_eq!(dp.counters()[INGRESS].dropped_invalid, 0);
 }
+
+/// The sweep reads the table in batches (`BPF_MAP_LOOKUP_BATCH`, a few thousand entries a call):
+/// in a table of several batches, every expired entry goes and every live one stays, and
+/// `ct list` (the same read) sees exactly the live ones.
+#[test]
+fn sweep_of_a_table_larger_than_a_batch_removes_exactly_the_expired_entries() {
+    kubesg_testkit::require_privileged!();
+    use kubesg_common::conntrack::{CtEntry, CtKey};
+    const ENTRIES: u32 = 10_000;
+    let mut dp = LoopbackDatapath::load(None);
+    let now = 1_000 * MS;
+    let maps = dp.datapath.maps_mut();
+    for i in 0..ENTRIES {
+        // An interface with no endpoint: no entry count to keep (the entries were not counted
+        // in, as the programs would).
+        let key = CtKey {
+            ifindex: 99,
+            family: 2,
+            proto: proto::TCP,
+            pod_port: i as u16,
+            peer_port: 80,
+            pod_addr: [0x0a00_0001, 0, 0, 0],
+            peer_addr: [0x0a01_0001, 0, 0, 0],
+            ..CtKey::default()
+        };
+        // Every third entry expired a nanosecond before `now`; the others expire after it.
+        let expires_ns = if i % 3 == 0 { now - 1 } else { now + 1 };
+        let entry = CtEntry {
+            expires_ns,
+            ..CtEntry::default()
+        };
+        maps.conntrack.insert(key, entry, 0).expect("inserting");
+    }
+    let expired = ENTRIES.div_ceil(3) as usize;
+    let removed = conntrack::sweep(dp.datapath.maps_mut(), now).expect("sweep");
+    assert_eq!(removed, expired);
+    let left = conntrack::list(dp.datapath.maps()).expect("list");
+    assert_eq!(left.len(), ENTRIES as usize - expired);
+    assert!(
+        left.iter()
+            .all(|c| c.key.pod_port % 3 != 0 && c.entry.expires_ns == now + 1),
+        "a live entry was removed or an expired one kept"
+    );
+}
