@@ -94,8 +94,10 @@ struct Args {
     /// the operator's and the agent's CPU time is read (0: not measured).
     #[arg(long, default_value_t = 30)]
     idle_seconds: u64,
-    /// Also write the tables (with an introduction) to this markdown file; a relative path is
-    /// taken from the workspace root (`cargo bench` runs the bench in `tests/`).
+    /// Also write the tables (with an introduction) to this markdown file, between its lines
+    /// `<!-- make bench-traffic writes from here -->` and `… up to here -->` (the rest of the
+    /// file is kept; a new file is just that section); a relative path is taken from the
+    /// workspace root (`cargo bench` runs the bench in `tests/`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
@@ -1179,8 +1181,13 @@ fn run(args: &Args, interrupted: &Arc<AtomicBool>) -> Result<()> {
             .parent()
             .ok_or_else(|| anyhow!("tests/ has no parent directory"))?;
         let out = workspace.join(out);
-        let mut doc = String::from(INTRO);
-        doc.push_str(&report);
+        let existing = match std::fs::read_to_string(&out) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
+        };
+        let doc = splice(existing.as_deref(), &format!("{INTRO}{report}"))
+            .with_context(|| format!("updating {}", out.display()))?;
         std::fs::write(&out, doc).with_context(|| format!("writing {}", out.display()))?;
         eprintln!("bench-traffic: wrote {}", out.display());
     }
@@ -1197,7 +1204,32 @@ fn which(tool: &str) -> Result<()> {
     Ok(())
 }
 
-const INTRO: &str = "# Real-traffic benchmark\n\n\
+/// The lines around this bench's section of its output file: the rest of the file (the other
+/// benchmarks' prose) is kept as it is.
+const BEGIN: &str = "<!-- make bench-traffic writes from here -->\n";
+const END: &str = "<!-- make bench-traffic writes up to here -->\n";
+
+/// `existing` (the output file, if any) with its section between [`BEGIN`] and [`END`]
+/// replaced by `section`; a new file is the section alone. A file with no such section is
+/// refused rather than overwritten: it holds something else.
+fn splice(existing: Option<&str>, section: &str) -> Result<String> {
+    let Some(text) = existing else {
+        return Ok(format!("{BEGIN}{section}{END}"));
+    };
+    let (Some(begin), Some(end)) = (text.find(BEGIN), text.find(END)) else {
+        bail!("it has no section between the lines {BEGIN:?} and {END:?}: not overwriting it");
+    };
+    if end < begin {
+        bail!("its end line comes before its begin line");
+    }
+    Ok(format!(
+        "{}{BEGIN}{section}{}",
+        &text[..begin],
+        &text[end..]
+    ))
+}
+
+const INTRO: &str = "## Real traffic (`make bench-traffic`)\n\n\
 `make bench-traffic` (as root) runs `cargo bench -p kubesg-e2e --bench traffic`: two pods on a \
 local cluster (network namespaces, the real CNI chain, the operator in manifests mode, the agent \
 with its eBPF datapath) exchange real traffic while the server's ingress admits N peers, the \
@@ -1418,10 +1450,12 @@ fn report(
         "\nTime from a change to enforcement, median ms: from the start of the change to the \
          first TCP connect from the client that opens (a new connection every {poll} ms, each \
          waiting {poll} ms for its SYN-ACK, so the figures are good to {poll} ms). (a) the whole N-peer filter written from a state that refuses the \
-         client; (b) the client added to a filter of the other N−1 peers. kubesg: the group \
-         manifests written to the operator's manifests directory (the operator reads the \
-         change, compiles, pushes the plan to the agent over mTLS, the agent programs its maps); \
-         iptables: \
+         client; (b) the client added to a filter of the other N−1 peers. Each change is \
+         rendered (rules, element lists, manifests) before the clock starts. kubesg: the group \
+         manifests that change written to the operator's manifests directory (at 10 000 peers \
+         three groups of 4 096, the CRD's limits: (b) rewrites one), then the operator reads \
+         the change, compiles, pushes the plan to the agent over mTLS, the agent programs its \
+         maps; iptables: \
          `iptables-restore` of the whole rule set / `iptables -I INPUT <before the DROP>`; \
          ipset: `ipset restore` of N members into the set the rule matches / `ipset add`; \
          nftables: `nft -f` adding N elements / `nft add element`. The kernel filters' figures include \

@@ -564,7 +564,7 @@ impl Datapath {
         warn!(
             attempts = CALIBRATION_ATTEMPTS,
             why = ?why,
-            "datapath clock: no calibration could be trusted; the datapath reads CLOCK_MONOTONIC_COARSE with a helper call per packet (slower: README, datapath speed)"
+            "datapath clock: no calibration could be trusted; the datapath reads CLOCK_MONOTONIC_COARSE with a helper call per packet (slower: docs/benchmarks.md, the datapath per packet)"
         );
         self.tick = None;
         self.tick_lead_ns = 0;
